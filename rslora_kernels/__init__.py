@@ -1,0 +1,16 @@
+"""rslora-kernels: fused Triton kernels for rank-stabilized LoRA (rsLoRA) linear layers.
+
+    y = x W^T + b + (alpha / sqrt(r)) * (dropout(x) A^T) B^T
+
+Importing the package never touches CUDA or compiles kernels; Triton is imported on first use.
+"""
+from . import reference
+from .dropout import dropout_mask
+from .layers import LoRALinear
+from .ops.lora_linear import LoRALinearFunction, lora_linear
+from .scaling import lora_scaling, rslora_scaling
+
+__version__ = "0.1.0"
+
+__all__ = ["lora_linear", "LoRALinearFunction", "LoRALinear", "dropout_mask", "reference",
+           "rslora_scaling", "lora_scaling", "__version__"]

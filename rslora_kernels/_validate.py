@@ -1,0 +1,73 @@
+"""Input validation shared by every backend: clear errors before any kernel runs."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .dropout import check_dropout_p
+
+BACKENDS = ("auto", "triton", "composite", "reference")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _need_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend: str) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the argument if the op's inputs are inconsistent.
+
+    Contract: x ``[..., K]``; weight ``[N, K]``; lora_A ``[r, K]`` with r >= 1; lora_B ``[N, r]``;
+    bias ``[N]`` or None; all on x's device; weight and bias in x's dtype; lora_A and lora_B in one
+    dtype (x's, or a wider one such as PEFT's float32 adapters); finite scaling; 0 <= dropout_p < 1.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        _need_tensor(name, t)
+    if bias is not None:
+        _need_tensor("bias", bias)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., K], got a 0-dim tensor")
+    K = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != K:
+        raise ValueError(f"weight must have shape [N, K] with K = x.shape[-1] = {K}; got {_shape(weight)}")
+    N = weight.shape[0]
+    if lora_A.dim() != 2 or lora_A.shape[1] != K:
+        raise ValueError(f"lora_A must have shape [r, K] with K = x.shape[-1] = {K}; got {_shape(lora_A)}")
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"lora_A must have rank r >= 1 rows; got shape {_shape(lora_A)}")
+    if lora_B.dim() != 2 or lora_B.shape != (N, r):
+        raise ValueError(f"lora_B must have shape [N, r] = [{N}, {r}] (N from weight, r from lora_A); got {_shape(lora_B)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
+        raise ValueError(f"bias must have shape [N] = [{N}] (N from weight); got {_shape(bias)}")
+    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share a device")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
+    if lora_B.dtype != lora_A.dtype:
+        raise TypeError(f"lora_B must have lora_A's dtype {lora_A.dtype}, got {lora_B.dtype}")
+    if torch.finfo(lora_A.dtype).bits < torch.finfo(x.dtype).bits:
+        raise TypeError(f"lora_A/lora_B dtype {lora_A.dtype} is narrower than x's dtype {x.dtype}; "
+                        "use x's dtype or a wider one (e.g. float32 adapters)")
+    if backend == "triton":
+        if x.dtype not in KERNEL_DTYPES:
+            raise TypeError(f"backend='triton' needs x in float16, bfloat16 or float32, got {x.dtype}")
+        if lora_A.dtype not in KERNEL_DTYPES:
+            raise TypeError(f"backend='triton' needs lora_A/lora_B in float16, bfloat16 or float32, got {lora_A.dtype}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(float(scaling)):
+        raise ValueError(f"scaling must be a finite float, got {scaling!r}")
+    check_dropout_p(dropout_p)
