@@ -244,6 +244,8 @@ def _lora_grads_kernel(
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    # the two branches name their accumulators apart: the compiler merges same-named values
+    # across an if/else and rejects tiles of different shapes ([R, F] vs [F, R])
     if pid < n_da_programs:
         # dA tile [BLOCK_R, BLOCK_F] over (rank, K)
         split = pid % num_splits
@@ -253,14 +255,14 @@ def _lora_grads_kernel(
         k0 = (tile % tiles_k) * BLOCK_F
         offs_k = (k0 + tl.arange(0, BLOCK_F)).to(tl.int64)
         m_lo = split * m_chunk
-        acc = tl.zeros((BLOCK_R, BLOCK_F), dtype=tl.float32)
-        acc = _mtm_tile(acc, u_ptr, stride_um, stride_ur, x_ptr, stride_xm, stride_xk,
+        acc_a = tl.zeros((BLOCK_R, BLOCK_F), dtype=tl.float32)
+        acc_a = _mtm_tile(acc_a, u_ptr, stride_um, stride_ur, x_ptr, stride_xm, stride_xk,
                         offs_r, offs_k, k0, R, K, m_lo, min(m_lo + m_chunk, M),
                         seed_ptr, drop_threshold, HAS_DROPOUT, DOT_DTYPE, INPUT_PRECISION,
                         BLOCK_M, BLOCK_R, BLOCK_F)
-        acc = acc * scale_a
+        acc_a = acc_a * scale_a
         tl.store(da_ptr + split * stride_das + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak,
-                 acc.to(da_ptr.dtype.element_ty), mask=(offs_r < R)[:, None] & (offs_k < K)[None, :])
+                 acc_a.to(da_ptr.dtype.element_ty), mask=(offs_r < R)[:, None] & (offs_k < K)[None, :])
     else:
         # dB tile [BLOCK_F, BLOCK_R] over (N, rank)
         pid_b = pid - n_da_programs
@@ -271,14 +273,14 @@ def _lora_grads_kernel(
         r0 = (tile % tiles_r) * BLOCK_R
         offs_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
         m_lo = split * m_chunk
-        acc = tl.zeros((BLOCK_F, BLOCK_R), dtype=tl.float32)
-        acc = _mtm_tile(acc, dy_ptr, stride_dym, stride_dyn, t_ptr, stride_tm, stride_tr,
+        acc_b = tl.zeros((BLOCK_F, BLOCK_R), dtype=tl.float32)
+        acc_b = _mtm_tile(acc_b, dy_ptr, stride_dym, stride_dyn, t_ptr, stride_tm, stride_tr,
                         offs_n, offs_r, r0, N, R, m_lo, min(m_lo + m_chunk, M),
                         seed_ptr, drop_threshold, False, DOT_DTYPE, INPUT_PRECISION,
                         BLOCK_M, BLOCK_F, BLOCK_R)
-        acc = acc * scale_b
+        acc_b = acc_b * scale_b
         tl.store(db_ptr + split * stride_dbs + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
-                 acc.to(db_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_r < R)[None, :])
+                 acc_b.to(db_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_r < R)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
