@@ -1,0 +1,425 @@
+"""Benchmark sweep across LoRA ranks: fused kernels vs PEFT-style layers vs the roofline.
+
+    python -m benchmarks.sweep                      # defaults for the device found (CPU: a few minutes)
+    python -m benchmarks.sweep --quick              # smoke run
+    python -m benchmarks.sweep --shapes 7b-attn --m 8192 --ranks 16 256 --modes fwd+bwd --dropout 0.1
+
+For every (shape, M, dropout p, rank r, provider, mode) it reports
+
+* ``ms``: median time of one call. GPU: ``triton.testing.do_bench`` (CUDA events, L2 flushed
+  between calls, warm-up first). CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` (warm-up,
+  many repeats, median of blocks). Inputs rotate through several buffers so caches don't flatter.
+* ``TFLOP/s``: the op's FLOPs for the mode over ``ms``. With W frozen and x needing its gradient:
+
+      fwd       y = x W^T (2MNK) + T = drop(x) A^T (2MKr) + T B^T (2MNr)    = 2MNK + 2Mr(K+N)
+      bwd       dx = dy W (2MNK) + U = dy B (2MNr) + U A (2MrK)
+                + dA = U^T drop(x) (2MrK) + dB = dy^T T (2MNr)             = 2MNK + 4Mr(K+N)
+      fwd+bwd                                                              = 4MNK + 6Mr(K+N)
+
+  (elementwise work -- dropout, scaling, bias, adds -- is not counted).
+* ``roof %``: the roofline time over ``ms``. The roofline time is the mode's FLOPs at the dense
+  GEMM rate measured in the same run on the same device for the base GEMM of the shape
+  ([M, K] x [K, N]; cuBLAS via torch.mm on a GPU, torch.mm on the CPU). A provider doing exactly
+  the necessary products at dense-GEMM efficiency would score 100 %.
+* ``speedup``: the PEFT-style eager layer's time over this provider's time (same mode and case).
+* ``mem``: GPU: peak memory allocated by one call above what was allocated before it
+  (``torch.cuda.max_memory_allocated``). CPU: bytes the forward saves for backward (unique
+  storages seen by ``torch.autograd.graph.saved_tensors_hooks``, not counting x and the layer's
+  parameters, which every provider keeps anyway).
+
+Outputs (under ``--out``): ``sweep.csv``, ``sweep.json`` (rows + environment), ``sweep.md`` (the
+tables printed on stdout) and PNG plots of time and speedup vs rank.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import providers as prov
+
+# Named shapes (K in, N out) of real models' projections.
+SHAPES = {
+    "7b-attn": (4096, 4096),        # Llama-2-7B q/k/v/o
+    "7b-mlp-up": (4096, 11008),     # Llama-2-7B gate/up
+    "7b-mlp-down": (11008, 4096),   # Llama-2-7B down
+    "8b-mlp-up": (4096, 14336),     # Llama-3-8B gate/up
+}
+# CPU defaults: the 7B attention projection scaled down 4x, so the sweep takes minutes on 2 cores.
+CPU_SHAPES = {"7b-attn/4": (1024, 1024)}
+DEFAULT_RANKS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+MODES = ("fwd", "bwd", "fwd+bwd")
+ALPHA = 16.0
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs and timing
+# ----------------------------------------------------------------------------------------------
+def op_flops(M: int, K: int, N: int, r: int, mode: str) -> int:
+    """FLOPs of the necessary matrix products (see the module docstring)."""
+    fwd = 2 * M * N * K + 2 * M * r * (K + N)
+    bwd = 2 * M * N * K + 4 * M * r * (K + N)
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def median_ms(fn, device: torch.device, min_time: float) -> float:
+    """Median milliseconds of ``fn()`` after warm-up."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        return float(do_bench(fn, warmup=max(10, int(min_time * 250)), rep=max(40, int(min_time * 1000)),
+                              return_mode="median"))
+    from torch.utils.benchmark import Timer
+    for _ in range(2):
+        fn()
+    m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_time)
+    return m.median * 1e3
+
+
+class Rotating:
+    """Cycles through several input buffers so no call finds its inputs already in cache."""
+
+    def __init__(self, make, count: int):
+        self.items = [make() for _ in range(count)]
+        self.i = -1
+
+    def next(self):
+        self.i = (self.i + 1) % len(self.items)
+        return self.items[self.i]
+
+
+def dense_gemm_ms(M, K, N, dtype, device, min_time, rotate) -> float:
+    """Median time of the base GEMM [M, K] x [K, N] (torch.mm: cuBLAS on a GPU)."""
+    W = torch.randn(N, K, dtype=dtype, device=device)
+    xs = Rotating(lambda: torch.randn(M, K, dtype=dtype, device=device), rotate)
+    return median_ms(lambda: torch.mm(xs.next(), W.t()), device, min_time)
+
+
+def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the unique storages the forward saves for backward, minus x and the parameters."""
+    exclude = {x.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    seen = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor):
+            s = t.untyped_storage()
+            if s.data_ptr() not in exclude:
+                seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return sum(seen.values())
+
+
+def _zero_grads(params, xs):
+    for p in params:
+        p.grad = None
+    for x in xs:
+        x.grad = None
+
+
+def measure(layer: nn.Module, M: int, K: int, N: int, mode: str, dtype, device, min_time: float, rotate: int,
+            with_memory: bool = True):
+    """(ms, mem) of one provider layer in one mode; see the module docstring for ``mem``."""
+    params = [p for p in layer.parameters() if p.requires_grad]
+    xs = Rotating(lambda: torch.randn(M, K, dtype=dtype, device=device, requires_grad=True), rotate)
+    dys = [torch.randn(M, N, dtype=dtype, device=device) for _ in range(rotate)]
+    if mode == "fwd":
+        def fn():
+            return layer(xs.next())
+    elif mode == "fwd+bwd":
+        def fn():
+            i = (xs.i + 1) % rotate
+            layer(xs.next()).backward(dys[i])
+            _zero_grads(params, xs.items)
+    else:  # bwd: forwards done once, outside the timed region; graphs retained for repeats
+        ys = [layer(x) for x in xs.items]
+
+        def fn():
+            xs.next()
+            ys[xs.i].backward(dys[xs.i], retain_graph=True)
+            _zero_grads(params, xs.items)
+    ms = median_ms(fn, device, min_time)
+    if not with_memory:
+        return ms, None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        mem = torch.cuda.max_memory_allocated() - before
+    else:
+        mem = saved_bytes(layer, xs.items[0])
+    return ms, mem
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep
+# ----------------------------------------------------------------------------------------------
+def environment(device: torch.device) -> dict:
+    import triton
+    env = {"date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+           "device": device.type, "threads": torch.get_num_threads()}
+    try:
+        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                       cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except OSError:
+        env["commit"] = "unknown"
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+        env["cores"] = os.cpu_count()
+        env["loadavg_at_start"] = [round(v, 2) for v in os.getloadavg()]  # other processes skew CPU timings
+    return env
+
+
+def run_sweep(args) -> tuple:
+    from tqdm import tqdm
+
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    unavailable = prov.available(device, dtype)
+    if args.force_triton:
+        unavailable.pop("triton", None)
+    names = [p for p in args.providers if p not in unavailable]
+    notes = [f"skipped {p}: {unavailable[p]}" for p in args.providers if p in unavailable]
+    if prov.BASELINE not in names:
+        names.insert(0, prov.BASELINE)  # speedups need the baseline
+    for n in notes:
+        tqdm.write(f"note: {n}", file=sys.stderr)
+
+    cases = [(s, M, p, r) for s in args.shapes for M in args.m for p in args.dropout for r in args.ranks]
+    bar = tqdm(total=len(cases) * args.rounds * len(names) * len(args.modes), desc="sweep", file=sys.stderr)
+    rows, dense = [], {}
+    for shape, M, p, r in cases:
+        K, N = args.shape_table[shape]
+        if (M, K, N) not in dense:
+            dense[(M, K, N)] = dense_gemm_ms(M, K, N, dtype, device, args.min_time, args.rotate)
+        torch.manual_seed(0)
+        base = nn.Linear(K, N, bias=True, device=device, dtype=dtype).requires_grad_(False)
+        layers, errors, times, mems = {}, {}, {}, {}
+        for name in names:
+            try:
+                layers[name] = prov.make_layer(name, base, r, ALPHA, p)
+            except Exception as exc:  # shown in the table, never hidden
+                errors[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        # providers take turns, round after round, so a change in machine load hits all alike
+        for rnd in range(args.rounds):
+            for name in names:
+                for mode in args.modes:
+                    bar.set_postfix_str(f"{shape} M={M} p={p} r={r} {name} {mode} round {rnd + 1}")
+                    bar.update()
+                    if name in errors or (name, mode) in errors:
+                        continue
+                    try:
+                        ms, mem = measure(layers[name], M, K, N, mode, dtype, device, args.min_time / args.rounds,
+                                          args.rotate, with_memory=rnd == args.rounds - 1)
+                        times.setdefault((name, mode), []).append(ms)
+                        mems[(name, mode)] = mem
+                    except Exception as exc:
+                        errors[(name, mode)] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                        tqdm.write(f"error: {shape} M={M} p={p} r={r} {name} {mode}: {errors[(name, mode)]}",
+                                   file=sys.stderr)
+        results = {(name, mode): ((statistics.median(times[(name, mode)]), mems.get((name, mode)), "")
+                                  if (name, mode) in times and name not in errors and (name, mode) not in errors
+                                  else (float("nan"), None, errors.get(name) or errors.get((name, mode), "not measured")))
+                   for name in names for mode in args.modes}
+        del layers
+        for mode in args.modes:
+            flops = op_flops(M, K, N, r, mode)
+            rate = 2 * M * K * N / (dense[(M, K, N)] * 1e-3)
+            roof_ms = flops / rate * 1e3
+            eager_ms = results[(prov.BASELINE, mode)][0]
+            for name in names + ["roofline"]:
+                if name == "roofline":
+                    ms, mem, err = roof_ms, None, ""
+                else:
+                    ms, mem, err = results[(name, mode)]
+                rows.append({
+                    "shape": shape, "K": K, "N": N, "M": M, "r": r, "dropout": p, "mode": mode,
+                    "dtype": args.dtype, "provider": name, "ms": ms,
+                    "tflops": flops / (ms * 1e-3) / 1e12 if ms == ms else float("nan"),
+                    "roofline_pct": 100.0 * roof_ms / ms if ms == ms else float("nan"),
+                    "speedup_vs_eager": eager_ms / ms if ms == ms else float("nan"),
+                    ("peak_mem_bytes" if device.type == "cuda" else "saved_bytes"): mem,
+                    "error": err,
+                })
+    bar.close()
+    dense_rates = {f"M={M} K={K} N={N}": round(2 * M * K * N / (t * 1e-3) / 1e12, 3) for (M, K, N), t in dense.items()}
+    return rows, notes, dense_rates
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+def _fmt_bytes(b):
+    if b is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(b) < 1024 or unit == "GiB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1024
+
+
+def markdown_long(rows) -> str:
+    mem_key = "peak_mem_bytes" if rows and "peak_mem_bytes" in rows[0] else "saved_bytes"
+    mem_head = "peak mem" if mem_key == "peak_mem_bytes" else "saved for bwd"
+    lines = [f"| shape | M | r | p | mode | provider | ms | TFLOP/s | roof % | speedup vs eager | {mem_head} |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for x in rows:
+        ms = "error: " + x["error"] if x["error"] else f"{x['ms']:.3f}"
+        lines.append(f"| {x['shape']} | {x['M']} | {x['r']} | {x['dropout']} | {x['mode']} | {x['provider']} | {ms} | "
+                     f"{x['tflops']:.3f} | {x['roofline_pct']:.0f} | {x['speedup_vs_eager']:.2f}x | "
+                     f"{_fmt_bytes(x.get(mem_key))} |")
+    return "\n".join(lines)
+
+
+def markdown_pivot(rows, mode="fwd+bwd") -> str:
+    """One compact table per (shape, M, p): ms per provider across ranks, speedup in brackets."""
+    out = []
+    groups = sorted({(x["shape"], x["M"], x["dropout"]) for x in rows if x["mode"] == mode},
+                    key=lambda g: (g[0], g[1], g[2]))
+    for shape, M, p in groups:
+        sel = [x for x in rows if (x["shape"], x["M"], x["dropout"], x["mode"]) == (shape, M, p, mode)]
+        names = list(dict.fromkeys(x["provider"] for x in sel))
+        ranks = sorted({x["r"] for x in sel})
+        out.append(f"\n{mode}, {shape} (K={sel[0]['K']}, N={sel[0]['N']}), M={M}, dropout={p}, {sel[0]['dtype']}: "
+                   "median ms (speedup vs eager)\n")
+        out.append("| r | " + " | ".join(names) + " |")
+        out.append("|---" * (len(names) + 1) + "|")
+        for r in ranks:
+            cells = []
+            for n in names:
+                x = next(x for x in sel if x["r"] == r and x["provider"] == n)
+                cells.append("error" if x["error"] else f"{x['ms']:.2f} ({x['speedup_vs_eager']:.2f}x)")
+            out.append(f"| {r} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def plot(rows, out: Path) -> list:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for shape, M, p, mode in sorted({(x["shape"], x["M"], x["dropout"], x["mode"]) for x in rows}):
+        sel = [x for x in rows if (x["shape"], x["M"], x["dropout"], x["mode"]) == (shape, M, p, mode)]
+        fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(12, 4.5))
+        for name in dict.fromkeys(x["provider"] for x in sel):
+            pts = sorted((x["r"], x["ms"], x["speedup_vs_eager"]) for x in sel if x["provider"] == name and not x["error"])
+            if not pts:
+                continue
+            style = dict(linestyle="--", color="black") if name == "roofline" else dict(marker="o")
+            ax_t.plot([a for a, _, _ in pts], [b for _, b, _ in pts], label=name, **style)
+            ax_s.plot([a for a, _, _ in pts], [c for _, _, c in pts], label=name, **style)
+        for ax in (ax_t, ax_s):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("rank r")
+            ax.grid(True, alpha=0.3)
+        ax_t.set_yscale("log")
+        ax_t.set_ylabel("median ms")
+        ax_s.set_ylabel("speedup vs PEFT-style eager")
+        ax_s.axhline(1.0, color="grey", linewidth=0.8)
+        ax_t.legend(fontsize=8)
+        fig.suptitle(f"{mode}, {shape} (K={sel[0]['K']}, N={sel[0]['N']}), M={M}, dropout={p}, {sel[0]['dtype']}")
+        fig.tight_layout()
+        path = out / f"sweep_{shape.replace('/', '_')}_M{M}_p{p}_{mode.replace('+', '_')}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shapes", nargs="+", help=f"names ({', '.join(list(SHAPES) + list(CPU_SHAPES))}) or KxN")
+    ap.add_argument("--m", type=int, nargs="+", help="token counts M (default: GPU 8192, CPU 512)")
+    ap.add_argument("--ranks", type=int, nargs="+", help=f"default {' '.join(map(str, DEFAULT_RANKS))}")
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    ap.add_argument("--providers", nargs="+", choices=prov.ALL_PROVIDERS, default=list(prov.ALL_PROVIDERS))
+    ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="model dtype (default: GPU bf16, CPU fp32)")
+    ap.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.1])
+    ap.add_argument("--out", default="out/sweep", help="output folder (CSV, JSON, Markdown, PNG)")
+    ap.add_argument("--min-time", type=float, help="seconds of timed repeats per measurement, over all rounds (GPU 0.1, CPU 0.6)")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds per case, median taken (GPU 1, CPU 3)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
+    ap.add_argument("--rotate", type=int, default=4, help="input buffers to rotate through")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: few ranks, one dropout, short timing")
+    ap.add_argument("--force-triton", action="store_true",
+                    help="time the triton backend on the CPU too (needs TRITON_INTERPRET=1; very slow)")
+    args = ap.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
+    table = dict(SHAPES, **CPU_SHAPES)
+    args.shapes = args.shapes or (["7b-attn"] if gpu else list(CPU_SHAPES))
+    for s in args.shapes:
+        if s not in table:
+            try:
+                k, n = (int(v) for v in s.lower().split("x"))
+            except ValueError:
+                ap.error(f"unknown shape {s!r}: use a name ({', '.join(table)}) or KxN")
+            table[s] = (k, n)
+    args.shape_table = table
+    args.m = args.m or ([8192] if gpu else [512])
+    args.ranks = args.ranks or ([4, 16, 64, 256, 1024] if not gpu else list(DEFAULT_RANKS))
+    args.min_time = args.min_time or (0.1 if gpu else 0.6)
+    args.rounds = args.rounds or (1 if gpu else 3)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.ranks = args.ranks[:: max(1, len(args.ranks) // 3)][:3]
+        args.dropout = args.dropout[-1:]
+        args.min_time = min(args.min_time, 0.05 if gpu else 0.3)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    env = environment(device)
+    rows, notes, dense_rates = run_sweep(args)
+    where = env.get("gpu") or (f"CPU ({env['cores']} cores, {env['threads']} threads, "
+                               f"load average at start {env['loadavg_at_start'][0]})")
+    header = (f"rslora-kernels sweep -- {where}, {args.dtype}, torch {env['torch']}, triton {env['triton']}, "
+              f"commit {env['commit']}, {env['date_utc']}\n"
+              f"dense GEMM rate (roofline basis), TFLOP/s: {dense_rates}\n"
+              f"command: python -m benchmarks.sweep {' '.join(sys.argv[1:] if argv is None else argv)}\n"
+              + "".join(f"note: {n}\n" for n in notes))
+    text = header + markdown_pivot(rows) + "\n\nAll rows:\n\n" + markdown_long(rows) + "\n"
+    print(text)
+    (out / "sweep.md").write_text(text)
+    with open(out / "sweep.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with open(out / "sweep.json", "w") as f:
+        json.dump({"environment": env, "dense_gemm_tflops": dense_rates, "notes": notes,
+                   "args": {k: v for k, v in vars(args).items() if k != "shape_table"}, "rows": rows}, f, indent=1)
+    files = plot(rows, out)
+    print(f"wrote {out}/sweep.csv, sweep.json, sweep.md and {len(files)} plots", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
