@@ -359,6 +359,26 @@ def markdown(rows):
     return "\n".join(lines)
 
 
+def markdown_summary(rows):
+    """One line per (arch, dtype, kernel): worst case over its compiled variants."""
+    head = ("| arch | dtype | kernel | variants | max regs | max spill B | max smem KiB | min HGMMA | min HMMA | "
+            "all pass |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    keys = list(dict.fromkeys((r["arch"], r["dtype"], r["kernel"]) for r in rows))
+    for key in sorted(keys):
+        sel = [r for r in rows if (r["arch"], r["dtype"], r["kernel"]) == key]
+        ok = [r for r in sel if "error" not in r]
+        if not ok:
+            lines.append(f"| {' | '.join(key)} | {len(sel)} | - | - | - | - | - | COMPILE ERROR |")
+            continue
+        lines.append(
+            f"| {' | '.join(key)} | {len(sel)} | {max(r['registers'] for r in ok)} | "
+            f"{max(r['stack_bytes'] + r['local_bytes'] for r in ok)} | {max(r['shared_bytes'] for r in ok) / 1024:.0f} | "
+            f"{min(r['hgmma'] for r in ok)} | {min(r['hmma'] for r in ok)} | "
+            f"{'yes' if len(ok) == len(sel) and not any(check_row(r) for r in sel) else 'NO'} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -377,6 +397,8 @@ def main(argv=None):
     rows = build_report(args.arch, args.dtype, args.workers, progress=not args.no_progress, kernels=args.kernel, quick=args.quick)
     print(f"Static kernel report: Triton {triton.__version__}, {len(rows)} compiled variants, "
           f"shape M={SHAPE['M']} K={SHAPE['K']} N={SHAPE['N']}, {time.perf_counter() - t0:.0f} s\n")
+    print(markdown_summary(rows))
+    print()
     print(markdown(rows))
     bad = [r for r in rows if check_row(r)]
     print(f"\n{len(rows) - len(bad)}/{len(rows)} variants pass (no spills, shared memory within the limit, "

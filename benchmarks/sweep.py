@@ -42,6 +42,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -188,8 +189,32 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+class _NoBar:
+    """Stand-in when tqdm is not installed (e.g. a bare GPU machine): prints nothing."""
+
+    def __init__(self, **kwargs):
+        pass
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, s):
+        pass
+
+    def close(self):
+        pass
+
+    @staticmethod
+    def write(s, file=None):
+        print(s, file=file)
+
+
 def run_sweep(args) -> tuple:
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = _NoBar
+    started = time.perf_counter()
 
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -206,7 +231,11 @@ def run_sweep(args) -> tuple:
     cases = [(s, M, p, r) for s in args.shapes for M in args.m for p in args.dropout for r in args.ranks]
     bar = tqdm(total=len(cases) * args.rounds * len(names) * len(args.modes), desc="sweep", file=sys.stderr)
     rows, dense = [], {}
-    for shape, M, p, r in cases:
+    for done, (shape, M, p, r) in enumerate(cases):
+        if args.time_budget and time.perf_counter() - started > args.time_budget:
+            notes.append(f"stopped at the time budget ({args.time_budget:.0f} s): {done} of {len(cases)} cases measured")
+            tqdm.write(f"note: {notes[-1]}", file=sys.stderr)
+            break
         K, N = args.shape_table[shape]
         if (M, K, N) not in dense:
             dense[(M, K, N)] = dense_gemm_ms(M, K, N, dtype, device, args.min_time, args.rotate)
@@ -312,7 +341,11 @@ def markdown_pivot(rows, mode="fwd+bwd") -> str:
 
 
 def plot(rows, out: Path) -> list:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("note: matplotlib is not installed: no plots (pip install 'rslora-kernels[bench]')", file=sys.stderr)
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -363,6 +396,7 @@ def parse_args(argv=None):
     ap.add_argument("--rounds", type=int, help="interleaved rounds per case, median taken (GPU 1, CPU 3)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
     ap.add_argument("--rotate", type=int, default=4, help="input buffers to rotate through")
+    ap.add_argument("--time-budget", type=float, help="seconds; start no new case after this (results so far are kept)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: few ranks, one dropout, short timing")
     ap.add_argument("--force-triton", action="store_true",
                     help="time the triton backend on the CPU too (needs TRITON_INTERPRET=1; very slow)")
@@ -399,6 +433,9 @@ def main(argv=None):
     device = torch.device(args.device)
     env = environment(device)
     rows, notes, dense_rates = run_sweep(args)
+    if not rows:
+        print("no case measured:", *notes, sep="\n", file=sys.stderr)
+        return 1
     where = env.get("gpu") or (f"CPU ({env['cores']} cores, {env['threads']} threads, "
                                f"load average at start {env['loadavg_at_start'][0]})")
     header = (f"rslora-kernels sweep -- {where}, {args.dtype}, torch {env['torch']}, triton {env['triton']}, "
@@ -406,7 +443,8 @@ def main(argv=None):
               f"dense GEMM rate (roofline basis), TFLOP/s: {dense_rates}\n"
               f"command: python -m benchmarks.sweep {' '.join(sys.argv[1:] if argv is None else argv)}\n"
               + "".join(f"note: {n}\n" for n in notes))
-    text = header + markdown_pivot(rows) + "\n\nAll rows:\n\n" + markdown_long(rows) + "\n"
+    modes = [m for m in MODES if any(x["mode"] == m for x in rows)][::-1]  # fwd+bwd first
+    text = header + "".join(markdown_pivot(rows, m) for m in modes) + "\n\nAll rows:\n\n" + markdown_long(rows) + "\n"
     print(text)
     (out / "sweep.md").write_text(text)
     with open(out / "sweep.csv", "w", newline="") as f:
