@@ -19,7 +19,8 @@ For every (shape, M, dropout p, rank r, provider, mode) it reports
   (elementwise work -- dropout, scaling, bias, adds -- is not counted).
 * ``roof %``: the roofline time over ``ms``. The roofline time is the mode's FLOPs at the dense
   GEMM rate measured in the same run on the same device for the base GEMM of the shape
-  ([M, K] x [K, N]; cuBLAS via torch.mm on a GPU, torch.mm on the CPU). A provider doing exactly
+  ([M, K] x [K, N]; cuBLAS via torch.mm on a GPU, torch.mm on the CPU), timed again for every
+  case, in turn with the providers. A provider doing exactly
   the necessary products at dense-GEMM efficiency would score 100 %.
 * ``speedup``: the PEFT-style eager layer's time over this provider's time (same mode and case).
 * ``mem``: GPU: peak memory allocated by one call above what was allocated before it
@@ -237,8 +238,7 @@ def run_sweep(args) -> tuple:
             tqdm.write(f"note: {notes[-1]}", file=sys.stderr)
             break
         K, N = args.shape_table[shape]
-        if (M, K, N) not in dense:
-            dense[(M, K, N)] = dense_gemm_ms(M, K, N, dtype, device, args.min_time, args.rotate)
+        dense_ms = []
         torch.manual_seed(0)
         base = nn.Linear(K, N, bias=True, device=device, dtype=dtype).requires_grad_(False)
         layers, errors, times, mems = {}, {}, {}, {}
@@ -249,6 +249,7 @@ def run_sweep(args) -> tuple:
                 errors[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
         # providers take turns, round after round, so a change in machine load hits all alike
         for rnd in range(args.rounds):
+            dense_ms.append(dense_gemm_ms(M, K, N, dtype, device, args.min_time / args.rounds, args.rotate))
             for name in names:
                 for mode in args.modes:
                     bar.set_postfix_str(f"{shape} M={M} p={p} r={r} {name} {mode} round {rnd + 1}")
@@ -269,9 +270,10 @@ def run_sweep(args) -> tuple:
                                   else (float("nan"), None, errors.get(name) or errors.get((name, mode), "not measured")))
                    for name in names for mode in args.modes}
         del layers
+        dense.setdefault((M, K, N), []).append(statistics.median(dense_ms))
         for mode in args.modes:
             flops = op_flops(M, K, N, r, mode)
-            rate = 2 * M * K * N / (dense[(M, K, N)] * 1e-3)
+            rate = 2 * M * K * N / (dense[(M, K, N)][-1] * 1e-3)  # this case's own measurement
             roof_ms = flops / rate * 1e3
             eager_ms = results[(prov.BASELINE, mode)][0]
             for name in names + ["roofline"]:
@@ -289,7 +291,8 @@ def run_sweep(args) -> tuple:
                     "error": err,
                 })
     bar.close()
-    dense_rates = {f"M={M} K={K} N={N}": round(2 * M * K * N / (t * 1e-3) / 1e12, 3) for (M, K, N), t in dense.items()}
+    dense_rates = {f"M={M} K={K} N={N}": round(2 * M * K * N / (statistics.median(t) * 1e-3) / 1e12, 3)
+                   for (M, K, N), t in dense.items()}  # median over the cases
     return rows, notes, dense_rates
 
 
@@ -440,7 +443,7 @@ def main(argv=None):
                                f"load average at start {env['loadavg_at_start'][0]})")
     header = (f"rslora-kernels sweep -- {where}, {args.dtype}, torch {env['torch']}, triton {env['triton']}, "
               f"commit {env['commit']}, {env['date_utc']}\n"
-              f"dense GEMM rate (roofline basis), TFLOP/s: {dense_rates}\n"
+              f"dense GEMM rate (roofline basis, median over cases), TFLOP/s: {dense_rates}\n"
               f"command: python -m benchmarks.sweep {' '.join(sys.argv[1:] if argv is None else argv)}\n"
               + "".join(f"note: {n}\n" for n in notes))
     modes = [m for m in MODES if any(x["mode"] == m for x in rows)][::-1]  # fwd+bwd first
