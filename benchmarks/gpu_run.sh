@@ -23,6 +23,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python}
 
 COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export COMMIT  # the sweep records it when git is unavailable
 DIRTY=$(git status --porcelain 2>/dev/null | grep -qv '^??' && echo "+dirty" || true)
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 GPU_TAG=$(echo "${GPU:-nogpu}" | tr -cs 'A-Za-z0-9' '-' | sed 's/^-//; s/-$//')

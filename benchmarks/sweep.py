@@ -176,11 +176,13 @@ def environment(device: torch.device) -> dict:
     env = {"date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
            "device": device.type, "threads": torch.get_num_threads()}
+    here = Path(__file__).resolve().parent
     try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                       cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+        git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=here).stdout.strip()  # noqa: E731
+        env["commit"] = (git("rev-parse", "--short", "HEAD") or os.environ.get("COMMIT", "unknown")) + \
+            ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except OSError:
-        env["commit"] = "unknown"
+        env["commit"] = os.environ.get("COMMIT", "unknown")
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     else:
