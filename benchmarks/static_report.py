@@ -175,7 +175,7 @@ def _specialize(value):
         from triton._C.libtriton import native_specialize_impl
         from triton.backends.nvidia.compiler import CUDABackend
         return native_specialize_impl(CUDABackend, value, False, True, True)
-    except ImportError:  # older Triton: same rules spelled out
+    except (ImportError, TypeError):  # other Triton versions: the same rules spelled out
         if isinstance(value, MockTensor):
             return "*" + {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
                           torch.int64: "i64", torch.uint8: "u8"}[value.dtype], "D"
