@@ -12,12 +12,14 @@ gradient norm averaged over the whole run (the paper's claim is about training, 
 import importlib.util
 import math
 import os
+import sys
 
 import pytest
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "examples", "rank_stability.py")
 _spec = importlib.util.spec_from_file_location("rank_stability", _PATH)
 rank_stability = importlib.util.module_from_spec(_spec)
+sys.modules["rank_stability"] = rank_stability  # dataclasses look the module up while it executes
 _spec.loader.exec_module(rank_stability)
 
 RANKS = [4, 16, 64]
