@@ -19,8 +19,8 @@ Theory for the gradient norm at init (B = 0): ``dL/dB = s * dy^T (x A^T)``. With
 independently, ``|x A^T|`` grows like ``sqrt(r)``, so ``|dL/dB| ~ s * sqrt(r)``: flat in r under
 ``alpha / sqrt(r)``, falling like ``r^-1/2`` under ``alpha / r``.
 
-    python examples/rank_stability.py                 # CPU: ranks 4..512, about 5 minutes on 2 cores
-    python examples/rank_stability.py --quick         # a one-minute smoke run
+    python examples/rank_stability.py                 # CPU: ranks 4..512; 141 s measured on 2 shared cores
+    python examples/rank_stability.py --quick         # ranks 4 16 64 at width 128: a ~20 s smoke run
     python examples/rank_stability.py --ranks 4 16 64 256 1024 --width 2048 --steps 1000   # on a GPU
 
 Writes ``loss_vs_step.png``, ``grad_norm_vs_step.png``, ``final_loss_vs_rank.png``, ``results.md``
