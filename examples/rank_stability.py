@@ -190,16 +190,15 @@ def plot(cfg: Config, results, out_dir: str) -> List[str]:
 
     colours = plt.cm.viridis([i / max(1, len(cfg.ranks) - 1) for i in range(len(cfg.ranks))])
     paths = []
-    for key, ylabel, fname, logy in (("loss", "training loss (relative to base model)", "loss_vs_step.png", True),
-                                     ("grad_norm", "adapter gradient norm", "grad_norm_vs_step.png", True)):
+    for key, ylabel, fname in (("loss", "training loss (relative to base model)", "loss_vs_step.png"),
+                               ("grad_norm", "adapter gradient norm", "grad_norm_vs_step.png")):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
         for ax, label in zip(axes, SCALINGS):
             for c, r in zip(colours, cfg.ranks):
                 ax.plot(results[label][r][key], color=c, lw=1.2, label=f"r={r}")
             ax.set_title(f"s = {label}")
             ax.set_xlabel("step")
-            if logy:
-                ax.set_yscale("log")
+            ax.set_yscale("log")
             ax.grid(alpha=0.3, which="both")
         axes[0].set_ylabel(ylabel)
         axes[1].legend(title="rank")
