@@ -15,6 +15,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "examples", "rank_stability.py")
 _spec = importlib.util.spec_from_file_location("rank_stability", _PATH)
@@ -30,7 +31,14 @@ THEORY_FALL = math.sqrt(RANKS[0] / RANKS[-1])  # grad norm ratio r_max / r_min u
 @pytest.fixture(scope="module")
 def results():
     cfg = rank_stability.Config(ranks=RANKS, width=128, steps=100, batch=256, eval_batch=2048, seed=0)
-    return rank_stability.sweep(cfg)
+    # Width-128 GEMMs gain nothing from threads, and OpenMP spin-waiting makes them crawl when the cores
+    # are shared (measured on the 2-core dev box under load: 38 s with 2 threads, 3 s with 1).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return rank_stability.sweep(cfg)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _mean(v):
