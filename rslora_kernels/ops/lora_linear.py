@@ -103,7 +103,8 @@ def _(dy, x2d, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, backe
     M, K = x2d.shape
     N, R = weight.shape[0], lora_A.shape[0]
     shapes = ((x2d, (M, K)), (lora_A, (R, K)), (lora_A, (N, R)), (lora_A, (N,)))
-    return tuple(like.new_empty(shape if need else (0,), dtype=torch.float32 if i == 3 else None)
+    # a grad that is not needed is x2d.new_empty((0,)) in the real op: same dtype here
+    return tuple(like.new_empty(shape, dtype=torch.float32 if i == 3 else None) if need else x2d.new_empty((0,))
                  for i, (need, (like, shape)) in enumerate(zip(needs, shapes)))
 
 
