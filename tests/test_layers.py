@@ -120,6 +120,23 @@ def test_dropout_uses_the_project_mask(backend):
     torch.testing.assert_close(layer(x).double(), _ref64(layer, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", FUSED)
+def test_bf16_base_with_fp32_adapters(backend):
+    """PEFT's layout: bf16 base, fp32 adapters. Error against float64 <= 2x PyTorch's bf16 path + floor."""
+    torch.manual_seed(5)
+    lin = nn.Linear(45, 38, dtype=torch.bfloat16)
+    layer = rk.LoRALinear.from_linear(lin, r=6, alpha=12.0, adapter_dtype=torch.float32, backend=backend)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.3)
+    x = torch.randn(3, 9, 45, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and layer.lora_A.weight.dtype == torch.float32
+    y_torch = lin(x) + layer.scaling * layer.lora_B(layer.lora_A(x.float())).to(torch.bfloat16)
+    want = _ref64(layer, x)
+    err, err_torch = (y.double() - want).abs().max(), (y_torch.double() - want).abs().max()
+    assert torch.isfinite(y).all() and err <= 2 * err_torch + 1e-2, (err, err_torch)
+
+
 # ----------------------------------------------------------------------------------------------
 # merge / unmerge
 # ----------------------------------------------------------------------------------------------

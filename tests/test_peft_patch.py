@@ -146,6 +146,14 @@ def test_disabled_and_mixed_batches_use_peft_semantics():
     with model.disable_adapter():
         torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits)
     assert not torch.allclose(model(input_ids=ids).logits, base(input_ids=ids).logits)
+    # merged after patching: PEFT's forward (the merged base linear) runs, as unpatched PEFT would
+    q, q_ref = model.base_model.model.model.layers[0].self_attn.q_proj, ref.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 32)
+    q.merge()
+    q_ref.merge()
+    torch.testing.assert_close(q(x), q_ref(x))
+    q.unmerge()
+    q_ref.unmerge()
     names = ["default", "other"]  # PEFT allows mixed batches in eval mode only
     model.eval()
     ref.eval()
@@ -264,3 +272,22 @@ def test_package_import_does_not_import_peft():
     code = "import sys, rslora_kernels as rk; assert 'peft' not in sys.modules; rk.peft; assert 'peft' not in sys.modules; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_patched_peft_llama_compiles_fullgraph():
+    """torch.compile(fullgraph=True) through PEFT + Llama + our custom op, dropout seeds drawn in graph."""
+    model = _peft_llama(dropout=0.1)
+    rk.peft.patch(model, backend=BACKEND)
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ids, labels = _batch()
+    torch.manual_seed(3)
+    out = compiled(input_ids=ids, labels=labels)
+    torch.manual_seed(3)
+    out_eager = twin(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out.logits, out_eager.logits, rtol=1e-5, atol=1e-5)
+    out.loss.backward()
+    out_eager.loss.backward()
+    for (n, p), (_, p_e) in zip(model.named_parameters(), twin.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, p_e.grad, rtol=1e-4, atol=1e-6, msg=n)
