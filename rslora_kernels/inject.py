@@ -38,7 +38,10 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int, 
         target_modules = list(target_modules)
         if not target_modules or not all(isinstance(t, str) for t in target_modules):
             raise TypeError(f"target_modules must be a regex string or a non-empty list of names, got {target_modules!r}")
-    targets: List[str] = [name for name, _ in model.named_modules() if name and matches_target(name, target_modules)]
+    inside_adapters = {f"{name}.{child}" for name, m in model.named_modules() if isinstance(m, LoRALinear)
+                       for child, _ in m.named_modules() if child}  # an adapter's own linears are never targets
+    targets: List[str] = [name for name, _ in model.named_modules()
+                          if name and name not in inside_adapters and matches_target(name, target_modules)]
     for name in targets:
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):

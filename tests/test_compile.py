@@ -93,14 +93,14 @@ def test_compiled_model_matches_eager(compile_backend, op_backend, monkeypatch):
         torch.testing.assert_close(y_c, y_e, rtol=2e-2, atol=4e-2)
 
 
-@pytest.mark.xfail(AUTO_IS_REFERENCE, strict=True, raises=Exception,
-                   reason="reference backend builds its dropout mask with dropout_mask(seed_tensor), which calls "
-                          ".item() on the in-graph seed: a data-dependent guard under fullgraph=True")
+@pytest.mark.xfail(strict=True, raises=Exception,
+                   reason="known gap: the reference backend builds its dropout mask with dropout_mask(seed_tensor), "
+                          "which calls .item() on the in-graph seed (a data-dependent guard under fullgraph=True)")
 def test_reference_dropout_under_compile():
-    model = _model("auto", 0.25)
+    model = _model("reference", 0.25)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(_run(compiled, torch.randn(3, 24, device=DEV), seed=3)[0],
-                               _run(model, torch.randn(3, 24, device=DEV), seed=3)[0])
+    x = torch.randn(3, 24, device=DEV)
+    torch.testing.assert_close(_run(compiled, x, seed=3)[0], _run(model, x, seed=3)[0])
 
 
 def test_autocast_matches_reference():

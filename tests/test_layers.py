@@ -269,6 +269,8 @@ def test_inject_suffix_is_not_substring_and_errors():
     rk.inject(model, ["q_proj"], r=2, alpha=4.0)
     with pytest.raises(ValueError, match="already"):
         rk.inject(model, ["q_proj"], r=2, alpha=4.0)
+    with pytest.raises(ValueError, match="no module"):  # an adapter's own linears are not targets
+        rk.inject(model, ["lora_A", "base_layer"], r=2, alpha=4.0)
 
 
 def test_injected_model_trains():
