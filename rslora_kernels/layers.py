@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._validate import BACKENDS
 from .ops.lora_linear import lora_linear
 from .ops.merge import merge_lora_
 from .scaling import lora_scaling, rslora_scaling
@@ -49,11 +50,11 @@ class LoRALinear(nn.Module):
                  bias: bool = True, rank_stabilized: bool = True, backend: str = "auto",
                  device=None, dtype=None, adapter_dtype=None, base_layer: Optional[nn.Linear] = None):
         super().__init__()
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be an int >= 1, got {r!r}")
         self.scaling = rslora_scaling(alpha, r) if rank_stabilized else lora_scaling(alpha, r)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.in_features, self.out_features = in_features, out_features
         self.r, self.alpha, self.dropout = r, alpha, float(dropout)
         self.rank_stabilized, self.backend = rank_stabilized, backend

@@ -40,6 +40,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from ._validate import BACKENDS
 from .ops.lora_linear import lora_linear
 
 __all__ = ["patch", "unpatch", "is_patched", "to_peft_state_dict", "from_peft_state_dict"]
@@ -127,6 +128,8 @@ def patch(peft_model: nn.Module, backend: str = "auto") -> int:
         and not counted). Unsupported layers keep PEFT's forward; one ``UserWarning`` lists the
         reasons and the layers affected.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     lora_layer = _lora_module()
     patched = 0
     skipped: Dict[str, List[str]] = defaultdict(list)

@@ -53,7 +53,7 @@ def test_init_names_and_scaling():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(r=0), "r must"), (dict(r=2.0), "r must"), (dict(dropout=1.0), "dropout"), (dict(dropout=-0.1), "dropout"),
+    (dict(r=0), "r must"), (dict(backend="cuda"), "backend"), (dict(r=2.0), "r must"), (dict(dropout=1.0), "dropout"), (dict(dropout=-0.1), "dropout"),
 ])
 def test_bad_constructor_args(kwargs, match):
     args = dict(in_features=8, out_features=8, r=2, alpha=1.0) | kwargs

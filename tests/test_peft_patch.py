@@ -91,6 +91,8 @@ def test_unpatch_restores_peft_exactly(count_fused_calls):
     ref = copy.deepcopy(model)
     rk.peft.patch(model, backend=BACKEND)
     assert rk.peft.patch(model, backend=BACKEND) == 0  # already patched: nothing new
+    with pytest.raises(ValueError, match="backend"):
+        rk.peft.patch(model, backend="fast")
     assert rk.peft.unpatch(model) == len(TARGETS) * N_LAYERS
     assert not any("forward" in vars(m) or rk.peft.is_patched(m) for m in _lora_layers(model))
     ids, _ = _batch()
