@@ -1,7 +1,8 @@
 """Our layers under DDP and FSDP2 (fully_shard): 2 processes on the CPU with gloo.
 
 Each rank runs half of the batch; the averaged adapter gradients must equal a single-process run
-on the full batch. The fused op runs inside (backend="triton": the Triton interpreter on CPU).
+on the full batch. The fused op runs inside (backend="triton": the Triton interpreter on CPU) when
+Triton can run on CPU tensors.
 """
 import os
 import socket
@@ -13,9 +14,12 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import rslora_kernels as rk
+from rslora_kernels._runtime import triton_available_for
 
 WORLD = 2
-BACKEND = "triton"
+# gloo on CPU tensors: the fused Triton kernels run there in the interpreter (TRITON_INTERPRET=1,
+# set by conftest when there is no GPU and inherited by the workers); otherwise "auto"
+BACKEND = "triton" if triton_available_for(torch.device("cpu")) else "auto"
 
 
 def _model():

@@ -12,9 +12,17 @@ from rslora_kernels.ops.merge import merge_lora_
 
 # fused backends to exercise: "triton" (interpreter on CPU) and "auto"
 FUSED = ["triton", "auto"]
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _layer(K=37, N=29, r=5, alpha=8.0, dropout=0.0, bias=True, dtype=torch.float32, backend="triton", device="cpu"):
+@pytest.fixture(autouse=True)
+def _on_test_device():
+    """Modules and tensors of these tests are created on the test device (cuda when present)."""
+    with torch.device(DEV):
+        yield
+
+
+def _layer(K=37, N=29, r=5, alpha=8.0, dropout=0.0, bias=True, dtype=torch.float32, backend="triton", device=None):
     layer = rk.LoRALinear(K, N, r, alpha, dropout=dropout, bias=bias, backend=backend, device=device, dtype=dtype)
     with torch.no_grad():  # a non-zero B, so the adapter matters
         layer.lora_B.weight.normal_(0, 0.2)
@@ -110,8 +118,8 @@ def test_dropout_uses_the_project_mask(backend):
     torch.manual_seed(123)
     y = layer(x)
     torch.manual_seed(123)
-    seed = draw_seed("cpu")  # the draw lora_linear makes for seed=None
-    mask = rk.dropout_mask(seed, x.shape, 0.3)
+    seed = draw_seed(DEV)  # the draw lora_linear makes for seed=None
+    mask = rk.dropout_mask(seed, x.shape, 0.3, DEV)
     assert 0 < mask.float().mean() < 1
     torch.testing.assert_close(y.double(), _ref64(layer, x, mask), rtol=1e-5, atol=1e-5)
     torch.manual_seed(124)

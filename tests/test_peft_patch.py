@@ -19,6 +19,14 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict  # noqa: 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_LAYERS = 2
 BACKEND = "triton"  # the fused kernels (Triton interpreter on CPU)
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _on_test_device():
+    """Models and tensors of these tests are created on the test device (cuda when present)."""
+    with torch.device(DEV):
+        yield
 
 
 def _llama(seed=0, dtype=torch.float32, n_layers=N_LAYERS):
@@ -41,7 +49,7 @@ def _peft_llama(use_rslora=True, dropout=0.0, seed=0, **cfg):
 
 def _batch(seed=5):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 61, (2, 7), generator=g)
+    ids = torch.randint(0, 61, (2, 7), generator=g, device="cpu").to(DEV)
     return ids, ids.roll(-1, dims=1)
 
 
@@ -110,7 +118,7 @@ def test_patched_dropout_uses_the_project_mask():
     torch.manual_seed(77)
     y = layer(x)
     torch.manual_seed(77)
-    mask = rk.dropout_mask(draw_seed("cpu"), x.shape, 0.25)
+    mask = rk.dropout_mask(draw_seed(DEV), x.shape, 0.25, DEV)
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     base = layer.get_base_layer()
     want = rk.reference.lora_linear(x.double(), base.weight.double(), A.double(), B.double(), layer.scaling["default"],
