@@ -32,7 +32,7 @@ than ``nn.Linear`` / ``Conv1D`` or with non-float weights, DoRA and other LoRA v
 """
 from __future__ import annotations
 
-import types
+import functools
 import warnings
 from collections import defaultdict
 from typing import Dict, List, Optional
@@ -142,7 +142,7 @@ def patch(peft_model: nn.Module, backend: str = "auto") -> int:
             continue
         adapter = [a for a in module.active_adapters if a in module.lora_A][0]
         setattr(module, _ATTR, (adapter, backend))
-        module.forward = types.MethodType(_fused_forward, module)
+        module.forward = functools.partial(_fused_forward, module)  # picklable, unlike a bound method
         patched += 1
     if skipped:
         lines = [f"  {reason}: {len(names)} layer(s), e.g. {', '.join(names[:3])}" for reason, names in skipped.items()]

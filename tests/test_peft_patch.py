@@ -3,6 +3,7 @@
 A tiny Llama from a LlamaConfig (no downloads) with LoRA on q, k, v, o, gate, up, down.
 """
 import copy
+import pickle
 import warnings
 
 import pytest
@@ -101,6 +102,9 @@ def test_unpatch_restores_peft_exactly(count_fused_calls):
     assert rk.peft.patch(model, backend=BACKEND) == 0  # already patched: nothing new
     with pytest.raises(ValueError, match="backend"):
         rk.peft.patch(model, backend="fast")
+    clone = pickle.loads(pickle.dumps(model))  # torch.save of a whole patched model works
+    assert all(rk.peft.is_patched(m) for m in _lora_layers(clone))
+    torch.testing.assert_close(clone(input_ids=_batch()[0]).logits, model(input_ids=_batch()[0]).logits)
     assert rk.peft.unpatch(model) == len(TARGETS) * N_LAYERS
     assert not any("forward" in vars(m) or rk.peft.is_patched(m) for m in _lora_layers(model))
     ids, _ = _batch()
