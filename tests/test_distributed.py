@@ -70,6 +70,13 @@ def _worker(rank, mode, port, out_path):
                 grads[name] = g.full_tensor() if hasattr(g, "full_tensor") else g  # FSDP2: DTensor shards
             else:
                 assert p.grad is None, name
+        if mode == "fsdp2":  # sharded parameters (DTensor) cannot be merged in place: a clear error
+            try:
+                model[2].merge()
+            except TypeError as e:
+                assert "DTensor" in str(e), e
+            else:
+                raise AssertionError("merge() of sharded parameters did not raise")
         if rank == 0:
             torch.save(grads, out_path)
         dist.barrier()  # both ranks done with gloo before teardown

@@ -73,6 +73,11 @@ def merge_lora_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, 
                          "must share a device")
     if not all(t.is_floating_point() for t in (weight, lora_A, lora_B)):
         raise TypeError("weight, lora_A and lora_B must be floating-point tensors")
+    subclass = next((type(t).__name__ for t in (weight, lora_A, lora_B)
+                     if type(t) not in (torch.Tensor, torch.nn.Parameter)), None)
+    if subclass is not None:  # e.g. FSDP2's sharded DTensor parameters: the kernel would see one shard
+        raise TypeError(f"merge needs plain tensors, got a {subclass}; merge before sharding the model "
+                        "(fully_shard) or on gathered (unsharded) parameters")
     if weight.numel() == 0:
         return weight
     if triton_available_for(weight.device) and weight.dtype in TRITON_MERGE_DTYPES:
