@@ -32,7 +32,8 @@ constexpr int64_t kGroupBlock = 16;  // column groups per inner batch: a loop th
 // Ten Philox rounds on kGroupBlock counters (group0 + g, row lo, row hi, 0), g = 0 .. kGroupBlock-1.
 // Writes the four outputs of group g to out[4*g .. 4*g+3] (column order within the block).
 // The loop runs over independent counters with the rounds inside (fully unrolled), which is the
-// shape the auto-vectorizer turns into SIMD 32x32->64 multiplies.
+// shape the auto-vectorizer turns into SIMD 32x32->64 multiplies (baseline x86-64 SSE2: an AVX2 clone
+// measured no faster, and -march=native is unsafe for a build cache shared by different CPUs).
 inline void philox_block(uint32_t group0, uint32_t row_lo, uint32_t row_hi, const uint32_t* k0, const uint32_t* k1,
                          uint32_t* out) {
   for (int64_t g = 0; g < kGroupBlock; ++g) {
