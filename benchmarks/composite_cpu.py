@@ -7,6 +7,7 @@ them alike; medians over the repeats, after warm-up):
 
 * composite -- ``rk.lora_linear(..., backend="composite")``: torch GEMMs, Philox mask from csrc/;
 * reference -- ``rk.lora_linear(..., backend="reference")``: plain PyTorch autograd with an explicit mask;
+* comp. p=0 -- composite without dropout (its time minus this one is what dropout costs in context);
 * peft-eager -- what a PEFT LoRA layer does: ``base(x) + lora_B(lora_A(nn.Dropout(p)(x))) * s``.
 
 x requires grad (a layer inside a network), the base weight and bias are frozen, the adapters train.
@@ -51,10 +52,11 @@ class PeftStyleLoRA(nn.Module):
         return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
 
-def _saved_bytes(step: Callable[[], torch.Tensor], exclude: List[torch.Tensor]) -> int:
-    """Bytes of the distinct storages autograd saves during ``step()`` (forward only), minus ``exclude``."""
+def _saved(step: Callable[[], torch.Tensor], exclude: List[torch.Tensor], x: torch.Tensor):
+    """(bytes, descriptions) of the distinct storages autograd saves during ``step()`` (the forward),
+    not counting the storages of ``exclude``; x itself is labelled."""
     seen = {t.untyped_storage().data_ptr() for t in exclude}
-    total = 0
+    total, what = 0, []
 
     def pack(t):
         nonlocal total
@@ -62,12 +64,14 @@ def _saved_bytes(step: Callable[[], torch.Tensor], exclude: List[torch.Tensor]) 
         if st.data_ptr() not in seen:
             seen.add(st.data_ptr())
             total += st.nbytes()
+            label = " (x)" if st.data_ptr() == x.untyped_storage().data_ptr() else ""
+            what.append(f"{list(t.shape)} {str(t.dtype).replace('torch.', '')}{label}")
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = step()
     del y
-    return total
+    return total, what
 
 
 def _fwd_bwd(step: Callable[[], torch.Tensor], dy: torch.Tensor, params: List[torch.Tensor]) -> float:
@@ -101,6 +105,7 @@ def run(ranks, M: int, K: int, N: int, p: float, repeats: int, warmup: int, seed
         peft = PeftStyleLoRA(K, N, r, p, s, W, b, A.detach(), B.detach())
         methods = {
             "composite": (lambda: rk.lora_linear(x, W, A, B, s, b, p, backend="composite"), [x, A, B]),
+            "comp. p=0": (lambda: rk.lora_linear(x, W, A, B, s, b, 0.0, backend="composite"), [x, A, B]),
             "reference": (lambda: rk.lora_linear(x, W, A, B, s, b, p, backend="reference"), [x, A, B]),
             "peft-eager": (lambda: peft(x), [x, *peft.parameters()]),
         }
@@ -121,10 +126,11 @@ def run(ranks, M: int, K: int, N: int, p: float, repeats: int, warmup: int, seed
                 mask_t.append(t)
         for name, (step, params) in methods.items():
             exclude = [W, b, A, B, *(t for t in params if t is not x)]  # parameters, not activations
+            nbytes, what = _saved(step, exclude, x)
             rows.append({
-                "r": r, "method": name,
+                "r": r, "method": name, "what": what,
                 "ms": 1e3 * statistics.median(times[name]),
-                "saved_bytes": _saved_bytes(step, exclude),
+                "saved_bytes": nbytes,
                 "mask_ms": 1e3 * statistics.median(mask_t) if name == "composite" else None,
             })
     return rows
@@ -157,6 +163,10 @@ def main(argv=None):
                   f"{row['saved_bytes'] / peft['saved_bytes']:>12.4f}x {mask}")
     print("vs peft time: peft-eager time / method time (>= 0.95 is the issue's bar for composite); "
           "vs peft bytes: method bytes / peft-eager bytes (<= 0.5 is the bar)")
+    print(f"saved for backward at r={rows[-1]['r']} (parameters not counted):")
+    for row in rows:
+        if row["r"] == rows[-1]["r"]:
+            print(f"  {row['method']:<11} {', '.join(row['what'])}")
 
 
 if __name__ == "__main__":
