@@ -129,3 +129,17 @@ def test_saves_only_x_T_and_seed(device):
 
 def test_auto_picks_composite_on_cpu():
     assert resolve_backend("auto", torch.device("cpu")) == "composite"
+
+
+def test_fallback_without_the_extension_gives_the_same_result(monkeypatch):
+    """Where csrc/ cannot be built, composite uses the PyTorch stream: the same bits, same grads."""
+    x, W, A, B, b = _make((33, 26), 14, 5, torch.float32, "cpu")
+
+    def run():
+        y = rk.lora_linear(x, W, A, B, 0.9, b, 0.3, seed=2**45 + 2, backend="composite")
+        return [y, *torch.autograd.grad(y, (x, A, B, b), torch.ones_like(y))]
+
+    with_ext = run()
+    monkeypatch.setattr(composite, "_cpu_ops", lambda: None)
+    for a, c in zip(with_ext, run()):
+        assert torch.equal(a, c)
