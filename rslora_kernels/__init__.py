@@ -8,6 +8,7 @@ from . import reference
 from .dropout import dropout_mask
 from .inject import inject
 from .layers import LoRALinear
+from .ops import composite  # noqa: F401  (registers the "composite" backend; CPU "auto" picks it)
 from .ops.lora_linear import LoRALinearFunction, lora_linear
 from .scaling import lora_scaling, rslora_scaling
 

@@ -101,6 +101,17 @@ def _keep_mask_torch(seed: int, rows: int, cols: int, p: float, row_offset: int 
     return draws >= drop_threshold(p)
 
 
+def _keep_mask_cpu(seed: int, rows: int, cols: int, p: float, row_offset: int = 0) -> torch.Tensor:
+    """The stream on the CPU: the C++ extension (csrc/, multithreaded), or -- with a one-time warning
+    saying why -- :func:`_keep_mask_torch` when the extension cannot be built."""
+    from ._csrc import csrc_ops
+
+    ops = csrc_ops()
+    if ops is None:
+        return _keep_mask_torch(seed, rows, cols, p, row_offset)
+    return ops.philox_keep_mask(seed, rows, cols, p, row_offset)
+
+
 def dropout_mask(seed: Union[int, torch.Tensor], shape: Sequence[int], p: float,
                  device: Union[str, torch.device, None] = None) -> torch.Tensor:
     """The exact keep-mask (bool, True = kept) that the kernels use for an input of ``shape``.
@@ -117,7 +128,7 @@ def dropout_mask(seed: Union[int, torch.Tensor], shape: Sequence[int], p: float,
     cols = shape[-1]
     rows = math.prod(shape[:-1])
     if device.type == "cpu" or rows * cols == 0:
-        mask = _keep_mask_torch(seed, rows, cols, p)
+        mask = _keep_mask_cpu(seed, rows, cols, p)
     else:
         from .ops.triton_kernels import keep_mask_triton
 
