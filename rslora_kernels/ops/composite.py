@@ -100,7 +100,7 @@ def composite_forward(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tenso
 def composite_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, T: Tensor,
                        scaling: float, p: float, seed: Tensor,
                        need_dx: bool, need_dA: bool, need_dB: bool, need_db: bool):
-    """dy [M, N]. Returns (dx [M, K] | None, dA [r, K] | None, dB [N, r] | None, db [N] fp32 | None);
+    """dy [M, N]. Returns (dx [M, K] | None, dA [r, K] | None, dB [N, r] | None, db [N] (at least fp32) | None);
     dx in x's dtype, dA/dB in the adapters' dtype."""
     dtype = x2d.dtype
     A, B = lora_A.to(dtype), lora_B.to(dtype)
@@ -124,7 +124,7 @@ def composite_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, 
     if need_dB:
         dB = torch.mm(dy.t(), T).mul_(scaling).to(lora_B.dtype)
     if need_db:
-        db = dy.sum(0, dtype=torch.float32)
+        db = dy.sum(0, dtype=torch.promote_types(dy.dtype, torch.float32))
     return dx, dA, dB, db
 
 
