@@ -1,0 +1,1 @@
+"""Benchmarks of rslora-kernels (run as modules, e.g. ``python -m benchmarks.composite_cpu``)."""
