@@ -1,1 +1,1 @@
-"""Benchmarks of rslora-kernels: the rank sweep, pytest-benchmark entry points, the static kernel report."""
+"""Benchmarks of rslora-kernels, run as modules: ``python -m benchmarks.sweep`` (ranks), ``python -m benchmarks.static_report``, ``python -m benchmarks.composite_cpu``."""

@@ -6,11 +6,23 @@ Importing the package never touches CUDA or compiles kernels; Triton is imported
 """
 from . import reference
 from .dropout import dropout_mask
+from .inject import inject
+from .inject import inject
 from .layers import LoRALinear
+from .ops import composite  # noqa: F401  (registers the "composite" backend; CPU "auto" picks it)
 from .ops.lora_linear import LoRALinearFunction, lora_linear
 from .scaling import lora_scaling, rslora_scaling
 
 __version__ = "0.1.0"
 
-__all__ = ["lora_linear", "LoRALinearFunction", "LoRALinear", "dropout_mask", "reference",
-           "rslora_scaling", "lora_scaling", "__version__"]
+__all__ = ["lora_linear", "LoRALinearFunction", "LoRALinear", "inject", "dropout_mask", "reference",
+           "rslora_scaling", "lora_scaling", "peft", "__version__"]
+
+
+def __getattr__(name):
+    # rk.peft without importing Hugging Face peft at package import (rslora_kernels.peft imports it lazily)
+    if name == "peft":
+        import importlib
+
+        return importlib.import_module(".peft", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

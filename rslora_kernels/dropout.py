@@ -92,13 +92,30 @@ def check_dropout_p(p: float) -> float:
 
 
 def _keep_mask_torch(seed: int, rows: int, cols: int, p: float, row_offset: int = 0) -> torch.Tensor:
-    """The stream computed with PyTorch integer ops on the CPU: bool [rows, cols] keep mask."""
+    """The stream computed with PyTorch integer ops: bool [rows, cols] keep mask.
+
+    ``seed`` may be an int (computed on the CPU) or a 0-dim int64 tensor (computed on its device,
+    with no host sync: this is what lets the reference backend's dropout trace under torch.compile).
+    """
+    device = seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu")
     groups = (cols + 3) // 4
-    row = torch.arange(row_offset, row_offset + rows, dtype=torch.int64)[:, None]
-    grp = torch.arange(groups, dtype=torch.int64)[None, :]
-    out = philox4x32_10((grp, row & _U32, row >> 32, torch.zeros((), dtype=torch.int64)), (seed & _U32, seed >> 32))
+    row = torch.arange(row_offset, row_offset + rows, dtype=torch.int64, device=device)[:, None]
+    grp = torch.arange(groups, dtype=torch.int64, device=device)[None, :]
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    out = philox4x32_10((grp, row & _U32, row >> 32, zero), (seed & _U32, seed >> 32))
     draws = torch.stack(torch.broadcast_tensors(*out), dim=-1).reshape(rows, groups * 4)[:, :cols]
     return draws >= drop_threshold(p)
+
+
+def _keep_mask_cpu(seed: int, rows: int, cols: int, p: float, row_offset: int = 0) -> torch.Tensor:
+    """The stream on the CPU: the C++ extension (csrc/, multithreaded), or -- with a one-time warning
+    saying why -- :func:`_keep_mask_torch` when the extension cannot be built."""
+    from ._csrc import csrc_ops
+
+    ops = csrc_ops()
+    if ops is None:
+        return _keep_mask_torch(seed, rows, cols, p, row_offset)
+    return ops.philox_keep_mask(seed, rows, cols, p, row_offset)
 
 
 def dropout_mask(seed: Union[int, torch.Tensor], shape: Sequence[int], p: float,
@@ -117,7 +134,7 @@ def dropout_mask(seed: Union[int, torch.Tensor], shape: Sequence[int], p: float,
     cols = shape[-1]
     rows = math.prod(shape[:-1])
     if device.type == "cpu" or rows * cols == 0:
-        mask = _keep_mask_torch(seed, rows, cols, p)
+        mask = _keep_mask_cpu(seed, rows, cols, p)
     else:
         from .ops.triton_kernels import keep_mask_triton
 

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ._validate import BACKENDS
 from .ops.lora_linear import lora_linear
+from .ops.merge import merge_lora_
 from .scaling import lora_scaling, rslora_scaling
 
 __all__ = ["LoRALinear"]
@@ -16,47 +20,98 @@ __all__ = ["LoRALinear"]
 class LoRALinear(nn.Module):
     """A frozen base linear plus a LoRA adapter: ``y = base(x) + s * lora_B(lora_A(dropout(x)))``.
 
-    Parameters use PEFT's names and layouts so ``state_dict`` keys line up with a PEFT LoRA layer:
-    ``base_layer.weight [N, K]``, ``base_layer.bias [N]``, ``lora_A.weight [r, K]``,
-    ``lora_B.weight [N, r]``. Init as PEFT: A kaiming-uniform (a = sqrt(5)), B zeros.
+    Shapes: x ``[..., in_features]`` -> y ``[..., out_features]``. The whole layer is one call of
+    :func:`rslora_kernels.lora_linear` (fused kernels; dropout only on the adapter branch).
+
+    Parameters use PEFT's names and layouts: ``base_layer.weight [N, K]``, ``base_layer.bias [N]``,
+    ``lora_A.weight [r, K]``, ``lora_B.weight [N, r]``. Init as PEFT: A kaiming-uniform
+    (a = sqrt(5)), B zeros, so a fresh layer computes exactly ``base(x)``.
     ``s = alpha / sqrt(r)`` when ``rank_stabilized`` (rsLoRA) else ``alpha / r``.
+
+    ``state_dict`` keys are PEFT's saved-adapter keys (``lora_A.weight``; inside a live PEFT model
+    they read ``lora_A.<adapter>.weight``): :func:`rslora_kernels.peft.to_peft_state_dict` and
+    :func:`~rslora_kernels.peft.from_peft_state_dict` map between the two.
+
+    :meth:`merge` folds ``s * B @ A`` into the base weight in place (forward is then the plain
+    linear, ``merged`` is True); :meth:`unmerge` takes it out again. A state_dict saved while merged
+    holds the merged weight, as in PEFT.
+
+    Args:
+        in_features, out_features: K and N. r: adapter rank (>= 1). alpha: adapter alpha.
+        dropout: adapter-branch dropout probability in [0, 1) (active in ``train()`` mode).
+        bias: whether the base linear has a bias. rank_stabilized: rsLoRA scaling (default).
+        backend: op backend ("auto", "triton", "composite", "reference").
+        device, dtype: of the base linear (and of the adapters unless ``adapter_dtype`` is given).
+        adapter_dtype: dtype of lora_A / lora_B, e.g. torch.float32 next to a bf16 base (as PEFT).
+        base_layer: wrap this existing ``nn.Linear`` instead of creating one (it is frozen).
     """
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float = 0.0,
                  bias: bool = True, rank_stabilized: bool = True, backend: str = "auto",
-                 device=None, dtype=None, base_layer: Optional[nn.Linear] = None):
+                 device=None, dtype=None, adapter_dtype=None, base_layer: Optional[nn.Linear] = None):
         super().__init__()
         self.scaling = rslora_scaling(alpha, r) if rank_stabilized else lora_scaling(alpha, r)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.in_features, self.out_features = in_features, out_features
-        self.r, self.alpha, self.dropout, self.rank_stabilized, self.backend = r, alpha, float(dropout), rank_stabilized, backend
+        self.r, self.alpha, self.dropout = r, alpha, float(dropout)
+        self.rank_stabilized, self.backend = rank_stabilized, backend
+        self.merged = False
         self.base_layer = base_layer if base_layer is not None else nn.Linear(
             in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.base_layer.requires_grad_(False)
         w = self.base_layer.weight
-        self.lora_A = nn.Linear(in_features, r, bias=False, device=w.device, dtype=dtype or w.dtype)
-        self.lora_B = nn.Linear(r, out_features, bias=False, device=w.device, dtype=dtype or w.dtype)
+        adapter_dtype = adapter_dtype or dtype or w.dtype
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=w.device, dtype=adapter_dtype)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=w.device, dtype=adapter_dtype)
         self.reset_lora_parameters()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
-                    rank_stabilized: bool = True, backend: str = "auto") -> "LoRALinear":
-        """Wrap an existing ``nn.Linear`` (kept as ``base_layer``, frozen) with a fresh adapter."""
+                    rank_stabilized: bool = True, backend: str = "auto", adapter_dtype=None) -> "LoRALinear":
+        """Wrap an existing ``nn.Linear`` (kept as ``base_layer``, frozen, weights shared) with a
+        fresh adapter on the linear's device, in its dtype unless ``adapter_dtype`` is given."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
         return cls(linear.in_features, linear.out_features, r, alpha, dropout, linear.bias is not None,
-                   rank_stabilized, backend, base_layer=linear)
+                   rank_stabilized, backend, adapter_dtype=adapter_dtype, base_layer=linear)
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
+        """PEFT's default init: A kaiming-uniform with a = sqrt(5), B zeros."""
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.base_layer.weight, self.base_layer.bias)
         return lora_linear(x, self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
                            bias=self.base_layer.bias, dropout_p=self.dropout, training=self.training,
                            backend=self.backend)
 
+    def merge(self) -> None:
+        """``W += s * B @ A`` in place (Triton kernel on CUDA / under the interpreter, else a chunked
+        PyTorch loop): fp32 arithmetic, one rounding to W's dtype, no N x K temporary.
+        Afterwards forward is the plain linear (no dropout). Merging twice warns and does nothing."""
+        if self.merged:
+            warnings.warn("LoRALinear.merge(): already merged; nothing to do", stacklevel=2)
+            return
+        merge_lora_(self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, 1.0)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """``W -= s * B @ A`` in place. In bf16/fp16 this returns W only to within one rounding step
+        per element (see :mod:`rslora_kernels.ops.merge`); in fp32 up to fp32 arithmetic error."""
+        if not self.merged:
+            warnings.warn("LoRALinear.unmerge(): not merged; nothing to do", stacklevel=2)
+            return
+        merge_lora_(self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, -1.0)
+        self.merged = False
+
     def extra_repr(self) -> str:
         kind = "alpha/sqrt(r)" if self.rank_stabilized else "alpha/r"
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"alpha={self.alpha}, scaling={self.scaling:.4g} ({kind}), dropout={self.dropout}, backend={self.backend!r}")
+                f"alpha={self.alpha}, scaling={self.scaling:.4g} ({kind}), dropout={self.dropout}, "
+                f"backend={self.backend!r}" + (", merged=True" if self.merged else ""))

@@ -21,7 +21,7 @@ from torch import Tensor
 from .. import reference
 from .._runtime import interpreting, triton_available_for
 from .._validate import validate_inputs
-from ..dropout import _as_seed_int, draw_seed, dropout_mask
+from ..dropout import _as_seed_int, _keep_mask_torch, draw_seed
 
 __all__ = ["lora_linear", "LoRALinearFunction", "register_backend", "resolve_backend"]
 
@@ -32,7 +32,8 @@ __all__ = ["lora_linear", "LoRALinearFunction", "register_backend", "resolve_bac
 @dataclass(frozen=True)
 class Backend:
     """A fused implementation. forward(x2d, W, A, B, bias, s, p, seed) -> (y, T);
-    backward(dy, x2d, W, A, B, T, s, p, seed, need_dx, need_dA, need_dB, need_db) -> (dx, dA, dB, db)."""
+    backward(dy, x2d, W, A, B, T, s, p, seed, need_dx, need_dA, need_dB, need_db) -> (dx, dA, dB, db),
+    db in promote_types(x's dtype, float32)."""
     forward: Callable
     backward: Callable
     supports: Callable[[torch.device], bool]
@@ -103,7 +104,9 @@ def _(dy, x2d, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, backe
     M, K = x2d.shape
     N, R = weight.shape[0], lora_A.shape[0]
     shapes = ((x2d, (M, K)), (lora_A, (R, K)), (lora_A, (N, R)), (lora_A, (N,)))
-    return tuple(like.new_empty(shape if need else (0,), dtype=torch.float32 if i == 3 else None)
+    # a grad that is not needed is x2d.new_empty((0,)) in the real op: same dtype here
+    db_dtype = torch.promote_types(x2d.dtype, torch.float32)  # bias grads accumulate in at least fp32
+    return tuple(like.new_empty(shape, dtype=db_dtype if i == 3 else None) if need else x2d.new_empty((0,))
                  for i, (need, (like, shape)) in enumerate(zip(needs, shapes)))
 
 
@@ -193,7 +196,8 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
         elif seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device:
             raise TypeError(f"seed tensor must be a one-element int64 tensor on {x.device}, got {seed.dtype} on {seed.device}")
     if backend == "reference":
-        mask = dropout_mask(seed, x.shape, p, x.device) if p > 0.0 else None
+        # the PyTorch stream on the seed tensor's device: no .item(), so it traces under torch.compile
+        mask = _keep_mask_torch(seed, x.numel() // x.shape[-1], x.shape[-1], p).reshape(x.shape) if p > 0.0 else None
         return reference.lora_linear(x, weight, lora_A, lora_B, scaling, bias, p, mask)
     if p == 0.0:
         seed = torch.zeros((), dtype=torch.int64, device=x.device)

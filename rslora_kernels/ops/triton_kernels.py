@@ -83,6 +83,24 @@ def _mask_kernel(out_ptr, seed_ptr, M, K, stride_om, threshold,
              mask=(rows < M)[:, None] & (cols < K)[None, :])
 
 
+@triton.jit
+def _dropout_scale_kernel(x_ptr, out_ptr, seed_ptr, M, K,
+                          stride_xm, stride_xk, stride_om, stride_ok,  # strides of x and out
+                          threshold, scale,
+                          COMPUTE_DTYPE: tl.constexpr,  # fp32, or fp64 for fp64 x
+                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[M, K] = keep ? x * scale : 0 (the "composite" backend's dropout); out may alias x."""
+    seed_lo, seed_hi = _load_seed(seed_ptr)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    col0 = tl.program_id(1) * BLOCK_K
+    cols = col0 + tl.arange(0, BLOCK_K)
+    inside = (rows < M)[:, None] & (cols < K)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=inside, other=0.0)
+    keep = _keep_mask(seed_lo, seed_hi, rows, col0, threshold, BLOCK_M, BLOCK_K)
+    out = tl.where(keep, x.to(COMPUTE_DTYPE) * scale, 0.0)
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_ok, out.to(out_ptr.dtype.element_ty), mask=inside)
+
+
 # ----------------------------------------------------------------------------------------------
 # F1 / B1: out[M, R] = in[M, RED] @ w[RED, R]  (dropout on `in` for F1, column sums for B1)
 # ----------------------------------------------------------------------------------------------
@@ -316,6 +334,24 @@ def keep_mask_triton(seed: int, rows: int, cols: int, p: float, device) -> torch
     grid = (triton.cdiv(rows, BLOCK_M), triton.cdiv(cols, BLOCK_K))
     _mask_kernel[grid](out, seed_t, rows, cols, out.stride(0), drop_threshold(p), BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
     return out.bool()
+
+
+def dropout_scale_triton(x2d: torch.Tensor, seed: torch.Tensor, p: float, scale: float,
+                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """keep ? x2d * scale : 0 for x2d [M, K] (any strides), seed a 0-dim int64 tensor on x's device
+    (read by the kernel: no host sync). Writes into ``out`` (may be x2d itself) or a new tensor."""
+    if out is None:
+        out = torch.empty(x2d.shape, dtype=x2d.dtype, device=x2d.device)
+    if out.numel() == 0:
+        return out
+    BLOCK_M, BLOCK_K = 32, 64
+    grid = (triton.cdiv(x2d.shape[0], BLOCK_M), triton.cdiv(x2d.shape[1], BLOCK_K))
+    _dropout_scale_kernel[grid](x2d, out, seed, x2d.shape[0], x2d.shape[1],
+                                x2d.stride(0), x2d.stride(1), out.stride(0), out.stride(1),
+                                drop_threshold(p), scale,
+                                COMPUTE_DTYPE=tl.float64 if x2d.dtype == torch.float64 else tl.float32,
+                                BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
+    return out
 
 
 def _shrink(inp: torch.Tensor, w_strides, w: torch.Tensor, R: int, out_dtype, *, seed=None, p=0.0, colsum=False):

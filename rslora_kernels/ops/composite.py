@@ -1,0 +1,135 @@
+"""The "composite" backend: vendor GEMMs (torch.mm/addmm) with minimal glue, Unsloth-style.
+
+    forward    y  = addmm(b, x, W^T)                    base GEMM with the bias fused in
+               T  = drop(x) A^T                         drop(x) is a transient, freed right away
+               y += s T B^T                             addmm_ in place: no second M x N tensor
+    backward   U  = dy B                                once, shared by dx and dA
+               G  = U A;  G *= mask * s/(1-p)           and drop(x) from the same mask, in one pass
+               dx = G + dy W                            addmm_ into G in place
+               dA = s U^T drop(x),  dB = s dy^T T,  db = sum_M dy
+
+Saved for backward (by :class:`~rslora_kernels.ops.lora_linear.LoRALinearFunction`): x, T and the
+seed; the dropout mask is regenerated from the seed (the project's Philox stream,
+:mod:`rslora_kernels.dropout`): on the CPU by the C++ extension in ``csrc/``, on CUDA by a small
+Triton kernel. The default backend on the CPU; on a GPU the baseline the Triton kernels must beat.
+
+Adapters may be wider than x (fp32 ``lora_A``/``lora_B`` with bf16 x): the adapter GEMMs run in x's
+dtype (A and B are cast, like the Triton kernels do) and dA/dB come back in the adapters' dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..dropout import _keep_mask_torch
+from .lora_linear import register_backend
+
+__all__ = ["composite_forward", "composite_backward"]
+
+
+def _cpu_ops():
+    from .._csrc import csrc_ops
+
+    return csrc_ops()
+
+
+def _fallback_keep(x2d: Tensor, seed: Tensor, p: float) -> Tensor:
+    """Keep-mask of the stream from the PyTorch implementation (only when csrc/ could not be built;
+    ``csrc_ops()`` has warned once already)."""
+    return _keep_mask_torch(int(seed.item()), x2d.shape[0], x2d.shape[1], p)
+
+
+def dropout_scale(x2d: Tensor, seed: Tensor, p: float, scale: float) -> Tensor:
+    """A new contiguous ``[M, K]`` tensor ``keep ? x2d * scale : 0`` (``x2d`` any strides)."""
+    if x2d.device.type == "cpu":
+        ops = _cpu_ops()
+        if ops is not None:
+            return ops.philox_dropout_scale(x2d, int(seed.item()), p, scale)
+        return x2d * _fallback_keep(x2d, seed, p) * scale
+    from .triton_kernels import dropout_scale_triton
+
+    return dropout_scale_triton(x2d, seed, p, scale)
+
+
+def _dropout_scale_(g: Tensor, g_scale: float, seed: Tensor, p: float) -> None:
+    """``g *= keep * g_scale`` in place."""
+    if g.device.type == "cpu":
+        ops = _cpu_ops()
+        if ops is not None:
+            ops.philox_dropout_scale_(g, int(seed.item()), p, g_scale)
+        else:
+            g.mul_(_fallback_keep(g, seed, p)).mul_(g_scale)
+        return
+    from .triton_kernels import dropout_scale_triton
+
+    dropout_scale_triton(g, seed, p, g_scale, out=g)
+
+
+def _dropout_scale_pair_(g: Tensor, g_scale: float, x2d: Tensor, x_scale: float, seed: Tensor, p: float) -> Tensor:
+    """``g *= keep * g_scale`` in place and return ``keep ? x2d * x_scale : 0`` (one mask for both)."""
+    if x2d.device.type == "cpu":
+        ops = _cpu_ops()
+        if ops is not None:
+            return ops.philox_dropout_scale_pair_(g, x2d, int(seed.item()), p, g_scale, x_scale)
+        keep = _fallback_keep(x2d, seed, p)
+        g.mul_(keep).mul_(g_scale)
+        return x2d * keep * x_scale
+    from .triton_kernels import dropout_scale_triton
+
+    dropout_scale_triton(g, seed, p, g_scale, out=g)
+    return dropout_scale_triton(x2d, seed, p, x_scale)
+
+
+def composite_forward(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
+                      scaling: float, p: float, seed: Tensor):
+    """x2d [M, K], weight [N, K], lora_A [r, K], lora_B [N, r], bias [N] | None, seed 0-dim int64.
+    Returns (y [M, N], T [M, r]) in x's dtype."""
+    dtype = x2d.dtype
+    A, B = lora_A.to(dtype), lora_B.to(dtype)  # no copy when the adapters are in x's dtype
+    y = torch.addmm(bias, x2d, weight.t()) if bias is not None else torch.mm(x2d, weight.t())
+    if p > 0.0:
+        T = torch.mm(dropout_scale(x2d, seed, p, 1.0 / (1.0 - p)), A.t())  # the dropped x dies here
+    else:
+        T = torch.mm(x2d, A.t())
+    y.addmm_(T, B.t(), alpha=scaling)
+    return y, T
+
+
+def composite_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, T: Tensor,
+                       scaling: float, p: float, seed: Tensor,
+                       need_dx: bool, need_dA: bool, need_dB: bool, need_db: bool):
+    """dy [M, N]. Returns (dx [M, K] | None, dA [r, K] | None, dB [N, r] | None, db [N] (at least fp32) | None);
+    dx in x's dtype, dA/dB in the adapters' dtype."""
+    dtype = x2d.dtype
+    A, B = lora_A.to(dtype), lora_B.to(dtype)
+    U = torch.mm(dy, B) if (need_dx or need_dA) else None  # [M, r], computed once
+    dx = dA = dB = db = None
+    dropped = None
+    if need_dx:
+        dx = torch.mm(U, A)  # becomes dx in place: the only M x K tensor of the dx path
+        if p > 0.0:
+            if need_dA:
+                dropped = _dropout_scale_pair_(dx, scaling / (1.0 - p), x2d, 1.0 / (1.0 - p), seed, p)
+            else:
+                _dropout_scale_(dx, scaling / (1.0 - p), seed, p)
+            dx.addmm_(dy, weight)
+        else:
+            dx.addmm_(dy, weight, alpha=1.0, beta=scaling)
+    if need_dA:
+        if dropped is None:
+            dropped = dropout_scale(x2d, seed, p, 1.0 / (1.0 - p)) if p > 0.0 else x2d
+        dA = torch.mm(U.t(), dropped).mul_(scaling).to(lora_A.dtype)
+    if need_dB:
+        dB = torch.mm(dy.t(), T).mul_(scaling).to(lora_B.dtype)
+    if need_db:
+        db = dy.sum(0, dtype=torch.promote_types(dy.dtype, torch.float32))
+    return dx, dA, dB, db
+
+
+def _supports(device: torch.device) -> bool:
+    return device.type in ("cpu", "cuda")
+
+
+register_backend("composite", composite_forward, composite_backward, _supports)

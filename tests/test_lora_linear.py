@@ -1,0 +1,216 @@
+"""Forward and every gradient of the Triton backend against the float64 reference (DESIGN.md §5).
+
+On a machine without CUDA these run in Triton's interpreter (see conftest.py); on a GPU unchanged.
+"""
+import pytest
+import torch
+
+import rslora_kernels as rk
+from numerics import assert_close_to_oracle
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (M, K, N, r): M in {0, 1, 3, 97, 300}; K, N not multiples of 16; r in {1, 3, 16, 200, >= 1024}
+SHAPES = [(0, 33, 17, 3), (1, 40, 23, 1), (3, 17, 29, 16), (97, 75, 83, 19), (300, 129, 66, 200), (37, 45, 51, 1100)]
+
+
+def make_inputs(M, K, N, r, dtype, device, bias=True, adapter_dtype=None, seed=0):
+    """Random inputs with realistic scales (never all zeros; lora_B non-zero so dA is exercised)."""
+    g = torch.Generator().manual_seed(seed)
+    adapter_dtype = adapter_dtype or dtype
+
+    def rnd(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dt)
+
+    return dict(
+        x=rnd(M, K),
+        weight=rnd(N, K, scale=K ** -0.5),
+        lora_A=rnd(r, K, scale=K ** -0.5, dt=adapter_dtype),
+        lora_B=rnd(N, r, scale=r ** -0.5, dt=adapter_dtype),
+        bias=rnd(N) if bias else None,
+    )
+
+
+def run(fn, inputs, grad_out, scaling, p, mask, grad_names=("x", "lora_A", "lora_B", "bias")):
+    """Forward + backward of ``fn``; returns (y, {name: grad})."""
+    leaves = {k: (v.detach().clone().requires_grad_(k in grad_names) if v is not None else None)
+              for k, v in inputs.items()}
+    y = fn(leaves, scaling, p, mask)
+    y.backward(grad_out.to(y.dtype))
+    return y, {k: leaves[k].grad for k in grad_names if leaves[k] is not None}
+
+
+def kernel_fn(seed, backend="triton"):
+    def fn(t, scaling, p, mask):
+        return rk.lora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], scaling, bias=t["bias"],
+                              dropout_p=p, seed=seed, backend=backend)
+    return fn
+
+
+def reference_fn(cast=None):
+    def fn(t, scaling, p, mask):
+        t = {k: (v.to(cast) if (cast is not None and v is not None) else v) for k, v in t.items()}
+        return rk.reference.lora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], scaling, t["bias"], p, mask)
+    return fn
+
+
+def check_against_oracle(inputs, scaling, p, seed, backend="triton", grad_names=("x", "lora_A", "lora_B", "bias")):
+    x = inputs["x"]
+    grad_names = tuple(n for n in grad_names if inputs.get(n) is not None)
+    mask = rk.dropout_mask(seed, x.shape, p, x.device) if p > 0 else None
+    g = torch.Generator().manual_seed(1)
+    N = inputs["weight"].shape[0]
+    grad_out = torch.randn(*x.shape[:-1], N, generator=g, dtype=torch.float64).to(x.device)
+
+    y, grads = run(kernel_fn(seed, backend), inputs, grad_out, scaling, p, mask, grad_names)
+    y64, grads64 = run(reference_fn(torch.float64), inputs, grad_out, scaling, p, mask, grad_names)
+    yt, gradst = run(reference_fn(), inputs, grad_out, scaling, p, mask, grad_names)
+
+    assert y.dtype == x.dtype
+    assert_close_to_oracle("y", y, y64, yt)
+    for name in grad_names:
+        assert grads[name].dtype == inputs[name].dtype, f"grad of {name} has dtype {grads[name].dtype}"
+        assert_close_to_oracle(f"d{name}", grads[name], grads64[name], gradst[name])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}K{}N{}r{}".format(*s))
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+def test_matches_float64_reference(shape, dtype, p, device):
+    M, K, N, r = shape
+    bias = (M + r) % 2 == 0 or p == 0.1  # bias on and off across the grid
+    inputs = make_inputs(M, K, N, r, dtype, device, bias=bias, seed=M * 1000 + r)
+    check_against_oracle(inputs, scaling=rk.rslora_scaling(16, r), p=p, seed=1234 + M)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rank_4096_and_beyond(dtype, device):
+    inputs = make_inputs(19, 21, 18, 4100, dtype, device, seed=7)
+    check_against_oracle(inputs, scaling=rk.rslora_scaling(8, 4100), p=0.1, seed=99)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_3d_input(dtype, device):
+    inputs = make_inputs(1, 1, 1, 1, dtype, device)  # shapes replaced below
+    base = make_inputs(4 * 13, 38, 27, 24, dtype, device, seed=3)
+    base["x"] = base["x"].reshape(4, 13, 38)
+    check_against_oracle(base, scaling=0.9, p=0.1, seed=5)
+    del inputs
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "permuted_3d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_contiguous_x(layout, dtype, device):
+    M, K, N, r = 45, 34, 29, 12
+    inputs = make_inputs(M, K, N, r, dtype, device, seed=11)
+    x = inputs["x"]
+    if layout == "transposed":        # [M, K] view of a [K, M] buffer: stride(-1) != 1
+        x = x.t().contiguous().t()
+    elif layout == "sliced":          # every other column of a wider buffer
+        wide = torch.zeros(M, 2 * K, dtype=dtype, device=device)
+        wide[:, ::2] = x
+        x = wide[:, ::2]
+    else:                             # leading dims that cannot be flattened by strides
+        x = x.reshape(5, 9, K).transpose(0, 1)
+    assert not x.is_contiguous()
+    inputs["x"] = x
+    check_against_oracle(inputs, scaling=1.3, p=0.1, seed=17)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_weight_given_transposed(dtype, device):
+    """PEFT's fan_in_fan_out stores W^T; passing ``W_t.t()`` must work without a copy."""
+    inputs = make_inputs(50, 37, 41, 9, dtype, device, seed=21)
+    inputs["weight"] = inputs["weight"].t().contiguous().t()
+    assert inputs["weight"].stride(0) == 1
+    check_against_oracle(inputs, scaling=0.7, p=0.1, seed=23)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weight_grad_when_requested(dtype, device):
+    inputs = make_inputs(33, 26, 19, 5, dtype, device, seed=31)
+    check_against_oracle(inputs, scaling=0.5, p=0.1, seed=37,
+                         grad_names=("x", "weight", "lora_A", "lora_B", "bias"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_mixed_dtypes_fp32_adapters(dtype, device):
+    """PEFT's default: 16-bit base, fp32 adapters. Grads arrive in each parameter's own dtype."""
+    inputs = make_inputs(64, 40, 36, 10, dtype, device, adapter_dtype=torch.float32, seed=41)
+    check_against_oracle(inputs, scaling=2.0, p=0.1, seed=43)
+
+
+def test_partial_grads(device):
+    """Frozen adapters / inputs: only the requested grads are computed, and they are right."""
+    inputs = make_inputs(40, 30, 20, 6, torch.float32, device, seed=47)
+    for names in [("x",), ("lora_A",), ("lora_B",), ("bias",), ("lora_A", "lora_B")]:
+        check_against_oracle(inputs, scaling=0.8, p=0.1, seed=53, grad_names=names)
+
+
+def test_split_m_reduction_matches_single_pass(device):
+    """B3's deterministic split-M path gives the same dA/dB (to rounding) as one pass over M."""
+    from rslora_kernels.ops.triton_kernels import _lora_grads
+    g = torch.Generator().manual_seed(0)
+    M, K, N, r = 200, 36, 28, 7
+    U, x, dy, T = (torch.randn(*s, generator=g).to(device) for s in [(M, r), (M, K), (M, N), (M, r)])
+    one = _lora_grads(U, x, dy, T, 0.6, 0.2, torch.tensor(9, device=device), torch.float32, True, True, num_splits=1)
+    three = _lora_grads(U, x, dy, T, 0.6, 0.2, torch.tensor(9, device=device), torch.float32, True, True, num_splits=3)
+    for a, b in zip(one, three):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    mask = rk.dropout_mask(9, (M, K), 0.2, device).to(x.dtype)
+    torch.testing.assert_close(one[0], 0.6 / 0.8 * U.t() @ (x * mask), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(one[1], 0.6 * dy.t() @ T, rtol=1e-4, atol=1e-4)
+
+
+def test_autocast(device):
+    """Under torch.autocast, x/W/bias are cast to the autocast dtype; fp32 adapters stay fp32."""
+    dt = torch.bfloat16
+    inputs = make_inputs(48, 30, 22, 8, torch.float32, device, seed=59)
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    with torch.autocast(device.type, dtype=dt):
+        y = rk.lora_linear(leaves["x"], leaves["weight"], leaves["lora_A"], leaves["lora_B"], 1.1,
+                           bias=leaves["bias"], backend="triton")
+    assert y.dtype == dt
+    y.float().sum().backward()
+    assert leaves["lora_A"].grad.dtype == torch.float32 and leaves["x"].grad.dtype == torch.float32
+    cast = {k: (v.to(dt) if k in ("x", "weight", "bias") else v) for k, v in inputs.items()}
+    y_ref = rk.reference.lora_linear(cast["x"].double(), cast["weight"].double(), cast["lora_A"].to(dt).double(),
+                                     cast["lora_B"].to(dt).double(), 1.1, cast["bias"].double())
+    y_torch = rk.reference.lora_linear(cast["x"], cast["weight"], cast["lora_A"], cast["lora_B"], 1.1, cast["bias"])
+    assert_close_to_oracle("y(autocast)", y, y_ref, y_torch)
+
+
+def test_backward_is_deterministic(device):
+    inputs = make_inputs(150, 70, 65, 20, torch.float32, device, seed=61)
+
+    def grads():
+        t = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        y = rk.lora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], 0.9, bias=t["bias"],
+                           dropout_p=0.1, seed=3, backend="triton")
+        y.backward(torch.ones_like(y))
+        return [t[k].grad for k in ("x", "lora_A", "lora_B", "bias")]
+
+    for a, b in zip(grads(), grads()):
+        assert torch.equal(a, b)
+
+
+def test_reference_gradcheck_float64():
+    inputs = make_inputs(7, 6, 5, 3, torch.float64, torch.device("cpu"), seed=67)
+    mask = rk.dropout_mask(5, (7, 6), 0.3)
+    leaves = [inputs[k].requires_grad_() for k in ("x", "weight", "lora_A", "lora_B", "bias")]
+    assert torch.autograd.gradcheck(
+        lambda x, w, a, b, bias: rk.reference.lora_linear(x, w, a, b, 0.7, bias, 0.3, mask), leaves)
+
+
+def test_saved_tensors_are_x_T_and_seed(device):
+    """Backward state: x (a view, no copy), T [M, r] and the seed -- no dropped copy of x, no mask."""
+    inputs = make_inputs(40, 30, 20, 6, torch.float32, device, seed=71)
+    x = inputs["x"].requires_grad_()
+    A = inputs["lora_A"].requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        rk.lora_linear(x, inputs["weight"], A, inputs["lora_B"], 1.0, dropout_p=0.1, seed=1, backend="triton")
+    big = [t for t in saved if t.numel() >= 40 * 6]
+    shapes = sorted(tuple(t.shape) for t in big if t.shape not in (inputs["weight"].shape, A.shape, inputs["lora_B"].shape))
+    assert shapes == [(40, 6), (40, 30)], shapes
+    x_saved = next(t for t in big if t.shape == (40, 30))
+    assert x_saved.data_ptr() == x.data_ptr()

@@ -1,0 +1,307 @@
+"""rslora_kernels.peft: patch/unpatch of Hugging Face PEFT LoRA models, state_dict key maps.
+
+A tiny Llama from a LlamaConfig (no downloads) with LoRA on q, k, v, o, gate, up, down.
+"""
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import rslora_kernels as rk
+from rslora_kernels.dropout import draw_seed
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+N_LAYERS = 2
+BACKEND = "triton"  # the fused kernels (Triton interpreter on CPU)
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _on_test_device():
+    """Models and tensors of these tests are created on the test device (cuda when present)."""
+    with torch.device(DEV):
+        yield
+
+
+def _llama(seed=0, dtype=torch.float32, n_layers=N_LAYERS):
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=44, num_hidden_layers=n_layers,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).to(dtype)
+
+
+def _peft_llama(use_rslora=True, dropout=0.0, seed=0, **cfg):
+    model = get_peft_model(_llama(seed), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=dropout,
+                                                     use_rslora=use_rslora, **cfg))
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():  # non-zero B (and fresh A) so the adapters matter
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+    return model
+
+
+def _batch(seed=5):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 61, (2, 7), generator=g, device="cpu").to(DEV)
+    return ids, ids.roll(-1, dims=1)
+
+
+def _lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+
+
+@pytest.fixture
+def count_fused_calls(monkeypatch):
+    """Counts calls of the fused autograd Function (proves the patched forward runs our op)."""
+    calls = []
+    orig = rk.LoRALinearFunction.apply
+
+    def spy(*args):
+        calls.append(args[-1])
+        return orig(*args)
+
+    monkeypatch.setattr(rk.LoRALinearFunction, "apply", spy)
+    return calls
+
+
+@pytest.mark.parametrize("use_rslora", [True, False])
+def test_patched_logits_and_grads_match_peft(use_rslora, count_fused_calls):
+    model = _peft_llama(use_rslora)
+    ref = copy.deepcopy(model)
+    n_lora = len(TARGETS) * N_LAYERS
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.scaling["default"] == pytest.approx(8 / 2 if use_rslora else 8 / 4)  # PEFT's own scaling
+    assert rk.peft.patch(model, backend=BACKEND) == n_lora
+    assert all(rk.peft.is_patched(m) for m in _lora_layers(model))
+    ids, labels = _batch()
+    out = model(input_ids=ids, labels=labels)
+    out_ref = ref(input_ids=ids, labels=labels)
+    assert len(count_fused_calls) == n_lora and set(count_fused_calls) == {"triton"}
+    torch.testing.assert_close(out.logits, out_ref.logits, rtol=1e-4, atol=1e-5)
+    out.loss.backward()
+    out_ref.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    grads_ref = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    assert grads.keys() == grads_ref.keys() and len(grads) == 2 * n_lora
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_unpatch_restores_peft_exactly(count_fused_calls):
+    model = _peft_llama()
+    ref = copy.deepcopy(model)
+    rk.peft.patch(model, backend=BACKEND)
+    assert rk.peft.patch(model, backend=BACKEND) == 0  # already patched: nothing new
+    with pytest.raises(ValueError, match="backend"):
+        rk.peft.patch(model, backend="fast")
+    clone = pickle.loads(pickle.dumps(model))  # torch.save of a whole patched model works
+    assert all(rk.peft.is_patched(m) for m in _lora_layers(clone))
+    torch.testing.assert_close(clone(input_ids=_batch()[0]).logits, model(input_ids=_batch()[0]).logits)
+    assert rk.peft.unpatch(model) == len(TARGETS) * N_LAYERS
+    assert not any("forward" in vars(m) or rk.peft.is_patched(m) for m in _lora_layers(model))
+    ids, _ = _batch()
+    count_fused_calls.clear()
+    torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=0)
+    assert count_fused_calls == []
+
+
+def test_patched_dropout_uses_the_project_mask():
+    model = _peft_llama(dropout=0.25)
+    rk.peft.patch(model, backend=BACKEND)
+    layer = model.base_model.model.model.layers[1].mlp.up_proj
+    x = torch.randn(2, 5, 32)
+    model.train()
+    torch.manual_seed(77)
+    y = layer(x)
+    torch.manual_seed(77)
+    mask = rk.dropout_mask(draw_seed(DEV), x.shape, 0.25, DEV)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    base = layer.get_base_layer()
+    want = rk.reference.lora_linear(x.double(), base.weight.double(), A.double(), B.double(), layer.scaling["default"],
+                                    None, 0.25, mask)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    model.eval()  # no dropout in eval: same as PEFT
+    ref = copy.deepcopy(layer)
+    rk.peft.unpatch(ref)
+    torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+def test_patched_model_trains():
+    model = get_peft_model(_llama(n_layers=1), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.1))
+    assert rk.peft.patch(model, backend=BACKEND) == len(TARGETS)
+    ids = torch.arange(1, 9).repeat(2, 2)  # a periodic sequence: the next token is learnable
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    torch.manual_seed(0)
+    for _ in range(5):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.15, losses
+
+
+def test_disabled_and_mixed_batches_use_peft_semantics():
+    model = _peft_llama()
+    base = _llama()  # the same base weights without adapters
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS))
+    ref = copy.deepcopy(model)
+    rk.peft.patch(model, backend=BACKEND)
+    ids, _ = _batch()
+    with model.disable_adapter():
+        torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits)
+    assert not torch.allclose(model(input_ids=ids).logits, base(input_ids=ids).logits)
+    # merged after patching: PEFT's forward (the merged base linear) runs, as unpatched PEFT would
+    q, q_ref = model.base_model.model.model.layers[0].self_attn.q_proj, ref.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 32)
+    q.merge()
+    q_ref.merge()
+    torch.testing.assert_close(q(x), q_ref(x))
+    q.unmerge()
+    q_ref.unmerge()
+    names = ["default", "other"]  # PEFT allows mixed batches in eval mode only
+    model.eval()
+    ref.eval()
+    torch.testing.assert_close(model(input_ids=ids, adapter_names=names).logits,
+                               ref(input_ids=ids, adapter_names=names).logits)
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("dora", "DoRA"), ("lora_bias", "lora_bias"), ("two_active", "2 active adapters"), ("merged", "merged"),
+])
+def test_unsupported_layers_keep_peft_forward_with_a_warning(case, reason):
+    model = _peft_llama(use_dora=case == "dora", lora_bias=case == "lora_bias")
+    if case == "two_active":
+        model.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+        model.base_model.set_adapter(["default", "other"])
+    if case == "merged":
+        model.base_model.model.model.layers[0].self_attn.q_proj.merge()
+    with pytest.warns(UserWarning, match=reason) as rec:
+        n = rk.peft.patch(model, backend=BACKEND)
+    assert len([w for w in rec if "keep PEFT's forward" in str(w.message)]) == 1  # one warning
+    expect_skipped = {"dora": 14, "lora_bias": 14, "two_active": 2, "merged": 1}[case]
+    assert n == len(TARGETS) * N_LAYERS - expect_skipped
+
+
+def test_fan_in_fan_out_conv1d_gpt2():
+    """GPT-2's Conv1D stores W as [in, out]; the patch passes W.t() (a view) to the op."""
+    cfg = transformers.GPT2Config(vocab_size=53, n_embd=32, n_layer=1, n_head=4, n_positions=16)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(transformers.GPT2LMHeadModel(cfg),
+                               LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
+    model.eval()  # GPT-2's own dropouts off, so the two copies see the same activations
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    ref = copy.deepcopy(model)
+    assert rk.peft.patch(model, backend=BACKEND) == 2
+    ids = torch.randint(0, 53, (2, 6))
+    y, y_ref = model(input_ids=ids).logits, ref(input_ids=ids).logits
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    y.sum().backward()
+    y_ref.sum().backward()
+    for (n, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_bf16_base_fp32_adapters():
+    """PEFT keeps adapters in fp32 next to a bf16 base; the op reads them natively. The patched
+    layer's error against float64 is at most twice PEFT's own (plus a small floor)."""
+    model = get_peft_model(_llama(dtype=torch.bfloat16), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    assert layer.lora_A["default"].weight.dtype == torch.float32 and layer.get_base_layer().weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.3)
+    x = torch.randn(3, 5, 44, dtype=torch.bfloat16)
+    y_peft = layer(x)
+    rk.peft.patch(model, backend=BACKEND)
+    y = layer(x)
+    assert y.dtype == y_peft.dtype == torch.bfloat16
+    W, A, B = layer.get_base_layer().weight, layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    want = rk.reference.lora_linear(x.double(), W.double(), A.double(), B.double(), layer.scaling["default"])
+    err, err_peft = (y.double() - want).abs().max(), (y_peft.double() - want).abs().max()
+    assert torch.isfinite(y).all() and err <= 2 * err_peft + 1e-2, (err, err_peft)
+
+
+# ----------------------------------------------------------------------------------------------
+# state_dict keys between LoRALinear models and PEFT models
+# ----------------------------------------------------------------------------------------------
+def _compare_models(ours, theirs):
+    ids, _ = _batch()
+    torch.testing.assert_close(ours.eval()(input_ids=ids).logits, theirs.eval()(input_ids=ids).logits,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_state_dict_loads_into_peft_and_back():
+    ours = rk.inject(_llama(), TARGETS, r=4, alpha=8.0, backend=BACKEND)
+    theirs = _peft_llama(use_rslora=True, seed=0)  # same base weights (seed 0), other adapters
+    torch.manual_seed(9)
+    with torch.no_grad():
+        for m in ours.modules():
+            if isinstance(m, rk.LoRALinear):
+                m.lora_B.weight.normal_(0, 0.3)
+    # ours -> PEFT, strict
+    theirs.load_state_dict(rk.peft.to_peft_state_dict(ours.state_dict()), strict=True)
+    _compare_models(ours, theirs)
+    # PEFT -> ours, strict (after changing PEFT's adapters)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+    ours.load_state_dict(rk.peft.from_peft_state_dict(theirs.state_dict()), strict=True)
+    _compare_models(ours, theirs)
+    # PEFT's saved-adapter format (get_peft_model_state_dict) has our keys already, modulo the prefix
+    saved = get_peft_model_state_dict(theirs)
+    mapped = rk.peft.from_peft_state_dict(saved)
+    ours_keys = {k for k in ours.state_dict() if ".lora_" in k}
+    assert set(mapped) == ours_keys
+    missing, unexpected = ours.load_state_dict(mapped, strict=False)
+    assert unexpected == [] and all(".lora_" not in k for k in missing)
+
+
+def test_state_dict_key_maps_other_adapters_dropped():
+    sd = {"base_model.model.a.lora_A.default.weight": 1, "base_model.model.a.lora_A.other.weight": 2,
+          "base_model.model.a.base_layer.weight": 3, "base_model.model.lm_head.weight": 4}
+    assert rk.peft.from_peft_state_dict(sd) == {"a.lora_A.weight": 1, "a.base_layer.weight": 3, "lm_head.weight": 4}
+    assert rk.peft.to_peft_state_dict({"a.lora_A.weight": 1, "lm_head.weight": 4}, adapter_name="x") == {
+        "base_model.model.a.lora_A.x.weight": 1, "base_model.model.lm_head.weight": 4}
+
+
+def test_package_import_does_not_import_peft():
+    import subprocess
+    import sys
+    code = "import sys, rslora_kernels as rk; assert 'peft' not in sys.modules; rk.peft; assert 'peft' not in sys.modules; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_patched_peft_llama_compiles_fullgraph():
+    """torch.compile(fullgraph=True) through PEFT + Llama + our custom op, dropout seeds drawn in graph."""
+    model = _peft_llama(dropout=0.1)
+    rk.peft.patch(model, backend=BACKEND)
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ids, labels = _batch()
+    torch.manual_seed(3)
+    out = compiled(input_ids=ids, labels=labels)
+    torch.manual_seed(3)
+    out_eager = twin(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out.logits, out_eager.logits, rtol=1e-5, atol=1e-5)
+    out.loss.backward()
+    out_eager.loss.backward()
+    for (n, p), (_, p_e) in zip(model.named_parameters(), twin.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, p_e.grad, rtol=1e-4, atol=1e-6, msg=n)
