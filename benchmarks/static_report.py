@@ -5,7 +5,7 @@
 What it does, step by step:
 
 1. Runs the real host launchers (``lora_forward``, ``lora_backward``, ``_lora_grads``,
-   ``keep_mask_triton``) on ``meta`` tensors of a typical training shape (M=8192, K=N=4096),
+   ``keep_mask_triton``, ``dropout_scale_triton``, ``merge_triton_``) on ``meta`` tensors of a typical training shape (M=8192, K=N=4096),
    with the kernels swapped for recorders. So every compiled variant carries exactly the arguments,
    strides and constexpr flags (HAS_DROPOUT, COLSUM, HAS_BIAS, DOT_DTYPE, INPUT_PRECISION, tiles)
    that a real launch passes. Scenarios: bias on/off, dropout 0/0.1, bias grad on/off, B3 with and
@@ -42,8 +42,11 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from multiprocessing import get_context
 
-# Kernels that do matrix products (and so must use tensor cores where the dtype allows it).
+# Kernels of the LoRA op that do matrix products (and so must use tensor cores where the dtype allows).
 GEMM_KERNELS = ("_shrink_kernel", "_dual_gemm_kernel", "_lora_grads_kernel")
+# The others: the Philox mask and the composite backend's dropout (elementwise), and the adapter
+# merge (ops/merge_kernel.py), whose dot is IEEE fp32 on purpose (a merge runs once, exactness first).
+OTHER_KERNELS = ("_mask_kernel", "_dropout_scale_kernel", "_merge_kernel")
 # Max shared memory per block (opt-in), bytes: A100 (sm_80) 163 KB, H100 (sm_90) 227 KB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = ("fp16", "bf16", "fp32", "tf32")
@@ -64,8 +67,14 @@ def _clean_env() -> None:
 def expects_tensor_cores(kernel: str, dtype: str) -> bool:
     """Which compiled kernels must show tensor-core MMAs: the three GEMM kernels in every dtype
     except IEEE fp32 (``fp32``), whose dots run on CUDA cores (FFMA) because no tensor core does
-    full fp32. The Philox mask kernel has no product at all."""
+    full fp32. The mask and dropout kernels have no product; the merge's product is IEEE fp32."""
     return kernel in GEMM_KERNELS and dtype != "fp32"
+
+
+def _kernel_fn(name):
+    """The JITFunction called ``name`` (in triton_kernels.py or merge_kernel.py)."""
+    from rslora_kernels.ops import merge_kernel, triton_kernels
+    return getattr(merge_kernel if name == "_merge_kernel" else triton_kernels, name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,7 +121,7 @@ def record_launches(dtype_name: str, arch: int, quick: bool = False):
     """Every distinct kernel launch (role, JITFunction, args, kwargs) the launchers make for
     ``dtype`` on ``arch``, over all candidate configs (``quick``: the extreme ones) and flag scenarios."""
     import torch
-    from rslora_kernels.ops import configs
+    from rslora_kernels.ops import configs, merge_kernel
     from rslora_kernels.ops import triton_kernels as tk
 
     dtype = _torch_dtype(dtype_name)
@@ -122,7 +131,7 @@ def record_launches(dtype_name: str, arch: int, quick: bool = False):
     calls = []
     sink = []
     recorders = {name: _Recorder(getattr(tk, name), sink)
-                 for name in ("_shrink_kernel", "_dual_gemm_kernel", "_lora_grads_kernel", "_mask_kernel")}
+                 for name in GEMM_KERNELS + OTHER_KERNELS if name != "_merge_kernel"}
 
     def run(role_names, thunk):
         sink.clear()
@@ -156,6 +165,14 @@ def record_launches(dtype_name: str, arch: int, quick: bool = False):
                         for splits in (1, 8):  # direct bf16/fp16 results and fp32 split-M partials
                             run(("B3",), lambda: tk._lora_grads(T, x, dy, T, 0.5, p, seed, dtype, True, True, splits))
             run(("mask",), lambda: tk.keep_mask_triton(1, M, K, 0.1, "meta"))
+            x = torch.empty(M, K, device="meta", dtype=dtype)
+            seed = torch.zeros((), dtype=torch.int64, device="meta")
+            run(("dropout",), lambda: tk.dropout_scale_triton(x, seed, 0.1, 1 / 0.9))
+        with _patched(merge_kernel, _merge_kernel=_Recorder(merge_kernel._merge_kernel, sink)):
+            for r in (16, 64):  # the launcher's two rank tiles
+                W = torch.empty(N, K, device="meta", dtype=dtype)
+                A, B = torch.empty(r, K, device="meta", dtype=dtype), torch.empty(N, r, device="meta", dtype=dtype)
+                run(("merge",), lambda: merge_kernel.merge_triton_(W, A, B, 0.5))
     finally:
         torch.set_float32_matmul_precision(precision)
     return calls
@@ -237,9 +254,7 @@ def compile_and_inspect(spec, arch: int):
     _clean_env()
     import triton
     from triton.backends.compiler import GPUTarget
-    from rslora_kernels.ops import triton_kernels as tk
-
-    fn = getattr(tk, spec["kernel"])
+    fn = _kernel_fn(spec["kernel"])
     t0 = time.perf_counter()
     try:
         src = triton.compiler.ASTSource(fn=fn, signature=spec["signature"], constexprs=spec["constexprs"],
@@ -384,7 +399,7 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SMEM_LIMIT))
     ap.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
-    ap.add_argument("--kernel", nargs="+", choices=GEMM_KERNELS + ("_mask_kernel",), help="only these kernels")
+    ap.add_argument("--kernel", nargs="+", choices=GEMM_KERNELS + OTHER_KERNELS, help="only these kernels")
     ap.add_argument("--quick", action="store_true",
                     help="per kernel only the configs with the smallest and largest rank tile (the CI test uses this)")
     ap.add_argument("--json", help="also write the rows to this JSON file")

@@ -6,9 +6,10 @@ Runs ``python -m benchmarks.static_report --quick`` in a fresh process without T
 * it compiles;
 * no register spills (the cubin's stack and local sizes are 0);
 * shared memory fits one block's limit: 163 KiB on sm_80 (A100), 227 KiB on sm_90 (H100);
-* the GEMM kernels use tensor cores: HGMMA (warpgroup MMA) in the sm_90 SASS and HMMA on sm_80,
-  for bf16 and TF32. Not for IEEE fp32 (torch's default matmul precision): no tensor core
-  computes full fp32 products, so those dots are FFMA by design.
+* the op's GEMM kernels (F1/B1, F2/B2, B3) use tensor cores: HGMMA (warpgroup MMA) in the sm_90
+  SASS and HMMA on sm_80, for bf16 and TF32. Not for IEEE fp32 (torch's default matmul
+  precision): no tensor core computes full fp32 products, so those dots are FFMA by design. The
+  mask and dropout kernels are elementwise; the merge kernel's dot is IEEE fp32 on purpose.
 
 Dtypes: bf16 (fp16 takes the same 16-bit code path; the full report in the README covers it),
 fp32 and tf32. ``--quick`` compiles, per kernel, the configs with the smallest and the largest
@@ -25,7 +26,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 GEMM_KERNELS = {"_shrink_kernel", "_dual_gemm_kernel", "_lora_grads_kernel"}
-ALL_KERNELS = GEMM_KERNELS | {"_mask_kernel"}
+ALL_KERNELS = GEMM_KERNELS | {"_mask_kernel", "_dropout_scale_kernel", "_merge_kernel"}
 DTYPES = ("bf16", "fp32", "tf32")
 
 
@@ -62,7 +63,7 @@ def test_covers_every_kernel_arch_dtype_and_launch(rows):
     want = {(a, d, k) for a in SMEM_LIMIT for d in DTYPES for k in ALL_KERNELS}
     assert want <= seen, f"missing: {sorted(want - seen)}"
     roles = {role for r in rows for role in r["role"].split("/")}
-    assert roles == {"F1", "F2", "B1", "B2", "B3", "mask"}
+    assert roles == {"F1", "F2", "B1", "B2", "B3", "mask", "dropout", "merge"}
     flags = {f for r in rows for f in r["flags"].split(",")}
     assert {"HAS_DROPOUT", "COLSUM", "HAS_BIAS", "SPLIT_M"} <= flags
 
