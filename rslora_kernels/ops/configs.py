@@ -52,7 +52,7 @@ def dual_gemm_config(M: int, N: int, K: int, r: int, dtype: torch.dtype, arch: i
     if interpreting():
         return TileConfig(64, 64, 64, 64, GROUP_M=4)
     if _wide(dtype):
-        return TileConfig(64, 64, 16, 16, GROUP_M=8, num_warps=4, num_stages=3)
+        return TileConfig(64, 32, 16, 16, GROUP_M=8, num_warps=4, num_stages=3)
     return TileConfig(128, 128, 64, 64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
@@ -61,7 +61,7 @@ def shrink_config(M: int, red: int, r: int, dtype: torch.dtype, arch: int) -> Ti
     if interpreting():
         return TileConfig(64, 0, 64, _rank_tile(r, 64))
     if _wide(dtype):
-        return TileConfig(64, 0, 32, _rank_tile(r, 64), num_warps=4, num_stages=2)
+        return TileConfig(64, 0, 16, _rank_tile(r, 64), num_warps=4, num_stages=2)
     return TileConfig(64, 0, 64, _rank_tile(r, 128), num_warps=4, num_stages=3)
 
 
