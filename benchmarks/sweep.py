@@ -37,7 +37,6 @@ import argparse
 import csv
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import statistics
