@@ -120,9 +120,10 @@ def composite_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, 
     if need_dA:
         if dropped is None:
             dropped = dropout_scale(x2d, seed, p, 1.0 / (1.0 - p)) if p > 0.0 else x2d
-        dA = torch.mm(U.t(), dropped).mul_(scaling).to(lora_A.dtype)
+        # cast before scaling: with wider (fp32) adapters the scale costs no second low-precision rounding
+        dA = torch.mm(U.t(), dropped).to(lora_A.dtype).mul_(scaling)
     if need_dB:
-        dB = torch.mm(dy.t(), T).mul_(scaling).to(lora_B.dtype)
+        dB = torch.mm(dy.t(), T).to(lora_B.dtype).mul_(scaling)
     if need_db:
         db = dy.sum(0, dtype=torch.promote_types(dy.dtype, torch.float32))
     return dx, dA, dB, db
