@@ -23,8 +23,8 @@ def make_inputs(M, K, N, r, dtype, device, bias=True, adapter_dtype=None, seed=0
 
     return dict(
         x=rnd(M, K),
-        weight=rnd(N, K, scale=K ** -0.5),
-        lora_A=rnd(r, K, scale=K ** -0.5, dt=adapter_dtype),
+        weight=rnd(N, K, scale=max(K, 1) ** -0.5),
+        lora_A=rnd(r, K, scale=max(K, 1) ** -0.5, dt=adapter_dtype),
         lora_B=rnd(N, r, scale=r ** -0.5, dt=adapter_dtype),
         bias=rnd(N) if bias else None,
     )
@@ -212,3 +212,12 @@ def test_saved_tensors_are_x_T_and_seed(device):
     assert shapes == [(40, 6), (40, 30)], shapes
     x_saved = next(t for t in big if t.shape == (40, 30))
     assert x_saved.data_ptr() == x.data_ptr()
+
+
+@pytest.mark.parametrize("backend", ["triton", "composite", "reference"])
+@pytest.mark.parametrize("K, N", [(0, 13), (11, 0)], ids=["K0", "N0"])
+def test_empty_feature_dims(backend, K, N, device):
+    """K = 0 or N = 0 is a valid (if degenerate) layer: y = b, and every grad has its empty or zero shape."""
+    inputs = make_inputs(9, K, N, 3, torch.float32, device, seed=73)
+    inputs["x"] = inputs["x"].reshape(3, 3, K)
+    check_against_oracle(inputs, scaling=0.6, p=0.1, seed=79, backend=backend)

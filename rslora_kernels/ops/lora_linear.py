@@ -12,6 +12,7 @@ mask is regenerated from the seed, never stored.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
@@ -119,8 +120,8 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
-        K = x.shape[-1]
-        x2d = x.reshape(-1, K)  # a view unless the leading dims cannot be flattened by strides
+        M, K = math.prod(x.shape[:-1]), x.shape[-1]  # explicit M: reshape(-1, 0) is ambiguous when K = 0
+        x2d = x.reshape(M, K)  # a view unless the leading dims cannot be flattened by strides
         y2d, T = torch.ops.rslora_kernels.lora_linear_fwd(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend)
         ctx.save_for_backward(x2d, weight, lora_A, lora_B, T, seed)
         ctx.cfg = (scaling, dropout_p, backend, x.shape, bias is not None, bias.dtype if bias is not None else None)
@@ -131,7 +132,7 @@ class LoRALinearFunction(torch.autograd.Function):
         x2d, weight, lora_A, lora_B, T, seed = ctx.saved_tensors
         scaling, p, backend, x_shape, has_bias, bias_dtype = ctx.cfg
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
-        dy2d = dy.reshape(-1, weight.shape[0])
+        dy2d = dy.reshape(x2d.shape[0], weight.shape[0])
         dx, dA, dB, db = torch.ops.rslora_kernels.lora_linear_bwd(
             dy2d, x2d, weight, lora_A, lora_B, T, scaling, p, seed,
             [need_x, need_a, need_b, need_bias and has_bias], backend)
@@ -197,7 +198,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
             raise TypeError(f"seed tensor must be a one-element int64 tensor on {x.device}, got {seed.dtype} on {seed.device}")
     if backend == "reference":
         # the PyTorch stream on the seed tensor's device: no .item(), so it traces under torch.compile
-        mask = _keep_mask_torch(seed, x.numel() // x.shape[-1], x.shape[-1], p).reshape(x.shape) if p > 0.0 else None
+        mask = _keep_mask_torch(seed, math.prod(x.shape[:-1]), x.shape[-1], p).reshape(x.shape) if p > 0.0 else None
         return reference.lora_linear(x, weight, lora_A, lora_B, scaling, bias, p, mask)
     if p == 0.0:
         seed = torch.zeros((), dtype=torch.int64, device=x.device)
