@@ -1,5 +1,6 @@
 """Runtime facts looked up lazily (never at import time)."""
 import os
+from typing import Optional
 
 import torch
 
@@ -27,3 +28,13 @@ def cuda_arch(device: torch.device) -> int:
         major, minor = torch.cuda.get_device_capability(device)
         return 10 * major + minor
     return 0
+
+
+def gpu_name(device: Optional[torch.device] = None) -> Optional[str]:
+    """The CUDA device's name as the driver reports it (``device`` None: the current device);
+    None when ``device`` is not a CUDA device or CUDA is unavailable."""
+    if device is not None and device.type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name(device)

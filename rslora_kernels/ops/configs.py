@@ -11,6 +11,7 @@ from dataclasses import dataclass, asdict
 import torch
 
 from .._runtime import interpreting
+from .tuning import tuned_config
 
 __all__ = ["TileConfig", "dual_gemm_config", "shrink_config", "grads_config", "split_m_for", "candidate_configs"]
 
@@ -49,6 +50,7 @@ def _wide(dtype: torch.dtype) -> bool:
 
 def dual_gemm_config(M: int, N: int, K: int, r: int, dtype: torch.dtype, arch: int) -> TileConfig:
     """F2 (y) and B2 (dx): an [M, F] output tile, reduced over r then over K (or N)."""
+    if (tuned := tuned_config("dual_gemm", M, N, K, r, dtype, arch)) is not None: return TileConfig(**tuned)  # noqa: E701
     if interpreting():
         return TileConfig(64, 64, 64, 64, GROUP_M=4)
     if _wide(dtype):
@@ -58,6 +60,7 @@ def dual_gemm_config(M: int, N: int, K: int, r: int, dtype: torch.dtype, arch: i
 
 def shrink_config(M: int, red: int, r: int, dtype: torch.dtype, arch: int) -> TileConfig:
     """F1 (T = drop(x) A^T) and B1 (U = dy B): an [M, r] output tile reduced over K (or N)."""
+    if (tuned := tuned_config("shrink", M, 0, red, r, dtype, arch)) is not None: return TileConfig(**tuned)  # noqa: E701
     if interpreting():
         return TileConfig(64, 0, 64, _rank_tile(r, 64))
     if _wide(dtype):
@@ -67,6 +70,7 @@ def shrink_config(M: int, red: int, r: int, dtype: torch.dtype, arch: int) -> Ti
 
 def grads_config(M: int, N: int, K: int, r: int, dtype: torch.dtype, arch: int) -> TileConfig:
     """B3 (dA [r, K] and dB [N, r]): tiles [BLOCK_R, BLOCK_F] / [BLOCK_F, BLOCK_R] reduced over M."""
+    if (tuned := tuned_config("grads", M, N, K, r, dtype, arch)) is not None: return TileConfig(**tuned)  # noqa: E701
     if interpreting():
         return TileConfig(64, 64, 0, _rank_tile(r, 64))
     if _wide(dtype):

@@ -23,6 +23,7 @@ from .. import reference
 from .._runtime import interpreting, triton_available_for
 from .._validate import validate_inputs
 from ..dropout import as_seed_int, draw_seed, keep_mask_torch
+from .tuning import auto_backend
 
 __all__ = ["lora_linear", "LoRALinearFunction", "register_backend", "resolve_backend"]
 
@@ -60,11 +61,14 @@ def _triton_backward(*args):
 register_backend("triton", _triton_forward, _triton_backward, triton_available_for)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map "auto" to a concrete backend for ``device``; check that the named one can run there."""
+def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None,
+                    problem: Optional[Tuple[int, int, int, int]] = None) -> str:
+    """Map "auto" to a concrete backend for ``device``; check that the named one can run there.
+    On CUDA "auto" is what the GPU's tuning table measured faster for ``dtype`` and
+    ``problem`` = (M, N, K, r), composite where nothing was measured (see tuning.auto_backend)."""
     if backend == "auto":
         if device.type == "cuda":
-            return "triton"
+            return auto_backend(device, dtype, *problem) if problem is not None else "composite"
         return "composite" if "composite" in _BACKENDS and _BACKENDS["composite"].supports(device) else "reference"
     if backend == "reference":
         return backend
@@ -188,7 +192,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend)
     scaling = float(scaling)
     p = float(dropout_p) if training else 0.0
-    backend = resolve_backend(backend, x.device)
+    backend = resolve_backend(backend, x.device, x.dtype, (math.prod(x.shape[:-1]), weight.shape[0], x.shape[-1], lora_A.shape[0]))
     if p > 0.0:
         if seed is None:
             seed = draw_seed(x.device)

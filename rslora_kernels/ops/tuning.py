@@ -1,0 +1,226 @@
+"""Measured choices: tile configs and the faster backend per shape, from committed per-GPU tables.
+
+``python -m benchmarks.tune`` times, on one GPU, every candidate tile config of each kernel family
+and the whole op on both fused backends, and writes one JSON table. Tables committed here, as
+``tuned/<normalized GPU name>.json``, are read lazily (the first time a CUDA launch asks; nothing
+is looked up at import) and answer two questions:
+
+* :func:`tuned_config`: which tile config a kernel family uses for a problem. Each config function
+  in :mod:`rslora_kernels.ops.configs` asks here first and falls back to its rules when the answer
+  is None (no table for this GPU, no entry of that family and dtype, or not on CUDA).
+* :func:`auto_backend`: what ``backend="auto"`` runs on CUDA: the backend the table measured faster
+  at this shape, and "composite" (the cuBLAS path) wherever nothing was measured near it.
+
+Table keys are (family, dtype, M bucket, N, K, rank bucket) for configs and (dtype, M bucket, N,
+K, rank bucket) for backends. Buckets are powers of two (the next one at or above the size); N and
+K are kept exact. "Nearest" is the smallest sum over those four numbers of |log2(entry / query)|;
+ties go to the entry at or above the query in more dimensions (a larger rank tile still covers
+the rank), then to the first one in the table. A config entry is used at any distance: every
+config computes the same result, and a measured config near the shape is better evidence than the
+rules. A backend entry is used only within a factor of two in every dimension, since the cost of a
+wrong guess there is the gap between two whole implementations.
+
+No run-time autotuning: the choice is a pure function of the table and the sizes, so runs are
+deterministic, nothing compiles during training beyond the chosen configs, and ``torch.compile``
+sees a plain Python decision.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional
+
+import torch
+
+from .. import _runtime
+
+__all__ = ["TUNED_DIR", "TABLE_ENV", "FORMAT_VERSION", "ConfigRequest", "bucket", "dtype_name",
+           "normalized_gpu_name", "load_table", "table_for_gpu", "reload_tables", "nearest_entries",
+           "tuned_config", "forced_configs", "rules_only", "auto_backend"]
+
+TUNED_DIR = Path(__file__).with_name("tuned")
+TABLE_ENV = "RSLORA_KERNELS_TUNED_TABLE"  # path of a table to use instead of the committed one
+FORMAT_VERSION = 1
+BACKEND_CHOICES = ("triton", "composite")
+
+
+# ----------------------------------------------------------------------------------------------
+# Keys
+# ----------------------------------------------------------------------------------------------
+def bucket(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    b = 1
+    while b < n:
+        b *= 2
+    return b
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16", "float16", "float32": the dtype's name in tables."""
+    return str(dtype).replace("torch.", "")
+
+
+def normalized_gpu_name(name: str) -> str:
+    """File-name form of a GPU name: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------
+def load_table(path) -> Optional[dict]:
+    """The table at ``path``; None for a dry-run table (made on the CPU interpreter, timings
+    meaningless). A file that is not a table of this format raises ValueError naming it."""
+    path = Path(path)
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"tuning table {path}: cannot be read as JSON ({e})") from e
+    if not isinstance(table, dict):
+        raise ValueError(f"tuning table {path}: expected a JSON object, got {type(table).__name__}")
+    if table.get("dry_run", False):
+        return None
+    if table.get("format") != FORMAT_VERSION:
+        raise ValueError(f"tuning table {path}: format {table.get('format')!r}, expected {FORMAT_VERSION} "
+                         "(re-run python -m benchmarks.tune)")
+    missing = [k for k in ("gpu", "arch", "configs", "backends") if k not in table]
+    if missing:
+        raise ValueError(f"tuning table {path}: missing {missing}")
+    return table
+
+
+_tables: Dict[str, Optional[dict]] = {}
+
+
+def table_for_gpu(name: str) -> Optional[dict]:
+    """The table for the GPU called ``name`` (cached): the file named by $RSLORA_KERNELS_TUNED_TABLE
+    if set and made on a GPU of that name, else the committed ``tuned/<normalized name>.json``;
+    None if there is none (or it is a dry-run table)."""
+    key = normalized_gpu_name(name)
+    if key not in _tables:
+        _tables[key] = _find_table(key)
+    return _tables[key]
+
+
+def _find_table(key: str) -> Optional[dict]:
+    override = os.environ.get(TABLE_ENV)
+    if override:
+        table = load_table(override)
+        if table is not None and normalized_gpu_name(table["gpu"]) == key:
+            return table
+        warnings.warn(f"${TABLE_ENV}={override} is not a table measured on this GPU ({key}); ignoring it")
+    path = TUNED_DIR / f"{key}.json"
+    return load_table(path) if path.exists() else None
+
+
+def reload_tables() -> None:
+    """Forget every loaded table and looked-up entry (after writing or replacing a table)."""
+    _tables.clear()
+    _lookup_config.cache_clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# Nearest entry
+# ----------------------------------------------------------------------------------------------
+def _log2(n: int) -> float:
+    return math.log2(max(n, 1))
+
+
+def nearest_entries(entries: List[dict], M: int, N: int, K: int, r: int, within: Optional[float] = None) -> List[dict]:
+    """The entries (already filtered to one family and dtype) nearest to (M, N, K, r), all of
+    those tied for nearest, in table order. ``within``: ignore entries more than that many
+    powers of two away in any one dimension."""
+    query = (_log2(bucket(M)), _log2(N), _log2(K), _log2(bucket(r)))
+    scored = []
+    for e in entries:
+        gaps = [key - q for key, q in zip((_log2(e["M"]), _log2(e["N"]), _log2(e["K"]), _log2(e["r"])), query)]
+        if within is not None and max(abs(g) for g in gaps) > within:
+            continue
+        below = sum(g < 0 for g in gaps)  # ties prefer entries at or above the query
+        scored.append((round(sum(abs(g) for g in gaps), 9), below, e))
+    best = min(((distance, below) for distance, below, _ in scored), default=None)
+    return [e for distance, below, e in scored if (distance, below) == best]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tile configs
+# ----------------------------------------------------------------------------------------------
+class ConfigRequest(NamedTuple):
+    """One question a config function asks: its family and the sizes it was called with. For the
+    shrink family N is 0 (its output is [M, r]; K is the reduction: K for F1, N for B1)."""
+    family: str
+    dtype: str
+    M: int
+    N: int
+    K: int
+    r: int
+    arch: int
+
+
+_forced: Optional[Callable[[ConfigRequest], Optional[dict]]] = None
+
+
+@contextmanager
+def forced_configs(choose: Callable[[ConfigRequest], Optional[dict]]) -> Iterator[None]:
+    """Within the block, every config function returns ``TileConfig(**choose(request))``, or
+    follows its rules where ``choose`` returns None; no table is read. The tuner forces candidate
+    configs (and records the requests) this way."""
+    global _forced
+    previous, _forced = _forced, choose
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def rules_only():
+    """Within the block, every config comes from the rules in configs.py (no table)."""
+    return forced_configs(lambda request: None)
+
+
+def tuned_config(family: str, M: int, N: int, K: int, r: int, dtype: torch.dtype, arch: int) -> Optional[dict]:
+    """TileConfig fields for this launch from the table of the current GPU (nearest entry of this
+    family and dtype), or None: use the rules. Called first thing by every config function."""
+    if _forced is not None:
+        return _forced(ConfigRequest(family, dtype_name(dtype), M, N, K, r, arch))
+    if arch == 0:  # CPU / interpreter
+        return None
+    name = _runtime.gpu_name()
+    if name is None:  # e.g. the static report compiling for sm_90 on a machine without CUDA
+        return None
+    config = _lookup_config(name, arch, family, dtype_name(dtype), bucket(M), N, K, bucket(r))
+    return dict(config) if config is not None else None
+
+
+@lru_cache(maxsize=4096)
+def _lookup_config(gpu: str, arch: int, family: str, dtype: str, M: int, N: int, K: int, r: int) -> Optional[dict]:
+    table = table_for_gpu(gpu)
+    if table is None or table["arch"] != arch:
+        return None
+    entries = [e for e in table["configs"] if e["family"] == family and e["dtype"] == dtype]
+    nearest = nearest_entries(entries, M, N, K, r)
+    return nearest[0]["config"] if nearest else None
+
+
+# ----------------------------------------------------------------------------------------------
+# backend="auto" on CUDA
+# ----------------------------------------------------------------------------------------------
+def auto_backend(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int, r: int) -> str:
+    """"triton" where this GPU's table measured the Triton backend faster than the composite one
+    near (M, N, K, r) in ``dtype`` (every nearest entry within a factor of two agreeing);
+    "composite" otherwise, including where nothing was measured."""
+    name = _runtime.gpu_name(device)
+    table = table_for_gpu(name) if name is not None else None
+    if table is None:
+        return "composite"
+    entries = [e for e in table["backends"] if e["dtype"] == dtype_name(dtype)]
+    nearest = nearest_entries(entries, M, N, K, r, within=1.0)
+    if nearest and all(e["backend"] == "triton" for e in nearest):
+        return "triton"
+    return "composite"
