@@ -215,6 +215,11 @@ def auto_backend(device: torch.device, dtype: torch.dtype, M: int, N: int, K: in
     """"triton" where this GPU's table measured the Triton backend faster than the composite one
     near (M, N, K, r) in ``dtype`` (every nearest entry within a factor of two agreeing);
     "composite" otherwise, including where nothing was measured."""
+    return _measured_backend(device, dtype, bucket(M), N, K, bucket(r))
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: decided once at trace time, no file I/O traced
+def _measured_backend(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int, r: int) -> str:
     name = _runtime.gpu_name(device)
     table = table_for_gpu(name) if name is not None else None
     if table is None:

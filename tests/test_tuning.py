@@ -1,0 +1,355 @@
+"""Measured configs and backend="auto" from per-GPU tables (rslora_kernels.ops.tuning), and the tuner.
+
+A small fake table for a fake GPU is written in each test; the CUDA device name is faked by
+patching rslora_kernels._runtime.gpu_name, so everything runs on the CPU.
+"""
+import importlib
+import json
+import math
+
+import pytest
+import torch
+
+import rslora_kernels as rk
+from rslora_kernels import _runtime
+from rslora_kernels.ops import configs, tuning
+from rslora_kernels.ops.configs import TileConfig, dual_gemm_config, grads_config, shrink_config
+from rslora_kernels.ops.lora_linear import resolve_backend
+
+lora_linear_mod = importlib.import_module("rslora_kernels.ops.lora_linear")  # the package exports a function of that name
+FAKE_GPU = "Fake GPU 9000 (tests)"
+CUDA = torch.device("cuda")  # constructing a device needs no CUDA
+BF16, FP16 = torch.bfloat16, torch.float16
+
+# distinct configs, none of which the rules return for any of the sizes below
+C1 = TileConfig(32, 32, 32, 16, GROUP_M=2, num_warps=2, num_stages=2)
+C2 = TileConfig(32, 32, 32, 128, GROUP_M=2, num_warps=2, num_stages=2)
+C3 = TileConfig(16, 64, 32, 16, GROUP_M=4, num_warps=2, num_stages=2)
+C4 = TileConfig(16, 16, 16, 16, GROUP_M=1, num_warps=1, num_stages=1)
+C5 = TileConfig(16, 0, 32, 16, GROUP_M=1, num_warps=1, num_stages=1)
+
+
+def cfg_entry(family, dtype, M, N, K, r, cfg):
+    return {"family": family, "dtype": dtype, "M": M, "N": N, "K": K, "r": r, "config": cfg.as_dict()}
+
+
+def backend_entry(dtype, M, N, K, r, backend):
+    ms = {"triton": 1.0, "composite": 2.0} if backend == "triton" else {"triton": 2.0, "composite": 1.0}
+    return {"dtype": dtype, "M": M, "N": N, "K": K, "r": r, "backend": backend, "ms": ms}
+
+
+def fake_table(**overrides):
+    table = {
+        "format": tuning.FORMAT_VERSION, "dry_run": False, "gpu": FAKE_GPU, "arch": 90,
+        "configs": [
+            cfg_entry("dual_gemm", "bfloat16", 8192, 4096, 4096, 16, C1),
+            cfg_entry("dual_gemm", "bfloat16", 8192, 4096, 4096, 256, C2),
+            cfg_entry("dual_gemm", "bfloat16", 1024, 4096, 11008, 16, C3),
+            cfg_entry("dual_gemm", "float16", 8192, 4096, 4096, 16, C4),
+            cfg_entry("shrink", "bfloat16", 8192, 0, 4096, 16, C5),
+        ],
+        "backends": [
+            backend_entry("bfloat16", 8192, 4096, 4096, 16, "triton"),
+            backend_entry("bfloat16", 8192, 4096, 4096, 256, "composite"),
+            backend_entry("bfloat16", 8192, 4096, 4096, 2048, "triton"),
+        ],
+    }
+    table.update(overrides)
+    return table
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, tmp_path):
+    """A CUDA device named FAKE_GPU whose tables live in tmp_path; returns write(table)."""
+    monkeypatch.setattr(tuning, "TUNED_DIR", tmp_path)
+    monkeypatch.delenv(tuning.TABLE_ENV, raising=False)
+    monkeypatch.setattr(_runtime, "gpu_name", lambda device=None: FAKE_GPU if device is None or device.type == "cuda" else None)
+    tuning.reload_tables()
+
+    def write(table, name=FAKE_GPU):
+        (tmp_path / f"{tuning.normalized_gpu_name(name)}.json").write_text(json.dumps(table))
+        tuning.reload_tables()
+    yield write
+    tuning.reload_tables()
+
+
+def rules(fn, *args):
+    """What the rules in configs.py give (the table switched off)."""
+    with tuning.rules_only():
+        return fn(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Keys
+# ----------------------------------------------------------------------------------------------
+def test_keys():
+    assert [tuning.bucket(n) for n in (0, 1, 2, 3, 16, 17, 8000, 8192, 8193)] == [1, 1, 2, 4, 16, 32, 8192, 8192, 16384]
+    assert tuning.normalized_gpu_name("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert tuning.normalized_gpu_name("  NVIDIA H200 ") == "nvidia-h200"
+    assert tuning.dtype_name(torch.bfloat16) == "bfloat16"
+
+
+# ----------------------------------------------------------------------------------------------
+# Config lookup
+# ----------------------------------------------------------------------------------------------
+def test_exact_and_bucketed_entries(fake_gpu):
+    fake_gpu(fake_table())
+    assert dual_gemm_config(8192, 4096, 4096, 16, BF16, 90) == C1
+    assert dual_gemm_config(8000, 4096, 4096, 13, BF16, 90) == C1  # M bucket 8192, rank bucket 16
+    assert dual_gemm_config(8192, 4096, 4096, 256, BF16, 90) == C2
+    assert dual_gemm_config(1000, 4096, 11008, 9, BF16, 90) == C3
+    assert dual_gemm_config(8192, 4096, 4096, 16, FP16, 90) == C4
+    assert shrink_config(8192, 4096, 16, BF16, 90) == C5
+
+
+@pytest.mark.parametrize("M, N, K, r, expected", [
+    (8192, 4096, 4096, 200, C2),    # rank bucket 256
+    (8192, 4096, 4096, 32, C1),     # 16 is one bucket away, 256 three
+    (8192, 4096, 4096, 64, C2),     # 16 and 256 both two away: the tie goes to the larger rank
+    (8192, 4096, 4096, 4096, C2),   # beyond the largest measured rank
+    (4096, 4096, 4096, 16, C1),     # M bucket 4096: one away from 8192
+    (2048, 4096, 11008, 16, C3),    # K exact, M one bucket away
+    (8192, 4096, 9000, 16, C1),     # K nearer 11008, but M and K together favour C1
+    (8192, 5000, 4096, 300, C2),    # N not exact
+    (1, 4096, 4096, 1, C3),         # far from everything, nearest still: M 1024 beats 8192 despite K
+])
+def test_nearest_entry(fake_gpu, M, N, K, r, expected):
+    fake_gpu(fake_table())
+    assert dual_gemm_config(M, N, K, r, BF16, 90) == expected
+
+
+def test_nearest_entry_distance_rule():
+    """The rule itself, on entries built here: sum of |log2| gaps; ties: at-or-above, then table order."""
+    e = lambda M, N, K, r: {"M": M, "N": N, "K": K, "r": r}  # noqa: E731
+    entries = [e(8192, 4096, 4096, 16), e(8192, 4096, 4096, 64), e(8192, 8192, 4096, 16), e(8192, 4096, 8192, 16)]
+    assert tuning.nearest_entries(entries, 8192, 4096, 4096, 32) == [entries[1]]  # above wins the tie with r=16
+    assert tuning.nearest_entries(entries[1:], 8192, 4096, 4096, 16) == [entries[2], entries[3]]  # a real tie: both
+    assert tuning.nearest_entries(entries, 8192, 4096, 4096, 1024, within=1.0) == []
+    assert tuning.nearest_entries([], 1, 1, 1, 1) == []
+
+
+def test_falls_back_to_rules_where_the_table_has_no_entry(fake_gpu):
+    fake_gpu(fake_table())
+    table_configs = {C1, C2, C3, C4, C5}
+    cases = [
+        (grads_config, (8192, 4096, 4096, 16, BF16, 90)),              # no grads entries
+        (dual_gemm_config, (8192, 4096, 4096, 16, torch.float32, 90)),  # no fp32 entries
+        (dual_gemm_config, (8192, 4096, 4096, 16, BF16, 80)),          # the table is for sm_90
+        (dual_gemm_config, (8192, 4096, 4096, 16, BF16, 0)),           # CPU / interpreter
+    ]
+    for fn, args in cases:
+        got = fn(*args)
+        assert got == rules(fn, *args), (fn.__name__, args)
+        assert got not in table_configs, (fn.__name__, args)
+
+
+def test_no_table_means_rules(fake_gpu, monkeypatch):
+    fake_gpu(fake_table(), name="Another GPU")  # a table, but for another GPU
+    args = (8192, 4096, 4096, 16, BF16, 90)
+    assert dual_gemm_config(*args) == rules(dual_gemm_config, *args) != C1
+    monkeypatch.setattr(_runtime, "gpu_name", lambda device=None: None)  # no CUDA at all
+    tuning.reload_tables()
+    assert dual_gemm_config(*args) == rules(dual_gemm_config, *args)
+
+
+def test_dry_run_tables_are_ignored(fake_gpu):
+    fake_gpu(fake_table(dry_run=True))
+    args = (8192, 4096, 4096, 16, BF16, 90)
+    assert dual_gemm_config(*args) == rules(dual_gemm_config, *args) != C1
+    assert tuning.auto_backend(CUDA, BF16, 8192, 4096, 4096, 16) == "composite"
+
+
+def test_broken_table_is_an_error_not_a_fallback(fake_gpu, tmp_path):
+    fake_gpu(fake_table(format=999))
+    with pytest.raises(ValueError, match="format 999"):
+        dual_gemm_config(8192, 4096, 4096, 16, BF16, 90)
+    (tmp_path / f"{tuning.normalized_gpu_name(FAKE_GPU)}.json").write_text("{not json")
+    tuning.reload_tables()
+    with pytest.raises(ValueError, match="cannot be read as JSON"):
+        tuning.auto_backend(CUDA, BF16, 8192, 4096, 4096, 16)
+
+
+def test_table_from_environment_variable(fake_gpu, monkeypatch, tmp_path):
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps(fake_table(configs=[cfg_entry("grads", "bfloat16", 8192, 4096, 4096, 16, C4)])))
+    fake_gpu(fake_table())
+    monkeypatch.setenv(tuning.TABLE_ENV, str(mine))
+    tuning.reload_tables()
+    assert grads_config(8192, 4096, 4096, 16, BF16, 90) == C4
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(fake_table(gpu="Some Other GPU")))
+    monkeypatch.setenv(tuning.TABLE_ENV, str(other))
+    tuning.reload_tables()
+    with pytest.warns(UserWarning, match="not a table measured on this GPU"):
+        assert dual_gemm_config(8192, 4096, 4096, 16, BF16, 90) == C1  # the committed one
+
+
+def test_lookup_returns_a_copy(fake_gpu):
+    fake_gpu(fake_table())
+    got = tuning.tuned_config("dual_gemm", 8192, 4096, 4096, 16, BF16, 90)
+    got["BLOCK_M"] = 1
+    assert dual_gemm_config(8192, 4096, 4096, 16, BF16, 90) == C1
+
+
+# ----------------------------------------------------------------------------------------------
+# The hooks: every config function asks tuning with its own sizes
+# ----------------------------------------------------------------------------------------------
+def test_forced_configs_reach_every_config_function():
+    seen = []
+
+    def choose(request):
+        seen.append(request)
+        return C4.as_dict()
+
+    with tuning.forced_configs(choose):
+        assert dual_gemm_config(97, 30, 50, 7, BF16, 90) == C4
+        assert shrink_config(97, 50, 7, FP16, 80) == C4
+        assert grads_config(97, 30, 50, 7, torch.float32, 0) == C4
+    assert seen == [tuning.ConfigRequest("dual_gemm", "bfloat16", 97, 30, 50, 7, 90),
+                    tuning.ConfigRequest("shrink", "float16", 97, 0, 50, 7, 80),
+                    tuning.ConfigRequest("grads", "float32", 97, 30, 50, 7, 0)]
+    assert dual_gemm_config(97, 30, 50, 7, BF16, 90) != C4  # the override ends with the block
+
+
+# ----------------------------------------------------------------------------------------------
+# backend="auto" on CUDA
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype, M, N, K, r, expected", [
+    (BF16, 8192, 4096, 4096, 16, "triton"),
+    (BF16, 8192, 4096, 4096, 256, "composite"),
+    (BF16, 8192, 4096, 4096, 2048, "triton"),
+    (BF16, 6000, 4096, 4096, 12, "triton"),        # same buckets as the r=16 entry
+    (BF16, 8192, 4096, 4096, 1024, "triton"),      # one rank bucket from 2048, two from 256
+    (BF16, 8192, 4096, 4096, 512, "composite"),    # one from 256
+    (BF16, 8192, 4096, 4096, 32, "triton"),        # one from 16
+    (BF16, 8192, 4096, 4096, 4, "composite"),      # two rank buckets from anything measured
+    (BF16, 64, 4096, 4096, 16, "composite"),       # M far from anything measured
+    (BF16, 8192, 4096, 14336, 16, "composite"),    # K 3.5x anything measured
+    (FP16, 8192, 4096, 4096, 16, "composite"),     # no fp16 entries
+])
+def test_auto_backend_follows_the_table(fake_gpu, dtype, M, N, K, r, expected):
+    fake_gpu(fake_table())
+    assert tuning.auto_backend(CUDA, dtype, M, N, K, r) == expected
+    assert resolve_backend("auto", CUDA, dtype, (M, N, K, r)) == expected
+
+
+def test_auto_backend_needs_agreement_on_ties(fake_gpu):
+    triton_both = [backend_entry("bfloat16", 8192, 8192, 4096, 16, "triton"),
+                   backend_entry("bfloat16", 8192, 4096, 8192, 16, "triton")]
+    fake_gpu(fake_table(backends=triton_both))
+    assert tuning.auto_backend(CUDA, BF16, 8192, 4096, 4096, 16) == "triton"
+    fake_gpu(fake_table(backends=[triton_both[0], backend_entry("bfloat16", 8192, 4096, 8192, 16, "composite")]))
+    assert tuning.auto_backend(CUDA, BF16, 8192, 4096, 4096, 16) == "composite"
+
+
+def test_auto_backend_without_a_table_is_composite(fake_gpu):
+    assert tuning.auto_backend(CUDA, BF16, 8192, 4096, 4096, 16) == "composite"
+    assert resolve_backend("auto", CUDA, BF16, (8192, 4096, 4096, 16)) == "composite"
+    assert resolve_backend("auto", CUDA) == "composite"  # no problem given: nothing to look up
+
+
+def test_auto_on_cpu_is_unaffected_by_tables(fake_gpu):
+    fake_gpu(fake_table())
+    assert resolve_backend("auto", torch.device("cpu"), BF16, (8192, 4096, 4096, 16)) == "composite"
+
+
+def test_lora_linear_passes_the_flattened_problem(monkeypatch):
+    """lora_linear hands resolve_backend x's dtype and (M over all leading dims, N, K, r)."""
+    calls = []
+    real = lora_linear_mod.resolve_backend
+    monkeypatch.setattr(lora_linear_mod, "resolve_backend", lambda *a: calls.append(a) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 11, generator=g)
+    W, A, B = torch.randn(7, 11, generator=g), torch.randn(2, 11, generator=g), torch.randn(7, 2, generator=g)
+    rk.lora_linear(x, W, A, B, 0.5, backend="auto")
+    assert calls == [("auto", x.device, torch.float32, (15, 7, 11, 2))]
+
+
+def test_auto_backend_under_torch_compile(fake_gpu):
+    """The decision is plain Python that dynamo traces (or constant-folds) under fullgraph=True."""
+    fake_gpu(fake_table())
+
+    def f(x):
+        return x + (1.0 if tuning.auto_backend(torch.device("cuda"), torch.bfloat16, x.shape[0], 4096, 4096, 16) == "triton" else 2.0)
+
+    for dynamic in (None, True):  # None: static first, then dynamic M after a new size
+        torch._dynamo.reset()
+        g = torch.compile(f, fullgraph=True, backend="eager", dynamic=dynamic)
+        for M, expected in ((8192, 1.0), (64, 2.0), (6000, 1.0), (100, 2.0), (8192, 1.0)):  # the choice follows M
+            assert g(torch.zeros(M)).unique().tolist() == [expected], (dynamic, M)
+    torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------------------------
+# Committed tables
+# ----------------------------------------------------------------------------------------------
+COMMITTED = sorted(tuning.TUNED_DIR.glob("*.json"))
+
+
+@pytest.mark.skipif(not COMMITTED, reason="no tuning table is committed yet (none made on a GPU)")
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.name)
+def test_committed_table(path):
+    """Named after its GPU, a real measurement, and every config one the static report checks."""
+    table = tuning.load_table(path)
+    assert table is not None, f"{path.name} is a dry-run table: never commit one"
+    assert path.stem == tuning.normalized_gpu_name(table["gpu"])
+    for e in table["configs"]:
+        with tuning.rules_only():
+            cands = configs.candidate_configs(getattr(torch, e["dtype"]), table["arch"])
+        assert (e["family"], TileConfig(**e["config"])) in cands, e
+    for e in table["backends"]:
+        assert e["backend"] == min(e["ms"], key=e["ms"].get) and set(e["ms"]) == {"triton", "composite"}, e
+
+
+# ----------------------------------------------------------------------------------------------
+# The tuner
+# ----------------------------------------------------------------------------------------------
+def test_coordinate_descent_picks_the_fastest_and_records_failures():
+    """tune_case with a fake op (it asks two config functions) and a fake timer (cost per config)."""
+    from benchmarks.tune import tune_case
+
+    cands = {"dual_gemm": [C1, C2, C3], "shrink": [C4, C5, C1]}
+    cost = {C1: 3.0, C2: 1.0, C3: 2.0, C4: 0.5, C5: 0.25}  # C1 as a shrink config fails
+    used = []
+
+    def run(backend):
+        def op():
+            used[:] = [dual_gemm_config(300, 70, 90, 5, BF16, 90), shrink_config(300, 90, 5, BF16, 90)]
+            if used[1] == C1:
+                raise RuntimeError("out of resources: shared memory")
+        return op
+
+    def timer(fn, grads):
+        fn()
+        return sum(cost.get(c, 10.0) for c in used)
+
+    results, backend_ms = tune_case(run, [], timer, cands, log=lambda *a: None)
+    by_family = {req.family: res for req, res in results.items()}
+    assert set(by_family) == {"dual_gemm", "shrink"}
+    assert by_family["dual_gemm"][0] == C2.as_dict() and by_family["shrink"][0] == C5.as_dict()
+    trials = by_family["shrink"][1]
+    assert [("ms" in t, "error" in t) for t in trials] == [(True, False), (True, False), (False, True)]
+    assert "out of resources" in trials[2]["error"]
+    assert backend_ms["triton"] == pytest.approx(1.25)  # the chosen pair
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--dry-run needs the interpreter; this process runs the kernels compiled")
+def test_tuner_dry_run_writes_a_valid_table(tmp_path, capsys):
+    from benchmarks.tune import main
+
+    out = tmp_path / "dry.json"
+    assert main(["--dry-run", "--out", str(out)]) == 0
+    table = json.loads(out.read_text())
+    assert table["dry_run"] is True and table["complete"] is True and table["skipped"] == []
+    assert table["format"] == tuning.FORMAT_VERSION and table["torch"] == torch.__version__
+    assert {e["family"] for e in table["configs"]} == {"dual_gemm", "shrink", "grads"}
+    with tuning.rules_only():
+        cands = configs.candidate_configs(torch.bfloat16, 0)
+    for e in table["configs"]:
+        assert (e["family"], TileConfig(**e["config"])) in cands
+        timed = [t["ms"] for t in e["candidates"] if "ms" in t]
+        assert e["op_ms"] == min(timed) and all(math.isfinite(t) and t > 0 for t in timed)
+    (b,) = table["backends"]
+    assert b["backend"] in ("triton", "composite") and b["ms"][b["backend"]] == min(b["ms"].values())
+    assert tuning.load_table(out) is None  # the loader ignores dry-run tables
+    assert "dry-run table" in capsys.readouterr().out
