@@ -280,6 +280,23 @@ def test_auto_backend_under_torch_compile(fake_gpu):
     torch._dynamo.reset()
 
 
+def test_auto_backend_under_torch_compile_with_tensor_device_and_dtype(fake_gpu, monkeypatch):
+    """As lora_linear calls it: device and dtype taken from the traced tensor."""
+    fake_gpu(fake_table())
+    monkeypatch.setattr(_runtime, "gpu_name", lambda device=None: FAKE_GPU)  # this CPU "is" the fake GPU
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x, w, a):
+        chosen = tuning.auto_backend(x.device, x.dtype, x.shape[0], w.shape[0], x.shape[1], a.shape[0])
+        return x.float().sum() + (1.0 if chosen == "triton" else 2.0)
+
+    torch._dynamo.reset()
+    w = torch.zeros(4096, 1, dtype=BF16)
+    for dtype, r, expected in ((BF16, 16, 1.0), (BF16, 256, 2.0), (FP16, 16, 2.0), (BF16, 2048, 1.0)):
+        assert f(torch.zeros(8192, 4096, dtype=dtype), w, torch.zeros(r, 1)).item() == expected, (dtype, r)
+    torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------------------------------
 # Committed tables
 # ----------------------------------------------------------------------------------------------
