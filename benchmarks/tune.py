@@ -33,6 +33,7 @@ docs/tuning.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -120,7 +121,7 @@ def tune_case(run, grads, timer, candidates: Dict[str, list], log=print):
     for req in sorted(requests, key=order):
         trials = []
         for cfg in candidates[req.family]:
-            trial = {"config": cfg.as_dict()}
+            trial = {"config": dataclasses.asdict(cfg)}
             with forced_configs(lambda q: trial["config"] if q == req else chosen.get(q)):
                 try:
                     trial["ms"] = round(timer(run("triton"), grads), 5)

@@ -6,6 +6,7 @@ patching rslora_kernels._runtime.gpu_name, so everything runs on the CPU.
 import importlib
 import json
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ C5 = TileConfig(16, 0, 32, 16, GROUP_M=1, num_warps=1, num_stages=1)
 
 
 def cfg_entry(family, dtype, M, N, K, r, cfg):
-    return {"family": family, "dtype": dtype, "M": M, "N": N, "K": K, "r": r, "config": cfg.as_dict()}
+    return {"family": family, "dtype": dtype, "M": M, "N": N, "K": K, "r": r, "config": asdict(cfg)}
 
 
 def backend_entry(dtype, M, N, K, r, backend):
@@ -199,7 +200,7 @@ def test_forced_configs_reach_every_config_function():
 
     def choose(request):
         seen.append(request)
-        return C4.as_dict()
+        return asdict(C4)
 
     with tuning.forced_configs(choose):
         assert dual_gemm_config(97, 30, 50, 7, BF16, 90) == C4
@@ -343,7 +344,7 @@ def test_coordinate_descent_picks_the_fastest_and_records_failures():
     results, backend_ms = tune_case(run, [], timer, cands, log=lambda *a: None)
     by_family = {req.family: res for req, res in results.items()}
     assert set(by_family) == {"dual_gemm", "shrink"}
-    assert by_family["dual_gemm"][0] == C2.as_dict() and by_family["shrink"][0] == C5.as_dict()
+    assert by_family["dual_gemm"][0] == asdict(C2) and by_family["shrink"][0] == asdict(C5)
     trials = by_family["shrink"][1]
     assert [("ms" in t, "error" in t) for t in trials] == [(True, False), (True, False), (False, True)]
     assert "out of resources" in trials[2]["error"]
