@@ -200,7 +200,7 @@ def parse_args(argv):
     ap.add_argument("--out", required=True, type=Path, help="where to write the JSON table")
     ap.add_argument("--shapes", nargs="+", default=None, choices=sorted(SHAPES),
                     help=f"named (K, N) shapes (default: {' '.join(DEFAULT_SHAPES)})")
-    ap.add_argument("--m", type=int, default=8192, help="rows of x (default 8192)")
+    ap.add_argument("--m", nargs="+", type=int, default=[8192], help="rows of x (default 8192)")
     ap.add_argument("--ranks", nargs="+", type=int, default=None, help=f"default: {' '.join(map(str, DEFAULT_RANKS))}")
     ap.add_argument("--dtype", nargs="+", default=["bf16"], choices=sorted(DTYPES))
     ap.add_argument("--quick", action="store_true", help="7b-attn at r = 16, 256, shorter timing")
@@ -211,18 +211,21 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     if args.ranks is not None and min(args.ranks) < 1:
         ap.error("--ranks must be >= 1")
+    if min(args.m) < 1:
+        ap.error("--m must be >= 1")
     return args
 
 
 def cases(args):
-    """(dtype, M, shape name, K, N, r) in run order: the headline shape's ranks first."""
+    """(dtype, M, shape name, K, N, r) in run order: the first M and shape's ranks first."""
     from .sweep import SHAPES
     if args.dry_run:
-        M, shapes, ranks = DRY_RUN["M"], DRY_RUN["shapes"], args.ranks or DRY_RUN["ranks"]
+        ms, shapes, ranks = (DRY_RUN["M"],), DRY_RUN["shapes"], args.ranks or DRY_RUN["ranks"]
     else:
         names = args.shapes or (QUICK["shapes"] if args.quick else DEFAULT_SHAPES)
-        M, shapes, ranks = args.m, {n: SHAPES[n] for n in names}, args.ranks or (QUICK["ranks"] if args.quick else DEFAULT_RANKS)
-    return [(DTYPES[d], M, name, K, N, r) for d in args.dtype for name, (K, N) in shapes.items() for r in ranks]
+        ms, shapes, ranks = args.m, {n: SHAPES[n] for n in names}, args.ranks or (QUICK["ranks"] if args.quick else DEFAULT_RANKS)
+    return [(DTYPES[d], M, name, K, N, r)
+            for d in args.dtype for M in ms for name, (K, N) in shapes.items() for r in ranks]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
