@@ -4,6 +4,7 @@ A small fake table for a fake GPU is written in each test; the CUDA device name 
 patching rslora_kernels._runtime.gpu_name, so everything runs on the CPU.
 """
 import importlib
+import inspect
 import json
 import math
 from dataclasses import asdict
@@ -231,7 +232,7 @@ def test_forced_configs_reach_every_config_function():
 def test_auto_backend_follows_the_table(fake_gpu, dtype, M, N, K, r, expected):
     fake_gpu(fake_table())
     assert tuning.auto_backend(CUDA, dtype, M, N, K, r) == expected
-    assert resolve_backend("auto", CUDA, dtype, (M, N, K, r)) == expected
+    assert resolve_backend("auto", CUDA, dtype, problem=(M, N, K, r)) == expected
 
 
 def test_auto_backend_needs_agreement_on_ties(fake_gpu):
@@ -245,25 +246,29 @@ def test_auto_backend_needs_agreement_on_ties(fake_gpu):
 
 def test_auto_backend_without_a_table_is_composite(fake_gpu):
     assert tuning.auto_backend(CUDA, BF16, 8192, 4096, 4096, 16) == "composite"
-    assert resolve_backend("auto", CUDA, BF16, (8192, 4096, 4096, 16)) == "composite"
+    assert resolve_backend("auto", CUDA, BF16, problem=(8192, 4096, 4096, 16)) == "composite"
     assert resolve_backend("auto", CUDA) == "composite"  # no problem given: nothing to look up
 
 
 def test_auto_on_cpu_is_unaffected_by_tables(fake_gpu):
     fake_gpu(fake_table())
-    assert resolve_backend("auto", torch.device("cpu"), BF16, (8192, 4096, 4096, 16)) == "composite"
+    assert resolve_backend("auto", torch.device("cpu"), BF16, problem=(8192, 4096, 4096, 16)) == "composite"
 
 
 def test_lora_linear_passes_the_flattened_problem(monkeypatch):
     """lora_linear hands resolve_backend x's dtype and (M over all leading dims, N, K, r)."""
     calls = []
     real = lora_linear_mod.resolve_backend
-    monkeypatch.setattr(lora_linear_mod, "resolve_backend", lambda *a: calls.append(a) or real(*a))
+    def spy(*args, **kwargs):
+        calls.append(inspect.signature(real).bind(*args, **kwargs).arguments)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(lora_linear_mod, "resolve_backend", spy)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 11, generator=g)
     W, A, B = torch.randn(7, 11, generator=g), torch.randn(2, 11, generator=g), torch.randn(7, 2, generator=g)
     rk.lora_linear(x, W, A, B, 0.5, backend="auto")
-    assert calls == [("auto", x.device, torch.float32, (15, 7, 11, 2))]
+    (call,) = calls
+    assert (call["backend"], call["device"], call["dtype"], call["problem"]) == ("auto", x.device, torch.float32, (15, 7, 11, 2))
 
 
 def test_auto_backend_under_torch_compile(fake_gpu):
