@@ -286,6 +286,14 @@ def test_auto_backend_under_torch_compile(fake_gpu):
     torch._dynamo.reset()
 
 
+def test_constant_marking_matches_torch():
+    """tuning marks its lookup constant by hand (the public decorator would import Triton at
+    package import); this is what torch.compiler.assume_constant_result still does."""
+    def fn():
+        return "x"
+    assert getattr(torch.compiler.assume_constant_result(fn), "_dynamo_marked_constant", False) is True
+
+
 def test_auto_backend_under_torch_compile_with_tensor_device_and_dtype(fake_gpu, monkeypatch):
     """As lora_linear calls it: device and dtype taken from the traced tensor."""
     fake_gpu(fake_table())

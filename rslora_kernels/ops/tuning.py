@@ -218,7 +218,6 @@ def auto_backend(device: torch.device, dtype: torch.dtype, M: int, N: int, K: in
     return _measured_backend(device, dtype, bucket(M), N, K, bucket(r))
 
 
-@torch.compiler.assume_constant_result  # under torch.compile: decided once at trace time, no file I/O traced
 def _measured_backend(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int, r: int) -> str:
     name = _runtime.gpu_name(device)
     table = table_for_gpu(name) if name is not None else None
@@ -229,3 +228,11 @@ def _measured_backend(device: torch.device, dtype: torch.dtype, M: int, N: int, 
     if nearest and all(e["backend"] == "triton" for e in nearest):
         return "triton"
     return "composite"
+
+
+# Under torch.compile the lookup runs at trace time and its answer is a constant of the graph (its
+# file I/O cannot be traced; the buckets of M it depends on are guarded in auto_backend). This line
+# is what torch.compiler.assume_constant_result(_measured_backend) does (torch 2.6 to 2.13), done
+# by hand because that call imports torch._dynamo, and with it Triton, at package import.
+# tests/test_tuning.py checks that the public decorator still sets this attribute.
+_measured_backend._dynamo_marked_constant = True
