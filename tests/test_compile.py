@@ -7,7 +7,7 @@ import torch._inductor.config as inductor_config
 from torch import nn
 
 import rslora_kernels as rk
-from rslora_kernels.ops.lora_linear import _BACKENDS, resolve_backend
+from rslora_kernels.ops.lora_linear import resolve_backend
 
 
 @pytest.fixture(autouse=True)
@@ -19,7 +19,8 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-FUSED_HERE = [name for name, b in _BACKENDS.items() if b.supports(DEV)]  # "triton" (+ "composite" once merged)
+FUSED_HERE = [name for name, b in rk.registered_backends().items()  # behind the custom ops: triton, composite
+              if b.backward is not None and b.runs_on(DEV)]
 
 
 # ----------------------------------------------------------------------------------------------
