@@ -44,7 +44,9 @@ from .ops.lora_linear import check_backend_name, lora_linear
 
 __all__ = ["patch", "unpatch", "is_patched", "to_peft_state_dict", "from_peft_state_dict"]
 
-_FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32)
+# weights the op reads; whether the layer's backend computes in that dtype is checked per call by the
+# backend registry (float64 runs on "auto" -> composite/reference, and is a TypeError for "triton")
+_FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ATTR = "_rslora_kernels_patch"  # (adapter name, backend) on a patched layer
 
 
