@@ -158,6 +158,10 @@ def test_auto_on_cuda_float64_is_composite_or_reference():
                             dtypes=composite.dtypes)
     with pytest.raises(TypeError, match=r"backend='triton' needs x in float16, bfloat16, float32, got torch.float64"):
         resolve_backend("triton", CUDA, torch.float64)
+    # float64 adapters next to fp32 x: not the kernels' either
+    assert resolve_backend("auto", CUDA, torch.float32, torch.float64) == "composite"
+    with pytest.raises(TypeError, match=r"backend='triton' needs lora_A/lora_B in .*, got torch.float64"):
+        resolve_backend("triton", CUDA, torch.float32, torch.float64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

@@ -124,16 +124,19 @@ def check_backend_name(backend) -> str:
     return backend
 
 
-def choose_auto_backend(device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
-    """The backend "auto" means for tensors of ``device`` and ``dtype`` (None: a kernel dtype)."""
-    if device.type == "cuda" and (dtype is None or dtype in KERNEL_DTYPES):
-        return "triton"  # CUDA in a dtype the kernels compute in: the fused kernels
-    # everything else (CPU, float64 on CUDA, ...): the first of these that runs here in this dtype
+def choose_auto_backend(device: torch.device, dtype: Optional[torch.dtype] = None,
+                        adapter_dtype: Optional[torch.dtype] = None) -> str:
+    """The backend "auto" means for x of ``device`` and ``dtype`` with adapters of ``adapter_dtype``
+    (a dtype left None is taken to be one the chosen backend computes in)."""
+    dtypes = [d for d in (dtype, adapter_dtype) if d is not None]
+    if device.type == "cuda" and all(d in KERNEL_DTYPES for d in dtypes):
+        return "triton"  # CUDA in dtypes the kernels compute in: the fused kernels
+    # everything else (CPU, float64 on CUDA, ...): the first of these that runs here in these dtypes
     for name in ("composite", "reference"):
         spec = _REGISTRY.get(name)
-        if spec is not None and spec.runs_on(device) and (dtype is None or dtype in spec.dtypes):
+        if spec is not None and spec.runs_on(device) and all(d in spec.dtypes for d in dtypes):
             return name
-    raise ValueError(f"no registered backend runs on {device.type} tensors of dtype {dtype}")
+    raise ValueError(f"no registered backend runs on {device.type} tensors of dtypes {dtypes}")
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None,
@@ -141,7 +144,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dt
     """Map "auto" to a concrete backend, then check that the backend is registered, runs on
     ``device`` and computes in ``dtype`` (x's) and ``adapter_dtype`` (lora_A/lora_B's); a dtype
     left None is not checked. ValueError for an unknown name or device, TypeError for a dtype."""
-    name = choose_auto_backend(device, dtype) if check_backend_name(backend) == "auto" else backend
+    name = choose_auto_backend(device, dtype, adapter_dtype) if check_backend_name(backend) == "auto" else backend
     spec = _REGISTRY[name]
     if not spec.runs_on(device):
         hint = " (or set TRITON_INTERPRET=1 to run Triton's CPU interpreter)" if name == "triton" else ""
