@@ -116,6 +116,10 @@ def test_unknown_and_unregistered_names():
         rk.lora_linear(*_inputs()[:4], 1.0, backend="mine")
     with pytest.raises(ValueError, match="backend must be one of"):
         rk.LoRALinear(4, 4, r=1, alpha=1.0, backend="mine")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        rk.inject(model, ["0"], r=1, alpha=1.0, backend="mine")
+    assert type(model[0]) is torch.nn.Linear and model[0].weight.requires_grad  # untouched
     rk.register_backend("mine", composite_forward, composite_backward, devices=("cpu",), dtypes=(torch.float32,))
     assert isinstance(rk.LoRALinear(4, 4, r=1, alpha=1.0, backend="mine"), rk.LoRALinear)
     rk.unregister_backend("mine")
