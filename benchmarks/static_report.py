@@ -46,7 +46,7 @@ from multiprocessing import get_context
 GEMM_KERNELS = ("_shrink_kernel", "_dual_gemm_kernel", "_lora_grads_kernel")
 # The others: the Philox mask and the composite backend's dropout (elementwise), and the adapter
 # merge (ops/merge_kernel.py), whose dot is IEEE fp32 on purpose (a merge runs once, exactness first).
-OTHER_KERNELS = ("_mask_kernel", "_dropout_scale_kernel", "_merge_kernel")
+OTHER_KERNELS = ("_keep_bits_kernel", "_mask_kernel", "_dropout_scale_kernel", "_merge_kernel")
 # Max shared memory per block (opt-in), bytes: A100 (sm_80) 163 KB, H100 (sm_90) 227 KB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = ("fp16", "bf16", "fp32", "tf32")
@@ -77,7 +77,7 @@ def _kernel_module(name):
     from rslora_kernels.ops import merge_kernel, triton_kernels
     if name == "_merge_kernel":
         return merge_kernel
-    return dropout_kernels if name in ("_mask_kernel", "_dropout_scale_kernel") else triton_kernels
+    return dropout_kernels if name in ("_keep_bits_kernel", "_mask_kernel", "_dropout_scale_kernel") else triton_kernels
 
 
 def _kernel_fn(name):
@@ -153,7 +153,8 @@ def record_launches(dtype_name: str, arch: int, quick: bool = False):
         cands = _extremes(cands)
     default = {fam: cfg for fam, cfg in reversed(cands)}
     try:
-        with _patched(tk, **recorders, cuda_arch=lambda dev: arch, num_sms=lambda dev: SMS[arch]):
+        with _patched(tk, **recorders, cuda_arch=lambda dev: arch, num_sms=lambda dev: SMS[arch]), \
+                _patched(dk, _keep_bits_kernel=_Recorder(dk._keep_bits_kernel, sink)):
             for family, cfg in cands:
                 chosen = dict(default, **{family: cfg})
                 r = cfg.BLOCK_R
@@ -166,13 +167,16 @@ def record_launches(dtype_name: str, arch: int, quick: bool = False):
                     dy, T = torch.empty(M, N, **meta), torch.empty(M, r, **meta)
                     seed = torch.zeros((), dtype=torch.int64, device="meta")
                     for p in (0.0, 0.1):
+                        # the forward's mask state: keep-bits with dropout
+                        bits = torch.empty((M, -(-K // 32)) if p else (0,), dtype=torch.int32, device="meta")
                         for bias in (b, None):
-                            run(("F1", "F2"), lambda: tk.lora_forward(x, W, A, B, bias, 0.5, p, seed))
+                            run(("bits", "F1", "F2") if p else ("F1", "F2"),
+                                lambda: tk.lora_forward(x, W, A, B, bias, 0.5, p, seed))
                         for need_db in (True, False):
                             run(("B1", "B2", "B3"), lambda: tk.lora_backward(
-                                dy, x, W, A, B, T, 0.5, p, seed, True, True, True, need_db))
+                                dy, x, W, A, B, T, 0.5, p, bits, True, True, True, need_db))
                         for splits in (1, 8):  # direct bf16/fp16 results and fp32 split-M partials
-                            run(("B3",), lambda: tk._lora_grads(T, x, dy, T, 0.5, p, seed, dtype, True, True, splits))
+                            run(("B3",), lambda: tk._lora_grads(T, x, dy, T, 0.5, p, bits, dtype, True, True, splits))
         with _patched(dk, **dropout_recorders):
             run(("mask",), lambda: dk.keep_mask_triton(1, M, K, 0.1, "meta"))
             x = torch.empty(M, K, device="meta", dtype=dtype)

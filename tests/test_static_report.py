@@ -26,7 +26,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 GEMM_KERNELS = {"_shrink_kernel", "_dual_gemm_kernel", "_lora_grads_kernel"}
-ALL_KERNELS = GEMM_KERNELS | {"_mask_kernel", "_dropout_scale_kernel", "_merge_kernel"}
+ALL_KERNELS = GEMM_KERNELS | {"_keep_bits_kernel", "_mask_kernel", "_dropout_scale_kernel", "_merge_kernel"}
 DTYPES = ("bf16", "fp32", "tf32")
 
 
@@ -63,7 +63,7 @@ def test_covers_every_kernel_arch_dtype_and_launch(rows):
     want = {(a, d, k) for a in SMEM_LIMIT for d in DTYPES for k in ALL_KERNELS}
     assert want <= seen, f"missing: {sorted(want - seen)}"
     roles = {role for r in rows for role in r["role"].split("/")}
-    assert roles == {"F1", "F2", "B1", "B2", "B3", "mask", "dropout", "merge"}
+    assert roles == {"bits", "F1", "F2", "B1", "B2", "B3", "mask", "dropout", "merge"}
     flags = {f for r in rows for f in r["flags"].split(",")}
     assert {"HAS_DROPOUT", "COLSUM", "HAS_BIAS", "SPLIT_M"} <= flags
 

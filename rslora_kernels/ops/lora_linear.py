@@ -7,8 +7,10 @@ Fused backends ("triton", and "composite" where registered) run behind two custo
 ``torch.compile`` traces through them), glued by :class:`LoRALinearFunction`. The "reference"
 backend is plain PyTorch autograd over :func:`rslora_kernels.reference.lora_linear`.
 
-Saved for backward: x (a view where possible), T = drop(x) A^T [M, r] and the seed; the dropout
-mask is regenerated from the seed, never stored.
+Saved for backward: x (a view where possible), T = drop(x) A^T [M, r] and the backend's "mask
+state", which its forward returns: the packed keep-bits (M*K/8 bytes, 1/16 of a bf16 x) for
+"triton", whose backward reads the mask instead of regenerating it; the seed for "composite", whose
+backward regenerates the mask from it.
 """
 from __future__ import annotations
 
@@ -32,19 +34,22 @@ __all__ = ["lora_linear", "LoRALinearFunction", "register_backend", "resolve_bac
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Backend:
-    """A fused implementation. forward(x2d, W, A, B, bias, s, p, seed) -> (y, T);
-    backward(dy, x2d, W, A, B, T, s, p, seed, need_dx, need_dA, need_dB, need_db) -> (dx, dA, dB, db),
-    db in promote_types(x's dtype, float32)."""
+    """A fused implementation. forward(x2d, W, A, B, bias, s, p, seed) -> (y, T, mask_state);
+    backward(dy, x2d, W, A, B, T, s, p, mask_state, need_dx, need_dA, need_dB, need_db) -> (dx, dA, dB, db),
+    db in promote_types(x's dtype, float32). ``mask_state_like(x2d, seed, p)`` is an empty tensor
+    shaped like the mask state (for the fake kernel); by default the state is a copy of the seed."""
     forward: Callable
     backward: Callable
     supports: Callable[[torch.device], bool]
+    mask_state_like: Callable = lambda x2d, seed, p: seed.new_empty(())
 
 
 _BACKENDS: Dict[str, Backend] = {}
 
 
-def register_backend(name: str, forward: Callable, backward: Callable, supports: Callable[[torch.device], bool]) -> None:
-    _BACKENDS[name] = Backend(forward, backward, supports)
+def register_backend(name: str, forward: Callable, backward: Callable, supports: Callable[[torch.device], bool],
+                     mask_state_like: Optional[Callable] = None) -> None:
+    _BACKENDS[name] = Backend(forward, backward, supports, *([mask_state_like] if mask_state_like else []))
 
 
 def _triton_forward(*args):
@@ -57,7 +62,13 @@ def _triton_backward(*args):
     return lora_backward(*args)
 
 
-register_backend("triton", _triton_forward, _triton_backward, triton_available_for)
+def _triton_mask_state_like(x2d, seed, p):
+    """Keep-bits int32 [M, ceil(K/32)] with dropout, an empty int32 tensor without."""
+    M, K = x2d.shape
+    return x2d.new_empty((M, -(-K // 32)) if p > 0.0 else (0,), dtype=torch.int32)
+
+
+register_backend("triton", _triton_forward, _triton_backward, triton_available_for, _triton_mask_state_like)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -81,27 +92,29 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("rslora_kernels::lora_linear_fwd", mutates_args=())
 def _fwd_op(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
-            scaling: float, dropout_p: float, seed: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+            scaling: float, dropout_p: float, seed: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (y, T, mask_state): the mask state is what the backward op needs of the dropout mask."""
     return _BACKENDS[backend].forward(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
 
 
 @_fwd_op.register_fake
 def _(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
     M = x2d.shape[0]
-    return x2d.new_empty((M, weight.shape[0])), x2d.new_empty((M, lora_A.shape[0]))
+    return (x2d.new_empty((M, weight.shape[0])), x2d.new_empty((M, lora_A.shape[0])),
+            _BACKENDS[backend].mask_state_like(x2d, seed, dropout_p))
 
 
 @torch.library.custom_op("rslora_kernels::lora_linear_bwd", mutates_args=())
 def _bwd_op(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, T: Tensor,
-            scaling: float, dropout_p: float, seed: Tensor, needs: List[bool], backend: str
+            scaling: float, dropout_p: float, mask_state: Tensor, needs: List[bool], backend: str
             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, dA, dB, db); a grad that is not needed comes back as an empty tensor."""
-    outs = _BACKENDS[backend].backward(dy, x2d, weight, lora_A, lora_B, T, scaling, dropout_p, seed, *needs)
+    outs = _BACKENDS[backend].backward(dy, x2d, weight, lora_A, lora_B, T, scaling, dropout_p, mask_state, *needs)
     return tuple(o if o is not None else x2d.new_empty((0,)) for o in outs)
 
 
 @_bwd_op.register_fake
-def _(dy, x2d, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, backend):
+def _(dy, x2d, weight, lora_A, lora_B, T, scaling, dropout_p, mask_state, needs, backend):
     M, K = x2d.shape
     N, R = weight.shape[0], lora_A.shape[0]
     shapes = ((x2d, (M, K)), (lora_A, (R, K)), (lora_A, (N, R)), (lora_A, (N,)))
@@ -122,19 +135,20 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
         M, K = math.prod(x.shape[:-1]), x.shape[-1]  # explicit M: reshape(-1, 0) is ambiguous when K = 0
         x2d = x.reshape(M, K)  # a view unless the leading dims cannot be flattened by strides
-        y2d, T = torch.ops.rslora_kernels.lora_linear_fwd(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend)
-        ctx.save_for_backward(x2d, weight, lora_A, lora_B, T, seed)
+        y2d, T, mask_state = torch.ops.rslora_kernels.lora_linear_fwd(
+            x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend)
+        ctx.save_for_backward(x2d, weight, lora_A, lora_B, T, mask_state)
         ctx.cfg = (scaling, dropout_p, backend, x.shape, bias is not None, bias.dtype if bias is not None else None)
         return y2d.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, weight, lora_A, lora_B, T, seed = ctx.saved_tensors
+        x2d, weight, lora_A, lora_B, T, mask_state = ctx.saved_tensors
         scaling, p, backend, x_shape, has_bias, bias_dtype = ctx.cfg
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         dy2d = dy.reshape(x2d.shape[0], weight.shape[0])
         dx, dA, dB, db = torch.ops.rslora_kernels.lora_linear_bwd(
-            dy2d, x2d, weight, lora_A, lora_B, T, scaling, p, seed,
+            dy2d, x2d, weight, lora_A, lora_B, T, scaling, p, mask_state,
             [need_x, need_a, need_b, need_bias and has_bias], backend)
         dW = dy2d.t() @ x2d if need_w else None  # W frozen in the fast path
         return (dx.view(x_shape) if need_x else None, dW, dA if need_a else None, dB if need_b else None,

@@ -23,8 +23,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import cuda_arch, interpreting, num_sms
-from ..dropout.kernels import keep_mask_tile, load_seed
-from ..dropout.stream import drop_threshold
+from ..dropout.kernels import keep_bits_triton, keep_bits_words, keep_from_bits
 from .configs import dual_gemm_config, grads_config, shrink_config, split_m_for
 
 
@@ -34,13 +33,14 @@ from .configs import dual_gemm_config, grads_config, shrink_config, split_m_for
 @triton.jit
 def _shrink_kernel(
     # pointers: in [M, RED] is x (F1) or dy (B1); w [RED, R] is A^T (F1) or B (B1); out is T or U
-    in_ptr, w_ptr, out_ptr, colsum_ptr, seed_ptr,
+    # keep_bits [M, n_words] (F1 with dropout) and colsum [M-tiles, RED] (B1) may be None
+    in_ptr, w_ptr, out_ptr, colsum_ptr, keep_bits_ptr,
     # sizes
-    M, RED, R,
+    M, RED, R, n_words,
     # strides
-    stride_im, stride_ired, stride_wred, stride_wr, stride_om, stride_or, stride_cs,
-    # dropout: keep iff draw >= threshold; kept inputs scaled by out_scale = 1/(1-p) in fp32
-    drop_threshold, out_scale,
+    stride_im, stride_ired, stride_wred, stride_wr, stride_om, stride_or, stride_cs, stride_bm,
+    # dropout: kept inputs scaled by out_scale = 1/(1-p) in fp32
+    out_scale,
     # meta
     HAS_DROPOUT: tl.constexpr, COLSUM: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -52,9 +52,6 @@ def _shrink_kernel(
     ranks = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     row_ok = rows < M
     rank_ok = ranks < R
-    if HAS_DROPOUT:
-        seed_lo, seed_hi = load_seed(seed_ptr)
-
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for red0 in range(0, RED, BLOCK_RED):
         cols = red0 + tl.arange(0, BLOCK_RED).to(tl.int64)
@@ -65,7 +62,7 @@ def _shrink_kernel(
             if pid_r == 0:  # one program row per M-tile writes the partial bias grad
                 tl.store(colsum_ptr + pid_m * stride_cs + cols, tl.sum(a.to(tl.float32), axis=0), mask=col_ok)
         if HAS_DROPOUT:
-            keep = keep_mask_tile(seed_lo, seed_hi, rows, red0, drop_threshold, BLOCK_M, BLOCK_RED)
+            keep = keep_from_bits(keep_bits_ptr, rows, row_ok, red0, n_words, stride_bm, BLOCK_M, BLOCK_RED)
             a = tl.where(keep, a, 0.0).to(DOT_DTYPE)
         w = tl.load(w_ptr + cols[:, None] * stride_wred + ranks[None, :] * stride_wr,
                     mask=col_ok[:, None] & rank_ok[None, :], other=0.0).to(DOT_DTYPE)
@@ -77,19 +74,20 @@ def _shrink_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# F2 / B2: out[M, F] = adapter_scale * keep?(lo[M, R] @ hi[R, F]) + in[M, RED] @ w[RED, F] + bias
+# F2 / B2: out[M, F] = adapter_scale * keep?(t[M, R] @ bt[R, F]) + in[M, RED] @ w[RED, F] + bias
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _dual_gemm_kernel(
-    # pointers. F2: lo=T, hi=B^T, in=x, w=W^T, bias.  B2: lo=U, hi=A, in=dy, w=W, mask on.
-    lo_ptr, hi_ptr, in_ptr, w_ptr, bias_ptr, out_ptr, seed_ptr,
+    # pointers. F2: t=T, bt=B^T, in=x, w=W^T, bias.  B2: t=U, bt=A, in=dy, w=W, keep_bits.
+    # bias and keep_bits may be None (HAS_BIAS, HAS_DROPOUT)
+    t_ptr, bt_ptr, in_ptr, w_ptr, bias_ptr, keep_bits_ptr, out_ptr,
     # sizes
-    M, F, RED, R,
+    M, F, RED, R, n_words,
     # strides
-    stride_lom, stride_lor, stride_hir, stride_hif,
-    stride_im, stride_ired, stride_wred, stride_wf, stride_om, stride_of,
-    # adapter scale (s, or s/(1-p) in B2) and dropout threshold
-    adapter_scale, drop_threshold,
+    stride_tm, stride_tr, stride_btr, stride_btf,
+    stride_im, stride_ired, stride_wred, stride_wf, stride_bm, stride_om, stride_of,
+    # adapter scale (s, or s/(1-p) in B2)
+    adapter_scale,
     # meta
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -116,15 +114,14 @@ def _dual_gemm_kernel(
     for r0 in range(0, R, BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         rank_ok = ranks < R
-        lo = tl.load(lo_ptr + rows[:, None] * stride_lom + ranks[None, :] * stride_lor,
-                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0).to(DOT_DTYPE)
-        hi = tl.load(hi_ptr + ranks[:, None] * stride_hir + feats[None, :] * stride_hif,
+        t = tl.load(t_ptr + rows[:, None] * stride_tm + ranks[None, :] * stride_tr,
+                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0).to(DOT_DTYPE)
+        bt = tl.load(bt_ptr + ranks[:, None] * stride_btr + feats[None, :] * stride_btf,
                      mask=rank_ok[:, None] & feat_ok[None, :], other=0.0).to(DOT_DTYPE)
-        acc = tl.dot(lo, hi, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(t, bt, acc, input_precision=INPUT_PRECISION)
     acc = acc * adapter_scale
     if HAS_DROPOUT:
-        seed_lo, seed_hi = load_seed(seed_ptr)
-        keep = keep_mask_tile(seed_lo, seed_hi, rows, pid_f * BLOCK_F, drop_threshold, BLOCK_M, BLOCK_F)
+        keep = keep_from_bits(keep_bits_ptr, rows, row_ok, pid_f * BLOCK_F, n_words, stride_bm, BLOCK_M, BLOCK_F)
         acc = tl.where(keep, acc, 0.0)
 
     # base term into the same accumulator
@@ -150,15 +147,13 @@ def _dual_gemm_kernel(
 def _mtm_tile(
     acc, l_ptr, stride_lm, stride_lp, r_ptr, stride_rm, stride_rq,
     offs_p, offs_q, q0, P, Q, m_lo, m_hi,
-    seed_ptr, drop_threshold,
+    keep_bits_ptr, n_words, stride_bm,
     HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     """acc[P-tile, Q-tile] += sum over m in [m_lo, m_hi) of l[m, p] * keep?(r[m, q])."""
     p_ok = offs_p < P
     q_ok = offs_q < Q
-    if HAS_DROPOUT:
-        seed_lo, seed_hi = load_seed(seed_ptr)
     for m0 in range(m_lo, m_hi, BLOCK_M):
         ms = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         m_ok = ms < m_hi
@@ -167,7 +162,7 @@ def _mtm_tile(
         rt = tl.load(r_ptr + ms[:, None] * stride_rm + offs_q[None, :] * stride_rq,
                      mask=m_ok[:, None] & q_ok[None, :], other=0.0).to(DOT_DTYPE)
         if HAS_DROPOUT:
-            keep = keep_mask_tile(seed_lo, seed_hi, ms, q0, drop_threshold, BLOCK_M, BLOCK_Q)
+            keep = keep_from_bits(keep_bits_ptr, ms, m_ok, q0, n_words, stride_bm, BLOCK_M, BLOCK_Q)
             rt = tl.where(keep, rt, 0.0).to(DOT_DTYPE)
         acc = tl.dot(lt, rt, acc, input_precision=INPUT_PRECISION)
     return acc
@@ -176,14 +171,14 @@ def _mtm_tile(
 @triton.jit
 def _lora_grads_kernel(
     # pointers: inputs, then outputs dA [SPLIT?, R, K] and dB [SPLIT?, N, R]
-    u_ptr, x_ptr, dy_ptr, t_ptr, da_ptr, db_ptr, seed_ptr,
+    u_ptr, x_ptr, dy_ptr, t_ptr, keep_bits_ptr, da_ptr, db_ptr,
     # sizes; the M reduction is split into num_splits chunks of m_chunk rows
-    M, N, K, R, m_chunk, num_splits, n_da_programs,
+    M, N, K, R, n_words, m_chunk, num_splits, n_da_programs,
     # strides
-    stride_um, stride_ur, stride_xm, stride_xk, stride_dym, stride_dyn, stride_tm, stride_tr,
+    stride_um, stride_ur, stride_xm, stride_xk, stride_dym, stride_dyn, stride_tm, stride_tr, stride_bm,
     stride_das, stride_dar, stride_dak, stride_dbs, stride_dbn, stride_dbr,
     # scales: scale_a = s/(1-p), scale_b = s
-    scale_a, scale_b, drop_threshold,
+    scale_a, scale_b,
     # meta
     HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -203,7 +198,7 @@ def _lora_grads_kernel(
         acc_a = tl.zeros((BLOCK_R, BLOCK_F), dtype=tl.float32)
         acc_a = _mtm_tile(acc_a, u_ptr, stride_um, stride_ur, x_ptr, stride_xm, stride_xk,
                         offs_r, offs_k, k0, R, K, m_lo, min(m_lo + m_chunk, M),
-                        seed_ptr, drop_threshold, HAS_DROPOUT, DOT_DTYPE, INPUT_PRECISION,
+                        keep_bits_ptr, n_words, stride_bm, HAS_DROPOUT, DOT_DTYPE, INPUT_PRECISION,
                         BLOCK_M, BLOCK_R, BLOCK_F)
         acc_a = acc_a * scale_a
         tl.store(da_ptr + split * stride_das + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak,
@@ -221,7 +216,7 @@ def _lora_grads_kernel(
         acc_b = tl.zeros((BLOCK_F, BLOCK_R), dtype=tl.float32)
         acc_b = _mtm_tile(acc_b, dy_ptr, stride_dym, stride_dyn, t_ptr, stride_tm, stride_tr,
                         offs_n, offs_r, r0, N, R, m_lo, min(m_lo + m_chunk, M),
-                        seed_ptr, drop_threshold, False, DOT_DTYPE, INPUT_PRECISION,
+                        keep_bits_ptr, n_words, stride_bm, False, DOT_DTYPE, INPUT_PRECISION,
                         BLOCK_M, BLOCK_F, BLOCK_R)
         acc_b = acc_b * scale_b
         tl.store(db_ptr + split * stride_dbs + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
@@ -251,56 +246,78 @@ def _meta(dtype: torch.dtype):
     return {"DOT_DTYPE": _dot_dtype(dtype), "INPUT_PRECISION": _input_precision(dtype)}
 
 
-def _shrink(inp: torch.Tensor, w_strides, w: torch.Tensor, R: int, out_dtype, *, seed=None, p=0.0, colsum=False):
+def _bits_strides(keep_bits):
+    """(words per row, row stride) of the keep-bits, or (0, 0) without dropout."""
+    return (keep_bits.shape[1], keep_bits.stride(0)) if keep_bits is not None else (0, 0)
+
+
+def _shrink(inp: torch.Tensor, w_strides, w: torch.Tensor, R: int, out_dtype, *, keep_bits=None, p=0.0,
+            colsum=False):
     """out[M, R] = keep?(inp)[M, RED] @ w_view[RED, R] / (1-p); optional fp32 column-sum partials."""
     M, RED = inp.shape
     cfg = shrink_config(M, RED, R, inp.dtype, cuda_arch(inp.device))
     out = torch.empty((M, R), dtype=out_dtype, device=inp.device)
     grid_m = triton.cdiv(M, cfg.BLOCK_M)
-    parts = torch.empty((grid_m, RED) if colsum else (1, 1), dtype=torch.float32, device=inp.device)
-    has_dropout = p > 0.0
+    parts = torch.empty((grid_m, RED), dtype=torch.float32, device=inp.device) if colsum else None
+    n_words, stride_bm = _bits_strides(keep_bits)
     _shrink_kernel[(grid_m, triton.cdiv(R, cfg.BLOCK_R))](
-        inp, w, out, parts, seed if has_dropout else out,
-        M, RED, R,
-        inp.stride(0), inp.stride(1), w_strides[0], w_strides[1], out.stride(0), out.stride(1), parts.stride(0),
-        drop_threshold(p), 1.0 / (1.0 - p),
-        HAS_DROPOUT=has_dropout, COLSUM=colsum, **_meta(inp.dtype),
+        inp, w, out, parts, keep_bits,
+        M, RED, R, n_words,
+        inp.stride(0), inp.stride(1), w_strides[0], w_strides[1], out.stride(0), out.stride(1),
+        parts.stride(0) if colsum else 0, stride_bm,
+        1.0 / (1.0 - p),
+        HAS_DROPOUT=keep_bits is not None, COLSUM=colsum, **_meta(inp.dtype),
         BLOCK_M=cfg.BLOCK_M, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R, **cfg.launch_kwargs(),
     )
-    return out, (parts if colsum else None)
+    return out, parts
 
 
-def _dual_gemm(lo, hi, hi_strides, inp, w, w_strides, F: int, adapter_scale: float, out_dtype,
-               *, bias=None, seed=None, p=0.0):
-    """out[M, F] = adapter_scale * keep?(lo @ hi_view) + inp @ w_view (+ bias)."""
-    M, R = lo.shape
+def _dual_gemm(t, bt, bt_strides, inp, w, w_strides, F: int, adapter_scale: float, out_dtype,
+               *, bias=None, keep_bits=None):
+    """out[M, F] = adapter_scale * keep?(t @ bt_view) + inp @ w_view (+ bias)."""
+    M, R = t.shape
     RED = inp.shape[1]
     out = torch.empty((M, F), dtype=out_dtype, device=inp.device)
     if out.numel() == 0:
         return out
     cfg = dual_gemm_config(M, F, RED, R, inp.dtype, cuda_arch(inp.device))
-    has_dropout = p > 0.0
+    n_words, stride_bm = _bits_strides(keep_bits)
     grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(F, cfg.BLOCK_F),)
     _dual_gemm_kernel[grid](
-        lo, hi, inp, w, bias if bias is not None else out, out, seed if has_dropout else out,
-        M, F, RED, R,
-        lo.stride(0), lo.stride(1), hi_strides[0], hi_strides[1],
-        inp.stride(0), inp.stride(1), w_strides[0], w_strides[1], out.stride(0), out.stride(1),
-        adapter_scale, drop_threshold(p),
-        HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, **_meta(inp.dtype),
+        t, bt, inp, w, bias, keep_bits, out,
+        M, F, RED, R, n_words,
+        t.stride(0), t.stride(1), bt_strides[0], bt_strides[1],
+        inp.stride(0), inp.stride(1), w_strides[0], w_strides[1], stride_bm, out.stride(0), out.stride(1),
+        adapter_scale,
+        HAS_BIAS=bias is not None, HAS_DROPOUT=keep_bits is not None, **_meta(inp.dtype),
         BLOCK_M=cfg.BLOCK_M, BLOCK_F=cfg.BLOCK_F, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R,
         GROUP_M=cfg.GROUP_M, **cfg.launch_kwargs(),
     )
     return out
 
 
-def _lora_grads(U, x2d, dy, T, scaling: float, p: float, seed, a_dtype, need_dA: bool, need_dB: bool,
+def _as_keep_bits(mask_state, M: int, K: int, p: float):
+    """The keep-bits of x [M, K] from a mask state: the bits themselves, or a 0-dim seed to pack them
+    from (callers that start from a seed, like the split-M test); None without dropout."""
+    if p == 0.0:
+        return None
+    if mask_state.dim() == 0:
+        return keep_bits_triton(mask_state, M, K, p)
+    if mask_state.dtype != torch.int32 or tuple(mask_state.shape) != (M, keep_bits_words(K)):
+        raise ValueError(f"mask_state must be the forward's keep-bits, int32 [{M}, {keep_bits_words(K)}], "
+                         f"got {mask_state.dtype} {tuple(mask_state.shape)}")
+    return mask_state
+
+
+def _lora_grads(U, x2d, dy, T, scaling: float, p: float, mask_state, a_dtype, need_dA: bool, need_dB: bool,
                 num_splits: Optional[int] = None):
-    """dA [r, K] and dB [N, r] in one launch; split-M partials are summed in a fixed order."""
+    """dA [r, K] and dB [N, r] in one launch; split-M partials are summed in a fixed order.
+    ``mask_state``: the forward's keep-bits, or a 0-dim seed (see :func:`_as_keep_bits`)."""
     M, K = x2d.shape
     N = dy.shape[1]
     R = T.shape[1]
     dev = x2d.device
+    keep_bits = _as_keep_bits(mask_state, M, K, p)
     cfg = grads_config(M, N, K, R, x2d.dtype, cuda_arch(dev))
     da_tiles = triton.cdiv(R, cfg.BLOCK_R) * triton.cdiv(K, cfg.BLOCK_F) if need_dA else 0
     db_tiles = triton.cdiv(N, cfg.BLOCK_F) * triton.cdiv(R, cfg.BLOCK_R) if need_dB else 0
@@ -320,15 +337,15 @@ def _lora_grads(U, x2d, dy, T, scaling: float, p: float, seed, a_dtype, need_dA:
     def strides3(t):  # (split, row, col) strides; a split stride of 0 when writing the result directly
         return (0, 0, 0) if t is None else ((0,) + t.stride() if t.dim() == 2 else t.stride())
 
-    has_dropout = p > 0.0
+    n_words, stride_bm = _bits_strides(keep_bits)
     grid = ((da_tiles + db_tiles) * num_splits,)
     _lora_grads_kernel[grid](
-        U if need_dA else T, x2d, dy, T, dA if need_dA else T, dB if need_dB else T, seed if has_dropout else T,
-        M, N, K, R, m_chunk, num_splits, da_tiles * num_splits,
+        U if need_dA else T, x2d, dy, T, keep_bits, dA if need_dA else T, dB if need_dB else T,  # T: unread stand-ins
+        M, N, K, R, n_words, m_chunk, num_splits, da_tiles * num_splits,
         *(U.stride() if need_dA else (0, 0)), x2d.stride(0), x2d.stride(1), dy.stride(0), dy.stride(1),
-        T.stride(0), T.stride(1), *strides3(dA), *strides3(dB),
-        scaling / (1.0 - p), scaling, drop_threshold(p),
-        HAS_DROPOUT=has_dropout, **_meta(x2d.dtype),
+        T.stride(0), T.stride(1), stride_bm, *strides3(dA), *strides3(dB),
+        scaling / (1.0 - p), scaling,
+        HAS_DROPOUT=keep_bits is not None, **_meta(x2d.dtype),
         BLOCK_M=cfg.BLOCK_M, BLOCK_F=cfg.BLOCK_F, BLOCK_R=cfg.BLOCK_R, **cfg.launch_kwargs(),
     )
     if num_splits > 1:
@@ -338,23 +355,30 @@ def _lora_grads(U, x2d, dy, T, scaling: float, p: float, seed, a_dtype, need_dA:
 
 
 def lora_forward(x2d, weight, lora_A, lora_B, bias, scaling: float, p: float, seed):
-    """F1 + F2. x2d [M, K], weight [N, K], lora_A [r, K], lora_B [N, r], bias [N] | None,
-    seed: 0-dim int64 tensor on x's device. Returns (y [M, N], T [M, r]) in x's dtype."""
+    """F1 + F2 (and, with dropout, the keep-bits pass before them). x2d [M, K], weight [N, K],
+    lora_A [r, K], lora_B [N, r], bias [N] | None, seed: 0-dim int64 tensor on x's device.
+
+    Returns (y [M, N], T [M, r]) in x's dtype and the mask state for :func:`lora_backward`: the
+    keep-bits int32 [M, ceil(K/32)] (M*K/8 bytes; Philox ran once per element of x, here) with
+    dropout, an empty int32 tensor without."""
     M, K = x2d.shape
     N, R = weight.shape[0], lora_A.shape[0]
+    keep_bits = keep_bits_triton(seed, M, K, p) if p > 0.0 else None
+    mask_state = keep_bits if keep_bits is not None else x2d.new_empty((0,), dtype=torch.int32)
     if M == 0:
-        return x2d.new_empty((0, N)), x2d.new_empty((0, R))
+        return x2d.new_empty((0, N)), x2d.new_empty((0, R)), mask_state
     # F1: w_view[k, r] = A[r, k]
-    T, _ = _shrink(x2d, (lora_A.stride(1), lora_A.stride(0)), lora_A, R, x2d.dtype, seed=seed, p=p)
-    # F2: hi_view[r, n] = B[n, r]; w_view[k, n] = W[n, k]
+    T, _ = _shrink(x2d, (lora_A.stride(1), lora_A.stride(0)), lora_A, R, x2d.dtype, keep_bits=keep_bits, p=p)
+    # F2: bt_view[r, n] = B[n, r]; w_view[k, n] = W[n, k]
     y = _dual_gemm(T, lora_B, (lora_B.stride(1), lora_B.stride(0)), x2d, weight, (weight.stride(1), weight.stride(0)),
                    N, scaling, x2d.dtype, bias=bias)
-    return y, T
+    return y, T, mask_state
 
 
-def lora_backward(dy, x2d, weight, lora_A, lora_B, T, scaling: float, p: float, seed,
+def lora_backward(dy, x2d, weight, lora_A, lora_B, T, scaling: float, p: float, mask_state,
                   need_dx: bool, need_dA: bool, need_dB: bool, need_db: bool):
-    """B1 + B2 + B3. dy [M, N]; returns (dx [M, K] | None, dA | None, dB | None, db [N] fp32 | None)."""
+    """B1 + B2 + B3. dy [M, N], mask_state: the forward's (the dropout mask is read, never regenerated).
+    Returns (dx [M, K] | None, dA | None, dB | None, db [N] fp32 | None)."""
     M, K = x2d.shape
     N, R = weight.shape[0], lora_A.shape[0]
     dev = x2d.device
@@ -362,6 +386,7 @@ def lora_backward(dy, x2d, weight, lora_A, lora_B, T, scaling: float, p: float, 
         zeros = lambda *s, dt=lora_A.dtype: torch.zeros(s, dtype=dt, device=dev)  # noqa: E731
         return (x2d.new_empty((0, K)) if need_dx else None, zeros(R, K) if need_dA else None,
                 zeros(N, R) if need_dB else None, zeros(N, dt=torch.float32) if need_db else None)
+    keep_bits = _as_keep_bits(mask_state, M, K, p)
     U = db = None
     if need_dx or need_dA:
         # B1: w_view[n, r] = B[n, r]
@@ -371,10 +396,10 @@ def lora_backward(dy, x2d, weight, lora_A, lora_B, T, scaling: float, p: float, 
         db = dy.sum(0, dtype=torch.float32)
     dx = None
     if need_dx:
-        # B2: hi_view[r, k] = A[r, k]; w_view[n, k] = W[n, k]
+        # B2: bt_view[r, k] = A[r, k]; w_view[n, k] = W[n, k]
         dx = _dual_gemm(U, lora_A, (lora_A.stride(0), lora_A.stride(1)), dy, weight, (weight.stride(0), weight.stride(1)),
-                        K, scaling / (1.0 - p), x2d.dtype, seed=seed, p=p)
+                        K, scaling / (1.0 - p), x2d.dtype, keep_bits=keep_bits)
     dA = dB = None
     if need_dA or need_dB:
-        dA, dB = _lora_grads(U, x2d, dy, T, scaling, p, seed, lora_A.dtype, need_dA, need_dB)
+        dA, dB = _lora_grads(U, x2d, dy, T, scaling, p, keep_bits, lora_A.dtype, need_dA, need_dB)
     return dx, dA, dB, db
