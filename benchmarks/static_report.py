@@ -43,7 +43,7 @@ from contextlib import contextmanager
 from multiprocessing import get_context
 
 # Kernels of the LoRA op that do matrix products (and so must use tensor cores where the dtype allows).
-GEMM_KERNELS = ("_shrink_kernel", "_dual_gemm_kernel", "_lora_grads_kernel")
+GEMM_KERNELS = ("_shrink_kernel", "_dual_gemm_kernel", "_m_reduce_kernel")
 # The others: the Philox mask and the composite backend's dropout (elementwise), and the adapter
 # merge (ops/merge_kernel.py), whose dot is IEEE fp32 on purpose (a merge runs once, exactness first).
 OTHER_KERNELS = ("_keep_bits_kernel", "_mask_kernel", "_dropout_scale_kernel", "_merge_kernel")
@@ -159,7 +159,8 @@ def record_launches(dtype_name: str, arch: int, quick: bool = False):
                 chosen = dict(default, **{family: cfg})
                 r = cfg.BLOCK_R
                 with _patched(tk, dual_gemm_config=lambda *a, c=chosen["dual_gemm"], **k: c,
-                              shrink_config=lambda *a, c=chosen["shrink"], **k: c,
+                              shrink_config=lambda *a, c=chosen["shrink"], cm=chosen["shrink_masked"], masked=False, **k:
+                              cm if masked else c,
                               grads_config=lambda *a, c=chosen["grads"], **k: c):
                     meta = dict(device="meta", dtype=dtype)
                     x, W = torch.empty(M, K, **meta), torch.empty(N, K, **meta)
@@ -173,10 +174,10 @@ def record_launches(dtype_name: str, arch: int, quick: bool = False):
                             run(("bits", "F1", "F2") if p else ("F1", "F2"),
                                 lambda: tk.lora_forward(x, W, A, B, bias, 0.5, p, seed))
                         for need_db in (True, False):
-                            run(("B1", "B2", "B3"), lambda: tk.lora_backward(
+                            run(("B1", "B2", "B3", "B3"), lambda: tk.lora_backward(
                                 dy, x, W, A, B, T, 0.5, p, bits, True, True, True, need_db))
                         for splits in (1, 8):  # direct bf16/fp16 results and fp32 split-M partials
-                            run(("B3",), lambda: tk._lora_grads(T, x, dy, T, 0.5, p, bits, dtype, True, True, splits))
+                            run(("B3", "B3"), lambda: tk._lora_grads(T, x, dy, T, 0.5, p, bits, dtype, True, True, splits))
         with _patched(dk, **dropout_recorders):
             run(("mask",), lambda: dk.keep_mask_triton(1, M, K, 0.1, "meta"))
             x = torch.empty(M, K, device="meta", dtype=dtype)
@@ -306,10 +307,9 @@ def describe(spec):
     blocks = [f"{k[6:]}={v}" for k, v in consts.items() if k.startswith("BLOCK_")]
     if "GROUP_M" in consts:
         blocks.append(f"G={consts['GROUP_M']}")
-    flags = [k for k in ("HAS_DROPOUT", "COLSUM", "HAS_BIAS") if consts.get(k) is True]
-    out_ptr = {"_lora_grads_kernel": "da_ptr"}.get(spec["kernel"], "out_ptr")
-    if spec["kernel"] == "_lora_grads_kernel" and spec["signature"].get(out_ptr) == "*fp32" \
-            and spec["signature"].get("x_ptr") != "*fp32":
+    flags = [k for k in ("HAS_DROPOUT", "COLSUM", "HAS_BIAS", "EVEN_RED", "EVEN_R", "EVEN_M") if consts.get(k) is True]
+    if spec["kernel"] == "_m_reduce_kernel" and spec["signature"].get("out_ptr") == "*fp32" \
+            and spec["signature"].get("r_ptr") != "*fp32":
         flags.append("SPLIT_M")
     opts = spec["options"]
     return {"tiles": " ".join(blocks), "flags": ",".join(flags) or "-",

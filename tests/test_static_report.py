@@ -25,7 +25,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
-GEMM_KERNELS = {"_shrink_kernel", "_dual_gemm_kernel", "_lora_grads_kernel"}
+GEMM_KERNELS = {"_shrink_kernel", "_dual_gemm_kernel", "_m_reduce_kernel"}
 ALL_KERNELS = GEMM_KERNELS | {"_keep_bits_kernel", "_mask_kernel", "_dropout_scale_kernel", "_merge_kernel"}
 DTYPES = ("bf16", "fp32", "tf32")
 
