@@ -159,8 +159,8 @@ def record_launches(dtype_name: str, arch: int, quick: bool = False):
                 chosen = dict(default, **{family: cfg})
                 r = cfg.BLOCK_R
                 with _patched(tk, dual_gemm_config=lambda *a, c=chosen["dual_gemm"], **k: c,
-                              shrink_config=lambda *a, c=chosen["shrink"], cm=chosen["shrink_masked"], masked=False, **k:
-                              cm if masked else c,
+                              shrink_config=lambda *a, c=chosen["shrink"], **k: c,
+                              shrink_masked_config=lambda *a, c=chosen["shrink_masked"], **k: c,
                               grads_config=lambda *a, c=chosen["grads"], **k: c):
                     meta = dict(device="meta", dtype=dtype)
                     x, W = torch.empty(M, K, **meta), torch.empty(N, K, **meta)

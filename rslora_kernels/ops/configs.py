@@ -23,7 +23,8 @@ import torch
 
 from .._runtime import interpreting
 
-__all__ = ["TileConfig", "dual_gemm_config", "shrink_config", "grads_config", "split_m_for", "candidate_configs"]
+__all__ = ["TileConfig", "dual_gemm_config", "shrink_config", "shrink_masked_config", "grads_config", "split_m_for",
+           "candidate_configs"]
 
 # SMs of the GPU each arch's rules are sized for (A100, H100 SXM)
 _SMS = {80: 108, 90: 132}
@@ -77,14 +78,22 @@ def dual_gemm_config(M: int, N: int, K: int, r: int, dtype: torch.dtype, arch: i
     return TileConfig(128, 128, 64, rank_tile, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def shrink_config(M: int, red: int, r: int, dtype: torch.dtype, arch: int, masked: bool = False) -> TileConfig:
-    """F1 (T = drop(x) A^T) and B1 (U = dy B): an [M, r] output tile reduced over K (or N).
-    ``masked`` (F1 with dropout): the kernel accumulates T^T, whose rank side is the warpgroup
-    MMA's M side, so the rank tile is at least 64 there."""
+def shrink_config(M: int, red: int, r: int, dtype: torch.dtype, arch: int) -> TileConfig:
+    """F1 without dropout (T = x A^T) and B1 (U = dy B): an [M, r] output tile reduced over K (or N)."""
+    return _shrink_rule(M, r, dtype, arch, masked=False)
+
+
+def shrink_masked_config(M: int, red: int, r: int, dtype: torch.dtype, arch: int) -> TileConfig:
+    """F1 with dropout: the kernel accumulates T^T (the masked x tile is the MMA's B operand), whose
+    rank side is the warpgroup MMA's M side, so the rank tile is at least 64."""
+    return _shrink_rule(M, r, dtype, arch, masked=True)
+
+
+def _shrink_rule(M: int, r: int, dtype: torch.dtype, arch: int, masked: bool) -> TileConfig:
     if interpreting():
         return TileConfig(64, 0, 64, _rank_tile(r, 64))
     if _is_fp32(dtype):
-        return TileConfig(64, 0, 16, _rank_tile(r, 64), num_warps=4, num_stages=2)
+        return TileConfig(64, 0, 16, max(_rank_tile(r, 64), 64 if masked else 16), num_warps=4, num_stages=2)
     rank_tile = max(_rank_tile(r, 128), 64 if masked else 16)
     if rank_tile == 128 and _fills(arch, -(-M // 128) * -(-r // 128)):
         # large ranks: 128x128 tiles, 8 warps, 32 KiB a stage (two CTAs per SM)
@@ -98,12 +107,12 @@ def grads_config(M: int, N: int, K: int, r: int, dtype: torch.dtype, arch: int) 
     reduced over M in BLOCK_M steps."""
     if interpreting():
         return TileConfig(64, 64, 0, _rank_tile(r, 64))
-    if _is_fp32(dtype):
-        return TileConfig(32, 64, 0, _rank_tile(r, 32), num_warps=8, num_stages=3)
+    if _is_fp32(dtype):  # the rank tile is dA's MMA M side here too (TF32 warpgroup MMA: >= 64)
+        return TileConfig(32, 64, 0, 64, num_warps=8, num_stages=3)
     # the rank is dA's warpgroup-MMA M side: at least 64. 64 x (128 + rank tile) x 2 B a stage:
-    # 3 stages = 96 KiB at r >= 128 (two CTAs per SM). 4 warps: with 8, Triton 3.6's ptxas
-    # serializes the wgmma of the split-M (fp32 partials) variants (C7515)
-    return TileConfig(64, 128, 0, max(_rank_tile(r, 128), 64), num_warps=4, num_stages=3)
+    # 3 stages = 96 KiB at r >= 128 (two CTAs per SM). sm_90: 4 warps (with 8, Triton 3.6's ptxas
+    # serializes the wgmma of the split-M variants, C7515); sm_80: 8 warps (with 4, mma.sync spills)
+    return TileConfig(64, 128, 0, max(_rank_tile(r, 128), 64), num_warps=4 if arch >= 90 else 8, num_stages=3)
 
 
 def split_m_for(M: int, tiles: int, block_m: int, sms: int) -> int:
@@ -116,14 +125,14 @@ def split_m_for(M: int, tiles: int, block_m: int, sms: int) -> int:
 
 def candidate_configs(dtype: torch.dtype, arch: int):
     """Every (kernel family, config) the dispatcher can return for ``dtype`` on ``arch``; families:
-    "dual_gemm", "shrink", "shrink_masked" (``shrink_config(..., masked=True)``, F1 with dropout),
-    "grads"."""
+    "dual_gemm", "shrink", "shrink_masked" (F1 with dropout), "grads"; family ``f`` is what
+    ``f_config`` returns."""
     out = set()
     for M in (512, 8192):
         for N in (1024, 4096):
             for r in (1, 16, 32, 64, 128, 256, 4096):
                 out.add(("dual_gemm", dual_gemm_config(M, N, N, r, dtype, arch)))
                 out.add(("shrink", shrink_config(M, N, r, dtype, arch)))
-                out.add(("shrink_masked", shrink_config(M, N, r, dtype, arch, masked=True)))
+                out.add(("shrink_masked", shrink_masked_config(M, N, r, dtype, arch)))
                 out.add(("grads", grads_config(M, N, N, r, dtype, arch)))
     return sorted(out, key=lambda kc: (kc[0], str(kc[1])))

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from .._runtime import cuda_arch, interpreting, num_sms
 from ..dropout.kernels import keep_bits_triton, keep_bits_words, keep_from_bits
-from .configs import dual_gemm_config, grads_config, shrink_config, split_m_for
+from .configs import dual_gemm_config, grads_config, shrink_config, shrink_masked_config, split_m_for
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,7 +300,8 @@ def _offset_dtype(*tensors):
 def _shrink(inp: torch.Tensor, w_strides, w: torch.Tensor, R: int, out_dtype, *, keep_bits=None, p=0.0):
     """out[M, R] = keep?(inp)[M, RED] @ w_view[RED, R] / (1-p)."""
     M, RED = inp.shape
-    cfg = shrink_config(M, RED, R, inp.dtype, cuda_arch(inp.device), masked=keep_bits is not None)
+    config = shrink_masked_config if keep_bits is not None else shrink_config
+    cfg = config(M, RED, R, inp.dtype, cuda_arch(inp.device))
     out = torch.empty((M, R), dtype=out_dtype, device=inp.device)
     grid_m = triton.cdiv(M, cfg.BLOCK_M)
     n_words, stride_bm = _bits_strides(keep_bits)
