@@ -71,10 +71,13 @@ C7515 = re.compile(r"\(C7515\)[^\n]*wgmma\.mma_async instructions are serialized
 def _clean_env() -> None:
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.6's default, silenced on 3.9
-    mod = sys.modules.get("rslora_kernels.ops.triton_kernels")
-    if mod is not None and not hasattr(getattr(mod, "_shrink_kernel", None), "arg_names"):
-        raise RuntimeError("rslora_kernels.ops.triton_kernels was imported under TRITON_INTERPRET=1; "
-                           "run the static report in a fresh process without it")
+    interpreted = sys.modules.get("triton.runtime.interpreter")
+    interpreted = getattr(interpreted, "InterpretedFunction", None)
+    for name, mod in list(sys.modules.items()):
+        if interpreted and name.startswith("rslora_kernels.") and \
+                any(isinstance(v, interpreted) for v in vars(mod).values()):
+            raise RuntimeError(f"{name} was imported under TRITON_INTERPRET=1; "
+                               "run the static report in a fresh process without it")
 
 
 # ----------------------------------------------------------------------------------------------
