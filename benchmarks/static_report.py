@@ -25,8 +25,8 @@ How, step by step:
    ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` in a process pool.
 4. **Inspect**: registers, stack and local bytes from ``cuobjdump -res-usage`` on Triton's cubin;
    shared memory from the metadata plus the cubin; the bundled ``ptxas -v`` run again on the PTX
-   (Triton hides its log) for C7515 and the spill stores/loads; the hot loop from ``cuobjdump -sass``
-   (see :func:`find_loops`); whether the kernel has a product (``tt.dot`` in the TTIR) and of
+   (Triton hides its log) for C7515 and the spill stores/loads; the hot loop from the SASS with
+   source lines (``nvdisasm -c -g``, see :func:`find_loops`); whether the kernel has a product (``tt.dot`` in the TTIR) and of
    which tile, which picks the tutorial matmul to compile next to it.
 
 Dtypes: ``fp16``, ``bf16``, ``fp32`` (torch's default "highest" matmul precision: tl.dot in IEEE
@@ -270,7 +270,21 @@ def record_launches(dtype_name: str, arch: int, quick: bool = False):
                 run(prefix, thunk)
     finally:
         torch.set_float32_matmul_precision(precision)
+    launched = {(fn.fn.__module__, fn.__name__) for role, *rest in calls if role != "error" for fn in rest[:1]}
+    for module, name in unlaunched_kernels(modules, launched):
+        calls.append(("error", f"{module}.{name} is a kernel (no other triton.jit function calls it) but no "
+                               "scenario launched it: add its launcher to scenarios() in benchmarks/static_report.py"))
     return calls
+
+
+def unlaunched_kernels(modules, launched):
+    """(module, name) of every triton.jit function defined in ``modules`` that is neither in
+    ``launched`` nor called by another triton.jit function (a helper like the Philox rounds)."""
+    defined = {(m.__name__, k): fn for m in modules for k, fn in _jit_functions(m).items()
+               if fn.fn.__module__ == m.__name__ and fn.__name__ == k}
+    sources = {key: fn.src for key, fn in defined.items()}
+    return sorted(key for key in defined if key not in launched and not any(
+        re.search(rf"\b{re.escape(key[1])}\s*\(", src) for other, src in sources.items() if other != key))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,7 +339,9 @@ def compile_spec(role, fn, args, kwargs):
             constexprs[(i,)] = value
         elif isinstance(attr, str):
             attrs[(i,)] = BaseBackend.parse_attr(attr)
+    values = {k: v for k, v in bound.items() if isinstance(v, int) and not isinstance(v, bool)}
     return {"role": role, "module": fn.fn.__module__, "kernel": fn.__name__, "signature": signature,
+            "values": values,
             "constexprs": constexprs, "attrs": attrs, "options": options}
 
 
@@ -346,13 +362,29 @@ def _tool(name) -> str:
     return path
 
 
-_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", re.M)
-_BRANCH = re.compile(r"^(?:@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+(0x[0-9a-f]+)")
+_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_SOURCE = re.compile(r'^\s*//## File "(?P<file>[^"]+)", line (?P<line>\d+)')
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH = re.compile(r"^(?:@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+(?:!?U?P\w+,\s*)?(0x[0-9a-f]+)")
 
 
-def sass_instructions(sass: str):
-    """[(address, text)] of one function's SASS (``cuobjdump -sass``), NOPs left out."""
-    return [(int(a, 16), t) for a, t in _INSTR.findall(sass) if not t.startswith("NOP")]
+def sass_instructions(listing: str):
+    """[(address, text, source)] of one function's SASS, NOPs left out. ``listing``: the output of
+    ``nvdisasm -c -g`` (labels such as `` `(.L_x_1)`` are turned into addresses; ``source`` is
+    ``path:line`` from the line info) or of ``cuobjdump -sass`` (addresses, no source)."""
+    labels, pending, parsed, source = {}, [], [], ""
+    for line in listing.splitlines():
+        if m := _SOURCE.match(line):
+            source = f"{m['file']}:{m['line']}"
+        elif m := _LABEL.match(line):
+            pending.append(m.group(1))
+        elif m := _INSTR.match(line):
+            addr = int(m.group(1), 16)
+            labels.update((name, addr) for name in pending)
+            pending = []
+            parsed.append((addr, m.group(2), source))
+    resolve = lambda t: re.sub(r"`\((\.L_x_\d+)\)", lambda m: hex(labels[m.group(1)]), t)  # noqa: E731
+    return [(a, resolve(t), src) for a, t, src in parsed if not t.startswith("NOP")]
 
 
 def opcode(text: str) -> str:
@@ -363,40 +395,65 @@ def opcode(text: str) -> str:
 def mma_opcodes(instrs):
     """Which instructions do the product: tensor-core MMAs (HGMMA on sm_90, HMMA on sm_80) when the
     kernel has any, else FFMA (IEEE fp32 dots run on CUDA cores)."""
-    if any(opcode(t).startswith(("HGMMA", "HMMA")) for _, t in instrs):
+    if any(opcode(t).startswith(("HGMMA", "HMMA")) for _, t, _ in instrs):
         return ("HGMMA", "HMMA")
     return ("FFMA",)
 
 
 def find_loops(instrs):
-    """The innermost loops that do products, as dicts {start, end, instructions, mma}.
+    """The innermost loops that do products, as dicts {start, end, instructions, mma, source}.
 
     A loop is a backward branch (``BRA`` to a lower address; the trailing ``BRA`` to itself is
     padding) and its body every instruction from the target to the branch. Loops without product
     instructions (:func:`mma_opcodes`) are left out (e.g. an mbarrier wait's retry loop), and so is a
     product loop that contains another product loop: what remains are the loops whose body runs
-    once per reduction step. Triton does not unroll these, so one body is one iteration."""
+    once per reduction step. Triton does not unroll these, so one body is one iteration.
+    ``source``: the line the backward branch comes from, which is the loop's ``for`` statement."""
     mma = mma_opcodes(instrs)
     loops = []
-    for addr, text in instrs:
+    for addr, text, source in instrs:
         m = _BRANCH.match(text)
         if not m:
             continue
         target = int(m.group(1), 16)
         if target >= addr:
             continue
-        body = [t for a, t in instrs if target <= a <= addr]
-        n_mma = sum(1 for t in body if opcode(t).startswith(mma))
-        if n_mma:
-            loops.append({"start": target, "end": addr, "instructions": len(body), "mma": n_mma})
+        body = [t for a, t, _ in instrs if target <= a <= addr]
+        products = sum(1 for t in body if opcode(t).startswith(mma))
+        if products:
+            loops.append({"start": target, "end": addr, "instructions": len(body), "mma": products,
+                          "source": source})
     return [lp for lp in loops
             if not any(o is not lp and lp["start"] <= o["start"] and o["end"] <= lp["end"] for o in loops)]
 
 
+_FOR_RANGE = re.compile(r"^\s*for\s+\w+\s+in\s+(?:tl\.)?range\((?P<args>.*)\)\s*:\s*(#.*)?$")
+
+
+def trip_count(source, values):
+    """Iterations of the loop whose ``for`` statement is at ``source`` (``path:line``), evaluating
+    its ``range(...)`` with the launch's integer arguments ``values``; None when the line is not a
+    ``for ... in range(...)`` or its bounds are not launch arguments (e.g. a helper's locals)."""
+    import linecache
+    path, _, line = (source or "").rpartition(":")
+    m = _FOR_RANGE.match(linecache.getline(path, int(line))) if line.isdigit() else None
+    if not m:
+        return None
+    cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    ns = {**values, "min": min, "max": max, "tl": type("tl", (), {"cdiv": staticmethod(cdiv)})}
+    try:
+        return len(range(*eval(f"({m['args']},)", {"__builtins__": {}}, ns)))
+    except Exception:
+        return None
+
+
 def hot_loop(loops):
-    """The loop that stands for the kernel's speed: the one with the most product instructions per
-    iteration (the widest dot, i.e. the long reduction: F2's K loop beats its rank loop at rank
-    tile < 64); at a tie, the one with the most instructions (never under-report)."""
+    """The loop that stands for the kernel's speed: the one that runs the most iterations at the
+    recorded launch (F2's K loop, 64 trips at K=4096, not its rank loop, 1 trip at r=64); where a
+    trip count is unknown (loop bounds computed in the kernel), the one with the most product
+    instructions per iteration, then the most instructions (never under-report)."""
+    if loops and all(lp.get("trips") is not None for lp in loops):
+        return max(loops, key=lambda lp: (lp["trips"], lp["mma"], lp["instructions"]))
     return max(loops, key=lambda lp: (lp["mma"], lp["instructions"]), default=None)
 
 
@@ -443,14 +500,15 @@ def ptxas_log(ptx: str, arch: int) -> str:
     return proc.stdout + proc.stderr
 
 
-def inspect_kernel(kernel, arch: int):
-    """Resource and code figures of one compiled kernel (a ``triton.compile`` result)."""
+def inspect_kernel(kernel, arch: int, values):
+    """Resource and code figures of one compiled kernel (a ``triton.compile`` result); ``values``:
+    the launch's integer arguments, for the loops' trip counts."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:
             f.write(kernel.asm["cubin"])
         res = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), "-c", "-g", cubin], capture_output=True, text=True, check=True).stdout
     usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", res))
     if "REG" not in usage:
         raise RuntimeError(f"could not parse cuobjdump -res-usage output:\n{res}")
@@ -461,8 +519,11 @@ def inspect_kernel(kernel, arch: int):
     serialized = C7515.search(log)
     instrs = sass_instructions(sass)
     loops = find_loops(instrs)
+    for lp in loops:
+        lp["trips"] = trip_count(lp["source"], values)
+        lp["source"] = f"{os.path.basename(lp['source'].rpartition(':')[0])}:{lp['source'].rpartition(':')[2]}"
     hot = hot_loop(loops)
-    ops = [opcode(t) for _, t in instrs]
+    ops = [opcode(t) for _, t, _ in instrs]
     registers = int(usage["REG"])
     shared = int(usage.get("SHARED", 0)) + int(kernel.metadata.shared)
     warps = kernel.metadata.num_warps
@@ -482,9 +543,11 @@ def inspect_kernel(kernel, arch: int):
         "hmma": sum(o.startswith("HMMA") for o in ops),
         "ffma": sum(o.startswith("FFMA") for o in ops),
         "sass_instructions": len(instrs),
-        "loops": [lp["instructions"] for lp in loops],
+        "loops": [{k: lp[k] for k in ("instructions", "mma", "source", "trips")} for lp in loops],
         "hot_loop_instructions": hot["instructions"] if hot else None,
         "hot_loop_mma": hot["mma"] if hot else None,
+        "hot_loop_source": hot["source"] if hot else None,
+        "hot_loop_trips": hot["trips"] if hot else None,
         "dots": ttir_dots(kernel.asm["ttir"]),
     }
 
@@ -501,7 +564,7 @@ def compile_and_inspect(spec, arch: int):
                                         attrs=spec["attrs"])
         kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=spec["options"])
         seconds = time.perf_counter() - t0
-        return {**inspect_kernel(kernel, arch), "compile_s": round(seconds, 2)}
+        return {**inspect_kernel(kernel, arch, spec["values"]), "compile_s": round(seconds, 2)}
     except Exception as exc:  # reported as a row; fails the report
         return {"error": f"{type(exc).__name__}: {exc}"[:4000]}
 
@@ -591,7 +654,8 @@ def compile_tutorial(key, side_store=False):
                                         attrs={(names.index(k),): BaseBackend.parse_attr("D") for k in div16})
         kernel = triton.compile(src, target=GPUTarget("cuda", int(arch[3:]), 32),
                                 options={"num_warps": warps, "num_stages": stages})
-        return inspect_kernel(kernel, int(arch[3:]))
+        return inspect_kernel(kernel, int(arch[3:]), {"M": 4096, "N": 4096, "K": 4096, **{
+            k: v for k, v in consts.items() if isinstance(v, int)}})
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}"[:2000]}
 
@@ -735,14 +799,17 @@ def failing(row) -> bool:
 
 
 def _loops(r):
+    """``**hot**@file:line x trips (ratio of tutorial @tile) + other@file:line x trips``."""
     if not r["loops"]:
         return "-"
-    hot = r["hot_loop_instructions"]
     tut = r.get("tutorial") or {}
     ratio = f" ({r['vs_tutorial']:.2f}x of {tut['hot_loop_instructions']} @{tut['tile']})" if "vs_tutorial" in r else ""
-    others = [str(n) for n in r["loops"]]
-    others.remove(str(hot))
-    return f"**{hot}**" + (f" +{','.join(others)}" if others else "") + ratio
+    fmt = lambda n, src, trips: f"{n}@{src}" + (f" x{trips}" if trips is not None else "")  # noqa: E731
+    hot = (r["hot_loop_instructions"], r["hot_loop_source"], r["hot_loop_trips"])
+    others = [fmt(lp["instructions"], lp["source"], lp["trips"]) for lp in r["loops"]
+              if (lp["instructions"], lp["source"], lp["trips"]) != hot]
+    return f"**{hot[0]}**@{hot[1]}" + (f" x{hot[2]}" if hot[2] is not None else "") + ratio + \
+        "".join(f" + {o}" for o in others)
 
 
 def markdown(rows):
