@@ -180,12 +180,12 @@ SASS = """
 def test_find_loops_on_hand_made_sass():
     instrs = sr.sass_instructions(SASS)
     assert len(instrs) == 13  # the NOP is left out
-    assert instrs[4] == (0x50, "@!P0 BRA 0x40", "kernels.py:12")  # label resolved, source kept
+    assert instrs[4] == (0x50, "@!P0 BRA 0x40", "/src/kernels.py:12")  # label resolved, source kept
     loops = sr.find_loops(instrs)
     # the wait loop at 0x40 has no MMA; the loop 0x20..0x80 holds 3 HGMMA in 7 instructions (the
     # wait loop inside counts once); the loop 0x90..0xb0 holds 1 HGMMA in 3; 0xd0 is padding
     assert sorted((lp["start"], lp["end"], lp["instructions"], lp["mma"], lp["source"]) for lp in loops) == \
-        [(0x20, 0x80, 7, 3, "kernels.py:12"), (0x90, 0xb0, 3, 1, "kernels.py:30")]
+        [(0x20, 0x80, 7, 3, "/src/kernels.py:12"), (0x90, 0xb0, 3, 1, "/src/kernels.py:30")]
     assert sr.hot_loop(loops)["start"] == 0x20
 
 
