@@ -99,19 +99,12 @@ def kernel_modules():
     return mods
 
 
-def _jit_functions(module):
-    """{attribute name: JITFunction} bound in ``module`` (its own and imported ones)."""
-    from triton.runtime.autotuner import Autotuner
-    from triton.runtime.jit import JITFunction
-    out = {}
-    for attr, obj in vars(module).items():
-        if isinstance(obj, Autotuner):
-            raise TypeError(f"{module.__name__}.{attr} is autotuned at run time: the static report compiles "
-                            "the shipped configs only; ship it as a plain triton.jit kernel with its configs "
-                            "in ops/configs.py (run-time autotuning may stay behind an environment variable)")
-        if isinstance(obj, JITFunction):
-            out[attr] = obj
-    return out
+def _jit_functions(module, wrapped=False):
+    """{attribute name: JITFunction} bound in ``module`` (its own and imported ones); ``wrapped``:
+    instead the run-time wrappers (``triton.autotune``, ``triton.heuristics``) bound there."""
+    from triton.runtime.jit import JITFunction, KernelInterface
+    return {attr: obj for attr, obj in vars(module).items()
+            if isinstance(obj, KernelInterface) and isinstance(obj, JITFunction) != wrapped}
 
 
 def kernel_fn(module_name: str, name: str):
@@ -120,12 +113,16 @@ def kernel_fn(module_name: str, name: str):
 
 
 class _Recorder:
-    """Stands in for a JITFunction: ``rec[grid](*args, **kwargs)`` records instead of launching."""
+    """Stands in for a JITFunction: ``rec[grid](*args, **kwargs)`` records instead of launching.
+    For a run-time wrapper (autotune, heuristics) it records an error: its configs are chosen at
+    run time, so there is no shipped config to compile."""
 
-    def __init__(self, fn, sink):
-        self.fn, self.sink = fn, sink
+    def __init__(self, fn, sink, wrapper_name=None):
+        self.fn, self.sink, self.wrapper_name = fn, sink, wrapper_name
 
     def __getitem__(self, grid):
+        if self.wrapper_name:
+            return lambda *args, **kwargs: self.sink.append((None, self.wrapper_name, None))
         return lambda *args, **kwargs: self.sink.append((self.fn, args, kwargs))
 
 
@@ -231,6 +228,11 @@ def record_launches(dtype_name: str, arch: int, quick: bool = False):
             calls.append(("error", f"{prefix}: {type(exc).__name__}: {exc}"))
             return
         for i, (fn, args, kwargs) in enumerate(sink, 1):
+            if fn is None:
+                calls.append(("error", f"{prefix}: launched {args}, a kernel wrapped in triton.autotune or "
+                                       "triton.heuristics: the static report compiles shipped configs only; "
+                                       "launch the plain triton.jit kernel with a config from ops/configs.py"))
+                continue
             calls.append((f"{prefix}{i}" if prefix in ("F", "B") else prefix, fn, args, kwargs))
 
     cands = configs.candidate_configs(dtype, arch)
@@ -249,6 +251,8 @@ def record_launches(dtype_name: str, arch: int, quick: bool = False):
         with ExitStack() as stack:
             for m in modules + [_runtime]:
                 recs = {k: _Recorder(fn, sink) for k, fn in _jit_functions(m).items()}
+                recs.update({k: _Recorder(None, sink, f"{m.__name__}.{k}")
+                             for k in _jit_functions(m, wrapped=True)})
                 runtime = {k: v for k, v in (("cuda_arch", lambda dev: arch),) if k in vars(m)}
                 stack.enter_context(_patched(m, **recs, **runtime))
             for sms in (SM_LIMITS[arch]["sms"], 1):
@@ -713,6 +717,9 @@ def build_report(archs=(80, 90), dtypes=DTYPES, workers=None, progress=True, ker
             seen = {}
             for role, *rest in record_launches(dtype, arch, quick):
                 if role == "error":
+                    if any(r.get("error") == rest[0] and r["arch"] == f"sm_{arch}" and r["dtype"] == dtype
+                           for r in rows):
+                        continue
                     rows.append({"arch": f"sm_{arch}", "dtype": dtype, "kernel": "?", "role": "?", "tiles": "-",
                                  "flags": "-", "warps": "-", "stages": "-", "error": rest[0]})
                     continue
