@@ -64,6 +64,9 @@ SM_LIMITS = {
 }
 REG_UNIT = 256           # registers are allocated per warp in units of 256 (8 per thread)
 SMEM_RESERVED = 1024     # shared memory the driver reserves per CTA on sm_80 and later
+# Philox4x32's first multiplier (0xD2511F53) as the TTIR prints it (a signed i32) or unsigned:
+# present exactly when a kernel runs the dropout stream's rounds.
+PHILOX_CONSTANT = re.compile(r"(?<![\w-])(-766435501|3528531795)(?!\w)|0x[dD]2511[fF]53")
 # ptxas's info line when it cannot keep wgmma in flight across a pipeline stage.
 C7515 = re.compile(r"\(C7515\)[^\n]*wgmma\.mma_async instructions are serialized[^\n]*")
 
@@ -553,6 +556,7 @@ def inspect_kernel(kernel, arch: int, values):
         "hot_loop_source": hot["source"] if hot else None,
         "hot_loop_trips": hot["trips"] if hot else None,
         "dots": ttir_dots(kernel.asm["ttir"]),
+        "philox": bool(PHILOX_CONSTANT.search(kernel.asm["ttir"])),
     }
 
 
@@ -824,7 +828,10 @@ def markdown(rows):
             "MMA | wgmma | instr/iter (vs tutorial) | ok |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        pre = f"| {r['arch']} | {r['dtype']} | {r['kernel']} | {r['role']} | {r['flags']} | {r['tiles']} | " \
+        flags = r["flags"]
+        if r.get("philox"):  # runs the dropout stream's rounds
+            flags = "philox" if flags == "-" else flags + " +philox"
+        pre = f"| {r['arch']} | {r['dtype']} | {r['kernel']} | {r['role']} | {flags} | {r['tiles']} | " \
               f"{r['warps']}/{r['stages']} |"
         if "error" in r:
             lines.append(pre + " - | - | - | - | - | - | - | ERROR: " + r["error"].splitlines()[0][:200] + " |")
@@ -902,6 +909,9 @@ def main(argv=None):
     for r in bad:
         print(f"  {r['arch']} {r['dtype']} {r['kernel']} {r['role']} [{r['flags']}] {r['tiles']} "
               f"w{r['warps']}/s{r['stages']}: {'; '.join(check_row(r))}")
+    philox_bwd = sorted({f"{r['kernel']} {r['role']}" for r in rows if "error" not in r and r["philox"]
+                         and any(x.startswith("B") for x in r["role"].split("/"))})
+    print(f"Backward launches that run Philox (issue 9 wants none): {', '.join(philox_bwd) or 'none'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "shape": SHAPE, "quick": args.quick,

@@ -215,3 +215,12 @@ def test_trip_count_and_hot_loop_rule(tmp_path):
     red = {"instructions": 117, "mma": 4, "trips": 64}
     assert sr.hot_loop([rank, red]) is red
     assert sr.hot_loop([dict(rank, trips=None), red])["instructions"] == 125
+
+
+@needs_toolchain
+def test_philox_detection(rows):
+    """The mask and dropout kernels run Philox, the merge does not; the report lists the backward
+    launches that do (issue 9 wants none)."""
+    ok = [r for r in rows if "error" not in r]
+    assert all(r["philox"] for r in ok if r["role"] in ("mask", "dropout"))
+    assert not any(r["philox"] for r in ok if r["role"] == "merge")
