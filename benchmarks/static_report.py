@@ -370,19 +370,23 @@ def _tool(name) -> str:
 
 
 _INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
-_SOURCE = re.compile(r'^\s*//## File "(?P<file>[^"]+)", line (?P<line>\d+)')
+_SOURCE = re.compile(r'^\s*//## File "(?P<file>[^"]+)", line (?P<line>\d+)'
+                     r'(?: inlined at "(?P<caller>[^"]+)", line (?P<caller_line>\d+))?')
 _LABEL = re.compile(r"^(\.L_x_\d+):")
 _BRANCH = re.compile(r"^(?:@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+(?:!?U?P\w+,\s*)?(0x[0-9a-f]+)")
 
 
 def sass_instructions(listing: str):
     """[(address, text, source)] of one function's SASS, NOPs left out. ``listing``: the output of
-    ``nvdisasm -c -g`` (labels such as `` `(.L_x_1)`` are turned into addresses; ``source`` is
-    ``path:line`` from the line info) or of ``cuobjdump -sass`` (addresses, no source)."""
+    ``nvdisasm -c -gi`` (labels such as `` `(.L_x_1)`` are turned into addresses; ``source`` is
+    ``path:line`` from the line info, plus ``<file.py:line`` of the call site for a line of an
+    inlined helper) or of ``cuobjdump -sass`` (addresses, no source)."""
     labels, pending, parsed, source = {}, [], [], ""
     for line in listing.splitlines():
         if m := _SOURCE.match(line):
             source = f"{m['file']}:{m['line']}"
+            if m["caller"]:  # a helper's line: say where it was called from
+                source += f"<{os.path.basename(m['caller'])}:{m['caller_line']}"
         elif m := _LABEL.match(line):
             pending.append(m.group(1))
         elif m := _INSTR.match(line):
@@ -442,7 +446,7 @@ def trip_count(source, values):
     its ``range(...)`` with the launch's integer arguments ``values``; None when the line is not a
     ``for ... in range(...)`` or its bounds are not launch arguments (e.g. a helper's locals)."""
     import linecache
-    path, _, line = (source or "").rpartition(":")
+    path, _, line = (source or "").split("<")[0].rpartition(":")
     m = _FOR_RANGE.match(linecache.getline(path, int(line))) if line.isdigit() else None
     if not m:
         return None
@@ -515,7 +519,7 @@ def inspect_kernel(kernel, arch: int, values):
         with open(cubin, "wb") as f:
             f.write(kernel.asm["cubin"])
         res = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_tool("nvdisasm"), "-c", "-g", cubin], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), "-c", "-gi", cubin], capture_output=True, text=True, check=True).stdout
     usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", res))
     if "REG" not in usage:
         raise RuntimeError(f"could not parse cuobjdump -res-usage output:\n{res}")
@@ -528,7 +532,8 @@ def inspect_kernel(kernel, arch: int, values):
     loops = find_loops(instrs)
     for lp in loops:
         lp["trips"] = trip_count(lp["source"], values)
-        lp["source"] = f"{os.path.basename(lp['source'].rpartition(':')[0])}:{lp['source'].rpartition(':')[2]}"
+        path, sep, caller = lp["source"].partition("<")
+        lp["source"] = os.path.basename(path) + sep + caller
     hot = hot_loop(loops)
     ops = [opcode(t) for _, t, _ in instrs]
     registers = int(usage["REG"])

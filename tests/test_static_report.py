@@ -166,7 +166,7 @@ SASS = """
         /*0060*/                   HGMMA.64x16x16.F32.BF16 R24, gdesc[UR8], R24 ;
         /*0070*/                   HGMMA.64x16x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
         /*0080*/              @!P1 BRA `(.L_x_1) ;
-	//## File "/src/kernels.py", line 30
+	//## File "/src/kernels.py", line 30 inlined at "/src/kernels.py", line 50
         /*0090*/                   HGMMA.64x16x16.F32.BF16 R24, gdesc[UR8], R24 ;
         /*00a0*/                   ISETP.GE.AND P2, PT, R2, R5, PT ;
         /*00b0*/                   BRA.U !UP0, 0x90 ;
@@ -182,9 +182,10 @@ def test_find_loops_on_hand_made_sass():
     assert instrs[4] == (0x50, "@!P0 BRA 0x40", "/src/kernels.py:12")  # label resolved, source kept
     loops = sr.find_loops(instrs)
     # the wait loop at 0x40 has no MMA; the loop 0x20..0x80 holds 3 HGMMA in 7 instructions (the
-    # wait loop inside counts once); the loop 0x90..0xb0 holds 1 HGMMA in 3; 0xd0 is padding
+    # wait loop inside counts once); the loop 0x90..0xb0 (a helper's loop, inlined at line 50)
+    # holds 1 HGMMA in 3; 0xd0 is padding
     assert sorted((lp["start"], lp["end"], lp["instructions"], lp["mma"], lp["source"]) for lp in loops) == \
-        [(0x20, 0x80, 7, 3, "/src/kernels.py:12"), (0x90, 0xb0, 3, 1, "/src/kernels.py:30")]
+        [(0x20, 0x80, 7, 3, "/src/kernels.py:12"), (0x90, 0xb0, 3, 1, "/src/kernels.py:30<kernels.py:50")]
     assert sr.hot_loop(loops)["start"] == 0x20
 
 
@@ -209,6 +210,7 @@ def test_trip_count_and_hot_loop_rule(tmp_path):
     assert sr.trip_count(f"{src}:4", {"K": 4000, "BLOCK_K": 64}) == 63
     assert sr.trip_count(f"{src}:2", {"RED": 4000}) is None  # bound not a launch argument
     assert sr.trip_count(f"{src}:6", {}) is None  # not a for statement
+    assert sr.trip_count(f"{src}:2<caller.py:9", {"RED": 128, "BLOCK_RED": 64}) == 2  # inlined helper
     # the rank loop (wider body, 1 trip) loses to the K loop (64 trips); unknown trips fall back
     rank = {"instructions": 125, "mma": 4, "trips": 1}
     red = {"instructions": 117, "mma": 4, "trips": 64}
