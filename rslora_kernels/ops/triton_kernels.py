@@ -206,7 +206,8 @@ def _m_reduce_kernel(
     # operand is fed from registers and ptxas serializes the wgmma, C7515). RANK_AXIS: which of P
     # (0, dA) and Q (1, dB) is the rank; its tiles run fastest, so the programs that read one tile
     # of x (dy) run together (L2)
-    HAS_DROPOUT: tl.constexpr, COLSUM: tl.constexpr, EVEN_M: tl.constexpr, RANK_AXIS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, COLSUM: tl.constexpr, COLSUM_MMA: tl.constexpr, EVEN_M: tl.constexpr,
+    RANK_AXIS: tl.constexpr,
     OFFSET_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
@@ -233,8 +234,15 @@ def _m_reduce_kernel(
     l_step = tl.cast(BLOCK_M * stride_lm, OFFSET_DTYPE)
     r_step = tl.cast(BLOCK_M * stride_rm, OFFSET_DTYPE)
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    if COLSUM:  # summed elementwise in the loop, across rows once after it (no reduction in the loop)
-        col_acc = tl.zeros((BLOCK_P, BLOCK_M), dtype=tl.float32)
+    # column sums of l: with 16-bit operands one more (narrow) MMA on the same l tile, l^T @ ones
+    # (products by 1 are exact, sums in fp32); fp32 operands would be rounded to TF32 there, so they
+    # are summed elementwise in the loop and across rows once after it
+    if COLSUM:
+        if COLSUM_MMA:
+            col_acc = tl.zeros((BLOCK_P, 16), dtype=tl.float32)
+            ones = tl.full((BLOCK_M, 16), 1.0, dtype=DOT_DTYPE)
+        else:
+            col_acc = tl.zeros((BLOCK_P, BLOCK_M), dtype=tl.float32)
     for m0 in range(0, m_hi - m_lo, BLOCK_M):
         if EVEN_M:
             lt = tl.load(l_ptrs)
@@ -248,13 +256,20 @@ def _m_reduce_kernel(
                                   BLOCK_M, BLOCK_Q)
             rm = tl.where(keep, rm, 0.0)
         if COLSUM:
-            col_acc += lt.to(tl.float32)
+            if COLSUM_MMA:
+                col_acc = tl.dot(lt.to(DOT_DTYPE), ones, col_acc)
+            else:
+                col_acc += lt.to(tl.float32)
         acc = tl.dot(lt.to(DOT_DTYPE), rm.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
         l_ptrs += l_step
         r_ptrs += r_step
     if COLSUM:
         if pid_q == 0:  # one rank tile per column tile writes the column sums
-            tl.store(colsum_ptr + split.to(tl.int64) * stride_cs + offs_p, tl.sum(col_acc, axis=1), mask=offs_p < P)
+            if COLSUM_MMA:
+                col_sum = tl.max(col_acc, axis=1)  # 16 equal columns
+            else:
+                col_sum = tl.sum(col_acc, axis=1)
+            tl.store(colsum_ptr + split.to(tl.int64) * stride_cs + offs_p, col_sum, mask=offs_p < P)
     acc = acc * scale
     out_ptrs = out_ptr + split.to(tl.int64) * stride_os + (offs_p.to(OFFSET_DTYPE)[:, None] * stride_op
                                                           + offs_q.to(OFFSET_DTYPE)[None, :] * stride_oq)
@@ -379,7 +394,8 @@ def _m_reduce(l, r, scale: float, out_dtype, block_m: int, block_p: int, block_q
         l.stride(0), l.stride(1), r.stride(0), r.stride(1), stride_bm,
         out.stride(0) if num_splits > 1 else 0, out.stride(-2), out.stride(-1), sums.stride(0) if colsum else 0,
         scale,
-        HAS_DROPOUT=keep_bits is not None, COLSUM=colsum, EVEN_M=M % block_m == 0, RANK_AXIS=rank_axis,
+        HAS_DROPOUT=keep_bits is not None, COLSUM=colsum, COLSUM_MMA=l.dtype != torch.float32,
+        EVEN_M=M % block_m == 0, RANK_AXIS=rank_axis,
         OFFSET_DTYPE=_offset_dtype(l, r, out), **_meta(l.dtype),
         BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q, **launch_kwargs,
     )
