@@ -394,7 +394,7 @@ def _m_reduce(l, r, scale: float, out_dtype, block_m: int, block_p: int, block_q
         l.stride(0), l.stride(1), r.stride(0), r.stride(1), stride_bm,
         out.stride(0) if num_splits > 1 else 0, out.stride(-2), out.stride(-1), sums.stride(0) if colsum else 0,
         scale,
-        HAS_DROPOUT=keep_bits is not None, COLSUM=colsum, COLSUM_MMA=l.dtype != torch.float32,
+        HAS_DROPOUT=keep_bits is not None, COLSUM=colsum, COLSUM_MMA=colsum and l.dtype != torch.float32,
         EVEN_M=M % block_m == 0, RANK_AXIS=rank_axis,
         OFFSET_DTYPE=_offset_dtype(l, r, out), **_meta(l.dtype),
         BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q, **launch_kwargs,
