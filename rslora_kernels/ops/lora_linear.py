@@ -23,6 +23,7 @@ from .. import reference
 from .._runtime import interpreting, triton_available_for
 from .._validate import validate_inputs
 from ..dropout import _as_seed_int, _keep_mask_torch, draw_seed
+from ..quant import is_quantized_weight
 
 __all__ = ["lora_linear", "LoRALinearFunction", "register_backend", "resolve_backend"]
 
@@ -172,7 +173,9 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
 
     Args:
         x: ``[..., K]``; any leading dims; strides are honoured (no copy if they flatten).
-        weight: ``[N, K]`` frozen base weight, any strides (pass ``W.t()`` for fan_in_fan_out).
+        weight: ``[N, K]`` frozen base weight, any strides (pass ``W.t()`` for fan_in_fan_out);
+            or a 4-bit one (``rslora_kernels.quant.Weight4bit`` or a bitsandbytes ``Params4bit``),
+            dequantized per call to x's dtype and never saved (see :mod:`rslora_kernels.ops.qlora`).
         lora_A: ``[r, K]``; lora_B: ``[N, r]`` (PEFT layouts), in x's dtype or wider (fp32).
         scaling: ``rslora_scaling(alpha, r)`` (rsLoRA) or ``lora_scaling(alpha, r)``.
         bias: ``[N]`` or None.
@@ -184,6 +187,10 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     Returns:
         ``[..., N]`` in x's dtype (the autocast dtype under ``torch.autocast``).
     """
+    if is_quantized_weight(weight):
+        from .qlora import qlora_linear
+
+        return qlora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training, seed, backend)
     x, weight, lora_A, lora_B, bias = _autocast(x, weight, lora_A, lora_B, bias)
     validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend)
     scaling = float(scaling)
