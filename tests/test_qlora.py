@@ -350,3 +350,38 @@ def test_peft_patch_with_dropout_saves_less_and_no_dense_weight():
     assert not [tuple(t.shape) for t in ours if t.is_floating_point() and t.numel() >= smallest_weight]
     assert not any(t.dtype == torch.bool for t in ours)
     rk.peft.unpatch(pm)
+
+
+_FMA_COUNT_SCRIPT = """
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from rslora_kernels.ops.dequant_kernel import LAUNCH_OPTIONS, _dequant_4bit_kernel
+sig = {"packed_ptr": "*u8", "absmax_ptr": "*u8", "code_ptr": "*fp32", "nested_code_ptr": "*fp32",
+       "nested_absmax_ptr": "*fp32", "nested_offset_ptr": "*fp32", "out_ptr": "*bf16", "n_elements": "i32"}
+meta = dict(BLOCKSIZE=64, NESTED=True, NESTED_BLOCKSIZE=256, BF16_RTNE_BY_HAND=False, BYTES=1024)
+sig.update({k: "constexpr" for k in meta})
+constexprs = {(list(sig).index(k),): v for k, v in meta.items()}
+for fusion in (LAUNCH_OPTIONS["enable_fp_fusion"], True):
+    src = triton.compiler.ASTSource(fn=_dequant_4bit_kernel, signature=sig, constexprs=constexprs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(LAUNCH_OPTIONS, enable_fp_fusion=fusion)).asm["ptx"]
+    print(ptx.count("fma.rn.f32"))
+"""
+
+
+def test_dequant_kernel_compiles_for_sm90_without_fma():
+    """On a GPU the nested scale ``code * absmax2 + offset`` must not become one FMA (bitsandbytes rounds
+    twice): compile the kernel for sm_90 with the launcher's options (in a fresh process without the
+    interpreter, as benchmarks/static_report.py does) and count FMAs in the PTX. Compiled with fusion
+    allowed, the same kernel does contain FMAs -- so this test can fail."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", _FMA_COUNT_SCRIPT], env=env, cwd=root, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ours, fused = (int(v) for v in res.stdout.split())
+    assert ours == 0 and fused > 0, (ours, fused)

@@ -26,6 +26,8 @@ import triton.language as tl
 from .._runtime import interpreting
 
 BYTES_PER_PROGRAM = 1024  # 2048 weights: 1 KiB read, 4-8 KiB written per program
+# no FMA contraction: bitsandbytes rounds the nested scale's product and sum separately
+LAUNCH_OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}
 
 
 @triton.jit
@@ -79,6 +81,6 @@ def dequantize_4bit_triton(w, dtype: torch.dtype, out: Optional[torch.Tensor] = 
         n,
         BLOCKSIZE=w.blocksize, NESTED=w.nested, NESTED_BLOCKSIZE=max(w.nested_blocksize, 1),
         BF16_RTNE_BY_HAND=interpreting() and dtype == torch.bfloat16, BYTES=BYTES_PER_PROGRAM,
-        num_warps=4, enable_fp_fusion=False,
+        **LAUNCH_OPTIONS,
     )
     return out
