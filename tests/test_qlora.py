@@ -385,3 +385,35 @@ def test_dequant_kernel_compiles_for_sm90_without_fma():
     assert res.returncode == 0, res.stderr[-3000:]
     ours, fused = (int(v) for v in res.stdout.split())
     assert ours == 0 and fused > 0, (ours, fused)
+
+
+def test_peft_patch_leaves_8bit_layers_on_peft_with_a_clear_warning():
+    peft = pytest.importorskip("peft")
+
+    class Holder(nn.Module):
+        is_loaded_in_8bit = True  # PEFT then builds lora.bnb.Linear8bitLt layers
+
+        def __init__(self):
+            super().__init__()
+            self.proj = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False).to(DEV)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    pm = peft.get_peft_model(Holder(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
+    assert type(pm.base_model.model.proj).__name__ == "Linear8bitLt"
+    with pytest.warns(UserWarning, match=r"Linear8bitLt \(bitsandbytes 8-bit base.*not fused"):
+        assert rk.peft.patch(pm) == 0
+    assert not rk.peft.is_patched(pm.base_model.model.proj)
+
+
+def test_torch_compile_fullgraph_on_a_4bit_base():
+    packed, qs, w = quantize(40, 64, "nf4", True, 64)
+    A = torch.randn(4, 64, device=DEV, requires_grad=True)
+    B = torch.randn(40, 4, device=DEV, requires_grad=True)
+    x = torch.randn(5, 64, device=DEV, requires_grad=True)
+    fn = torch.compile(lambda x: rk.lora_linear(x, w, A, B, 0.5, backend="composite"), fullgraph=True)
+    y = fn(x)
+    y_eager = rk.lora_linear(x, w, A, B, 0.5, backend="composite")
+    assert torch.equal(y, y_eager)
+    assert torch.equal(torch.autograd.grad(y.sum(), A)[0], torch.autograd.grad(y_eager.sum(), A)[0])
