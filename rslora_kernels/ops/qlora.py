@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .. import reference
 from .._validate import validate_inputs
-from ..dropout import _as_seed_int, _keep_mask_torch, draw_seed
+from ..dropout import as_seed_int, draw_seed, keep_mask_torch
 from ..quant import Weight4bit, as_weight4bit, dequantize_4bit
 from .lora_linear import _BACKENDS, _autocast, resolve_backend
 
@@ -142,11 +142,11 @@ def qlora_linear(x: Tensor, weight, lora_A: Tensor, lora_B: Tensor, scaling: flo
         if seed is None:
             seed = draw_seed(x.device)
         elif not isinstance(seed, Tensor):
-            seed = torch.tensor(_as_seed_int(seed), dtype=torch.int64, device=x.device)
+            seed = torch.tensor(as_seed_int(seed), dtype=torch.int64, device=x.device)
         elif seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device:
             raise TypeError(f"seed tensor must be a one-element int64 tensor on {x.device}, got {seed.dtype} on {seed.device}")
     if backend == "reference":  # the oracle: plain autograd over the dequantized weight (which it saves)
-        mask = _keep_mask_torch(seed, math.prod(x.shape[:-1]), x.shape[-1], p).reshape(x.shape) if p > 0.0 else None
+        mask = keep_mask_torch(seed, math.prod(x.shape[:-1]), x.shape[-1], p).reshape(x.shape) if p > 0.0 else None
         dense = dequantize_4bit(w, x.dtype, impl="torch")
         return reference.lora_linear(x, dense, lora_A, lora_B, scaling, bias, p, mask)
     if p == 0.0:
