@@ -111,6 +111,22 @@ def test_bad_weights_raise_clear_errors():
         rk.lora_linear(x, w, A, B, 1.0)
     with pytest.raises(TypeError, match="dtype"):
         dequantize_4bit(w, torch.float64)
+    with pytest.raises(TypeError, match="x must be float16, bfloat16 or float32"):
+        rk.lora_linear(x.double()[:, :33], w, A.double()[:, :33], B.double(), 1.0)
+
+
+def test_autocast_computes_in_the_autocast_dtype():
+    packed, qs, w = quantize(29, 53, "nf4", True, 64)
+    x = torch.randn(7, 53, device=DEV, requires_grad=True)
+    A = torch.randn(3, 53, device=DEV, requires_grad=True)  # fp32 adapters stay fp32
+    B = torch.randn(29, 3, device=DEV, requires_grad=True)
+    with torch.autocast(DEV.type, dtype=torch.bfloat16):
+        y = rk.lora_linear(x, w, A, B, 0.5, backend="composite")
+    assert y.dtype == torch.bfloat16
+    expected = rk.reference.lora_linear(x.bfloat16(), BF.dequantize_4bit(packed, qs).bfloat16(), A, B, 0.5)
+    torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and A.grad.dtype == torch.float32
 
 
 # ----------------------------------------------------------------------------------------------

@@ -40,6 +40,8 @@ from .lora_linear import _BACKENDS, _autocast, resolve_backend
 
 __all__ = ["qlora_linear", "QLoRALinearFunction"]
 
+_COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
 
 def _dense_weight(qtensors: List[Tensor], qmeta: List[int], quant_type: str, dtype: torch.dtype,
                   backend: str) -> Tensor:
@@ -130,6 +132,8 @@ def qlora_linear(x: Tensor, weight, lora_A: Tensor, lora_B: Tensor, scaling: flo
     (the autocast dtype under ``torch.autocast``), bit for bit as bitsandbytes does."""
     w = as_weight4bit(weight)
     x, _, lora_A, lora_B, bias = _autocast(x, None, lora_A, lora_B, bias)
+    if isinstance(x, Tensor) and x.dtype not in _COMPUTE_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32 with a 4-bit weight (its compute dtype), got {x.dtype}")
     if isinstance(x, Tensor) and w.device != x.device:
         raise ValueError(f"weight (4-bit) is on {w.device} but x is on {x.device}; all tensors must share a device")
     # every check of the dense op, against a zero-stride stand-in with W's shape and x's dtype/device
