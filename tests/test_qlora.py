@@ -312,7 +312,8 @@ def _logits_and_grads(model, ids):
     return logits.detach(), grads
 
 
-def test_peft_patch_fuses_all_4bit_projections_and_matches_peft():
+@pytest.mark.parametrize("backend", ["composite", "triton"])
+def test_peft_patch_fuses_all_4bit_projections_and_matches_peft(backend):
     pm = _peft_qlora_llama(dropout=0.0)
     layers = [m for m in pm.modules() if type(m).__name__ == "Linear4bit" and hasattr(m, "lora_A")]
     assert len(layers) == 14 and {type(m).__module__ for m in layers} == {"peft.tuners.lora.bnb"}
@@ -320,7 +321,7 @@ def test_peft_patch_fuses_all_4bit_projections_and_matches_peft():
     logits_peft, grads_peft = _logits_and_grads(pm, ids)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing left on PEFT's forward
-        assert rk.peft.patch(pm, backend="composite") == 14
+        assert rk.peft.patch(pm, backend=backend) == 14
     kinds = {n.rsplit(".", 1)[-1] for n, m in pm.named_modules() if rk.peft.is_patched(m)}
     assert kinds == set(TARGETS)
     logits, grads = _logits_and_grads(pm, ids)
