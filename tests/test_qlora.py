@@ -434,3 +434,18 @@ def test_torch_compile_fullgraph_on_a_4bit_base():
     y_eager = rk.lora_linear(x, w, A, B, 0.5, backend="composite")
     assert torch.equal(y, y_eager)
     assert torch.equal(torch.autograd.grad(y.sum(), A)[0], torch.autograd.grad(y_eager.sum(), A)[0])
+
+
+def test_sweep_quant_nf4_runs_the_qlora_providers(tmp_path):
+    """Plumbing of ``benchmarks.sweep --quant nf4`` (no timing asserted): the 4-bit providers give rows."""
+    import json
+
+    sweep = pytest.importorskip("benchmarks.sweep")
+    pytest.importorskip("peft")
+    out = tmp_path / "sweep"
+    assert sweep.main(["--device", "cpu", "--shapes", "64x40", "--m", "17", "--ranks", "3", "--modes", "fwd+bwd",
+                       "--dropout", "0.1", "--providers", "eager", "--quant", "nf4", "--min-time", "0.02",
+                       "--rounds", "1", "--rotate", "2", "--out", str(out)]) == 0
+    rows = {x["provider"]: x for x in json.loads((out / "sweep.json").read_text())["rows"]}
+    for name in ("peft-qlora", "qlora-composite"):
+        assert name in rows and not rows[name]["error"] and rows[name]["ms"] > 0, rows.get(name)
