@@ -11,6 +11,9 @@ when K is even and not a multiple of the blocksize; where these tests take bitsa
 dequantized weight as the oracle, K is odd (bitsandbytes then uses its PyTorch path) or a multiple
 of the blocksize. The independent decode below covers the other shapes.
 """
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -26,6 +29,7 @@ import bitsandbytes.functional as BF  # noqa: E402
 from rslora_kernels.quant import BLOCKSIZES, Weight4bit, code_table, dequantize_4bit  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository (subprocesses import from it)
 
 
 def quantize(N, K, quant_type, nested, blocksize, seed=0, dtype=torch.float32):
@@ -390,15 +394,10 @@ def test_dequant_kernel_compiles_for_sm90_without_fma():
     twice): compile the kernel for sm_90 with the launcher's options (in a fresh process without the
     interpreter, as benchmarks/static_report.py does) and count FMAs in the PTX. Compiled with fusion
     allowed, the same kernel does contain FMAs -- so this test can fail."""
-    import os
-    import subprocess
-    import sys
-
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", _FMA_COUNT_SCRIPT], env=env, cwd=root, capture_output=True, text=True)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", _FMA_COUNT_SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     ours, fused = (int(v) for v in res.stdout.split())
     assert ours == 0 and fused > 0, (ours, fused)
@@ -449,3 +448,13 @@ def test_sweep_quant_nf4_runs_the_qlora_providers(tmp_path):
     rows = {x["provider"]: x for x in json.loads((out / "sweep.json").read_text())["rows"]}
     for name in ("peft-qlora", "qlora-composite"):
         assert name in rows and not rows[name]["error"] and rows[name]["ms"] > 0, rows.get(name)
+
+
+def test_package_import_and_dense_calls_do_not_import_bitsandbytes():
+    code = ("import sys, torch, rslora_kernels as rk; x = torch.randn(3, 8); "
+            "rk.lora_linear(x, torch.randn(5, 8), torch.randn(2, 8), torch.randn(5, 2), 1.0, backend='composite'); "
+            "print('bitsandbytes' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "False"
