@@ -96,6 +96,10 @@ def test_params4bit_is_accepted_as_is():
     assert torch.equal(dequantize_4bit(lin.weight, torch.float32), expected)
     w = Weight4bit.from_bnb(lin.weight)
     assert w.packed.data_ptr() == lin.weight.data_ptr()  # a reference, not a copy
+    # quant_storage other than uint8 (FSDP's choice): the same bytes, read as uint8
+    lin16 = bnb.nn.Linear4bit(64, 30, quant_type="fp4", quant_storage=torch.bfloat16).to(DEV)
+    assert lin16.weight.dtype == torch.bfloat16
+    assert torch.equal(dequantize_4bit(lin16.weight, torch.float32), BF.dequantize_4bit(lin16.weight, lin16.weight.quant_state))
 
 
 def test_bad_weights_raise_clear_errors():
