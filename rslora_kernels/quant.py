@@ -195,22 +195,21 @@ def as_weight4bit(weight) -> Weight4bit:
 _FLOAT_OUT = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _scale_blocks(values: Tensor, scales: Tensor, blocksize: int) -> Tensor:
-    """fp32 ``values[i] * scales[i // blocksize]`` (the last block may be partial)."""
+def _scale_blocks_(values: Tensor, scales: Tensor, blocksize: int) -> Tensor:
+    """fp32 ``values[i] *= scales[i // blocksize]`` in place (the last block may be partial)."""
     n = values.numel()
     full = (n // blocksize) * blocksize
-    out = torch.empty_like(values)
-    out[:full] = (values[:full].view(-1, blocksize) * scales[:full // blocksize, None]).view(-1)
+    values[:full].view(-1, blocksize).mul_(scales[:full // blocksize, None])
     if full < n:
-        out[full:] = values[full:] * scales[full // blocksize]
-    return out
+        values[full:].mul_(scales[full // blocksize])
+    return values
 
 
 def block_scales(w: Weight4bit) -> Tensor:
     """The fp32 per-block scales (the nested codes decoded: ``code[q] * absmax2``, then ``+ offset``)."""
     if not w.nested:
         return w.absmax
-    decoded = _scale_blocks(w.nested_code[w.absmax.long()], w.nested_absmax, w.nested_blocksize)
+    decoded = _scale_blocks_(w.nested_code[w.absmax.long()], w.nested_absmax, w.nested_blocksize)
     return decoded.add_(w.nested_offset)
 
 
@@ -219,8 +218,8 @@ def _dequantize_torch(w: Weight4bit, dtype: torch.dtype) -> Tensor:
     code = code_table(w.quant_type, w.device)
     byte = torch.arange(256, device=w.device)
     pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1)
-    values = pairs[w.packed.long()].view(-1)[:w.numel]
-    return _scale_blocks(values, block_scales(w), w.blocksize).to(dtype).view(w.shape)
+    values = pairs[w.packed.long()].view(-1)[:w.numel]  # a fresh fp32 tensor: scaled in place
+    return _scale_blocks_(values, block_scales(w), w.blocksize).to(dtype).view(w.shape)
 
 
 def _bnb_cpu_kernel_exact(w: Weight4bit) -> bool:
