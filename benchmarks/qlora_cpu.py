@@ -25,6 +25,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -128,8 +129,10 @@ def main(argv=None):
     except ImportError:
         pass
     ref = {r["method"]: r for r in rows}["peft-qlora"]
+    command = "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "(unset)") + " python -m benchmarks.qlora_cpu " + \
+        " ".join(argv if argv is not None else sys.argv[1:])
     lines = [f"# QLoRA on the CPU: fwd+bwd of one layer, fp32, M={args.M}, K={args.K}, N={args.N}, r={args.r}, "
-             f"p={args.p}, {args.quant} (nested absmax)", "",
+             f"p={args.p}, {args.quant} (nested absmax)", "", f"`{command}`", "",
              f"{env['date_utc']}, commit {commit}, torch {env['torch']}, bitsandbytes {env.get('bitsandbytes')}, "
              f"peft {env.get('peft')}, {env['threads']} thread(s) on {env['cpu_count']} cores, 1-min load average "
              f"{env['loadavg_1m_before_after'][0]} before / {env['loadavg_1m_before_after'][1]} after; medians of "
@@ -147,7 +150,7 @@ def main(argv=None):
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"qlora_cpu_{env['date_utc'][:10]}"
+        stem = out / f"{env['date_utc'][:10]}_qlora_cpu"  # benchmarks/results/ names: <date>_<what>
         stem.with_suffix(".md").write_text(text + "\n")
         stem.with_suffix(".json").write_text(json.dumps({"env": env, "args": {k: v for k, v in vars(args).items()},
                                                          "rows": rows, "dequant_ms": deq}, indent=1) + "\n")
