@@ -5,7 +5,7 @@
 ``deq(Wq)`` is bitsandbytes' 4-bit weight (NF4/FP4, nested absmax or not; see
 :mod:`rslora_kernels.quant`) dequantized to x's dtype. Each custom op dequantizes W into a scratch
 tensor, runs the registered backend's forward or backward on it (the same functions the 16-bit
-path runs, ``_BACKENDS[name]`` in :mod:`rslora_kernels.ops.lora_linear`), and lets the scratch go
+path runs, from the registry in :mod:`rslora_kernels.ops.lora_linear`), and lets the scratch go
 when it returns. So:
 
 * the dense W is never saved for backward: backward dequantizes again (one more pass over the
@@ -32,11 +32,9 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .. import reference
 from .._validate import validate_inputs
-from ..dropout import as_seed_int, draw_seed, keep_mask_torch
 from ..quant import Weight4bit, as_weight4bit, dequantize_4bit
-from .lora_linear import _BACKENDS, _autocast, resolve_backend
+from .lora_linear import autocast_inputs, registered_backends, resolve_backend, seed_tensor
 
 __all__ = ["qlora_linear", "QLoRALinearFunction"]
 
@@ -58,7 +56,7 @@ def _fwd_op(x2d: Tensor, qtensors: List[Tensor], qmeta: List[int], quant_type: s
             lora_B: Tensor, bias: Optional[Tensor], scaling: float, dropout_p: float, seed: Tensor,
             backend: str) -> Tuple[Tensor, Tensor]:
     weight = _dense_weight(qtensors, qmeta, quant_type, x2d.dtype, backend)
-    return _BACKENDS[backend].forward(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+    return registered_backends()[backend].forward(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
 
 
 @_fwd_op.register_fake
@@ -74,7 +72,7 @@ def _bwd_op(dy: Tensor, x2d: Tensor, qtensors: List[Tensor], qmeta: List[int], q
     weight = _dense_weight(qtensors, qmeta, quant_type, x2d.dtype, backend) if needs[0] else None
     if weight is None:  # no dx: the backends read W only for dx = dy W; a zero-stride stand-in
         weight = x2d.new_zeros(()).expand(qmeta[0], qmeta[1])
-    outs = _BACKENDS[backend].backward(dy, x2d, weight, lora_A, lora_B, T, scaling, dropout_p, seed, *needs)
+    outs = registered_backends()[backend].backward(dy, x2d, weight, lora_A, lora_B, T, scaling, dropout_p, seed, *needs)
     return tuple(o if o is not None else x2d.new_empty((0,)) for o in outs)
 
 
@@ -131,29 +129,24 @@ def qlora_linear(x: Tensor, weight, lora_A: Tensor, lora_B: Tensor, scaling: flo
     or a bitsandbytes ``Params4bit`` (``bnb.nn.Linear4bit.weight``), dequantized to x's dtype
     (the autocast dtype under ``torch.autocast``), bit for bit as bitsandbytes does."""
     w = as_weight4bit(weight)
-    x, _, lora_A, lora_B, bias = _autocast(x, None, lora_A, lora_B, bias)
+    x, _, lora_A, lora_B, bias = autocast_inputs(x, None, lora_A, lora_B, bias)
     if isinstance(x, Tensor) and x.dtype not in _COMPUTE_DTYPES:
         raise TypeError(f"x must be float16, bfloat16 or float32 with a 4-bit weight (its compute dtype), got {x.dtype}")
     if isinstance(x, Tensor) and w.device != x.device:
         raise ValueError(f"weight (4-bit) is on {w.device} but x is on {x.device}; all tensors must share a device")
     # every check of the dense op, against a zero-stride stand-in with W's shape and x's dtype/device
-    stand_in = x.new_zeros(()).expand(*w.shape) if isinstance(x, Tensor) and x.is_floating_point() else x
-    validate_inputs(x, stand_in, lora_A, lora_B, bias, scaling, dropout_p, backend)
+    stand_in = x.new_zeros(()).expand(*w.shape) if isinstance(x, Tensor) else x
+    validate_inputs(x, stand_in, lora_A, lora_B, bias, scaling, dropout_p)
+    backend = resolve_backend(backend, x.device, x.dtype, lora_A.dtype)
     scaling = float(scaling)
     p = float(dropout_p) if training else 0.0
-    backend = resolve_backend(backend, x.device)
-    if p > 0.0:
-        if seed is None:
-            seed = draw_seed(x.device)
-        elif not isinstance(seed, Tensor):
-            seed = torch.tensor(as_seed_int(seed), dtype=torch.int64, device=x.device)
-        elif seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device:
-            raise TypeError(f"seed tensor must be a one-element int64 tensor on {x.device}, got {seed.dtype} on {seed.device}")
-    if backend == "reference":  # the oracle: plain autograd over the dequantized weight (which it saves)
-        mask = keep_mask_torch(seed, math.prod(x.shape[:-1]), x.shape[-1], p).reshape(x.shape) if p > 0.0 else None
+    seed = seed_tensor(seed, p, x.device)
+    spec = registered_backends()[backend]
+    if spec.backward is None:
+        # an autograd backend ("reference": the oracle) is plain PyTorch on the dense W, which
+        # autograd then saves: correct, not memory-saving
+        M, K = math.prod(x.shape[:-1]), x.shape[-1]
         dense = dequantize_4bit(w, x.dtype, impl="torch")
-        return reference.lora_linear(x, dense, lora_A, lora_B, scaling, bias, p, mask)
-    if p == 0.0:
-        seed = torch.zeros((), dtype=torch.int64, device=x.device)
-    return QLoRALinearFunction.apply(x, lora_A, lora_B, bias, scaling, p, seed.reshape(()), backend, w.quant_type,
+        return spec.forward(x.reshape(M, K), dense, lora_A, lora_B, bias, scaling, p, seed).view(*x.shape[:-1], w.shape[0])
+    return QLoRALinearFunction.apply(x, lora_A, lora_B, bias, scaling, p, seed, backend, w.quant_type,
                                      w.meta(), *w.tensors())
