@@ -126,14 +126,16 @@ def test_bad_weights_raise_clear_errors():
 
 def test_autocast_computes_in_the_autocast_dtype():
     packed, qs, w = quantize(29, 53, "nf4", True, 64)
+    W = BF.dequantize_4bit(packed, qs)
     x = torch.randn(7, 53, device=DEV, requires_grad=True)
     A = torch.randn(3, 53, device=DEV, requires_grad=True)  # fp32 adapters stay fp32
     B = torch.randn(29, 3, device=DEV, requires_grad=True)
     with torch.autocast(DEV.type, dtype=torch.bfloat16):
         y = rk.lora_linear(x, w, A, B, 0.5, backend="composite")
     assert y.dtype == torch.bfloat16
-    expected = rk.reference.lora_linear(x.bfloat16(), BF.dequantize_4bit(packed, qs).bfloat16(), A, B, 0.5)
-    torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)
+    oracle = rk.reference.lora_linear(x.detach().double(), W.double(), A.detach().double(), B.detach().double(), 0.5)
+    same = rk.reference.lora_linear(x.detach().bfloat16(), W.bfloat16(), A.detach().bfloat16(), B.detach().bfloat16(), 0.5)
+    assert_close_to_oracle("y", y, oracle, same)
     y.float().sum().backward()
     assert x.grad.dtype == torch.float32 and A.grad.dtype == torch.float32
 
@@ -197,18 +199,27 @@ def test_forward_and_grads_match_float64_oracle(case, backend):
 
 
 def test_reference_backend_and_frozen_x():
-    """backend="reference" (the oracle path) and a call where x needs no grad (no dx, no dequant in backward)."""
+    """backend="reference" (an autograd backend: plain PyTorch on the dense W) and calls where x needs
+    no grad (no dx: backward does not dequantize), each against the float64 oracle."""
     packed, qs, w = quantize(29, 53, "fp4", True, 64)
+    W = BF.dequantize_4bit(packed, qs)
     x = torch.randn(11, 53, device=DEV)
     A = torch.randn(4, 53, device=DEV, requires_grad=True)
     B = torch.randn(29, 4, device=DEV, requires_grad=True)
-    outs = {}
+    mask = rk.dropout_mask(9, x.shape, 0.1, DEV)
+
+    def run(fn, cast):
+        a, b = A.detach().to(cast).requires_grad_(), B.detach().to(cast).requires_grad_()
+        y = fn(x.to(cast), a, b)
+        return (y, *torch.autograd.grad(y.square().sum(), (a, b)))
+
+    oracle = run(lambda x_, a, b: rk.reference.lora_linear(x_, W.double(), a, b, 0.7, None, 0.1, mask), torch.float64)
+    same = run(lambda x_, a, b: rk.reference.lora_linear(x_, W, a, b, 0.7, None, 0.1, mask), torch.float32)
     for backend in ("reference", "composite", "triton"):
-        y = rk.lora_linear(x, w, A, B, 0.7, dropout_p=0.1, seed=9, backend=backend)
-        outs[backend] = (y, *torch.autograd.grad(y.square().sum(), (A, B)))
-    for backend in ("composite", "triton"):
-        for a, b in zip(outs[backend], outs["reference"]):
-            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)  # fp32 sums in another order
+        got = run(lambda x_, a, b: rk.lora_linear(x_, w, a, b, 0.7, dropout_p=0.1, seed=9, backend=backend),
+                  torch.float32)
+        for what, g, o, t in zip(("y", "dA", "dB"), got, oracle, same):
+            assert_close_to_oracle(f"{backend} {what}", g, o, t)
 
 
 def test_dense_weight_is_never_saved_for_backward():
@@ -256,11 +267,15 @@ def test_lora_linear_layer_from_linear4bit():
     y = layer(x)
     torch.manual_seed(7)  # the same seed draw
     seed = rk.dropout.draw_seed(DEV)
-    W = BF.dequantize_4bit(base.weight, base.weight.quant_state).to(torch.bfloat16)
-    expected = rk.reference.lora_linear(x.bfloat16(), W, layer.lora_A.weight, layer.lora_B.weight, layer.scaling,
-                                        base.bias.bfloat16(), 0.1, rk.dropout_mask(int(seed), x.shape, 0.1, DEV))
+    mask = rk.dropout_mask(int(seed), x.shape, 0.1, DEV)
+    W = BF.dequantize_4bit(base.weight, base.weight.quant_state)
+    args = (layer.lora_A.weight.detach(), layer.lora_B.weight.detach(), layer.scaling)
+    xb, bb = x.bfloat16(), base.bias.bfloat16()  # what the layer computes with (Linear4bit's compute dtype)
+    same = rk.reference.lora_linear(xb, W.bfloat16(), *args, bb, 0.1, mask)
+    oracle = rk.reference.lora_linear(xb.double(), W.double(), *(a.double() for a in args[:2]), args[2], bb.double(),
+                                      0.1, mask)
     assert y.dtype == x.dtype  # computed in the base's compute_dtype, cast back as Linear4bit does
-    torch.testing.assert_close(y, expected.float(), rtol=2e-2, atol=2e-2)
+    assert_close_to_oracle("y", y.bfloat16(), oracle, same)  # y holds bf16 values (cast back exactly)
     y.sum().backward()
     assert layer.lora_A.weight.grad is not None and layer.lora_B.weight.grad is not None
     with pytest.raises(TypeError, match="4-bit"):
