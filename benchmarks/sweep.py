@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from . import providers as prov
+from . import qlora_providers as qprov
 
 # Named shapes (K in, N out) of real models' projections.
 SHAPES = {
@@ -227,6 +228,10 @@ def run_sweep(args) -> tuple:
     notes = [f"skipped {p}: {unavailable[p]}" for p in args.providers if p in unavailable]
     if prov.BASELINE not in names:
         names.insert(0, prov.BASELINE)  # speedups need the baseline
+    if args.quant:  # QLoRA providers on the base quantized to args.quant (benchmarks/qlora_providers.py)
+        q_unavailable = qprov.available(device)
+        names += [n for n in qprov.PROVIDERS if n not in q_unavailable]
+        notes += [f"4-bit providers: {args.quant}, nested absmax"] + [f"skipped {n}: {why}" for n, why in q_unavailable.items()]
     for n in notes:
         tqdm.write(f"note: {n}", file=sys.stderr)
 
@@ -245,7 +250,8 @@ def run_sweep(args) -> tuple:
         layers, errors, times, mems = {}, {}, {}, {}
         for name in names:
             try:
-                layers[name] = prov.make_layer(name, base, r, ALPHA, p)
+                layers[name] = (qprov.make_layer(name, base, r, ALPHA, p, args.quant) if name in qprov.PROVIDERS
+                                else prov.make_layer(name, base, r, ALPHA, p))
             except Exception as exc:  # shown in the table, never hidden
                 errors[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
         # providers take turns, round after round, so a change in machine load hits all alike
@@ -395,6 +401,8 @@ def parse_args(argv=None):
     ap.add_argument("--providers", nargs="+", choices=prov.ALL_PROVIDERS, default=list(prov.ALL_PROVIDERS))
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="model dtype (default: GPU bf16, CPU fp32)")
     ap.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.1])
+    ap.add_argument("--quant", choices=qprov.QUANT_TYPES,
+                    help="also time the QLoRA providers (peft-qlora, qlora-triton, qlora-composite) on the base quantized to this 4-bit type")
     ap.add_argument("--out", default="out/sweep", help="output folder (CSV, JSON, Markdown, PNG)")
     ap.add_argument("--min-time", type=float, help="seconds of timed repeats per measurement, over all rounds (GPU 0.1, CPU 0.6)")
     ap.add_argument("--rounds", type=int, help="interleaved rounds per case, median taken (GPU 1, CPU 3)")

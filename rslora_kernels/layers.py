@@ -11,9 +11,20 @@ from torch import nn
 
 from .ops.lora_linear import check_backend_name, lora_linear
 from .ops.merge import merge_lora_
+from .quant import is_quantized_weight
 from .scaling import lora_scaling, rslora_scaling
 
 __all__ = ["LoRALinear"]
+
+
+def _compute_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype ``base`` computes in: its weight's; for a bitsandbytes 4-bit linear its
+    ``compute_dtype``, else the dtype its weight was quantized from."""
+    w = base.weight
+    if is_quantized_weight(w):
+        qs = getattr(w, "quant_state", None)
+        return getattr(base, "compute_dtype", None) or (qs.dtype if qs is not None else torch.float32)
+    return w.dtype
 
 
 class LoRALinear(nn.Module):
@@ -43,7 +54,9 @@ class LoRALinear(nn.Module):
             one added with :func:`rslora_kernels.register_backend`).
         device, dtype: of the base linear (and of the adapters unless ``adapter_dtype`` is given).
         adapter_dtype: dtype of lora_A / lora_B, e.g. torch.float32 next to a bf16 base (as PEFT).
-        base_layer: wrap this existing ``nn.Linear`` instead of creating one (it is frozen).
+        base_layer: wrap this existing ``nn.Linear`` instead of creating one (it is frozen); a
+            bitsandbytes ``Linear4bit`` works too (QLoRA: its 4-bit weight is dequantized per call
+            in its ``compute_dtype``, never stored dense; no merge).
     """
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float = 0.0,
@@ -62,7 +75,7 @@ class LoRALinear(nn.Module):
             in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.base_layer.requires_grad_(False)
         w = self.base_layer.weight
-        adapter_dtype = adapter_dtype or dtype or w.dtype
+        adapter_dtype = adapter_dtype or dtype or _compute_dtype(self.base_layer)
         self.lora_A = nn.Linear(in_features, r, bias=False, device=w.device, dtype=adapter_dtype)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=w.device, dtype=adapter_dtype)
         self.reset_lora_parameters()
@@ -71,9 +84,14 @@ class LoRALinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
                     rank_stabilized: bool = True, backend: str = "auto", adapter_dtype=None) -> "LoRALinear":
         """Wrap an existing ``nn.Linear`` (kept as ``base_layer``, frozen, weights shared) with a
-        fresh adapter on the linear's device, in its dtype unless ``adapter_dtype`` is given."""
+        fresh adapter on the linear's device, in its dtype unless ``adapter_dtype`` is given.
+        A bitsandbytes ``Linear4bit`` (quantized, e.g. after ``.to(device)``) is accepted: the
+        adapters then default to its compute dtype (else the dtype it was quantized from)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        if not (linear.weight.is_floating_point() or is_quantized_weight(linear.weight)):
+            raise TypeError(f"from_linear needs a float nn.Linear or a bitsandbytes Linear4bit; "
+                            f"{type(linear).__name__} has a {linear.weight.dtype} weight")
         return cls(linear.in_features, linear.out_features, r, alpha, dropout, linear.bias is not None,
                    rank_stabilized, backend, adapter_dtype=adapter_dtype, base_layer=linear)
 
@@ -86,9 +104,20 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.base_layer.weight, self.base_layer.bias)
+        if is_quantized_weight(self.base_layer.weight):
+            return self._forward_4bit(x)
         return lora_linear(x, self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
                            bias=self.base_layer.bias, dropout_p=self.dropout, training=self.training,
                            backend=self.backend)
+
+    def _forward_4bit(self, x: torch.Tensor) -> torch.Tensor:
+        """As ``bnb.nn.Linear4bit`` does: compute in its ``compute_dtype`` (x's dtype if unset), cast back."""
+        dt = getattr(self.base_layer, "compute_dtype", None) or x.dtype
+        bias = self.base_layer.bias
+        y = lora_linear(x.to(dt), self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                        bias=None if bias is None else bias.to(dt), dropout_p=self.dropout, training=self.training,
+                        backend=self.backend)
+        return y.to(x.dtype)
 
     def merge(self) -> None:
         """``W += s * B @ A`` in place (Triton kernel on CUDA / under the interpreter, else a chunked
@@ -97,6 +126,9 @@ class LoRALinear(nn.Module):
         if self.merged:
             warnings.warn("LoRALinear.merge(): already merged; nothing to do", stacklevel=2)
             return
+        if is_quantized_weight(self.base_layer.weight):
+            raise TypeError("LoRALinear.merge(): the base is 4-bit; folding the adapter into it would "
+                            "re-quantize the weight (lossy, not reversible). Keep the adapter separate.")
         merge_lora_(self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, 1.0)
         self.merged = True
 

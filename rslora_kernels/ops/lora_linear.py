@@ -27,9 +27,11 @@ from .. import reference
 from .._runtime import triton_available_for
 from .._validate import validate_inputs
 from ..dropout import as_seed_int, draw_seed, keep_mask_torch
+from ..quant import is_quantized_weight
 
 __all__ = ["lora_linear", "LoRALinearFunction", "Backend", "register_backend", "unregister_backend",
-           "registered_backends", "check_backend_name", "choose_auto_backend", "resolve_backend"]
+           "registered_backends", "check_backend_name", "choose_auto_backend", "resolve_backend",
+           "autocast_inputs", "seed_tensor"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,7 +278,7 @@ class LoRALinearFunction(torch.autograd.Function):
 _AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _autocast(x, weight, lora_A, lora_B, bias):
+def autocast_inputs(x, weight, lora_A, lora_B, bias):
     """Under torch.autocast, cast x, weight and bias to the autocast dtype (as F.linear would).
     lora_A/lora_B keep a wider dtype (PEFT's fp32 adapters): the kernels read them natively."""
     dev = x.device.type
@@ -294,6 +296,20 @@ def _autocast(x, weight, lora_A, lora_B, bias):
     return cast(x), cast(weight), cast(lora_A, True), cast(lora_B, True), cast(bias)
 
 
+def seed_tensor(seed: Union[int, Tensor, None], p: float, device: torch.device) -> Tensor:
+    """The dropout seed as the 0-dim int64 tensor on ``device`` the backends take: zero when
+    ``p == 0``; drawn from torch's default generator when None."""
+    if p == 0.0:
+        seed = torch.zeros((), dtype=torch.int64, device=device)
+    elif seed is None:
+        seed = draw_seed(device)
+    elif not isinstance(seed, Tensor):
+        seed = torch.tensor(as_seed_int(seed), dtype=torch.int64, device=device)
+    elif seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != device:
+        raise TypeError(f"seed tensor must be a one-element int64 tensor on {device}, got {seed.dtype} on {seed.device}")
+    return seed.reshape(())
+
+
 def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
                 bias: Optional[Tensor] = None, dropout_p: float = 0.0, training: bool = True,
                 seed: Union[int, Tensor, None] = None, backend: str = "auto") -> Tensor:
@@ -301,7 +317,9 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
 
     Args:
         x: ``[..., K]``; any leading dims; strides are honoured (no copy if they flatten).
-        weight: ``[N, K]`` frozen base weight, any strides (pass ``W.t()`` for fan_in_fan_out).
+        weight: ``[N, K]`` frozen base weight, any strides (pass ``W.t()`` for fan_in_fan_out);
+            or a 4-bit one (``rslora_kernels.quant.Weight4bit`` or a bitsandbytes ``Params4bit``),
+            dequantized per call to x's dtype and never saved (see :mod:`rslora_kernels.ops.qlora`).
         lora_A: ``[r, K]``; lora_B: ``[N, r]`` (PEFT layouts), in x's dtype or wider (fp32).
         scaling: ``rslora_scaling(alpha, r)`` (rsLoRA) or ``lora_scaling(alpha, r)``.
         bias: ``[N]`` or None.
@@ -316,20 +334,16 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     Returns:
         ``[..., N]`` in x's dtype (the autocast dtype under ``torch.autocast``).
     """
-    x, weight, lora_A, lora_B, bias = _autocast(x, weight, lora_A, lora_B, bias)
+    if is_quantized_weight(weight):
+        from .qlora import qlora_linear
+
+        return qlora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training, seed, backend)
+    x, weight, lora_A, lora_B, bias = autocast_inputs(x, weight, lora_A, lora_B, bias)
     validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p)
     backend = resolve_backend(backend, x.device, x.dtype, lora_A.dtype)
     scaling = float(scaling)
     p = float(dropout_p) if training else 0.0
-    if p == 0.0:
-        seed = torch.zeros((), dtype=torch.int64, device=x.device)
-    elif seed is None:
-        seed = draw_seed(x.device)
-    elif not isinstance(seed, Tensor):
-        seed = torch.tensor(as_seed_int(seed), dtype=torch.int64, device=x.device)
-    elif seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device:
-        raise TypeError(f"seed tensor must be a one-element int64 tensor on {x.device}, got {seed.dtype} on {seed.device}")
-    seed = seed.reshape(())
+    seed = seed_tensor(seed, p, x.device)
     spec = _REGISTRY[backend]
     if spec.backward is None:  # an autograd backend: plain PyTorch, differentiated by autograd
         M, K = math.prod(x.shape[:-1]), x.shape[-1]
