@@ -11,7 +11,7 @@ when it returns. So:
 * the dense W is never saved for backward: backward dequantizes again (one more pass over the
   4-bit weight, ~N*K/2 bytes read, N*K written -- small next to the two N*K*M GEMMs);
 * it is not kept after the call: peak extra memory per call is one dense W of the layer;
-* the layer saves what the 16-bit path saves -- x (a view), T = drop(x) A^T and the dropout seed --
+* the layer saves what the 16-bit path saves -- x (a view), T = drop(x) A^T and the dropout mask state --
   plus references to the 4-bit weight's own tensors (no new memory).
 
 Dequantization: on CUDA (and under ``TRITON_INTERPRET=1`` with backend "triton") the Triton kernel
@@ -54,30 +54,32 @@ def _dense_weight(qtensors: List[Tensor], qmeta: List[int], quant_type: str, dty
 @torch.library.custom_op("rslora_kernels::qlora_linear_fwd", mutates_args=())
 def _fwd_op(x2d: Tensor, qtensors: List[Tensor], qmeta: List[int], quant_type: str, lora_A: Tensor,
             lora_B: Tensor, bias: Optional[Tensor], scaling: float, dropout_p: float, seed: Tensor,
-            backend: str) -> Tuple[Tensor, Tensor]:
+            backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (y, T, mask_state), as the dense op does."""
     weight = _dense_weight(qtensors, qmeta, quant_type, x2d.dtype, backend)
     return registered_backends()[backend].forward(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
 
 
 @_fwd_op.register_fake
 def _(x2d, qtensors, qmeta, quant_type, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
-    return x2d.new_empty((x2d.shape[0], qmeta[0])), x2d.new_empty((x2d.shape[0], lora_A.shape[0]))
+    return (x2d.new_empty((x2d.shape[0], qmeta[0])), x2d.new_empty((x2d.shape[0], lora_A.shape[0])),
+            registered_backends()[backend].mask_state_like(x2d, seed, dropout_p))
 
 
 @torch.library.custom_op("rslora_kernels::qlora_linear_bwd", mutates_args=())
 def _bwd_op(dy: Tensor, x2d: Tensor, qtensors: List[Tensor], qmeta: List[int], quant_type: str,
-            lora_A: Tensor, lora_B: Tensor, T: Tensor, scaling: float, dropout_p: float, seed: Tensor,
+            lora_A: Tensor, lora_B: Tensor, T: Tensor, scaling: float, dropout_p: float, mask_state: Tensor,
             needs: List[bool], backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, dA, dB, db); a grad that is not needed comes back as an empty tensor."""
     weight = _dense_weight(qtensors, qmeta, quant_type, x2d.dtype, backend) if needs[0] else None
     if weight is None:  # no dx: the backends read W only for dx = dy W; a zero-stride stand-in
         weight = x2d.new_zeros(()).expand(qmeta[0], qmeta[1])
-    outs = registered_backends()[backend].backward(dy, x2d, weight, lora_A, lora_B, T, scaling, dropout_p, seed, *needs)
+    outs = registered_backends()[backend].backward(dy, x2d, weight, lora_A, lora_B, T, scaling, dropout_p, mask_state, *needs)
     return tuple(o if o is not None else x2d.new_empty((0,)) for o in outs)
 
 
 @_bwd_op.register_fake
-def _(dy, x2d, qtensors, qmeta, quant_type, lora_A, lora_B, T, scaling, dropout_p, seed, needs, backend):
+def _(dy, x2d, qtensors, qmeta, quant_type, lora_A, lora_B, T, scaling, dropout_p, mask_state, needs, backend):
     M, K = x2d.shape
     N, R = qmeta[0], lora_A.shape[0]
     shapes = ((x2d, (M, K)), (lora_A, (R, K)), (lora_A, (N, R)), (lora_A, (N,)))
@@ -98,24 +100,25 @@ class QLoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, lora_A, lora_B, bias, scaling, dropout_p, seed, backend, quant_type, qmeta, *qtensors):
         M, K = math.prod(x.shape[:-1]), x.shape[-1]
         x2d = x.reshape(M, K)
-        y2d, T = torch.ops.rslora_kernels.qlora_linear_fwd(x2d, list(qtensors), qmeta, quant_type, lora_A, lora_B,
-                                                           bias, scaling, dropout_p, seed, backend)
-        ctx.save_for_backward(x2d, lora_A, lora_B, T, seed, *qtensors)
-        ctx.cfg = (scaling, dropout_p, backend, quant_type, qmeta, x.shape, bias is not None,
-                   bias.dtype if bias is not None else None)
+        y2d, T, mask_state = torch.ops.rslora_kernels.qlora_linear_fwd(
+            x2d, list(qtensors), qmeta, quant_type, lora_A, lora_B, bias, scaling, dropout_p, seed, backend)
+        ctx.save_for_backward(x2d, lora_A, lora_B, T, mask_state, *qtensors)
+        ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+        ctx.quant_type, ctx.qmeta, ctx.x_shape = quant_type, qmeta, x.shape
+        ctx.bias_dtype = bias.dtype if bias is not None else None  # None: the op has no bias
         return y2d.view(*x.shape[:-1], qmeta[0])
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, lora_A, lora_B, T, seed, *qtensors = ctx.saved_tensors
-        scaling, p, backend, quant_type, qmeta, x_shape, has_bias, bias_dtype = ctx.cfg
+        x2d, lora_A, lora_B, T, mask_state, *qtensors = ctx.saved_tensors
         need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
-        dy2d = dy.reshape(x2d.shape[0], qmeta[0])
+        need_bias = need_bias and ctx.bias_dtype is not None
+        dy2d = dy.reshape(x2d.shape[0], ctx.qmeta[0])
         dx, dA, dB, db = torch.ops.rslora_kernels.qlora_linear_bwd(
-            dy2d, x2d, qtensors, qmeta, quant_type, lora_A, lora_B, T, scaling, p, seed,
-            [need_x, need_a, need_b, need_bias and has_bias], backend)
-        return (dx.view(x_shape) if need_x else None, dA if need_a else None, dB if need_b else None,
-                db.to(bias_dtype) if need_bias and has_bias else None,
+            dy2d, x2d, qtensors, ctx.qmeta, ctx.quant_type, lora_A, lora_B, T, ctx.scaling, ctx.dropout_p, mask_state,
+            [need_x, need_a, need_b, need_bias], ctx.backend)
+        return (dx.view(ctx.x_shape) if need_x else None, dA if need_a else None, dB if need_b else None,
+                db.to(ctx.bias_dtype) if need_bias else None,
                 None, None, None, None, None, None, *([None] * len(qtensors)))
 
 
