@@ -9,12 +9,13 @@ from .dropout import dropout_mask
 from .inject import inject
 from .layers import LoRALinear
 from .ops import composite  # noqa: F401  (registers the "composite" backend; CPU "auto" picks it)
+from .ops.dora import DoRALinearFunction, dora_linear
 from .ops.lora_linear import LoRALinearFunction, lora_linear
 from .scaling import lora_scaling, rslora_scaling
 
 __version__ = "0.1.0"
 
-__all__ = ["lora_linear", "LoRALinearFunction", "LoRALinear", "inject", "dropout_mask", "reference",
+__all__ = ["lora_linear", "LoRALinearFunction", "dora_linear", "DoRALinearFunction", "LoRALinear", "inject", "dropout_mask", "reference",
            "rslora_scaling", "lora_scaling", "peft", "__version__"]
 
 
