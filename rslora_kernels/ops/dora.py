@@ -49,7 +49,7 @@ from ..dropout import as_seed_int, draw_seed, dropout_scale, keep_mask_torch
 from .composite import composite_backward, composite_forward
 from .lora_linear import resolve_backend
 
-__all__ = ["dora_linear", "DoRALinearFunction", "dora_row_norms", "clear_norm_cache"]
+__all__ = ["dora_linear", "DoRALinearFunction", "dora_row_norms", "dora_merge_", "clear_norm_cache"]
 
 FUSED_BACKENDS = ("composite", "triton")
 _NORM_CHUNK = 1 << 22  # elements of W upcast at a time (16 MiB in fp32)
@@ -280,3 +280,24 @@ def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magni
     if p == 0.0:
         seed = torch.zeros((), dtype=torch.int64, device=x.device)
     return DoRALinearFunction.apply(x, weight, lora_A, lora_B, magnitude, bias, scaling, p, seed.reshape(()), backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# Merge (PEFT's DoRA merge): W <- (m / w) * (W + s B A);  unmerge: W <- W / (m / w) - s B A
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def dora_merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float,
+                weight_norm: Tensor, unmerge: bool = False) -> None:
+    """In place on ``weight [N, K]``, in fp32 row chunks (one rounding to W's dtype, no [N, K]
+    temporary). ``weight_norm`` is ``dora_row_norms`` of the unmerged weight, as PEFT caches it at
+    merge time to unmerge with."""
+    acc = _acc_dtype(weight, lora_A)
+    A, B = lora_A.to(acc), lora_B.to(acc)
+    factor = magnitude.to(acc) / weight_norm.to(acc)
+    N, K = weight.shape
+    rows = max(1, _NORM_CHUNK // max(K, 1))
+    for n0 in range(0, N, rows):
+        chunk, f = weight[n0:n0 + rows].to(acc), factor[n0:n0 + rows, None]
+        delta = torch.mm(B[n0:n0 + rows], A).mul_(scaling)
+        new = chunk.div_(f).sub_(delta) if unmerge else chunk.add_(delta).mul_(f)
+        weight[n0:n0 + rows] = new.to(weight.dtype)
