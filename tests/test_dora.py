@@ -351,3 +351,17 @@ def test_peft_dora_dropout_saved_bytes(backend):
     logits.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all()
                for n, p in model.named_parameters() if "lora_magnitude_vector" in n)
+
+
+@pytest.mark.parametrize("dtype, p", [(torch.float32, 0.0), (torch.bfloat16, 0.3)])
+def test_opcheck(dtype, p, device):
+    """The custom ops and their fake kernels agree (what torch.compile traces through)."""
+    t = make_inputs(7, 12, 10, 3, dtype, device, adapter_dtype=torch.float32, seed=61)
+    seed = torch.tensor(1234, device=device)
+    args = (t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], t["bias"], 0.5, p, seed, "composite")
+    torch.library.opcheck(torch.ops.rslora_kernels.dora_linear_fwd.default, args)
+    y, z, T, w = torch.ops.rslora_kernels.dora_linear_fwd(*args)
+    dy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.rslora_kernels.dora_linear_bwd.default,
+                          (dy, t["x"], t["weight"], t["lora_A"], t["lora_B"], T, z, w, t["magnitude"], 0.5, p, seed,
+                           [True, True, True, True, True], "composite"))
