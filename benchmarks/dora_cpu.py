@@ -7,7 +7,10 @@ after warm-up, fp32:
 
 * ours-dora  -- ``rk.LoRALinear(use_dora=True, backend="composite")`` (what ``rk.peft.patch`` runs);
 * peft-dora  -- a real PEFT ``lora.Linear`` with ``use_dora=True`` (PEFT's own forward);
-* ours-lora  -- ``rk.LoRALinear(backend="composite")``, the same layer without DoRA (the overhead).
+* ours-lora  -- ``rk.LoRALinear(backend="composite")``, the same layer without DoRA (the overhead);
+* 1 GEMM     -- one ``torch.mm`` of the base shape ([M, K] x [K, N]), the yardstick: with dropout,
+                PEFT's formula needs x W^T and drop(x) W^T forward and dy W and ((g-1) dy) W
+                backward, 4 base GEMMs for PEFT and for us alike; without dropout 2.
 
 x requires grad (a layer inside a network), the base is frozen; A, B (and the magnitude) train.
 "saved" counts the storages autograd still holds for backward after the forward (graphs that
@@ -118,7 +121,13 @@ def run(M: int, K: int, N: int, r: int, ps, repeats: int, warmup: int, seed: int
             y_ours, y_peft = layers["ours-dora"](x), layers["peft-dora"](x)
             assert torch.allclose(y_ours, y_peft, rtol=1e-4, atol=1e-4), (y_ours - y_peft).abs().max()
         times = {name: [] for name in layers}
+        times["1 GEMM"] = []
+        Wt = base.weight.t()
         for i in range(warmup + repeats):
+            t0 = time.perf_counter()
+            torch.mm(x.detach(), Wt)
+            if i >= warmup:
+                times["1 GEMM"].append(time.perf_counter() - t0)
             for name, layer in layers.items():
                 x.grad = None
                 for prm in layer.parameters():
@@ -132,6 +141,8 @@ def run(M: int, K: int, N: int, r: int, ps, repeats: int, warmup: int, seed: int
             with_x, without_x, shapes = saved_bytes(lambda: layer(x), params, x)
             rows.append({"p": p, "method": name, "ms": 1e3 * statistics.median(times[name]),
                          "saved": with_x, "saved_no_x": without_x, "what": shapes})
+        rows.append({"p": p, "method": "1 GEMM", "ms": 1e3 * statistics.median(times["1 GEMM"]),
+                     "saved": None, "saved_no_x": None, "what": []})
     return rows
 
 
@@ -149,20 +160,27 @@ def main(argv=None):
           f"{torch.get_num_threads()} threads; medians of {args.repeats} after {args.warmup} warm-up")
     rows = run(args.M, args.K, args.N, args.r, args.ps, args.repeats, args.warmup)
     print(f"{'p':>4} {'method':<10} {'fwd+bwd ms':>10} {'speedup':>8} {'saved B':>12} {'vs peft':>8} "
-          f"{'saved-x B':>12} {'vs peft':>8}")
+          f"{'saved-x B':>12} {'vs peft':>8} {'GEMMs':>6}")
     by_p: Dict[float, Dict[str, Dict]] = {}
     for row in rows:
         by_p.setdefault(row["p"], {})[row["method"]] = row
     for p, group in by_p.items():
         peft = group["peft-dora"]
+        gemm = group["1 GEMM"]["ms"]
         for name, row in group.items():
+            if row["saved"] is None:
+                print(f"{p:>4} {name:<10} {row['ms']:>10.1f}")
+                continue
             print(f"{p:>4} {name:<10} {row['ms']:>10.1f} {peft['ms'] / row['ms']:>7.2f}x {row['saved']:>12,d} "
                   f"{row['saved'] / peft['saved']:>7.3f}x {row['saved_no_x']:>12,d} "
-                  f"{row['saved_no_x'] / peft['saved_no_x']:>7.3f}x")
+                  f"{row['saved_no_x'] / peft['saved_no_x']:>7.3f}x {row['ms'] / gemm:>6.2f}")
         lora, dora = group["ours-lora"], group["ours-dora"]
         print(f"{p:>4} ours-dora / ours-lora time: {dora['ms'] / lora['ms']:.2f}x")
-    print("speedup: peft-dora time / method time; vs peft: method bytes / peft-dora bytes")
+    print("speedup: peft-dora time / method time; vs peft: method bytes / peft-dora bytes; "
+          "GEMMs: method time / time of one base GEMM")
     for row in rows:
+        if row["saved"] is None:
+            continue
         print(f"  p={row['p']} {row['method']:<10} saved: {', '.join(row['what'])}")
 
 

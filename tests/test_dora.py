@@ -365,3 +365,78 @@ def test_opcheck(dtype, p, device):
     torch.library.opcheck(torch.ops.rslora_kernels.dora_linear_bwd.default,
                           (dy, t["x"], t["weight"], t["lora_A"], t["lora_B"], T, z, w, t["magnitude"], 0.5, p, seed,
                            [True, True, True, True, True], "composite"))
+
+
+def test_peft_dora_fan_in_fan_out_gpt2():
+    """GPT-2's Conv1D keeps W as [in, out]: the patch passes W.t() (a view) to dora_linear."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=53, n_embd=32, n_layer=1, n_head=4, n_positions=16)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(transformers.GPT2LMHeadModel(cfg), peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, use_dora=True))
+    model.eval()  # GPT-2's own dropouts off
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            if "lora_B" in name:
+                prm.normal_(0, 0.3)
+            elif "lora_magnitude_vector" in name:
+                prm.mul_(1 + 0.2 * torch.rand_like(prm))
+    ref = copy.deepcopy(model)
+    assert rk.peft.patch(model, backend="composite") == 2
+    ids = torch.randint(0, 53, (2, 6))
+    y, y_ref = model(input_ids=ids).logits, ref(input_ids=ids).logits
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    y.sum().backward()
+    y_ref.sum().backward()
+    for (n, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+class _FixedMaskDropout(torch.nn.Module):
+    """Stands in for PEFT's nn.Dropout: drops with the kernels' own mask, so PEFT's dropout branch
+    of DoRA can be compared with ours element for element."""
+
+    def __init__(self, mask, p):
+        super().__init__()
+        self.mask, self.p = mask, p
+
+    def forward(self, x):
+        return x * self.mask.to(x.dtype) / (1 - self.p)
+
+
+def test_dropout_branch_matches_peft_layer():
+    """PEFT's DoRA layer in training with dropout (its `x W^T + b + (g-1) xd W^T + g s lora(xd)`
+    branch, fed our mask) against rk.dora_linear with the seed of that mask: forward and grads."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(3)
+    K, N, M, p, seed = 37, 29, 23, 0.1, 77
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(K, N).double()
+
+    model = peft.get_peft_model(Holder(), peft.LoraConfig(r=5, lora_alpha=8, target_modules=["proj"], lora_dropout=p,
+                                                          use_rslora=True, use_dora=True))
+    layer = model.base_model.model.proj
+    model.train()
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.3)
+        layer.lora_magnitude_vector["default"].weight.mul_(1.2)
+    mask = rk.dropout_mask(seed, (M, K), p)
+    layer.lora_dropout["default"] = _FixedMaskDropout(mask, p)
+    x = torch.randn(M, K, dtype=torch.float64, requires_grad=True)
+    y_peft = layer(x)
+    prm = (layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.lora_magnitude_vector["default"].weight)
+    grads_peft = torch.autograd.grad(y_peft.sum(), (x, *prm))
+    base = layer.get_base_layer()
+    y = rk.dora_linear(x, base.weight, *prm, layer.scaling["default"], bias=base.bias, dropout_p=p, seed=seed,
+                       backend="composite")
+    grads = torch.autograd.grad(y.sum(), (x, *prm))
+    torch.testing.assert_close(y, y_peft)
+    for g, g_peft in zip(grads, grads_peft):
+        torch.testing.assert_close(g, g_peft)
