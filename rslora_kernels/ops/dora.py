@@ -158,9 +158,8 @@ def dora_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_
         # g dy W through the dropped x, the rest is (1 - mask/(1-p)) * ((dy - dy_g) W)
         rest = torch.mm(dy * (1 - g).to(dy.dtype), weight)
         dx.add_(rest).sub_(dropout_scale(rest, seed, p, 1.0 / (1.0 - p)))
-    if need_dm:
-        acc = w.dtype
-        dm = ((dy.to(acc) * z.to(acc)).sum(0) / w).to(magnitude.dtype)
+    if need_dm:  # products in x's dtype (one M x N temporary), summed in fp32 (fp64)
+        dm = ((dy * z).sum(0, dtype=w.dtype) / w).to(magnitude.dtype)
     if need_db:
         db = dy.sum(0, dtype=torch.promote_types(dy.dtype, torch.float32))
     return dx, dA, dB, dm, db
