@@ -105,8 +105,9 @@ def dora_row_norms(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: floa
         rows = max(1, _NORM_CHUNK // max(K, 1))
         for n0 in range(0, N, rows):  # W A^T with W upcast a chunk at a time (a view when W is in acc)
             torch.mm(weight[n0:n0 + rows].to(acc), A.t(), out=WA[n0:n0 + rows])
-        sq = _weight_sq_norms(weight, acc) + (2.0 * scaling) * (B * WA).sum(1) \
-            + (scaling * scaling) * (torch.mm(B, A @ A.t()) * B).sum(1)
+        # B_n . (2 s (W A^T)_n + s^2 (B A A^T)_n): one [N, r] tensor, one row-wise dot
+        cross = torch.addmm(WA, B, A @ A.t(), beta=2.0 * scaling, alpha=scaling * scaling)
+        sq = torch.linalg.vecdot(B, cross, dim=1).add_(_weight_sq_norms(weight, acc))
         return sq.clamp_min_(0.0).sqrt_()
 
 
