@@ -155,8 +155,8 @@ def dora_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_
         dx, dA, dB, _ = lora_backward(dy_g, x2d, weight, lora_A, lora_B, T, scaling, p, seed,
                                       need_dx, need_dA, need_dB, False)
     if need_dx and p > 0.0:
-        # dy W reaches x undropped and (g - 1) dy W through the dropped x: the LoRA backward gave
-        # g dy W through the dropped x, the rest is (1 - mask/(1-p)) * ((dy - dy_g) W)
+        # true dx = dy W + mask/(1-p) * ((g - 1) dy W + s U A); the LoRA backward on dy_g gave
+        # g dy W (unmasked) + mask/(1-p) * s U A; the difference is (1 - mask/(1-p)) * ((1 - g) dy W)
         rest = torch.mm(dy * (1 - g).to(dy.dtype), weight)
         dx.add_(rest).sub_(dropout_scale(rest, seed, p, 1.0 / (1.0 - p)))
     if need_dm:  # products in x's dtype (one M x N temporary), summed in fp32 (fp64)
