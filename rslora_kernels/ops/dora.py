@@ -20,8 +20,8 @@ dominates ``W`` the terms do not cancel (the last one dominates) and the error s
 Forward, built from the LoRA op's backends (``lora(x) = x W^T + s (x A^T) B^T`` without bias)::
 
     dropout off  z, T = lora(x);   y = z * g + b                     one base GEMM
-    dropout on   xd = drop(x);  z, T = lora(xd)                      z = xd W^T + s T B^T
-                 y = x W^T + b + s T B^T + (g - 1) * z               two base GEMMs (as PEFT)
+    dropout on   y, T = lora(x) + b  (T = drop(x) A^T);   z = drop(x) W^T + s T B^T
+                 y += (g - 1) * z                                    two base GEMMs (as PEFT)
 
 Backward with ``dy_g = dy * g`` (the LoRA backward run on ``dy_g``)::
 
@@ -134,11 +134,10 @@ def dora_forward(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, ma
         gx = g.to(x2d.dtype)
         y = torch.addcmul(bias, z, gx) if bias is not None else z * gx
         return y, z, T, w
-    dropped = dropout_scale(x2d, seed, p, 1.0 / (1.0 - p))
-    z, T = lora_forward(dropped, weight, lora_A, lora_B, None, scaling, 0.0, seed)
-    del dropped
-    y = torch.addmm(bias, x2d, weight.t()) if bias is not None else torch.mm(x2d, weight.t())
-    y.addmm_(T, lora_B.to(x2d.dtype).t(), alpha=scaling)
+    # the LoRA op on x itself (its dropout, its saved state), then the second base GEMM on drop(x)
+    y, T = lora_forward(x2d, weight, lora_A, lora_B, bias, scaling, p, seed)  # x W^T + b + s T B^T
+    z = torch.mm(dropout_scale(x2d, seed, p, 1.0 / (1.0 - p)), weight.t())     # the dropped x dies here
+    z.addmm_(T, lora_B.to(x2d.dtype).t(), alpha=scaling)                        # z = xd W^T + s T B^T
     y.addcmul_(z, (g - 1).to(x2d.dtype))
     return y, z, T, w
 
