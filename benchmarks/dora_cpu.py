@@ -1,6 +1,7 @@
 """CPU figures of DoRA: ours vs PEFT's DoRA layer, and our DoRA vs our LoRA (forward+backward).
 
     python -m benchmarks.dora_cpu [--M 2048] [--K 1024] [--N 1024] [--r 64] [--ps 0 0.1] [--repeats 15]
+                                  [--threads T] [--out benchmarks/results/dora_cpu_<date>.md]
 
 Side by side in one run, round-robin over the methods (machine noise hits all alike), medians
 after warm-up, fp32:
@@ -20,8 +21,15 @@ once with x (``saved``) and once without (``saved-x``: what the layer adds to th
 from __future__ import annotations
 
 import argparse
+import datetime
+import io
+import os
+import platform
 import statistics
+import subprocess
+import sys
 import time
+from contextlib import redirect_stdout
 import weakref
 from typing import Callable, Dict, List
 
@@ -155,7 +163,34 @@ def main(argv=None):
     ap.add_argument("--ps", type=float, nargs="+", default=[0.0, 0.1])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
+    ap.add_argument("--out", help="also write the report (with machine, date, commit, command, load) here")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        report(args)
+    text = buf.getvalue()
+    if args.out:
+        try:
+            commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                                    check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
+        header = (f"# DoRA on the CPU: ours vs PEFT's DoRA, fwd+bwd of one layer\n\n"
+                  f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}, "
+                  f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
+                  f"{torch.get_num_threads()} thread(s), 1-min load average {load_before:.2f} before / "
+                  f"{os.getloadavg()[0]:.2f} after.\n\n"
+                  f"Command: `python -m benchmarks.dora_cpu {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n")
+        with open(args.out, "w") as f:
+            f.write(header + "```\n" + text + "```\n")
+    print(text, end="")
+
+
+def report(args):
     print(f"fp32, M={args.M}, K={args.K}, N={args.N}, r={args.r}, fwd+bwd, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; medians of {args.repeats} after {args.warmup} warm-up")
     rows = run(args.M, args.K, args.N, args.r, args.ps, args.repeats, args.warmup)
