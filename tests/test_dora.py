@@ -440,3 +440,12 @@ def test_dropout_branch_matches_peft_layer():
     torch.testing.assert_close(y, y_peft)
     for g, g_peft in zip(grads, grads_peft):
         torch.testing.assert_close(g, g_peft)
+
+
+def test_reference_backend_uses_the_kernels_mask():
+    """backend="reference" draws the same mask as the fused backends for a seed."""
+    t = make_inputs(13, 21, 17, 4, torch.float64, torch.device("cpu"), seed=67)
+    args = (t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], 0.9, t["bias"], 0.3)
+    y = rk.dora_linear(*args, seed=71, backend="reference")
+    torch.testing.assert_close(y, rk.reference.dora_linear(*args, rk.dropout_mask(71, (13, 21), 0.3)))
+    torch.testing.assert_close(y, rk.dora_linear(*args, seed=71, backend="composite"))
