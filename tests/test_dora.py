@@ -449,3 +449,12 @@ def test_reference_backend_uses_the_kernels_mask():
     y = rk.dora_linear(*args, seed=71, backend="reference")
     torch.testing.assert_close(y, rk.reference.dora_linear(*args, rk.dropout_mask(71, (13, 21), 0.3)))
     torch.testing.assert_close(y, rk.dora_linear(*args, seed=71, backend="composite"))
+
+
+def test_inject_use_dora():
+    model = torch.nn.Sequential(torch.nn.Linear(9, 7), torch.nn.ReLU(), torch.nn.Linear(7, 5))
+    rk.inject(model, ["0", "2"], r=2, alpha=4, use_dora=True, backend="composite")
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == [f"{i}.{k}.weight" for i in (0, 2) for k in ("lora_A", "lora_B", "lora_magnitude_vector")]
+    x = torch.randn(4, 9)
+    torch.testing.assert_close(model(x), model[2].base_layer(model[1](model[0].base_layer(x))))  # fresh: the base
