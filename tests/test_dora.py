@@ -173,8 +173,9 @@ def test_weight_norm_cache_follows_in_place_updates(device):
 @pytest.mark.parametrize("backend", ["composite", "triton"])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_saved_for_backward(backend, p, device):
-    """x (a view, not a copy), T [M, r], z [M, N], the norms [N] and the seed; no [N, K] tensor
-    other than W itself, no dropped copy of x, no mask."""
+    """x (a view, not a copy), T [M, r], z [M, N], the norms [N], the seed and the LoRA op's mask
+    state (integer, at most a bit per element of x); no [N, K] tensor other than W itself, no
+    dropped copy of x, no float or byte mask."""
     M, K, N, r = 40, 30, 20, 6
     t = make_inputs(M, K, N, r, torch.float32, device, seed=53)
     x = t["x"].requires_grad_()
@@ -184,7 +185,9 @@ def test_saved_for_backward(backend, p, device):
                        1.0, t["bias"], p, seed=1, backend=backend)
     params = {id(v) for v in t.values() if v is not None}
     ours = [s for s in saved if id(s) not in params]
-    assert sorted(tuple(s.shape) for s in ours) == sorted([(), (N,), (M, K), (M, N), (M, r)])
+    floats = [s for s in ours if s.is_floating_point()]
+    assert sorted(tuple(s.shape) for s in floats) == sorted([(N,), (M, K), (M, N), (M, r)])
+    assert all(s.element_size() * s.numel() <= max(8, M * K // 8) for s in ours if not s.is_floating_point())
     assert next(s for s in ours if s.shape == (M, K)).data_ptr() == x.data_ptr()
     assert not any(s.shape == (N, K) for s in ours)
 
@@ -360,11 +363,11 @@ def test_opcheck(dtype, p, device):
     seed = torch.tensor(1234, device=device)
     args = (t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], t["bias"], 0.5, p, seed, "composite")
     torch.library.opcheck(torch.ops.rslora_kernels.dora_linear_fwd.default, args)
-    y, z, T, w = torch.ops.rslora_kernels.dora_linear_fwd(*args)
+    y, z, T, w, state = torch.ops.rslora_kernels.dora_linear_fwd(*args)
     dy = torch.randn_like(y)
     torch.library.opcheck(torch.ops.rslora_kernels.dora_linear_bwd.default,
                           (dy, t["x"], t["weight"], t["lora_A"], t["lora_B"], T, z, w, t["magnitude"], 0.5, p, seed,
-                           [True, True, True, True, True], "composite"))
+                           state, [True, True, True, True, True], "composite"))
 
 
 def test_peft_dora_fan_in_fan_out_gpt2():

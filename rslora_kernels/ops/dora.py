@@ -17,9 +17,11 @@ parts (the update nearly cancels the row), the three terms cancel and the relati
 reads 0 (clamped, never negative), so ``g`` is inf there, as ``m / 0`` is in PEFT. When the update
 dominates ``W`` the terms do not cancel (the last one dominates) and the error stays at a few eps.
 
-Forward, built from the LoRA op's backends (``lora(x) = x W^T + s (x A^T) B^T`` without bias)::
+Forward, built on the LoRA op's own custom ops (``rslora_kernels::lora_linear_fwd/bwd``: whatever
+backend they dispatch to, with their dropout and their saved mask state), ``lora(x) = x W^T +
+s (drop(x) A^T) B^T``::
 
-    dropout off  z, T = lora(x);   y = z * g + b                     one base GEMM
+    dropout off  z, T = lora(x) (no bias);   y = z * g + b           one base GEMM
     dropout on   y, T = lora(x) + b  (T = drop(x) A^T);   z = drop(x) W^T + s T B^T
                  y += (g - 1) * z                                    two base GEMMs (as PEFT)
 
@@ -29,10 +31,10 @@ Backward with ``dy_g = dy * g`` (the LoRA backward run on ``dy_g``)::
     dropout on   dx += (1 - mask/(1-p)) * ((dy - dy_g) W)     the x W^T and (g-1) xd W^T terms
     dm = sum_M(dy * z) / w,   db = sum_M dy
 
-Saved for backward: x (a view), T [M, r], z [M, N], w [N] and the seed; never an [N, K] tensor
-nor a second copy of x. The column scales (``* g``, ``(g - 1) *``) and the dropout-on extra GEMMs are
-separate torch ops on both backends ("triton" runs the LoRA op's Triton kernels and torch for the
-rest): no fused column-scale epilogue is built yet.
+Saved for backward: x (a view), T [M, r], z [M, N], w [N], the seed and the LoRA op's mask state;
+never an [N, K] tensor nor a second copy of x. The column scales (``* g``, ``(g - 1) *``), the
+dropout-on extra GEMMs and the ``dm`` reduction are torch ops on every backend ("triton" runs the
+LoRA op's Triton kernels and torch for the rest): no fused column-scale epilogue is built.
 """
 from __future__ import annotations
 
@@ -46,12 +48,10 @@ from torch import Tensor
 from .. import reference
 from .._validate import validate_inputs, validate_magnitude
 from ..dropout import as_seed_int, draw_seed, dropout_scale, keep_mask_torch
-from .composite import composite_backward, composite_forward
 from .lora_linear import resolve_backend
 
 __all__ = ["dora_linear", "DoRALinearFunction", "dora_row_norms", "dora_merge_", "clear_norm_cache"]
 
-FUSED_BACKENDS = ("composite", "triton")
 _NORM_CHUNK = 1 << 22  # elements of W upcast at a time (16 MiB in fp32)
 
 
@@ -112,47 +112,45 @@ def dora_row_norms(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: floa
 
 
 # ----------------------------------------------------------------------------------------------
-# Forward and backward on top of a LoRA backend
+# Forward and backward on top of the LoRA op
 # ----------------------------------------------------------------------------------------------
-def _lora_impl(backend: str):
-    """(forward, backward) of the LoRA op's ``backend`` (signatures of composite_forward/backward)."""
-    if backend == "composite":
-        return composite_forward, composite_backward
-    from .triton_kernels import lora_backward, lora_forward  # imports Triton: only when used
-
-    return lora_forward, lora_backward
+def _lora_forward(x2d, weight, lora_A, lora_B, bias, scaling: float, p: float, seed: Tensor, backend: str):
+    """The LoRA op's forward custom op (its backend dispatch, its fake kernel): (y, T, mask state),
+    the mask state being what the LoRA backward needs of the dropout mask -- the seed itself where
+    the op does not return one of its own."""
+    outs = torch.ops.rslora_kernels.lora_linear_fwd(x2d, weight, lora_A, lora_B, bias, scaling, p, seed, backend)
+    return (outs[0], outs[1], outs[2]) if len(outs) == 3 else (outs[0], outs[1], seed.clone())
 
 
 def dora_forward(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
                  bias: Optional[Tensor], scaling: float, p: float, seed: Tensor, backend: str):
-    """Returns (y [M, N], z [M, N], T [M, r], w [N] fp32/fp64); z as in the module docstring."""
-    lora_forward, _ = _lora_impl(backend)
+    """Returns (y [M, N], z [M, N], T [M, r], w [N] fp32/fp64, the LoRA op's mask state); z as in
+    the module docstring."""
     w = dora_row_norms(weight, lora_A, lora_B, scaling)
     g = magnitude.to(w.dtype) / w  # column scales are formed in fp32, then rounded once to x's dtype
     if p == 0.0:
-        z, T = lora_forward(x2d, weight, lora_A, lora_B, None, scaling, 0.0, seed)
+        z, T, state = _lora_forward(x2d, weight, lora_A, lora_B, None, scaling, 0.0, seed, backend)
         gx = g.to(x2d.dtype)
         y = torch.addcmul(bias, z, gx) if bias is not None else z * gx
-        return y, z, T, w
+        return y, z, T, w, state
     # the LoRA op on x itself (its dropout, its saved state), then the second base GEMM on drop(x)
-    y, T = lora_forward(x2d, weight, lora_A, lora_B, bias, scaling, p, seed)  # x W^T + b + s T B^T
-    z = torch.mm(dropout_scale(x2d, seed, p, 1.0 / (1.0 - p)), weight.t())     # the dropped x dies here
-    z.addmm_(T, lora_B.to(x2d.dtype).t(), alpha=scaling)                        # z = xd W^T + s T B^T
+    y, T, state = _lora_forward(x2d, weight, lora_A, lora_B, bias, scaling, p, seed, backend)  # x W^T + b + s T B^T
+    z = torch.mm(dropout_scale(x2d, seed, p, 1.0 / (1.0 - p)), weight.t())  # the dropped x dies here
+    z.addmm_(T, lora_B.to(x2d.dtype).t(), alpha=scaling)                     # z = xd W^T + s T B^T
     y.addcmul_(z, (g - 1).to(x2d.dtype))
-    return y, z, T, w
+    return y, z, T, w, state
 
 
 def dora_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, T: Tensor, z: Tensor,
-                  w: Tensor, magnitude: Tensor, scaling: float, p: float, seed: Tensor, backend: str,
+                  w: Tensor, magnitude: Tensor, scaling: float, p: float, seed: Tensor, state: Tensor, backend: str,
                   need_dx: bool, need_dA: bool, need_dB: bool, need_dm: bool, need_db: bool):
     """Returns (dx, dA, dB, dm, db), None where not needed; dm in the magnitude's dtype, db at least fp32."""
-    _, lora_backward = _lora_impl(backend)
     g = magnitude.to(w.dtype) / w
     dy_g = dy * g.to(dy.dtype)
     dx = dA = dB = dm = db = None
     if need_dx or need_dA or need_dB:
-        dx, dA, dB, _ = lora_backward(dy_g, x2d, weight, lora_A, lora_B, T, scaling, p, seed,
-                                      need_dx, need_dA, need_dB, False)
+        dx, dA, dB, _ = torch.ops.rslora_kernels.lora_linear_bwd(
+            dy_g, x2d, weight, lora_A, lora_B, T, scaling, p, state, [need_dx, need_dA, need_dB, False], backend)
     if need_dx and p > 0.0:
         # true dx = dy W + mask/(1-p) * ((g - 1) dy W + s U A); the LoRA backward on dy_g gave
         # g dy W (unmasked) + mask/(1-p) * s U A; the difference is (1 - mask/(1-p)) * ((1 - g) dy W)
@@ -162,7 +160,7 @@ def dora_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_
         dm = ((dy * z).sum(0, dtype=w.dtype) / w).to(magnitude.dtype)
     if need_db:
         db = dy.sum(0, dtype=torch.promote_types(dy.dtype, torch.float32))
-    return dx, dA, dB, dm, db
+    return (dx if need_dx else None, dA if need_dA else None, dB if need_dB else None, dm, db)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,29 +168,29 @@ def dora_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("rslora_kernels::dora_linear_fwd", mutates_args=())
 def _fwd_op(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, bias: Optional[Tensor],
-            scaling: float, dropout_p: float, seed: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+            scaling: float, dropout_p: float, seed: Tensor, backend: str
+            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return dora_forward(x2d, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed, backend)
 
 
 @_fwd_op.register_fake
 def _(x2d, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed, backend):
-    M, N = x2d.shape[0], weight.shape[0]
-    return (x2d.new_empty((M, N)), x2d.new_empty((M, N)), x2d.new_empty((M, lora_A.shape[0])),
-            x2d.new_empty((N,), dtype=_acc_dtype(weight, lora_A)))
+    y, T, state = _lora_forward(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend)  # its fakes
+    return y, torch.empty_like(y), T, x2d.new_empty((weight.shape[0],), dtype=_acc_dtype(weight, lora_A)), state
 
 
 @torch.library.custom_op("rslora_kernels::dora_linear_bwd", mutates_args=())
 def _bwd_op(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, T: Tensor, z: Tensor,
-            w: Tensor, magnitude: Tensor, scaling: float, dropout_p: float, seed: Tensor, needs: List[bool],
-            backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+            w: Tensor, magnitude: Tensor, scaling: float, dropout_p: float, seed: Tensor, state: Tensor,
+            needs: List[bool], backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, dA, dB, dm, db); a grad that is not needed comes back as an empty tensor."""
-    outs = dora_backward(dy, x2d, weight, lora_A, lora_B, T, z, w, magnitude, scaling, dropout_p, seed, backend,
-                         *needs)
+    outs = dora_backward(dy, x2d, weight, lora_A, lora_B, T, z, w, magnitude, scaling, dropout_p, seed, state,
+                         backend, *needs)
     return tuple(o if o is not None else x2d.new_empty((0,)) for o in outs)
 
 
 @_bwd_op.register_fake
-def _(dy, x2d, weight, lora_A, lora_B, T, z, w, magnitude, scaling, dropout_p, seed, needs, backend):
+def _(dy, x2d, weight, lora_A, lora_B, T, z, w, magnitude, scaling, dropout_p, seed, state, needs, backend):
     M, K = x2d.shape
     N, R = weight.shape[0], lora_A.shape[0]
     db_dtype = torch.promote_types(x2d.dtype, torch.float32)
@@ -206,28 +204,28 @@ def _(dy, x2d, weight, lora_A, lora_B, T, z, w, magnitude, scaling, dropout_p, s
 # ----------------------------------------------------------------------------------------------
 class DoRALinearFunction(torch.autograd.Function):
     """Autograd glue of the DoRA op. Inputs as in :func:`dora_linear` (validated), with ``seed`` a
-    0-dim int64 tensor on x's device and ``backend`` one of ``FUSED_BACKENDS``."""
+    0-dim int64 tensor on x's device and ``backend`` a fused backend of the LoRA op."""
 
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed, backend):
         M, K = math.prod(x.shape[:-1]), x.shape[-1]
         x2d = x.reshape(M, K)
-        y2d, z, T, w = torch.ops.rslora_kernels.dora_linear_fwd(
+        y2d, z, T, w, state = torch.ops.rslora_kernels.dora_linear_fwd(
             x2d, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed, backend)
-        ctx.save_for_backward(x2d, weight, lora_A, lora_B, magnitude, T, z, w, seed)
+        ctx.save_for_backward(x2d, weight, lora_A, lora_B, magnitude, T, z, w, seed, state)
         ctx.scaling, ctx.dropout_p, ctx.backend, ctx.x_shape = scaling, dropout_p, backend, x.shape
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y2d.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, weight, lora_A, lora_B, magnitude, T, z, w, seed = ctx.saved_tensors
+        x2d, weight, lora_A, lora_B, magnitude, T, z, w, seed, state = ctx.saved_tensors
         need_x, need_w, need_a, need_b, need_m, need_bias = ctx.needs_input_grad[:6]
         has_bias = ctx.bias_dtype is not None
         s, p = ctx.scaling, ctx.dropout_p
         dy2d = dy.reshape(x2d.shape[0], weight.shape[0])
         dx, dA, dB, dm, db = torch.ops.rslora_kernels.dora_linear_bwd(
-            dy2d, x2d, weight, lora_A, lora_B, T, z, w, magnitude, s, p, seed,
+            dy2d, x2d, weight, lora_A, lora_B, T, z, w, magnitude, s, p, seed, state,
             [need_x, need_a, need_b, need_m, need_bias and has_bias], ctx.backend)
         dW = None
         if need_w:  # W frozen in the fast path; correct, not fast: d/dW of x W^T + (g-1) xd W^T (+ g x W^T at p=0)
@@ -274,8 +272,6 @@ def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magni
     if backend == "reference":
         mask = keep_mask_torch(seed, math.prod(x.shape[:-1]), x.shape[-1], p).reshape(x.shape) if p > 0.0 else None
         return reference.dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias, p, mask)
-    if backend not in FUSED_BACKENDS:
-        raise ValueError(f"backend={backend!r} has no DoRA path; choose from {('auto', 'reference') + FUSED_BACKENDS}")
     if p == 0.0:
         seed = torch.zeros((), dtype=torch.int64, device=x.device)
     return DoRALinearFunction.apply(x, weight, lora_A, lora_B, magnitude, bias, scaling, p, seed.reshape(()), backend)
