@@ -34,8 +34,11 @@ def make_inputs(M, K, N, r, dtype, device, bias=True, adapter_dtype=None, seed=0
     return t
 
 
-def run(fn, inputs, dy):
-    leaves = {k: (v.detach().clone().requires_grad_(k in GRADS) if v is not None else None) for k, v in inputs.items()}
+def run(fn, inputs, dy, dtype=None):
+    """Forward + backward of ``fn`` on leaves made from ``inputs`` (cast to ``dtype`` if given, so the
+    float64 oracle's grads are float64 too); returns (y, {name: grad})."""
+    leaves = {k: (v.detach().to(dtype or v.dtype, copy=True).requires_grad_(k in GRADS) if v is not None else None)
+              for k, v in inputs.items()}
     y = fn(leaves)
     y.backward(dy.to(y.dtype))
     return y, {k: leaves[k].grad for k in GRADS if leaves[k] is not None}
@@ -47,20 +50,17 @@ def check_against_oracle(inputs, scaling, p, seed, backend):
     dy = torch.randn(*x.shape[:-1], inputs["weight"].shape[0], generator=torch.Generator().manual_seed(1),
                      dtype=torch.float64).to(x.device)
 
-    def reference(cast=None):
-        def fn(t):
-            t = {k: (v.to(cast) if cast is not None and v is not None else v) for k, v in t.items()}
-            return rk.reference.dora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], scaling,
-                                            t["bias"], p, mask)
-        return fn
+    def reference(t):
+        return rk.reference.dora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], scaling,
+                                        t["bias"], p, mask)
 
     def ours(t):
         return rk.dora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], scaling, bias=t["bias"],
                               dropout_p=p, seed=seed, backend=backend)
 
     y, grads = run(ours, inputs, dy)
-    y64, grads64 = run(reference(torch.float64), inputs, dy)
-    y_same, grads_same = run(reference(), inputs, dy)
+    y64, grads64 = run(reference, inputs, dy, torch.float64)
+    y_same, grads_same = run(reference, inputs, dy)
     assert y.dtype == x.dtype
     assert_close_to_oracle("y", y, y64, y_same)
     for name in grads:
