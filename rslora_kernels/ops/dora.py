@@ -48,7 +48,7 @@ from torch import Tensor
 from .. import reference
 from .._validate import validate_inputs, validate_magnitude
 from ..dropout import as_seed_int, draw_seed, dropout_scale, keep_mask_torch
-from .lora_linear import resolve_backend
+from .lora_linear import registered_backends, resolve_backend
 
 __all__ = ["dora_linear", "DoRALinearFunction", "dora_row_norms", "dora_merge_", "clear_norm_cache"]
 
@@ -257,11 +257,11 @@ def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magni
     Returns:
         ``[..., N]`` in x's dtype. No autocast casting is done here (pass tensors of one dtype).
     """
-    validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend)
+    validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p)
     validate_magnitude(magnitude, weight, x)
     scaling = float(scaling)
     p = float(dropout_p) if training else 0.0
-    backend = resolve_backend(backend, x.device)
+    backend = resolve_backend(backend, x.device, x.dtype, lora_A.dtype)
     if p > 0.0:
         if seed is None:
             seed = draw_seed(x.device)
@@ -272,6 +272,9 @@ def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magni
     if backend == "reference":
         mask = keep_mask_torch(seed, math.prod(x.shape[:-1]), x.shape[-1], p).reshape(x.shape) if p > 0.0 else None
         return reference.dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias, p, mask)
+    if registered_backends()[backend].backward is None:
+        raise ValueError(f"backend={backend!r} is an autograd backend of the LoRA op; DoRA runs on its fused "
+                         "backends (with a backward) or on 'reference'")
     if p == 0.0:
         seed = torch.zeros((), dtype=torch.int64, device=x.device)
     return DoRALinearFunction.apply(x, weight, lora_A, lora_B, magnitude, bias, scaling, p, seed.reshape(()), backend)
