@@ -23,7 +23,11 @@ What the patched forward reads from PEFT, per call:
 Per call, PEFT's own forward runs instead when the layer is in a state PEFT handles specially:
 adapters disabled (``disable_adapter()``), merged, an ``adapter_names=`` mixed batch, extra
 arguments, a different active adapter set, x's dtype differing from W's outside autocast, or
-adapters narrower than x.
+adapters narrower than x; for DoRA layers also under autocast.
+
+DoRA layers (``use_dora=True``, PEFT's ``DoraLinearVariant``) run :func:`rslora_kernels.dora_linear`
+with the layer's ``lora_magnitude_vector[adapter].weight``: PEFT's formula, dropout on or off, the
+weight norms without PEFT's [out, in] matrix (see docs/dora.md).
 
 QLoRA: PEFT's ``lora.bnb.Linear4bit`` layers (a bitsandbytes ``Linear4bit`` base, NF4/FP4, nested
 absmax or not) are fused too: the op dequantizes the 4-bit weight per call, in the layer's
@@ -32,7 +36,8 @@ absmax or not) are fused too: the op dequantizes the 4-bit weight per call, in t
 
 Layers ``patch`` leaves on PEFT's forward, with one warning naming each reason: LoRA layers that
 are not a plain ``lora.Linear`` or ``lora.bnb.Linear4bit`` (Embedding, Conv, 8-bit bnb, gptq/... classes), bases other
-than ``nn.Linear`` / ``Conv1D`` or with non-float weights, DoRA and other LoRA variants,
+than ``nn.Linear`` / ``Conv1D`` or with non-float weights, LoRA variants other than DoRA (and DoRA on a
+4-bit base, which runs PEFT's forward),
 ``lora_bias``, several active adapters, dropout modules other than ``nn.Dropout``, merged layers.
 """
 from __future__ import annotations
@@ -45,6 +50,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from .ops.dora import dora_linear
 from .ops.lora_linear import check_backend_name, lora_linear
 from .quant import is_quantized_weight
 
@@ -100,9 +106,11 @@ def _unsupported_reason(layer, lora_layer) -> Optional[str]:
     if len(active) != 1:
         return f"{len(active)} active adapters (exactly one is supported)"
     adapter = active[0]
-    if layer.use_dora.get(adapter, False):
-        return "DoRA"
-    if adapter in getattr(layer, "lora_variant", {}):
+    if layer.use_dora.get(adapter, False) and not _is_dora(layer, adapter):
+        return "DoRA without PEFT's DoraLinearVariant (older PEFT)"
+    if quantized and _is_dora(layer, adapter):
+        return "DoRA on a 4-bit base (QLoRA + DoRA is not fused)"
+    if adapter in getattr(layer, "lora_variant", {}) and not _is_dora(layer, adapter):
         return f"LoRA variant {type(layer.lora_variant[adapter]).__name__}"
     if getattr(layer, "lora_bias", {}).get(adapter, False):
         return "lora_bias=True"
@@ -113,6 +121,12 @@ def _unsupported_reason(layer, lora_layer) -> Optional[str]:
     if layer.merged:
         return "merged adapter (unmerge before patching)"
     return None
+
+
+def _is_dora(layer, adapter: str) -> bool:
+    """A PEFT DoRA linear adapter (``use_dora=True``), which the fused forward runs as ``rk.dora_linear``."""
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    return type(variant).__name__ == "DoraLinearVariant" and adapter in layer.lora_magnitude_vector
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -132,12 +146,20 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # bitsandbytes repacks a 4-bit weight for its CPU inference kernel (eval, no grad): not our format
         and not (quantized and getattr(base.weight.quant_state, "packing_format_for_cpu", False))
     )
+    dora = usable and _is_dora(self, adapter)
+    if dora:  # dora_linear does no autocast casting; its magnitude must be as wide as x; no 4-bit bases
+        m = self.lora_magnitude_vector[adapter].weight
+        usable = (not quantized and not torch.is_autocast_enabled(dev)
+                  and torch.finfo(m.dtype).bits >= torch.finfo(x.dtype).bits)
     if not usable:  # a state PEFT handles specially: run PEFT's own forward
         return type(self).forward(self, x, *args, **kwargs)
     weight = base.weight.t() if self.fan_in_fan_out else base.weight
     bias = base.bias.to(x.dtype) if quantized and base.bias is not None else base.bias  # as Linear4bit does
     drop = self.lora_dropout[adapter]
     p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+    if dora:
+        return dora_linear(x, weight, A, self.lora_B[adapter].weight, m, self.scaling[adapter], bias=bias,
+                           dropout_p=p, training=p > 0.0, backend=backend)
     return lora_linear(x, weight, A, self.lora_B[adapter].weight, self.scaling[adapter], bias=bias,
                        dropout_p=p, training=p > 0.0, backend=backend)
 
@@ -197,7 +219,7 @@ def unpatch(peft_model: nn.Module) -> int:
 # state_dict keys: LoRALinear / PEFT saved adapters use "...lora_A.weight"; a live PeftModel uses
 # "base_model.model....lora_A.<adapter>.weight" (and "...base_layer.weight" in both).
 # ----------------------------------------------------------------------------------------------
-_ADAPTER_PARTS = (".lora_A.", ".lora_B.")
+_ADAPTER_PARTS = (".lora_A.", ".lora_B.", ".lora_magnitude_vector.")
 
 
 def to_peft_state_dict(state_dict: Dict[str, torch.Tensor], adapter_name: str = "default",
