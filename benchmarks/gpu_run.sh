@@ -16,6 +16,7 @@
 #   DET_TIMEOUT     seconds for the determinism run (default 60)
 #   SWEEP_TIMEOUT   seconds for the main sweep      (default 240)
 #   EXTRA_TIMEOUT   seconds for the other shapes    (default 60)
+#   QLORA_TIMEOUT   seconds for the QLoRA sweep     (default 60; needs bitsandbytes, else skipped rows)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET
@@ -81,6 +82,12 @@ timeout "${EXTRA_TIMEOUT:-60}" $PY -m benchmarks.sweep --shapes 7b-mlp-up 7b-mlp
   > "$OUT/sweep_shapes.txt" 2> "$OUT/sweep_shapes.log"
 EXTRA_RC=$?
 echo "sweep (other shapes): rc=$EXTRA_RC ($((SECONDS - T0)) s)"
+T0=$SECONDS  # QLoRA: 4-bit base (nf4, nested) against PEFT's, small to large M (dequant overhead vs M)
+timeout "${QLORA_TIMEOUT:-60}" $PY -m benchmarks.sweep --shapes 7b-attn --m 16 1024 8192 --modes fwd+bwd --dropout 0.1 \
+  --ranks 16 64 --providers eager triton --quant nf4 --out "$OUT/sweep_qlora" --time-budget $(( ${QLORA_TIMEOUT:-60} - 25 )) \
+  > "$OUT/sweep_qlora.txt" 2> "$OUT/sweep_qlora.log"
+QLORA_RC=$?
+echo "sweep (QLoRA): rc=$QLORA_RC ($((SECONDS - T0)) s)"
 
 # 5. recorded copy ----------------------------------------------------------------------------
 REC="$ROOT/${STAMP}_${GPU_TAG}_${COMMIT}${DIRTY}.md"
@@ -96,11 +103,13 @@ REC="$ROOT/${STAMP}_${GPU_TAG}_${COMMIT}${DIRTY}.md"
   status "determinism (backward twice, bit-equal)" $DET_RC "${DET_TIMEOUT:-60}"
   status "sweep 7b-attn" $SWEEP_RC "${SWEEP_TIMEOUT:-240}"
   status "sweep other shapes" $EXTRA_RC "${EXTRA_TIMEOUT:-60}"
+  status "sweep QLoRA (--quant nf4)" $QLORA_RC "${QLORA_TIMEOUT:-60}"
   echo
   echo "## Sweep"
   echo
   if [ -s "$OUT/sweep/sweep.md" ]; then sed -n '1,/^All rows:/p' "$OUT/sweep/sweep.md" | sed '$d';
   else echo "(no sweep table: see sweep.log)"; fi
   if [ -s "$OUT/sweep_shapes/sweep.md" ]; then echo; sed -n '1,/^All rows:/p' "$OUT/sweep_shapes/sweep.md" | sed '$d'; fi
+  if [ -s "$OUT/sweep_qlora/sweep.md" ]; then echo; sed -n '1,/^All rows:/p' "$OUT/sweep_qlora/sweep.md" | sed '$d'; fi
 } > "$REC"
 echo "recorded copy: $REC (commit it together with $OUT/sweep*/sweep.csv if wanted)"

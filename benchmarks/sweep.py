@@ -48,7 +48,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import providers as prov
+from . import dora_providers, providers
+from . import qlora_providers as qprov
 
 # Named shapes (K in, N out) of real models' projections.
 SHAPES = {
@@ -220,13 +221,22 @@ def run_sweep(args) -> tuple:
 
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    prov = dora_providers if args.dora else providers  # --dora: DoRA layers, speedups over peft-dora
     unavailable = prov.available(device, dtype)
     if args.force_triton:
         unavailable.pop("triton", None)
-    names = [p for p in args.providers if p not in unavailable]
-    notes = [f"skipped {p}: {unavailable[p]}" for p in args.providers if p in unavailable]
+    wanted = args.providers or prov.ALL_PROVIDERS
+    for p in wanted:
+        if p not in prov.ALL_PROVIDERS:
+            unavailable[p] = "not a DoRA provider (--dora)" if args.dora else "a DoRA provider: add --dora"
+    names = [p for p in wanted if p not in unavailable]
+    notes = [f"skipped {p}: {unavailable[p]}" for p in wanted if p in unavailable]
     if prov.BASELINE not in names:
         names.insert(0, prov.BASELINE)  # speedups need the baseline
+    if args.quant:  # QLoRA providers on the base quantized to args.quant (benchmarks/qlora_providers.py)
+        q_unavailable = qprov.available(device)
+        names += [n for n in qprov.PROVIDERS if n not in q_unavailable]
+        notes += [f"4-bit providers: {args.quant}, nested absmax"] + [f"skipped {n}: {why}" for n, why in q_unavailable.items()]
     for n in notes:
         tqdm.write(f"note: {n}", file=sys.stderr)
 
@@ -245,7 +255,8 @@ def run_sweep(args) -> tuple:
         layers, errors, times, mems = {}, {}, {}, {}
         for name in names:
             try:
-                layers[name] = prov.make_layer(name, base, r, ALPHA, p)
+                layers[name] = (qprov.make_layer(name, base, r, ALPHA, p, args.quant) if name in qprov.PROVIDERS
+                                else prov.make_layer(name, base, r, ALPHA, p))
             except Exception as exc:  # shown in the table, never hidden
                 errors[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
         # providers take turns, round after round, so a change in machine load hits all alike
@@ -392,9 +403,13 @@ def parse_args(argv=None):
     ap.add_argument("--m", type=int, nargs="+", help="token counts M (default: GPU 8192, CPU 512)")
     ap.add_argument("--ranks", type=int, nargs="+", help=f"default {' '.join(map(str, DEFAULT_RANKS))}")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    ap.add_argument("--providers", nargs="+", choices=prov.ALL_PROVIDERS, default=list(prov.ALL_PROVIDERS))
+    ap.add_argument("--providers", nargs="+", choices=sorted(set(providers.ALL_PROVIDERS + dora_providers.ALL_PROVIDERS)),
+                    help="default: all of the mode's (LoRA, or DoRA with --dora)")
+    ap.add_argument("--dora", action="store_true", help="DoRA layers (benchmarks/dora_providers.py), baseline peft-dora")
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="model dtype (default: GPU bf16, CPU fp32)")
     ap.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.1])
+    ap.add_argument("--quant", choices=qprov.QUANT_TYPES,
+                    help="also time the QLoRA providers (peft-qlora, qlora-triton, qlora-composite) on the base quantized to this 4-bit type")
     ap.add_argument("--out", default="out/sweep", help="output folder (CSV, JSON, Markdown, PNG)")
     ap.add_argument("--min-time", type=float, help="seconds of timed repeats per measurement, over all rounds (GPU 0.1, CPU 0.6)")
     ap.add_argument("--rounds", type=int, help="interleaved rounds per case, median taken (GPU 1, CPU 3)")
@@ -405,6 +420,8 @@ def parse_args(argv=None):
     ap.add_argument("--force-triton", action="store_true",
                     help="time the triton backend on the CPU too (needs TRITON_INTERPRET=1; very slow)")
     args = ap.parse_args(argv)
+    if args.dora and args.quant:
+        ap.error("--dora and --quant do not combine: DoRA on a 4-bit base is not fused")
     gpu = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     table = dict(SHAPES, **CPU_SHAPES)

@@ -9,7 +9,8 @@ For every case (dtype, shape (K, N), M, rank r), with dropout p = 0.1 and bf16/f
 
 1. One fwd+bwd of the Triton backend, recording every config request the launches make
    (:class:`rslora_kernels.ops.tuning.ConfigRequest`: family, dtype, sizes).
-2. Coordinate descent (one pass) over those requests, biggest family first (dual_gemm, grads, shrink): each
+2. Coordinate descent (one pass) over those requests, biggest family first (dual_gemm, grads,
+   shrink_masked, shrink; a family unknown here comes last): each
    candidate config of the request's family (``configs.candidate_configs(dtype, arch)``) is forced
    on that request (:func:`~rslora_kernels.ops.tuning.forced_configs`), the others keeping the best
    found so far (the rules before that), and the whole fwd+bwd is timed; the fastest stays. The
@@ -43,7 +44,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-FAMILY_ORDER = ("dual_gemm", "grads", "shrink")  # biggest share of the op's time first
+FAMILY_ORDER = ("dual_gemm", "grads", "shrink_masked", "shrink")  # biggest share of the op's time first
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_RANKS = (16, 64, 256, 2048)
 DEFAULT_SHAPES = ("7b-attn", "7b-mlp-up", "7b-mlp-down")

@@ -63,3 +63,16 @@ def validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p) -> None
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(float(scaling)):
         raise ValueError(f"scaling must be a finite float, got {scaling!r}")
     check_dropout_p(dropout_p)
+
+
+def validate_magnitude(magnitude, weight, x) -> None:
+    """DoRA's magnitude vector: a floating ``[N]`` tensor on x's device, x's dtype or wider."""
+    _need_tensor("magnitude", magnitude)
+    N = weight.shape[0]
+    if magnitude.dim() != 1 or magnitude.shape[0] != N:
+        raise ValueError(f"magnitude must have shape [N] = [{N}] (N from weight); got {_shape(magnitude)}")
+    if magnitude.device != x.device:
+        raise ValueError(f"magnitude is on {magnitude.device} but x is on {x.device}; all tensors must share a device")
+    if torch.finfo(magnitude.dtype).bits < torch.finfo(x.dtype).bits:
+        raise TypeError(f"magnitude dtype {magnitude.dtype} is narrower than x's dtype {x.dtype}; "
+                        "use x's dtype or a wider one (PEFT keeps it in float32)")

@@ -8,6 +8,7 @@ from torch import nn
 
 from .layers import LoRALinear
 from .ops.lora_linear import check_backend_name
+from .quant import is_quantized_weight
 
 __all__ = ["inject", "matches_target"]
 
@@ -21,7 +22,8 @@ def matches_target(name: str, target_modules: Union[str, Sequence[str]]) -> bool
 
 
 def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int, alpha: float,
-           dropout: float = 0.0, rank_stabilized: bool = True, backend: str = "auto") -> nn.Module:
+           dropout: float = 0.0, rank_stabilized: bool = True, backend: str = "auto",
+           use_dora: bool = False) -> nn.Module:
     """Replace every matching ``nn.Linear`` in ``model`` by :class:`LoRALinear` and freeze the rest.
 
     Args:
@@ -29,11 +31,13 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int, 
         target_modules: a list of names (``["q_proj", "v_proj"]`` matches ``layers.0.attn.q_proj``
             by suffix, ``"lm_head"`` by exact name) or one regex string (``r".*\\.(q|v)_proj"``)
             matched with ``re.fullmatch`` -- PEFT's rules.
-        r, alpha, dropout, rank_stabilized, backend: as :class:`LoRALinear`.
+        r, alpha, dropout, rank_stabilized, backend, use_dora: as :class:`LoRALinear`.
 
-    Every parameter of the model is frozen except the new ``lora_A`` / ``lora_B`` weights. The
+    Every parameter of the model is frozen except the new ``lora_A`` / ``lora_B`` weights (and
+    ``lora_magnitude_vector`` with ``use_dora``). The
     adapters take each base linear's device and dtype. A matching module that is not an
-    ``nn.Linear`` raises ``TypeError``; no match at all raises ``ValueError``.
+    ``nn.Linear`` (or a quantized bitsandbytes ``Linear4bit``, whose 4-bit weight the adapter layer
+    dequantizes per call: QLoRA) raises ``TypeError``; no match at all raises ``ValueError``.
     """
     check_backend_name(backend)  # before the model is changed
     if not isinstance(target_modules, str):
@@ -48,8 +52,10 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int, 
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
             raise ValueError(f"module {name!r} already holds a LoRA adapter")
-        if type(module) is not nn.Linear:  # subclasses (e.g. quantized linears) compute something else
-            raise TypeError(f"target module {name!r} is a {type(module).__name__}; inject() replaces nn.Linear only")
+        # subclasses compute something else, except bitsandbytes' 4-bit linear (QLoRA), which the op reads
+        if type(module) is not nn.Linear and not is_quantized_weight(getattr(module, "weight", None)):
+            raise TypeError(f"target module {name!r} is a {type(module).__name__}; "
+                            "inject() replaces nn.Linear and bitsandbytes Linear4bit only")
     if not targets:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
         raise ValueError(f"no module of the model matches target_modules={target_modules!r}; "
@@ -59,5 +65,5 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int, 
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear.from_linear(getattr(parent, child), r, alpha, dropout,
-                                                      rank_stabilized, backend))
+                                                      rank_stabilized, backend, use_dora=use_dora))
     return model

@@ -9,11 +9,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ops.dora import dora_linear, dora_merge_, dora_row_norms
 from .ops.lora_linear import check_backend_name, lora_linear
 from .ops.merge import merge_lora_
+from .quant import is_quantized_weight
 from .scaling import lora_scaling, rslora_scaling
 
 __all__ = ["LoRALinear"]
+
+
+def _compute_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype ``base`` computes in: its weight's; for a bitsandbytes 4-bit linear its
+    ``compute_dtype``, else the dtype its weight was quantized from."""
+    w = base.weight
+    if is_quantized_weight(w):
+        qs = getattr(w, "quant_state", None)
+        return getattr(base, "compute_dtype", None) or (qs.dtype if qs is not None else torch.float32)
+    return w.dtype
 
 
 class LoRALinear(nn.Module):
@@ -43,12 +55,18 @@ class LoRALinear(nn.Module):
             one added with :func:`rslora_kernels.register_backend`).
         device, dtype: of the base linear (and of the adapters unless ``adapter_dtype`` is given).
         adapter_dtype: dtype of lora_A / lora_B, e.g. torch.float32 next to a bf16 base (as PEFT).
-        base_layer: wrap this existing ``nn.Linear`` instead of creating one (it is frozen).
+        base_layer: wrap this existing ``nn.Linear`` instead of creating one (it is frozen); a
+            bitsandbytes ``Linear4bit`` works too (QLoRA: its 4-bit weight is dequantized per call
+            in its ``compute_dtype``, never stored dense; no merge).
+        use_dora: DoRA (PEFT's ``use_dora=True``): a trainable ``lora_magnitude_vector.weight [N]``
+            (adapter dtype) initialised, as PEFT does, to the row norms of ``W + s B A`` (= of W,
+            B being zero); forward is :func:`rslora_kernels.dora_linear`, merge/unmerge are PEFT's.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float = 0.0,
                  bias: bool = True, rank_stabilized: bool = True, backend: str = "auto",
-                 device=None, dtype=None, adapter_dtype=None, base_layer: Optional[nn.Linear] = None):
+                 device=None, dtype=None, adapter_dtype=None, base_layer: Optional[nn.Linear] = None,
+                 use_dora: bool = False):
         super().__init__()
         self.scaling = rslora_scaling(alpha, r) if rank_stabilized else lora_scaling(alpha, r)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
@@ -62,33 +80,64 @@ class LoRALinear(nn.Module):
             in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.base_layer.requires_grad_(False)
         w = self.base_layer.weight
-        adapter_dtype = adapter_dtype or dtype or w.dtype
+        adapter_dtype = adapter_dtype or dtype or _compute_dtype(self.base_layer)
         self.lora_A = nn.Linear(in_features, r, bias=False, device=w.device, dtype=adapter_dtype)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=w.device, dtype=adapter_dtype)
+        self.use_dora = bool(use_dora)
+        if self.use_dora and is_quantized_weight(w):
+            raise TypeError("use_dora=True needs a 16/32-bit base weight; DoRA on a 4-bit base is not supported")
+        if self.use_dora:  # a module with .weight, so state_dict keys read PEFT's "lora_magnitude_vector.weight"
+            self.lora_magnitude_vector = nn.Module()
+            self.lora_magnitude_vector.weight = nn.Parameter(torch.empty(out_features, device=w.device, dtype=adapter_dtype))
         self.reset_lora_parameters()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
-                    rank_stabilized: bool = True, backend: str = "auto", adapter_dtype=None) -> "LoRALinear":
+                    rank_stabilized: bool = True, backend: str = "auto", adapter_dtype=None,
+                    use_dora: bool = False) -> "LoRALinear":
         """Wrap an existing ``nn.Linear`` (kept as ``base_layer``, frozen, weights shared) with a
-        fresh adapter on the linear's device, in its dtype unless ``adapter_dtype`` is given."""
+        fresh adapter on the linear's device, in its dtype unless ``adapter_dtype`` is given.
+        A bitsandbytes ``Linear4bit`` (quantized, e.g. after ``.to(device)``) is accepted: the
+        adapters then default to its compute dtype (else the dtype it was quantized from)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        if not (linear.weight.is_floating_point() or is_quantized_weight(linear.weight)):
+            raise TypeError(f"from_linear needs a float nn.Linear or a bitsandbytes Linear4bit; "
+                            f"{type(linear).__name__} has a {linear.weight.dtype} weight")
         return cls(linear.in_features, linear.out_features, r, alpha, dropout, linear.bias is not None,
-                   rank_stabilized, backend, adapter_dtype=adapter_dtype, base_layer=linear)
+                   rank_stabilized, backend, adapter_dtype=adapter_dtype, base_layer=linear, use_dora=use_dora)
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
-        """PEFT's default init: A kaiming-uniform with a = sqrt(5), B zeros."""
+        """PEFT's default init: A kaiming-uniform with a = sqrt(5), B zeros (DoRA: magnitude = row
+        norms of ``W + s B A``)."""
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        if self.use_dora:
+            norms = dora_row_norms(self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scaling)
+            self.lora_magnitude_vector.weight.copy_(norms)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.base_layer.weight, self.base_layer.bias)
+        if is_quantized_weight(self.base_layer.weight):
+            return self._forward_4bit(x)
+        if self.use_dora:
+            return dora_linear(x, self.base_layer.weight, self.lora_A.weight, self.lora_B.weight,
+                               self.lora_magnitude_vector.weight, self.scaling, bias=self.base_layer.bias,
+                               dropout_p=self.dropout, training=self.training, backend=self.backend)
         return lora_linear(x, self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
                            bias=self.base_layer.bias, dropout_p=self.dropout, training=self.training,
                            backend=self.backend)
+
+    def _forward_4bit(self, x: torch.Tensor) -> torch.Tensor:
+        """As ``bnb.nn.Linear4bit`` does: compute in its ``compute_dtype`` (x's dtype if unset), cast back."""
+        dt = getattr(self.base_layer, "compute_dtype", None) or x.dtype
+        bias = self.base_layer.bias
+        y = lora_linear(x.to(dt), self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                        bias=None if bias is None else bias.to(dt), dropout_p=self.dropout, training=self.training,
+                        backend=self.backend)
+        return y.to(x.dtype)
 
     def merge(self) -> None:
         """``W += s * B @ A`` in place (Triton kernel on CUDA / under the interpreter, else a chunked
@@ -97,7 +146,16 @@ class LoRALinear(nn.Module):
         if self.merged:
             warnings.warn("LoRALinear.merge(): already merged; nothing to do", stacklevel=2)
             return
-        merge_lora_(self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, 1.0)
+        if is_quantized_weight(self.base_layer.weight):
+            raise TypeError("LoRALinear.merge(): the base is 4-bit; folding the adapter into it would "
+                            "re-quantize the weight (lossy, not reversible). Keep the adapter separate.")
+        if self.use_dora:  # PEFT's DoRA merge; the norms of the unmerged weight are kept to unmerge with
+            self._dora_merge_norms = dora_row_norms(self.base_layer.weight, self.lora_A.weight,
+                                                    self.lora_B.weight, self.scaling)
+            dora_merge_(self.base_layer.weight, self.lora_A.weight, self.lora_B.weight,
+                        self.lora_magnitude_vector.weight, self.scaling, self._dora_merge_norms)
+        else:
+            merge_lora_(self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, 1.0)
         self.merged = True
 
     def unmerge(self) -> None:
@@ -106,11 +164,17 @@ class LoRALinear(nn.Module):
         if not self.merged:
             warnings.warn("LoRALinear.unmerge(): not merged; nothing to do", stacklevel=2)
             return
-        merge_lora_(self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, -1.0)
+        if self.use_dora:
+            dora_merge_(self.base_layer.weight, self.lora_A.weight, self.lora_B.weight,
+                        self.lora_magnitude_vector.weight, self.scaling, self._dora_merge_norms, unmerge=True)
+            del self._dora_merge_norms
+        else:
+            merge_lora_(self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, -1.0)
         self.merged = False
 
     def extra_repr(self) -> str:
         kind = "alpha/sqrt(r)" if self.rank_stabilized else "alpha/r"
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, scaling={self.scaling:.4g} ({kind}), dropout={self.dropout}, "
-                f"backend={self.backend!r}" + (", merged=True" if self.merged else ""))
+                f"backend={self.backend!r}" + (", use_dora=True" if self.use_dora else "")
+                + (", merged=True" if self.merged else ""))

@@ -23,11 +23,21 @@ What the patched forward reads from PEFT, per call:
 Per call, PEFT's own forward runs instead when the layer is in a state PEFT handles specially:
 adapters disabled (``disable_adapter()``), merged, an ``adapter_names=`` mixed batch, extra
 arguments, a different active adapter set, x's dtype differing from W's outside autocast, or
-adapters narrower than x.
+adapters narrower than x; for DoRA layers also under autocast.
+
+DoRA layers (``use_dora=True``, PEFT's ``DoraLinearVariant``) run :func:`rslora_kernels.dora_linear`
+with the layer's ``lora_magnitude_vector[adapter].weight``: PEFT's formula, dropout on or off, the
+weight norms without PEFT's [out, in] matrix (see docs/dora.md).
+
+QLoRA: PEFT's ``lora.bnb.Linear4bit`` layers (a bitsandbytes ``Linear4bit`` base, NF4/FP4, nested
+absmax or not) are fused too: the op dequantizes the 4-bit weight per call, in the layer's
+``compute_dtype``, and never saves it (:mod:`rslora_kernels.ops.qlora`). ``lora.bnb.Linear8bitLt``
+(8-bit bases) stays on PEFT's forward, with a warning that says so.
 
 Layers ``patch`` leaves on PEFT's forward, with one warning naming each reason: LoRA layers that
-are not a plain ``lora.Linear`` (Embedding, Conv, quantized bnb/gptq/... classes), bases other
-than ``nn.Linear`` / ``Conv1D`` or with non-float weights, DoRA and other LoRA variants,
+are not a plain ``lora.Linear`` or ``lora.bnb.Linear4bit`` (Embedding, Conv, 8-bit bnb, gptq/... classes), bases other
+than ``nn.Linear`` / ``Conv1D`` or with non-float weights, LoRA variants other than DoRA (and DoRA on a
+4-bit base, which runs PEFT's forward),
 ``lora_bias``, several active adapters, dropout modules other than ``nn.Dropout``, merged layers.
 """
 from __future__ import annotations
@@ -40,7 +50,9 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from .ops.dora import dora_linear
 from .ops.lora_linear import check_backend_name, lora_linear
+from .quant import is_quantized_weight
 
 __all__ = ["patch", "unpatch", "is_patched", "to_peft_state_dict", "from_peft_state_dict"]
 
@@ -58,6 +70,16 @@ def _lora_module():
     return lora_layer
 
 
+def _lora_bnb_classes():
+    """PEFT's bitsandbytes LoRA layers (Linear4bit, Linear8bitLt); None for those that do not exist
+    (PEFT defines them only when bitsandbytes is installed)."""
+    try:
+        from peft.tuners.lora import bnb as lora_bnb
+    except ImportError:  # pragma: no cover - bitsandbytes is an optional extra
+        return None, None
+    return getattr(lora_bnb, "Linear4bit", None), getattr(lora_bnb, "Linear8bitLt", None)
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 style ``Conv1D`` (weight [in, out], y = x W + b)."""
     return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
@@ -65,20 +87,30 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 def _unsupported_reason(layer, lora_layer) -> Optional[str]:
     """Why ``layer`` (a peft LoraLayer) cannot take the fused forward; None if it can."""
-    if type(layer) is not lora_layer.Linear:
-        return f"LoRA layer type {type(layer).__name__} (only plain peft lora.Linear is fused; quantized and non-Linear layers are not)"
+    lora_4bit, lora_8bit = _lora_bnb_classes()
+    quantized = lora_4bit is not None and type(layer) is lora_4bit
+    if lora_8bit is not None and type(layer) is lora_8bit:
+        return ("LoRA layer type Linear8bitLt (bitsandbytes 8-bit base: LLM.int8's outlier matmul is not "
+                "a dequantize-then-GEMM, so it is not fused; 4-bit Linear4bit bases are)")
+    if type(layer) is not lora_layer.Linear and not quantized:
+        return f"LoRA layer type {type(layer).__name__} (only peft lora.Linear and lora.bnb.Linear4bit are fused)"
     base = layer.get_base_layer()
-    if not (type(base) is nn.Linear or (_is_conv1d(base) and layer.fan_in_fan_out)):
+    if quantized:
+        if not is_quantized_weight(base.weight):
+            return f"base layer type {type(base).__name__} under a 4-bit LoRA layer (expected a bitsandbytes Linear4bit)"
+    elif not (type(base) is nn.Linear or (_is_conv1d(base) and layer.fan_in_fan_out)):
         return f"base layer type {type(base).__name__} (quantized or custom bases are not supported)"
-    if base.weight.dtype not in _FLOAT_WEIGHTS:
+    elif base.weight.dtype not in _FLOAT_WEIGHTS:
         return f"base weight dtype {base.weight.dtype}"
     active = [a for a in layer.active_adapters if a in layer.lora_A]
     if len(active) != 1:
         return f"{len(active)} active adapters (exactly one is supported)"
     adapter = active[0]
-    if layer.use_dora.get(adapter, False):
-        return "DoRA"
-    if adapter in getattr(layer, "lora_variant", {}):
+    if layer.use_dora.get(adapter, False) and not _is_dora(layer, adapter):
+        return "DoRA without PEFT's DoraLinearVariant (older PEFT)"
+    if quantized and _is_dora(layer, adapter):
+        return "DoRA on a 4-bit base (QLoRA + DoRA is not fused)"
+    if adapter in getattr(layer, "lora_variant", {}) and not _is_dora(layer, adapter):
         return f"LoRA variant {type(layer.lora_variant[adapter]).__name__}"
     if getattr(layer, "lora_bias", {}).get(adapter, False):
         return "lora_bias=True"
@@ -91,24 +123,44 @@ def _unsupported_reason(layer, lora_layer) -> Optional[str]:
     return None
 
 
+def _is_dora(layer, adapter: str) -> bool:
+    """A PEFT DoRA linear adapter (``use_dora=True``), which the fused forward runs as ``rk.dora_linear``."""
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    return type(variant).__name__ == "DoraLinearVariant" and adapter in layer.lora_magnitude_vector
+
+
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Instance forward installed by :func:`patch` (``self`` is a peft ``lora.Linear``)."""
     adapter, backend = getattr(self, _ATTR)
     base = self.get_base_layer()
     A = self.lora_A[adapter].weight if adapter in self.lora_A else None
     dev = x.device.type
+    quantized = is_quantized_weight(base.weight)
+    # a 4-bit base computes in its compute_dtype (x's dtype until bitsandbytes sets it)
+    base_dtype = (getattr(base, "compute_dtype", None) or x.dtype) if quantized else base.weight.dtype
     usable = (
         not args and not kwargs and not self.disable_adapters and not self.merged and A is not None
         and list(self.active_adapters) == [adapter]
-        and (x.dtype == base.weight.dtype or torch.is_autocast_enabled(dev))
+        and (x.dtype == base_dtype or torch.is_autocast_enabled(dev))
         and (torch.is_autocast_enabled(dev) or torch.finfo(A.dtype).bits >= torch.finfo(x.dtype).bits)
+        # bitsandbytes repacks a 4-bit weight for its CPU inference kernel (eval, no grad): not our format
+        and not (quantized and getattr(base.weight.quant_state, "packing_format_for_cpu", False))
     )
+    dora = usable and _is_dora(self, adapter)
+    if dora:  # dora_linear does no autocast casting; its magnitude must be as wide as x; no 4-bit bases
+        m = self.lora_magnitude_vector[adapter].weight
+        usable = (not quantized and not torch.is_autocast_enabled(dev)
+                  and torch.finfo(m.dtype).bits >= torch.finfo(x.dtype).bits)
     if not usable:  # a state PEFT handles specially: run PEFT's own forward
         return type(self).forward(self, x, *args, **kwargs)
     weight = base.weight.t() if self.fan_in_fan_out else base.weight
+    bias = base.bias.to(x.dtype) if quantized and base.bias is not None else base.bias  # as Linear4bit does
     drop = self.lora_dropout[adapter]
     p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-    return lora_linear(x, weight, A, self.lora_B[adapter].weight, self.scaling[adapter], bias=base.bias,
+    if dora:
+        return dora_linear(x, weight, A, self.lora_B[adapter].weight, m, self.scaling[adapter], bias=bias,
+                           dropout_p=p, training=p > 0.0, backend=backend)
+    return lora_linear(x, weight, A, self.lora_B[adapter].weight, self.scaling[adapter], bias=bias,
                        dropout_p=p, training=p > 0.0, backend=backend)
 
 
@@ -167,7 +219,7 @@ def unpatch(peft_model: nn.Module) -> int:
 # state_dict keys: LoRALinear / PEFT saved adapters use "...lora_A.weight"; a live PeftModel uses
 # "base_model.model....lora_A.<adapter>.weight" (and "...base_layer.weight" in both).
 # ----------------------------------------------------------------------------------------------
-_ADAPTER_PARTS = (".lora_A.", ".lora_B.")
+_ADAPTER_PARTS = (".lora_A.", ".lora_B.", ".lora_magnitude_vector.")
 
 
 def to_peft_state_dict(state_dict: Dict[str, torch.Tensor], adapter_name: str = "default",

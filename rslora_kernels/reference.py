@@ -51,3 +51,42 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     base = F.linear(x, weight, bias)
     adapter = F.linear(F.linear(dropped, lora_A.to(dtype)), lora_B.to(dtype))
     return base + scaling * adapter
+
+
+def dora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                magnitude: torch.Tensor, scaling: float, bias: Optional[torch.Tensor] = None,
+                dropout_p: float = 0.0, dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reference DoRA linear, written the way PEFT 0.21 computes it (``peft/tuners/lora/dora.py``):
+
+        w = || W + s B A ||_row  (detached)        g = magnitude / w
+        dropout on   y = x W^T + b + (g - 1) * (drop(x) W^T) + g * s * (drop(x) A^T) B^T
+        dropout off  y = r + (g - 1) * (r - b) + g * s * (x A^T) B^T,    r = x W^T + b
+
+    It builds the [N, K] matrix ``W + s B A`` (the oracle may; the kernels never do). Arguments as
+    :func:`lora_linear`, plus ``magnitude [N]`` (PEFT's ``lora_magnitude_vector``). Returns
+    ``[..., N]`` in x's dtype.
+    """
+    from ._validate import validate_inputs, validate_magnitude
+
+    validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p)
+    validate_magnitude(magnitude, weight, x)
+    dtype = x.dtype
+    A, B = lora_A.to(dtype), lora_B.to(dtype)
+    weight_norm = torch.linalg.norm(weight + scaling * (B @ A), dim=1).detach()
+    g = (magnitude / weight_norm).view(1, -1)
+    adapter = lambda inp: F.linear(F.linear(inp, A), B)  # noqa: E731
+    result = F.linear(x, weight, bias)
+    if dropout_p > 0.0:
+        if dropout_mask is None:
+            raise ValueError("dropout_mask is required when dropout_p > 0 "
+                             "(the reference is deterministic; get the kernels' mask from rslora_kernels.dropout_mask)")
+        if dropout_mask.dtype != torch.bool:
+            raise TypeError(f"dropout_mask must be a bool tensor, got {dropout_mask.dtype}")
+        if dropout_mask.numel() != x.numel() or dropout_mask.shape[-1] != x.shape[-1]:
+            raise ValueError(f"dropout_mask must have x's shape {tuple(x.shape)} or [M, K]; got {tuple(dropout_mask.shape)}")
+        dropped = x * dropout_mask.reshape(x.shape).to(dtype) / (1.0 - dropout_p)
+        y = result + (g - 1) * F.linear(dropped, weight) + g * adapter(dropped) * scaling
+    else:
+        base = result - bias if bias is not None else result
+        y = result + (g - 1) * base + g * adapter(x) * scaling
+    return y.to(dtype)

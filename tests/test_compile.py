@@ -42,10 +42,10 @@ def test_opcheck_fwd_bwd(backend, dtype, p, bias):
     seed = torch.tensor(1234, device=DEV)
     fwd, bwd = torch.ops.rslora_kernels.lora_linear_fwd.default, torch.ops.rslora_kernels.lora_linear_bwd.default
     torch.library.opcheck(fwd, (x, W, A, B, b, 0.5, p, seed, backend))
-    _, T = fwd(x, W, A, B, b, 0.5, p, seed, backend)
+    _, T, mask_state = fwd(x, W, A, B, b, 0.5, p, seed, backend)
     dy = torch.randn(7, 10, generator=g).to(DEV, dtype)
     for needs in ([True, True, True, bias], [False, True, False, False]):
-        torch.library.opcheck(bwd, (dy, x, W, A, B, T, 0.5, p, seed, needs, backend))
+        torch.library.opcheck(bwd, (dy, x, W, A, B, T, 0.5, p, mask_state, needs, backend))
 
 
 # ----------------------------------------------------------------------------------------------

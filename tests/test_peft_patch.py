@@ -234,10 +234,10 @@ def test_disabled_and_mixed_batches_use_peft_semantics():
 
 
 @pytest.mark.parametrize("case, reason", [
-    ("dora", "DoRA"), ("lora_bias", "lora_bias"), ("two_active", "2 active adapters"), ("merged", "merged"),
-])
+    ("lora_bias", "lora_bias"), ("two_active", "2 active adapters"), ("merged", "merged"),
+])  # DoRA layers are fused: tests/test_dora.py
 def test_unsupported_layers_keep_peft_forward_with_a_warning(case, reason):
-    model = _peft_llama(use_dora=case == "dora", lora_bias=case == "lora_bias")
+    model = _peft_llama(lora_bias=case == "lora_bias")
     if case == "two_active":
         model.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
         model.base_model.set_adapter(["default", "other"])
@@ -246,7 +246,7 @@ def test_unsupported_layers_keep_peft_forward_with_a_warning(case, reason):
     with pytest.warns(UserWarning, match=reason) as rec:
         n = rk.peft.patch(model, backend=BACKEND)
     assert len([w for w in rec if "keep PEFT's forward" in str(w.message)]) == 1  # one warning
-    expect_skipped = {"dora": 14, "lora_bias": 14, "two_active": 2, "merged": 1}[case]
+    expect_skipped = {"lora_bias": 14, "two_active": 2, "merged": 1}[case]
     assert n == len(TARGETS) * N_LAYERS - expect_skipped
 
 

@@ -15,7 +15,7 @@ import torch
 import rslora_kernels as rk
 from rslora_kernels import _runtime
 from rslora_kernels.ops import configs, tuning
-from rslora_kernels.ops.configs import TileConfig, dual_gemm_config, grads_config, shrink_config
+from rslora_kernels.ops.configs import TileConfig, dual_gemm_config, grads_config, shrink_config, shrink_masked_config
 from rslora_kernels.ops.lora_linear import resolve_backend
 
 lora_linear_mod = importlib.import_module("rslora_kernels.ops.lora_linear")  # the package exports a function of that name
@@ -206,9 +206,11 @@ def test_forced_configs_reach_every_config_function():
     with tuning.forced_configs(choose):
         assert dual_gemm_config(97, 30, 50, 7, BF16, 90) == C4
         assert shrink_config(97, 50, 7, FP16, 80) == C4
+        assert shrink_masked_config(97, 51, 7, FP16, 80) == C4
         assert grads_config(97, 30, 50, 7, torch.float32, 0) == C4
     assert seen == [tuning.ConfigRequest("dual_gemm", "bfloat16", 97, 30, 50, 7, 90),
                     tuning.ConfigRequest("shrink", "float16", 97, 0, 50, 7, 80),
+                    tuning.ConfigRequest("shrink_masked", "float16", 97, 0, 51, 7, 80),
                     tuning.ConfigRequest("grads", "float32", 97, 30, 50, 7, 0)]
     assert dual_gemm_config(97, 30, 50, 7, BF16, 90) != C4  # the override ends with the block
 
@@ -373,9 +375,9 @@ def test_tuner_dry_run_writes_a_valid_table(tmp_path, capsys):
     table = json.loads(out.read_text())
     assert table["dry_run"] is True and table["complete"] is True and table["skipped"] == []
     assert table["format"] == tuning.FORMAT_VERSION and table["torch"] == torch.__version__
-    assert {e["family"] for e in table["configs"]} == {"dual_gemm", "shrink", "grads"}
     with tuning.rules_only():
         cands = configs.candidate_configs(torch.bfloat16, 0)
+    assert {e["family"] for e in table["configs"]} == {f for f, _ in cands}  # p = 0.1 fwd+bwd asks every family
     for e in table["configs"]:
         assert (e["family"], TileConfig(**e["config"])) in cands
         timed = [t["ms"] for t in e["candidates"] if "ms" in t]

@@ -1,9 +1,14 @@
 """Triton implementation of the dropout stream (definition: :mod:`rslora_kernels.dropout.stream`).
 
-``philox_rounds``, ``load_seed`` and ``keep_mask_tile`` are ``@triton.jit`` helpers the LoRA kernels
-(``rslora_kernels.ops.triton_kernels``) call to regenerate a tile's mask; ``_mask_kernel`` writes a whole
-mask (``keep_mask_triton``) and ``_dropout_scale_kernel`` drops and scales a tensor
-(``dropout_scale_triton``, the composite backend's dropout on CUDA). This module imports Triton: the
+``philox_rounds``, ``load_seed`` and ``keep_mask_tile`` generate a tile of the mask; ``_keep_bits_kernel``
+(``keep_bits_triton``) runs them once per element of x and packs the result into the keep-bits that the
+LoRA kernels (``rslora_kernels.ops.triton_kernels``) read tile by tile with ``keep_from_bits``;
+``_mask_kernel`` writes a whole bool mask (``keep_mask_triton``) and ``_dropout_scale_kernel`` drops and
+scales a tensor (``dropout_scale_triton``, the composite backend's dropout on CUDA).
+
+Keep-bits: an int32 tensor [M, ceil(K/32)], bit j of word w of row m is the keep decision of element
+(m, 32*w + j) (bits past column K are 0). M*K/8 bytes, 1/16 of a bf16 x: the fused forward writes it
+once (Philox runs once per element per step), and backward reads it instead of regenerating the mask. This module imports Triton: the
 package imports it lazily, on first use.
 """
 from __future__ import annotations
@@ -16,7 +21,10 @@ import triton.language as tl
 
 from .stream import PHILOX_M0, PHILOX_M1, PHILOX_ROUNDS, PHILOX_W0, PHILOX_W1, drop_threshold
 
-__all__ = ["philox_rounds", "load_seed", "keep_mask_tile", "keep_mask_triton", "dropout_scale_triton"]
+__all__ = ["philox_rounds", "load_seed", "keep_mask_tile", "keep_from_bits", "keep_bits_words", "keep_bits_triton",
+           "keep_mask_triton", "dropout_scale_triton"]
+
+BITS_PER_WORD = 32
 
 # jit functions may only read globals that are constexpr
 _M0 = tl.constexpr(PHILOX_M0)
@@ -72,6 +80,48 @@ def keep_mask_tile(seed_lo, seed_hi, rows, col0, threshold,
 
 
 @triton.jit
+def keep_from_bits(bits_ptr, rows, row_ok, col0, n_words, stride_bm,
+                   BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Keep-mask [BLOCK_ROWS, BLOCK_COLS] of ``rows`` and columns col0 + arange(BLOCK_COLS), read from
+    the keep-bits (``n_words`` int32 words per row, row stride ``stride_bm``); rows not ``row_ok``
+    and columns past the last word read as dropped.
+
+    With BLOCK_COLS a multiple of 32 (then col0 is one too) each row's words are loaded once,
+    contiguously, and spread to their 32 columns; otherwise each column loads its own word.
+    """
+    if BLOCK_COLS % 32 == 0:
+        WORDS: tl.constexpr = BLOCK_COLS // 32
+        word = col0 // 32 + tl.arange(0, WORDS)
+        words = tl.load(bits_ptr + rows[:, None] * stride_bm + word[None, :],
+                        mask=row_ok[:, None] & (word < n_words)[None, :], other=0)
+        bit = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+        return tl.reshape(bit, (BLOCK_ROWS, BLOCK_COLS)) != 0
+    else:
+        cols = col0 + tl.arange(0, BLOCK_COLS)
+        words = tl.load(bits_ptr + rows[:, None] * stride_bm + (cols // 32)[None, :],
+                        mask=row_ok[:, None] & (cols // 32 < n_words)[None, :], other=0)
+        return ((words >> (cols % 32)[None, :]) & 1) != 0
+
+
+@triton.jit
+def _keep_bits_kernel(seed_ptr, bits_ptr, M, K, n_words, stride_bm, threshold,
+                      BLOCK_M: tl.constexpr, BLOCK_WORDS: tl.constexpr):
+    """bits[M, n_words] = the stream's keep-mask of x [M, K], packed 32 columns to an int32 word."""
+    BLOCK_K: tl.constexpr = BLOCK_WORDS * 32
+    seed_lo, seed_hi = load_seed(seed_ptr)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    word0 = tl.program_id(1) * BLOCK_WORDS
+    cols = word0 * 32 + tl.arange(0, BLOCK_K)
+    keep = keep_mask_tile(seed_lo, seed_hi, rows, word0 * 32, threshold, BLOCK_M, BLOCK_K)
+    keep = keep & (cols < K)[None, :]
+    bit = tl.reshape(keep.to(tl.int32), (BLOCK_M, BLOCK_WORDS, 32)) << tl.arange(0, 32)[None, None, :]
+    words = tl.sum(bit, axis=2)  # distinct bits: the sum is their OR (bit 31 wraps to the sign bit)
+    word = word0 + tl.arange(0, BLOCK_WORDS)
+    tl.store(bits_ptr + rows[:, None] * stride_bm + word[None, :], words,
+             mask=(rows < M)[:, None] & (word < n_words)[None, :])
+
+
+@triton.jit
 def _mask_kernel(out_ptr, seed_ptr, M, K, stride_om, threshold,
                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[M, K] (uint8) = keep-mask of the stream; used by ``dropout_mask`` and the tests."""
@@ -105,6 +155,25 @@ def _dropout_scale_kernel(x_ptr, out_ptr, seed_ptr, M, K,
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
+def keep_bits_words(cols: int) -> int:
+    """int32 words per row of the keep-bits of a [rows, cols] tensor."""
+    return -(-cols // BITS_PER_WORD)
+
+
+def keep_bits_triton(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
+    """Keep-bits (int32 [rows, ceil(cols/32)], see the module docstring) of the stream for a
+    [rows, cols] input; ``seed`` a 0-dim int64 tensor on the target device (read by the kernel)."""
+    n_words = keep_bits_words(cols)
+    bits = torch.empty((rows, n_words), dtype=torch.int32, device=seed.device)
+    if bits.numel() == 0:
+        return bits
+    BLOCK_M, BLOCK_WORDS = 32, 4
+    grid = (triton.cdiv(rows, BLOCK_M), triton.cdiv(n_words, BLOCK_WORDS))
+    _keep_bits_kernel[grid](seed, bits, rows, cols, n_words, bits.stride(0), drop_threshold(p),
+                            BLOCK_M=BLOCK_M, BLOCK_WORDS=BLOCK_WORDS)
+    return bits
+
+
 def keep_mask_triton(seed: int, rows: int, cols: int, p: float, device) -> torch.Tensor:
     """Bool keep-mask [rows, cols] of the stream, computed by the Triton mask kernel."""
     out = torch.empty((rows, cols), dtype=torch.uint8, device=device)

@@ -9,7 +9,7 @@
                dA = s U^T drop(x),  dB = s dy^T T,  db = sum_M dy
 
 Saved for backward (by :class:`~rslora_kernels.ops.lora_linear.LoRALinearFunction`): x, T and the
-seed; the dropout mask is regenerated from the seed (the project's Philox stream,
+seed (this backend's mask state); the dropout mask is regenerated from the seed (the project's Philox stream,
 :mod:`rslora_kernels.dropout`): on the CPU by the C++ extension in ``csrc/``, on CUDA by a small
 Triton kernel. The default backend on the CPU; on a GPU the baseline the Triton kernels must beat.
 
@@ -32,7 +32,8 @@ __all__ = ["composite_forward", "composite_backward"]
 def composite_forward(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
                       scaling: float, p: float, seed: Tensor):
     """x2d [M, K], weight [N, K], lora_A [r, K], lora_B [N, r], bias [N] | None, seed 0-dim int64.
-    Returns (y [M, N], T [M, r]) in x's dtype."""
+    Returns (y [M, N], T [M, r]) in x's dtype and the mask state: a copy of the seed (a custom op's
+    output may not alias its input), from which backward regenerates the mask."""
     dtype = x2d.dtype
     A, B = lora_A.to(dtype), lora_B.to(dtype)  # no copy when the adapters are in x's dtype
     y = torch.addmm(bias, x2d, weight.t()) if bias is not None else torch.mm(x2d, weight.t())
@@ -41,7 +42,7 @@ def composite_forward(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tenso
     else:
         T = torch.mm(x2d, A.t())
     y.addmm_(T, B.t(), alpha=scaling)
-    return y, T
+    return y, T, seed.clone()
 
 
 def composite_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, T: Tensor,

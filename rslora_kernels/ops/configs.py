@@ -1,19 +1,34 @@
 """Tile configurations: a pure function of (problem sizes, dtype, GPU arch).
 
 Each launch of the Triton backend asks one function here for its config. ``candidate_configs``
-lists every config the functions can return, so the static kernel report can compile them all.
+lists every config the functions can return (at most 8 per kernel family), so the static kernel
+report can compile them all and a tuner can time them. The rules, by what they depend on:
+
+* dtype: fp32 tiles are small (IEEE fp32 dots are FMAs that hold operand slices in registers);
+  16-bit tiles are sized for tensor cores.
+* arch: sm_90 (H100, 227 KiB shared memory, warpgroup MMA) takes 128x256 output tiles for the dual
+  GEMMs; sm_80 (A100, 163 KiB) keeps 128x128.
+* sizes: the larger tiles only where they still give every SM a program (``_fills``); the rank
+  tile follows r (the smallest power of two >= r, capped).
+
 In the interpreter, tiles are chosen for interpreter speed (bigger tiles = fewer numpy calls).
+Every sm_90 16-bit config here compiles without spills or serialized wgmma (ptxas C7515) under
+Triton 3.6 and 3.9: ``python -m benchmarks.static_report --arch 90``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 
 from .._runtime import interpreting
 from .tuning import tuned_config
 
-__all__ = ["TileConfig", "dual_gemm_config", "shrink_config", "grads_config", "split_m_for", "candidate_configs"]
+__all__ = ["TileConfig", "dual_gemm_config", "shrink_config", "shrink_masked_config", "grads_config", "split_m_for",
+           "candidate_configs"]
+
+# SMs of the GPU each arch's rules are sized for (A100, H100 SXM)
+_SMS = {80: 108, 90: 132}
 
 
 @dataclass(frozen=True)
@@ -29,9 +44,6 @@ class TileConfig:
     def launch_kwargs(self):
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
 
-    def as_dict(self):
-        return asdict(self)
-
 
 def _rank_tile(r: int, cap: int) -> int:
     """Smallest power of two >= r, clamped to [16, cap] (tl.dot needs >= 16)."""
@@ -41,41 +53,71 @@ def _rank_tile(r: int, cap: int) -> int:
     return t
 
 
-def _wide(dtype: torch.dtype) -> bool:
+def _is_fp32(dtype: torch.dtype) -> bool:
     """fp32 tiles are kept small: with torch's default "highest" matmul precision tl.dot runs as
     IEEE FMAs, which hold whole operand slices in registers. The sizes below are the largest that
     compile without spills for sm_80 and sm_90 (``python -m benchmarks.static_report``)."""
     return dtype == torch.float32
 
 
+def _fills(arch: int, tiles: int) -> bool:
+    """Whether ``tiles`` programs give every SM of ``arch`` at least one."""
+    return tiles >= _SMS.get(arch, 132)
+
+
 def dual_gemm_config(M: int, N: int, K: int, r: int, dtype: torch.dtype, arch: int) -> TileConfig:
-    """F2 (y) and B2 (dx): an [M, F] output tile, reduced over r then over K (or N)."""
+    """F2 (y) and B2 (dx): an [M, F] output tile (F = N, or K for B2), reduced over r then over K
+    (or N). Called with (M, F, RED, r)."""
     if (tuned := tuned_config("dual_gemm", M, N, K, r, dtype, arch)) is not None: return TileConfig(**tuned)  # noqa: E701
     if interpreting():
-        return TileConfig(64, 64, 64, 64, GROUP_M=4)
-    if _wide(dtype):
+        return TileConfig(64, 64, 64, _rank_tile(r, 64), GROUP_M=4)
+    if _is_fp32(dtype):
         return TileConfig(64, 32, 16, 16, GROUP_M=8, num_warps=4, num_stages=3)
-    return TileConfig(128, 128, 64, 64, GROUP_M=8, num_warps=8, num_stages=3)
+    rank_tile = _rank_tile(r, 64)
+    if arch >= 90 and _fills(arch, -(-M // 128) * -(-N // 256)):
+        # 48 KiB a stage: 3 stages = 144 KiB, one CTA per SM by design (the tile is the reuse)
+        return TileConfig(128, 256, 64, rank_tile, GROUP_M=8, num_warps=8, num_stages=3)
+    return TileConfig(128, 128, 64, rank_tile, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def shrink_config(M: int, red: int, r: int, dtype: torch.dtype, arch: int) -> TileConfig:
-    """F1 (T = drop(x) A^T) and B1 (U = dy B): an [M, r] output tile reduced over K (or N)."""
+    """F1 without dropout (T = x A^T) and B1 (U = dy B): an [M, r] output tile reduced over K (or N)."""
     if (tuned := tuned_config("shrink", M, 0, red, r, dtype, arch)) is not None: return TileConfig(**tuned)  # noqa: E701
+    return _shrink_rule(M, r, dtype, arch, masked=False)
+
+
+def shrink_masked_config(M: int, red: int, r: int, dtype: torch.dtype, arch: int) -> TileConfig:
+    """F1 with dropout: the kernel accumulates T^T (the masked x tile is the MMA's B operand), whose
+    rank side is the warpgroup MMA's M side, so the rank tile is at least 64."""
+    if (tuned := tuned_config("shrink_masked", M, 0, red, r, dtype, arch)) is not None: return TileConfig(**tuned)  # noqa: E701
+    return _shrink_rule(M, r, dtype, arch, masked=True)
+
+
+def _shrink_rule(M: int, r: int, dtype: torch.dtype, arch: int, masked: bool) -> TileConfig:
     if interpreting():
         return TileConfig(64, 0, 64, _rank_tile(r, 64))
-    if _wide(dtype):
-        return TileConfig(64, 0, 16, _rank_tile(r, 64), num_warps=4, num_stages=2)
-    return TileConfig(64, 0, 64, _rank_tile(r, 128), num_warps=4, num_stages=3)
+    if _is_fp32(dtype):
+        return TileConfig(64, 0, 16, max(_rank_tile(r, 64), 64 if masked else 16), num_warps=4, num_stages=2)
+    rank_tile = max(_rank_tile(r, 128), 64 if masked else 16)
+    if rank_tile == 128 and _fills(arch, -(-M // 128) * -(-r // 128)):
+        # large ranks: 128x128 tiles, 8 warps, 32 KiB a stage (two CTAs per SM)
+        return TileConfig(128, 0, 64, 128, num_warps=8, num_stages=3)
+    # a 64 x 128 fp32 accumulator on 4 warps leaves ptxas too few registers to pipeline the wgmma
+    return TileConfig(64, 0, 64, rank_tile, num_warps=8 if rank_tile == 128 else 4, num_stages=3)
 
 
 def grads_config(M: int, N: int, K: int, r: int, dtype: torch.dtype, arch: int) -> TileConfig:
-    """B3 (dA [r, K] and dB [N, r]): tiles [BLOCK_R, BLOCK_F] / [BLOCK_F, BLOCK_R] reduced over M."""
+    """B3 (dA [r, K] and dB [N, r], one launch each): tiles [BLOCK_F, BLOCK_R] (dA^T and dB)
+    reduced over M in BLOCK_M steps."""
     if (tuned := tuned_config("grads", M, N, K, r, dtype, arch)) is not None: return TileConfig(**tuned)  # noqa: E701
     if interpreting():
         return TileConfig(64, 64, 0, _rank_tile(r, 64))
-    if _wide(dtype):
-        return TileConfig(32, 64, 0, _rank_tile(r, 32), num_warps=8, num_stages=3)
-    return TileConfig(64, 128, 0, _rank_tile(r, 128), num_warps=8, num_stages=3)
+    if _is_fp32(dtype):  # the rank tile is dA's MMA M side here too (TF32 warpgroup MMA: >= 64)
+        return TileConfig(32, 64, 0, 64, num_warps=8, num_stages=3)
+    # the rank is dA's warpgroup-MMA M side: at least 64. 64 x (128 + rank tile) x 2 B a stage:
+    # 3 stages = 96 KiB at r >= 128 (two CTAs per SM). sm_90: 4 warps (with 8, Triton 3.6's ptxas
+    # serializes the wgmma of the split-M variants, C7515); sm_80: 8 warps (with 4, mma.sync spills)
+    return TileConfig(64, 128, 0, max(_rank_tile(r, 128), 64), num_warps=4 if arch >= 90 else 8, num_stages=3)
 
 
 def split_m_for(M: int, tiles: int, block_m: int, sms: int) -> int:
@@ -87,10 +129,15 @@ def split_m_for(M: int, tiles: int, block_m: int, sms: int) -> int:
 
 
 def candidate_configs(dtype: torch.dtype, arch: int):
-    """Every (kernel family, config) the dispatcher can return for ``dtype`` on ``arch``."""
+    """Every (kernel family, config) the dispatcher can return for ``dtype`` on ``arch``; families:
+    "dual_gemm", "shrink", "shrink_masked" (F1 with dropout), "grads"; family ``f`` is what
+    ``f_config`` returns."""
     out = set()
-    for r in (1, 16, 32, 64, 128, 256, 4096):
-        out.add(("dual_gemm", dual_gemm_config(4096, 4096, 4096, r, dtype, arch)))
-        out.add(("shrink", shrink_config(4096, 4096, r, dtype, arch)))
-        out.add(("grads", grads_config(4096, 4096, 4096, r, dtype, arch)))
+    for M in (512, 8192):
+        for N in (1024, 4096):
+            for r in (1, 16, 32, 64, 128, 256, 4096):
+                out.add(("dual_gemm", dual_gemm_config(M, N, N, r, dtype, arch)))
+                out.add(("shrink", shrink_config(M, N, r, dtype, arch)))
+                out.add(("shrink_masked", shrink_masked_config(M, N, r, dtype, arch)))
+                out.add(("grads", grads_config(M, N, N, r, dtype, arch)))
     return sorted(out, key=lambda kc: (kc[0], str(kc[1])))

@@ -8,8 +8,10 @@ fake kernels, so ``torch.compile`` traces through them), glued by :class:`LoRALi
 "reference" backend is registered too, as an autograd backend: plain PyTorch over
 :func:`rslora_kernels.reference.lora_linear`, differentiated by autograd.
 
-Saved for backward: x (a view where possible), T = drop(x) A^T [M, r] and the seed; the dropout
-mask is regenerated from the seed, never stored.
+Saved for backward: x (a view where possible), T = drop(x) A^T [M, r] and the backend's "mask
+state", which its forward returns: the packed keep-bits (M*K/8 bytes, 1/16 of a bf16 x) for
+"triton", whose backward reads the mask instead of regenerating it; the seed for "composite", whose
+backward regenerates the mask from it.
 """
 from __future__ import annotations
 
@@ -26,9 +28,11 @@ from .._runtime import triton_available_for
 from .._validate import validate_inputs
 from ..dropout import as_seed_int, draw_seed, keep_mask_torch
 from .tuning import auto_backend
+from ..quant import is_quantized_weight
 
 __all__ = ["lora_linear", "LoRALinearFunction", "Backend", "register_backend", "unregister_backend",
-           "registered_backends", "check_backend_name", "choose_auto_backend", "resolve_backend"]
+           "registered_backends", "check_backend_name", "choose_auto_backend", "resolve_backend",
+           "autocast_inputs", "seed_tensor"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -46,9 +50,12 @@ class Backend:
 
     Fused backends (``backward`` given) run behind the custom ops below, glued by
     :class:`LoRALinearFunction`:
-    ``forward(x2d, W, A, B, bias, s, p, seed) -> (y [M, N], T [M, r])`` and
-    ``backward(dy, x2d, W, A, B, T, s, p, seed, need_dx, need_dA, need_dB, need_db) -> (dx, dA, dB, db)``,
-    a grad that is not needed returned as None, db in ``promote_types(x's dtype, float32)``.
+    ``forward(x2d, W, A, B, bias, s, p, seed) -> (y [M, N], T [M, r], mask_state)`` and
+    ``backward(dy, x2d, W, A, B, T, s, p, mask_state, need_dx, need_dA, need_dB, need_db) -> (dx, dA, dB, db)``,
+    a grad that is not needed returned as None, db in ``promote_types(x's dtype, float32)``. The mask
+    state is whatever backward needs of the dropout mask (the seed, or the packed keep-bits);
+    ``mask_state_like(x2d, seed, p)`` returns an empty tensor shaped like it, for the fake kernel
+    (default: a 0-dim tensor like the seed).
 
     Autograd backends (``backward=None``, e.g. "reference") are plain differentiable PyTorch:
     ``forward(x2d, W, A, B, bias, s, p, seed) -> y [M, N]`` is called directly and autograd
@@ -62,6 +69,7 @@ class Backend:
     backward: Optional[Callable]
     devices: Union[Tuple[str, ...], Callable[[torch.device], bool]]
     dtypes: Tuple[torch.dtype, ...]
+    mask_state_like: Callable = lambda x2d, seed, p: seed.new_empty(())
 
     def runs_on(self, device: torch.device) -> bool:
         return self.devices(device) if callable(self.devices) else device.type in self.devices
@@ -73,7 +81,8 @@ _BACKENDS = _REGISTRY  # read by benchmarks/providers.py until it switches to re
 
 def register_backend(name: str, forward: Callable, backward: Optional[Callable] = None, *,
                      devices: Union[Collection[str], Callable[[torch.device], bool]],
-                     dtypes: Collection[torch.dtype], replace: bool = False) -> Backend:
+                     dtypes: Collection[torch.dtype], mask_state_like: Optional[Callable] = None,
+                     replace: bool = False) -> Backend:
     """Make ``backend=name`` available to :func:`lora_linear`, :class:`~rslora_kernels.LoRALinear`,
     :func:`~rslora_kernels.inject` and :func:`rslora_kernels.peft.patch`.
 
@@ -82,6 +91,8 @@ def register_backend(name: str, forward: Callable, backward: Optional[Callable] 
         forward, backward: see :class:`Backend` (``backward=None``: ``forward`` is differentiable).
         devices: device types it runs on (``("cpu", "cuda")``), or a predicate on a ``torch.device``.
         dtypes: floating dtypes it computes in; x and lora_A/lora_B must each be one of them.
+        mask_state_like: for fused backends whose mask state is not a 0-dim tensor like the seed:
+            ``(x2d, seed, p) -> empty tensor`` shaped like the state (see :class:`Backend`).
         replace: allow re-registering an existing name.
 
     Returns the registered :class:`Backend`.
@@ -99,7 +110,7 @@ def register_backend(name: str, forward: Callable, backward: Optional[Callable] 
     dtypes = tuple(dtypes)
     if not dtypes or not all(isinstance(d, torch.dtype) and d.is_floating_point for d in dtypes):
         raise TypeError(f"dtypes must be floating torch dtypes, got {dtypes!r}")
-    spec = Backend(name, forward, backward, devices, dtypes)
+    spec = Backend(name, forward, backward, devices, dtypes, *([mask_state_like] if mask_state_like else []))
     _REGISTRY[name] = spec
     return spec
 
@@ -176,13 +187,20 @@ def _any_device(device: torch.device) -> bool:
     return True
 
 
+def _triton_mask_state_like(x2d, seed, p):
+    """Keep-bits int32 [M, ceil(K/32)] with dropout, an empty int32 tensor without."""
+    M, K = x2d.shape
+    return x2d.new_empty((M, -(-K // 32)) if p > 0.0 else (0,), dtype=torch.int32)
+
+
 def _reference_forward(x2d, weight, lora_A, lora_B, bias, scaling, p, seed):
     # the PyTorch stream on the seed tensor's device: no .item(), so it traces under torch.compile
     mask = keep_mask_torch(seed, x2d.shape[0], x2d.shape[1], p) if p > 0.0 else None
     return reference.lora_linear(x2d, weight, lora_A, lora_B, scaling, bias, p, mask)
 
 
-register_backend("triton", _triton_forward, _triton_backward, devices=triton_available_for, dtypes=KERNEL_DTYPES)
+register_backend("triton", _triton_forward, _triton_backward, devices=triton_available_for, dtypes=KERNEL_DTYPES,
+                 mask_state_like=_triton_mask_state_like)
 register_backend("reference", _reference_forward, None, devices=_any_device, dtypes=FLOAT_DTYPES)
 
 
@@ -191,27 +209,29 @@ register_backend("reference", _reference_forward, None, devices=_any_device, dty
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("rslora_kernels::lora_linear_fwd", mutates_args=())
 def _fwd_op(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
-            scaling: float, dropout_p: float, seed: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+            scaling: float, dropout_p: float, seed: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (y, T, mask_state): the mask state is what the backward op needs of the dropout mask."""
     return _REGISTRY[backend].forward(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
 
 
 @_fwd_op.register_fake
 def _(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
     M = x2d.shape[0]
-    return x2d.new_empty((M, weight.shape[0])), x2d.new_empty((M, lora_A.shape[0]))
+    return (x2d.new_empty((M, weight.shape[0])), x2d.new_empty((M, lora_A.shape[0])),
+            _REGISTRY[backend].mask_state_like(x2d, seed, dropout_p))
 
 
 @torch.library.custom_op("rslora_kernels::lora_linear_bwd", mutates_args=())
 def _bwd_op(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, T: Tensor,
-            scaling: float, dropout_p: float, seed: Tensor, needs: List[bool], backend: str
+            scaling: float, dropout_p: float, mask_state: Tensor, needs: List[bool], backend: str
             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, dA, dB, db); a grad that is not needed comes back as an empty tensor."""
-    outs = _REGISTRY[backend].backward(dy, x2d, weight, lora_A, lora_B, T, scaling, dropout_p, seed, *needs)
+    outs = _REGISTRY[backend].backward(dy, x2d, weight, lora_A, lora_B, T, scaling, dropout_p, mask_state, *needs)
     return tuple(o if o is not None else x2d.new_empty((0,)) for o in outs)
 
 
 @_bwd_op.register_fake
-def _(dy, x2d, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, backend):
+def _(dy, x2d, weight, lora_A, lora_B, T, scaling, dropout_p, mask_state, needs, backend):
     M, K = x2d.shape
     N, R = weight.shape[0], lora_A.shape[0]
     shapes = ((x2d, (M, K)), (lora_A, (R, K)), (lora_A, (N, R)), (lora_A, (N,)))
@@ -235,8 +255,9 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
         M, K = math.prod(x.shape[:-1]), x.shape[-1]  # explicit M: reshape(-1, 0) is ambiguous when K = 0
         x2d = x.reshape(M, K)  # a view unless the leading dims cannot be flattened by strides
-        y2d, T = torch.ops.rslora_kernels.lora_linear_fwd(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend)
-        ctx.save_for_backward(x2d, weight, lora_A, lora_B, T, seed)
+        y2d, T, mask_state = torch.ops.rslora_kernels.lora_linear_fwd(
+            x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend)
+        ctx.save_for_backward(x2d, weight, lora_A, lora_B, T, mask_state)
         ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
         ctx.x_shape = x.shape
         ctx.bias_dtype = bias.dtype if bias is not None else None  # None: the op has no bias
@@ -244,13 +265,13 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, weight, lora_A, lora_B, T, seed = ctx.saved_tensors
+        x2d, weight, lora_A, lora_B, T, mask_state = ctx.saved_tensors
         has_bias = ctx.bias_dtype is not None
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         need_bias = need_bias and has_bias
         dy2d = dy.reshape(x2d.shape[0], weight.shape[0])
         dx, dA, dB, db = torch.ops.rslora_kernels.lora_linear_bwd(
-            dy2d, x2d, weight, lora_A, lora_B, T, ctx.scaling, ctx.dropout_p, seed,
+            dy2d, x2d, weight, lora_A, lora_B, T, ctx.scaling, ctx.dropout_p, mask_state,
             [need_x, need_a, need_b, need_bias], ctx.backend)
         dW = dy2d.t() @ x2d if need_w else None  # W frozen in the fast path
         return (dx.view(ctx.x_shape) if need_x else None, dW, dA if need_a else None, dB if need_b else None,
@@ -263,7 +284,7 @@ class LoRALinearFunction(torch.autograd.Function):
 _AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _autocast(x, weight, lora_A, lora_B, bias):
+def autocast_inputs(x, weight, lora_A, lora_B, bias):
     """Under torch.autocast, cast x, weight and bias to the autocast dtype (as F.linear would).
     lora_A/lora_B keep a wider dtype (PEFT's fp32 adapters): the kernels read them natively."""
     dev = x.device.type
@@ -281,6 +302,20 @@ def _autocast(x, weight, lora_A, lora_B, bias):
     return cast(x), cast(weight), cast(lora_A, True), cast(lora_B, True), cast(bias)
 
 
+def seed_tensor(seed: Union[int, Tensor, None], p: float, device: torch.device) -> Tensor:
+    """The dropout seed as the 0-dim int64 tensor on ``device`` the backends take: zero when
+    ``p == 0``; drawn from torch's default generator when None."""
+    if p == 0.0:
+        seed = torch.zeros((), dtype=torch.int64, device=device)
+    elif seed is None:
+        seed = draw_seed(device)
+    elif not isinstance(seed, Tensor):
+        seed = torch.tensor(as_seed_int(seed), dtype=torch.int64, device=device)
+    elif seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != device:
+        raise TypeError(f"seed tensor must be a one-element int64 tensor on {device}, got {seed.dtype} on {seed.device}")
+    return seed.reshape(())
+
+
 def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
                 bias: Optional[Tensor] = None, dropout_p: float = 0.0, training: bool = True,
                 seed: Union[int, Tensor, None] = None, backend: str = "auto") -> Tensor:
@@ -288,7 +323,9 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
 
     Args:
         x: ``[..., K]``; any leading dims; strides are honoured (no copy if they flatten).
-        weight: ``[N, K]`` frozen base weight, any strides (pass ``W.t()`` for fan_in_fan_out).
+        weight: ``[N, K]`` frozen base weight, any strides (pass ``W.t()`` for fan_in_fan_out);
+            or a 4-bit one (``rslora_kernels.quant.Weight4bit`` or a bitsandbytes ``Params4bit``),
+            dequantized per call to x's dtype and never saved (see :mod:`rslora_kernels.ops.qlora`).
         lora_A: ``[r, K]``; lora_B: ``[N, r]`` (PEFT layouts), in x's dtype or wider (fp32).
         scaling: ``rslora_scaling(alpha, r)`` (rsLoRA) or ``lora_scaling(alpha, r)``.
         bias: ``[N]`` or None.
@@ -303,21 +340,17 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     Returns:
         ``[..., N]`` in x's dtype (the autocast dtype under ``torch.autocast``).
     """
-    x, weight, lora_A, lora_B, bias = _autocast(x, weight, lora_A, lora_B, bias)
+    if is_quantized_weight(weight):
+        from .qlora import qlora_linear
+
+        return qlora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training, seed, backend)
+    x, weight, lora_A, lora_B, bias = autocast_inputs(x, weight, lora_A, lora_B, bias)
     validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p)
     backend = resolve_backend(backend, x.device, x.dtype, lora_A.dtype,
                               problem=(math.prod(x.shape[:-1]), weight.shape[0], x.shape[-1], lora_A.shape[0]))
     scaling = float(scaling)
     p = float(dropout_p) if training else 0.0
-    if p == 0.0:
-        seed = torch.zeros((), dtype=torch.int64, device=x.device)
-    elif seed is None:
-        seed = draw_seed(x.device)
-    elif not isinstance(seed, Tensor):
-        seed = torch.tensor(as_seed_int(seed), dtype=torch.int64, device=x.device)
-    elif seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device:
-        raise TypeError(f"seed tensor must be a one-element int64 tensor on {x.device}, got {seed.dtype} on {seed.device}")
-    seed = seed.reshape(())
+    seed = seed_tensor(seed, p, x.device)
     spec = _REGISTRY[backend]
     if spec.backward is None:  # an autograd backend: plain PyTorch, differentiated by autograd
         M, K = math.prod(x.shape[:-1]), x.shape[-1]

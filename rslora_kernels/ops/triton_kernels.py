@@ -1,18 +1,26 @@
 """Triton kernels of the fused LoRA linear op and their launchers.
 
 Reading order: the three kernels, then the host launchers. The dropout stream's Triton functions
-(Philox4x32-10, the keep-mask of a tile) live in :mod:`rslora_kernels.dropout.kernels`.
+(Philox4x32-10, the keep-bits pass and their unpacking) live in :mod:`rslora_kernels.dropout.kernels`.
 
-    forward   F1  T  = drop(x) A^T                          _shrink_kernel
+    forward   bits  keep-bits of x (with dropout)           dropout.kernels._keep_bits_kernel
+              F1  T  = drop(x) A^T                          _shrink_kernel
               F2  y  = x W^T + s T B^T + b                  _dual_gemm_kernel
-    backward  B1  U  = dy B,  db = sum_M dy                 _shrink_kernel (column sums on)
+    backward  B1  U  = dy B                                 _shrink_kernel
               B2  dx = dy W + s/(1-p) * mask * (U A)        _dual_gemm_kernel (mask on)
-              B3  dA = s/(1-p) U^T (x*mask),  dB = s dy^T T _lora_grads_kernel (one grouped launch)
+              B3  dA = s/(1-p) U^T (x*mask)                 _m_reduce_kernel (mask on)
+                  dB = s dy^T T,  db = sum_M dy             _m_reduce_kernel (column sums on)
 
-Every kernel takes full strides (only the pointer arithmetic cares), masks ragged edges (no size
-needs to be a multiple of a tile), loops over the rank in tiles (any r), accumulates in fp32 and
-uses 64-bit row offsets. This module imports Triton; the package imports it lazily so that
-``TRITON_INTERPRET`` is read when the kernels are first used, never at package import.
+Philox runs once per element of x per step, in the bits pass; F1, B2 and B3 read the bits.
+
+Every kernel takes full strides (only the pointer arithmetic cares) and works for any sizes (no
+size needs to be a multiple of a tile), loops over the rank in tiles (any r) and accumulates in
+fp32. The hot loops are written like Triton's tutorial matmul: pointer tiles advanced by a step,
+rows and columns outside the matrix wrapped back inside (``% M``) so that loads need a mask only
+along the reduction, and none at all when the launcher says the reduction divides the tile
+(``EVEN_*``). In-tile offsets are 32-bit when every tensor spans < 2^31 elements, 64-bit otherwise
+(``OFFSET_DTYPE``, chosen by the launcher). This module imports Triton; the package imports it
+lazily so that ``TRITON_INTERPRET`` is read when the kernels are first used, never at package import.
 """
 from __future__ import annotations
 
@@ -23,75 +31,95 @@ import triton
 import triton.language as tl
 
 from .._runtime import cuda_arch, interpreting, num_sms
-from ..dropout.kernels import keep_mask_tile, load_seed
-from ..dropout.stream import drop_threshold
-from .configs import dual_gemm_config, grads_config, shrink_config, split_m_for
+from ..dropout.kernels import keep_bits_triton, keep_bits_words, keep_from_bits
+from .configs import dual_gemm_config, grads_config, shrink_config, shrink_masked_config, split_m_for
 
 
 # ----------------------------------------------------------------------------------------------
-# F1 / B1: out[M, R] = in[M, RED] @ w[RED, R]  (dropout on `in` for F1, column sums for B1)
+# F1 / B1: out[M, R] = keep?(in[M, RED]) @ w[RED, R]  (dropout on `in` for F1)
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _shrink_kernel(
-    # pointers: in [M, RED] is x (F1) or dy (B1); w [RED, R] is A^T (F1) or B (B1); out is T or U
-    in_ptr, w_ptr, out_ptr, colsum_ptr, seed_ptr,
+    # pointers: in [M, RED] is x (F1) or dy (B1); w [RED, R] is A^T (F1) or B (B1); out is T or U.
+    # keep_bits [M, n_words] (F1 with dropout) may be None
+    in_ptr, w_ptr, out_ptr, keep_bits_ptr,
     # sizes
-    M, RED, R,
+    M, RED, R, n_words,
     # strides
-    stride_im, stride_ired, stride_wred, stride_wr, stride_om, stride_or, stride_cs,
-    # dropout: keep iff draw >= threshold; kept inputs scaled by out_scale = 1/(1-p) in fp32
-    drop_threshold, out_scale,
+    stride_im, stride_ired, stride_wred, stride_wr, stride_om, stride_or, stride_bm,
+    # dropout: kept inputs scaled by out_scale = 1/(1-p) in fp32
+    out_scale,
     # meta
-    HAS_DROPOUT: tl.constexpr, COLSUM: tl.constexpr,
+    # RANK_MAJOR: accumulate out^T = w^T keep(in)^T, so that the masked tile is the MMA's B operand,
+    # which goes through shared memory (a masked A operand is fed from registers, and ptxas then
+    # serializes the wgmma, C7515); the rank tile is the MMA's M side then (>= 64 for wgmma)
+    HAS_DROPOUT: tl.constexpr, RANK_MAJOR: tl.constexpr, EVEN_RED: tl.constexpr, OFFSET_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    ranks = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    row_ok = rows < M
-    rank_ok = ranks < R
-    if HAS_DROPOUT:
-        seed_lo, seed_hi = load_seed(seed_ptr)
+    # rank tiles fastest: the programs of one row tile run together and share its `in` tiles in L2
+    pid = tl.program_id(0)
+    num_pid_r = tl.cdiv(R, BLOCK_R)
+    pid_m = pid // num_pid_r
+    pid_r = pid % num_pid_r
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    reds = tl.arange(0, BLOCK_RED)
+    # wrapped inside the matrix: loads need no row or rank mask (those lanes are never stored)
+    in_ptrs = in_ptr + ((rows % M).to(OFFSET_DTYPE)[:, None] * stride_im + reds.to(OFFSET_DTYPE)[None, :] * stride_ired)
+    w_ptrs = w_ptr + (reds.to(OFFSET_DTYPE)[:, None] * stride_wred + (ranks % R).to(OFFSET_DTYPE)[None, :] * stride_wr)
+    in_step = tl.cast(BLOCK_RED * stride_ired, OFFSET_DTYPE)
+    w_step = tl.cast(BLOCK_RED * stride_wred, OFFSET_DTYPE)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if RANK_MAJOR:
+        acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for red0 in range(0, RED, BLOCK_RED):
-        cols = red0 + tl.arange(0, BLOCK_RED).to(tl.int64)
-        col_ok = cols < RED
-        a = tl.load(in_ptr + rows[:, None] * stride_im + cols[None, :] * stride_ired,
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
-        if COLSUM:
-            if pid_r == 0:  # one program row per M-tile writes the partial bias grad
-                tl.store(colsum_ptr + pid_m * stride_cs + cols, tl.sum(a.to(tl.float32), axis=0), mask=col_ok)
+        if EVEN_RED:
+            a = tl.load(in_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            a = tl.load(in_ptrs, mask=reds[None, :] < RED - red0, other=0.0)
+            w = tl.load(w_ptrs, mask=reds[:, None] < RED - red0, other=0.0)
         if HAS_DROPOUT:
-            keep = keep_mask_tile(seed_lo, seed_hi, rows, red0, drop_threshold, BLOCK_M, BLOCK_RED)
-            a = tl.where(keep, a, 0.0).to(DOT_DTYPE)
-        w = tl.load(w_ptr + cols[:, None] * stride_wred + ranks[None, :] * stride_wr,
-                    mask=col_ok[:, None] & rank_ok[None, :], other=0.0).to(DOT_DTYPE)
-        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+            keep = keep_from_bits(keep_bits_ptr, rows.to(tl.int64), rows < M, red0, n_words, stride_bm,
+                                  BLOCK_M, BLOCK_RED)
+            a = tl.where(keep, a, 0.0)
+        if RANK_MAJOR:
+            acc = tl.dot(tl.trans(w.to(DOT_DTYPE)), tl.trans(a.to(DOT_DTYPE)), acc, input_precision=INPUT_PRECISION)
+        else:
+            acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        in_ptrs += in_step
+        w_ptrs += w_step
     if HAS_DROPOUT:
         acc = acc * out_scale
-    tl.store(out_ptr + rows[:, None] * stride_om + ranks[None, :] * stride_or,
-             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
+    if RANK_MAJOR:
+        out_ptrs = out_ptr + (ranks.to(OFFSET_DTYPE)[:, None] * stride_or + rows.to(OFFSET_DTYPE)[None, :] * stride_om)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(ranks < R)[:, None] & (rows < M)[None, :])
+    else:
+        out_ptrs = out_ptr + (rows.to(OFFSET_DTYPE)[:, None] * stride_om + ranks.to(OFFSET_DTYPE)[None, :] * stride_or)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (ranks < R)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
-# F2 / B2: out[M, F] = adapter_scale * keep?(lo[M, R] @ hi[R, F]) + in[M, RED] @ w[RED, F] + bias
+# F2 / B2: out[M, F] = adapter_scale * keep?(t[M, R] @ bt[R, F]) + in[M, RED] @ w[RED, F] + bias
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _dual_gemm_kernel(
-    # pointers. F2: lo=T, hi=B^T, in=x, w=W^T, bias.  B2: lo=U, hi=A, in=dy, w=W, mask on.
-    lo_ptr, hi_ptr, in_ptr, w_ptr, bias_ptr, out_ptr, seed_ptr,
+    # pointers. F2: t=T, bt=B^T, in=x, w=W^T, bias.  B2: t=U, bt=A, in=dy, w=W, keep_bits.
+    # bias and keep_bits may be None (HAS_BIAS, HAS_DROPOUT)
+    t_ptr, bt_ptr, in_ptr, w_ptr, bias_ptr, keep_bits_ptr, out_ptr,
     # sizes
-    M, F, RED, R,
+    M, F, RED, R, n_words,
     # strides
-    stride_lom, stride_lor, stride_hir, stride_hif,
-    stride_im, stride_ired, stride_wred, stride_wf, stride_om, stride_of,
-    # adapter scale (s, or s/(1-p) in B2) and dropout threshold
-    adapter_scale, drop_threshold,
+    stride_tm, stride_tr, stride_btr, stride_btf,
+    stride_im, stride_ired, stride_wred, stride_wf, stride_bm, stride_om, stride_of,
+    # adapter scale (s, or s/(1-p) in B2)
+    adapter_scale,
     # meta
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EVEN_RED: tl.constexpr, EVEN_R: tl.constexpr, OFFSET_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -106,126 +134,146 @@ def _dual_gemm_kernel(
     pid_m = first_m + ((pid % pids_per_group) % group_rows)
     pid_f = (pid % pids_per_group) // group_rows
 
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    feats = (pid_f * BLOCK_F + tl.arange(0, BLOCK_F)).to(tl.int64)
-    row_ok = rows < M
-    feat_ok = feats < F
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    feats = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    # wrapped inside the matrix: loads need no row or feature mask (those lanes are never stored)
+    rows_in = (rows % M).to(OFFSET_DTYPE)
+    feats_in = (feats % F).to(OFFSET_DTYPE)
 
     # adapter term first, so the scale and the dropout mask touch one fp32 tile
     acc = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
+    ranks = tl.arange(0, BLOCK_R)
+    t_ptrs = t_ptr + (rows_in[:, None] * stride_tm + ranks.to(OFFSET_DTYPE)[None, :] * stride_tr)
+    bt_ptrs = bt_ptr + (ranks.to(OFFSET_DTYPE)[:, None] * stride_btr + feats_in[None, :] * stride_btf)
+    t_step = tl.cast(BLOCK_R * stride_tr, OFFSET_DTYPE)
+    bt_step = tl.cast(BLOCK_R * stride_btr, OFFSET_DTYPE)
     for r0 in range(0, R, BLOCK_R):
-        ranks = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        rank_ok = ranks < R
-        lo = tl.load(lo_ptr + rows[:, None] * stride_lom + ranks[None, :] * stride_lor,
-                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0).to(DOT_DTYPE)
-        hi = tl.load(hi_ptr + ranks[:, None] * stride_hir + feats[None, :] * stride_hif,
-                     mask=rank_ok[:, None] & feat_ok[None, :], other=0.0).to(DOT_DTYPE)
-        acc = tl.dot(lo, hi, acc, input_precision=INPUT_PRECISION)
+        if EVEN_R:
+            t = tl.load(t_ptrs)
+            bt = tl.load(bt_ptrs)
+        else:
+            t = tl.load(t_ptrs, mask=ranks[None, :] < R - r0, other=0.0)
+            bt = tl.load(bt_ptrs, mask=ranks[:, None] < R - r0, other=0.0)
+        acc = tl.dot(t.to(DOT_DTYPE), bt.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        t_ptrs += t_step
+        bt_ptrs += bt_step
     acc = acc * adapter_scale
     if HAS_DROPOUT:
-        seed_lo, seed_hi = load_seed(seed_ptr)
-        keep = keep_mask_tile(seed_lo, seed_hi, rows, pid_f * BLOCK_F, drop_threshold, BLOCK_M, BLOCK_F)
+        keep = keep_from_bits(keep_bits_ptr, rows.to(tl.int64), rows < M, pid_f * BLOCK_F, n_words, stride_bm,
+                              BLOCK_M, BLOCK_F)
         acc = tl.where(keep, acc, 0.0)
 
-    # base term into the same accumulator
+    # base term into the same accumulator: the hot loop
+    reds = tl.arange(0, BLOCK_RED)
+    in_ptrs = in_ptr + (rows_in[:, None] * stride_im + reds.to(OFFSET_DTYPE)[None, :] * stride_ired)
+    w_ptrs = w_ptr + (reds.to(OFFSET_DTYPE)[:, None] * stride_wred + feats_in[None, :] * stride_wf)
+    in_step = tl.cast(BLOCK_RED * stride_ired, OFFSET_DTYPE)
+    w_step = tl.cast(BLOCK_RED * stride_wred, OFFSET_DTYPE)
     for red0 in range(0, RED, BLOCK_RED):
-        reds = red0 + tl.arange(0, BLOCK_RED).to(tl.int64)
-        red_ok = reds < RED
-        a = tl.load(in_ptr + rows[:, None] * stride_im + reds[None, :] * stride_ired,
-                    mask=row_ok[:, None] & red_ok[None, :], other=0.0).to(DOT_DTYPE)
-        w = tl.load(w_ptr + reds[:, None] * stride_wred + feats[None, :] * stride_wf,
-                    mask=red_ok[:, None] & feat_ok[None, :], other=0.0).to(DOT_DTYPE)
-        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        if EVEN_RED:
+            a = tl.load(in_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            a = tl.load(in_ptrs, mask=reds[None, :] < RED - red0, other=0.0)
+            w = tl.load(w_ptrs, mask=reds[:, None] < RED - red0, other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        in_ptrs += in_step
+        w_ptrs += w_step
 
+    # epilogue: per-column terms, then the store
+    feat_ok = feats < F
     if HAS_BIAS:
         acc += tl.load(bias_ptr + feats, mask=feat_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_om + feats[None, :] * stride_of,
-             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & feat_ok[None, :])
+    out_ptrs = out_ptr + (rows.to(OFFSET_DTYPE)[:, None] * stride_om + feats.to(OFFSET_DTYPE)[None, :] * stride_of)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & feat_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
-# B3: dA = scale_a * U^T (x*mask) and dB = scale_b * dy^T T, one grouped launch, no atomics
+# B3: out[P, Q] = scale * sum over m of l[m, p] * keep?(r[m, q])
+#     dA [r, K]: l = U, r = x (mask on);   dB [N, r]: l = dy, r = T (column sums of dy: db)
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _mtm_tile(
-    acc, l_ptr, stride_lm, stride_lp, r_ptr, stride_rm, stride_rq,
-    offs_p, offs_q, q0, P, Q, m_lo, m_hi,
-    seed_ptr, drop_threshold,
-    HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+def _m_reduce_kernel(
+    # pointers: l [M, P], r [M, Q], keep_bits (None without dropout), out [SPLITS?, P, Q],
+    # colsum [SPLITS?, P] (fp32 column sums of l, the bias grad in dB's launch; None when not wanted)
+    l_ptr, r_ptr, keep_bits_ptr, out_ptr, colsum_ptr,
+    # sizes; the M reduction is split into num_splits chunks of m_chunk rows (a multiple of BLOCK_M)
+    M, P, Q, n_words, m_chunk,
+    # strides
+    stride_lm, stride_lp, stride_rm, stride_rq, stride_bm, stride_os, stride_op, stride_oq, stride_cs,
+    scale,
+    # meta. The mask falls on r, the MMA's B operand, which goes through shared memory (a masked A
+    # operand is fed from registers and ptxas serializes the wgmma, C7515). RANK_AXIS: which of P
+    # (0, dA) and Q (1, dB) is the rank; its tiles run fastest, so the programs that read one tile
+    # of x (dy) run together (L2)
+    HAS_DROPOUT: tl.constexpr, COLSUM: tl.constexpr, COLSUM_MMA: tl.constexpr, EVEN_M: tl.constexpr,
+    RANK_AXIS: tl.constexpr,
+    OFFSET_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
-    """acc[P-tile, Q-tile] += sum over m in [m_lo, m_hi) of l[m, p] * keep?(r[m, q])."""
-    p_ok = offs_p < P
-    q_ok = offs_q < Q
-    if HAS_DROPOUT:
-        seed_lo, seed_hi = load_seed(seed_ptr)
-    for m0 in range(m_lo, m_hi, BLOCK_M):
-        ms = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        m_ok = ms < m_hi
-        lt = tl.load(l_ptr + ms[None, :] * stride_lm + offs_p[:, None] * stride_lp,
-                     mask=p_ok[:, None] & m_ok[None, :], other=0.0).to(DOT_DTYPE)
-        rt = tl.load(r_ptr + ms[:, None] * stride_rm + offs_q[None, :] * stride_rq,
-                     mask=m_ok[:, None] & q_ok[None, :], other=0.0).to(DOT_DTYPE)
-        if HAS_DROPOUT:
-            keep = keep_mask_tile(seed_lo, seed_hi, ms, q0, drop_threshold, BLOCK_M, BLOCK_Q)
-            rt = tl.where(keep, rt, 0.0).to(DOT_DTYPE)
-        acc = tl.dot(lt, rt, acc, input_precision=INPUT_PRECISION)
-    return acc
-
-
-@triton.jit
-def _lora_grads_kernel(
-    # pointers: inputs, then outputs dA [SPLIT?, R, K] and dB [SPLIT?, N, R]
-    u_ptr, x_ptr, dy_ptr, t_ptr, da_ptr, db_ptr, seed_ptr,
-    # sizes; the M reduction is split into num_splits chunks of m_chunk rows
-    M, N, K, R, m_chunk, num_splits, n_da_programs,
-    # strides
-    stride_um, stride_ur, stride_xm, stride_xk, stride_dym, stride_dyn, stride_tm, stride_tr,
-    stride_das, stride_dar, stride_dak, stride_dbs, stride_dbn, stride_dbr,
-    # scales: scale_a = s/(1-p), scale_b = s
-    scale_a, scale_b, drop_threshold,
-    # meta
-    HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_R: tl.constexpr,
-):
     pid = tl.program_id(0)
-    # the two branches name their accumulators apart: the compiler merges same-named values
-    # across an if/else and rejects tiles of different shapes ([R, F] vs [F, R])
-    if pid < n_da_programs:
-        # dA tile [BLOCK_R, BLOCK_F] over (rank, K)
-        split = pid % num_splits
-        tile = pid // num_splits
-        tiles_k = tl.cdiv(K, BLOCK_F)
-        offs_r = ((tile // tiles_k) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-        k0 = (tile % tiles_k) * BLOCK_F
-        offs_k = (k0 + tl.arange(0, BLOCK_F)).to(tl.int64)
-        m_lo = split * m_chunk
-        acc_a = tl.zeros((BLOCK_R, BLOCK_F), dtype=tl.float32)
-        acc_a = _mtm_tile(acc_a, u_ptr, stride_um, stride_ur, x_ptr, stride_xm, stride_xk,
-                        offs_r, offs_k, k0, R, K, m_lo, min(m_lo + m_chunk, M),
-                        seed_ptr, drop_threshold, HAS_DROPOUT, DOT_DTYPE, INPUT_PRECISION,
-                        BLOCK_M, BLOCK_R, BLOCK_F)
-        acc_a = acc_a * scale_a
-        tl.store(da_ptr + split * stride_das + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak,
-                 acc_a.to(da_ptr.dtype.element_ty), mask=(offs_r < R)[:, None] & (offs_k < K)[None, :])
+    num_pid_p = tl.cdiv(P, BLOCK_P)
+    num_pid_q = tl.cdiv(Q, BLOCK_Q)
+    tiles = num_pid_p * num_pid_q
+    split = pid // tiles
+    if RANK_AXIS == 0:
+        pid_p = pid % num_pid_p
+        pid_q = (pid % tiles) // num_pid_p
     else:
-        # dB tile [BLOCK_F, BLOCK_R] over (N, rank)
-        pid_b = pid - n_da_programs
-        split = pid_b % num_splits
-        tile = pid_b // num_splits
-        tiles_r = tl.cdiv(R, BLOCK_R)
-        offs_n = ((tile // tiles_r) * BLOCK_F + tl.arange(0, BLOCK_F)).to(tl.int64)
-        r0 = (tile % tiles_r) * BLOCK_R
-        offs_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
-        m_lo = split * m_chunk
-        acc_b = tl.zeros((BLOCK_F, BLOCK_R), dtype=tl.float32)
-        acc_b = _mtm_tile(acc_b, dy_ptr, stride_dym, stride_dyn, t_ptr, stride_tm, stride_tr,
-                        offs_n, offs_r, r0, N, R, m_lo, min(m_lo + m_chunk, M),
-                        seed_ptr, drop_threshold, False, DOT_DTYPE, INPUT_PRECISION,
-                        BLOCK_M, BLOCK_F, BLOCK_R)
-        acc_b = acc_b * scale_b
-        tl.store(db_ptr + split * stride_dbs + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
-                 acc_b.to(db_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_r < R)[None, :])
+        pid_q = pid % num_pid_q
+        pid_p = (pid % tiles) // num_pid_q
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    m_lo = split * m_chunk
+    m_hi = min(m_lo + m_chunk, M)
+    ms = tl.arange(0, BLOCK_M)
+    # l is read transposed ([P, M] tiles); p and q are wrapped inside the matrix (never stored),
+    # m is masked unless M divides into whole tiles
+    l_ptrs = l_ptr + ((offs_p % P).to(OFFSET_DTYPE)[:, None] * stride_lp + (m_lo + ms).to(OFFSET_DTYPE)[None, :] * stride_lm)
+    r_ptrs = r_ptr + ((m_lo + ms).to(OFFSET_DTYPE)[:, None] * stride_rm + (offs_q % Q).to(OFFSET_DTYPE)[None, :] * stride_rq)
+    l_step = tl.cast(BLOCK_M * stride_lm, OFFSET_DTYPE)
+    r_step = tl.cast(BLOCK_M * stride_rm, OFFSET_DTYPE)
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    # column sums of l: with 16-bit operands one more (narrow) MMA on the same l tile, l^T @ ones
+    # (products by 1 are exact, sums in fp32); fp32 operands would be rounded to TF32 there, so they
+    # are summed elementwise in the loop and across rows once after it
+    if COLSUM:
+        if COLSUM_MMA:
+            col_acc = tl.zeros((BLOCK_P, 16), dtype=tl.float32)
+            ones = tl.full((BLOCK_M, 16), 1.0, dtype=DOT_DTYPE)
+        else:
+            col_acc = tl.zeros((BLOCK_P, BLOCK_M), dtype=tl.float32)
+    for m0 in range(0, m_hi - m_lo, BLOCK_M):
+        if EVEN_M:
+            lt = tl.load(l_ptrs)
+            rm = tl.load(r_ptrs)
+        else:
+            lt = tl.load(l_ptrs, mask=(ms < m_hi - m_lo - m0)[None, :], other=0.0)
+            rm = tl.load(r_ptrs, mask=(ms < m_hi - m_lo - m0)[:, None], other=0.0)
+        if HAS_DROPOUT:
+            rows = (m_lo + m0 + ms).to(tl.int64)
+            keep = keep_from_bits(keep_bits_ptr, rows, rows < m_hi, pid_q * BLOCK_Q, n_words, stride_bm,
+                                  BLOCK_M, BLOCK_Q)
+            rm = tl.where(keep, rm, 0.0)
+        if COLSUM:
+            if COLSUM_MMA:
+                col_acc = tl.dot(lt.to(DOT_DTYPE), ones, col_acc)
+            else:
+                col_acc += lt.to(tl.float32)
+        acc = tl.dot(lt.to(DOT_DTYPE), rm.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        l_ptrs += l_step
+        r_ptrs += r_step
+    if COLSUM:
+        if pid_q == 0:  # one rank tile per column tile writes the column sums
+            if COLSUM_MMA:
+                col_sum = tl.max(col_acc, axis=1)  # 16 equal columns
+            else:
+                col_sum = tl.sum(col_acc, axis=1)
+            tl.store(colsum_ptr + split.to(tl.int64) * stride_cs + offs_p, col_sum, mask=offs_p < P)
+    acc = acc * scale
+    out_ptrs = out_ptr + split.to(tl.int64) * stride_os + (offs_p.to(OFFSET_DTYPE)[:, None] * stride_op
+                                                          + offs_q.to(OFFSET_DTYPE)[None, :] * stride_oq)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_p < P)[:, None] & (offs_q < Q)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,110 +299,153 @@ def _meta(dtype: torch.dtype):
     return {"DOT_DTYPE": _dot_dtype(dtype), "INPUT_PRECISION": _input_precision(dtype)}
 
 
-def _shrink(inp: torch.Tensor, w_strides, w: torch.Tensor, R: int, out_dtype, *, seed=None, p=0.0, colsum=False):
-    """out[M, R] = keep?(inp)[M, RED] @ w_view[RED, R] / (1-p); optional fp32 column-sum partials."""
+def _bits_strides(keep_bits):
+    """(words per row, row stride) of the keep-bits, or (0, 0) without dropout."""
+    return (keep_bits.shape[1], keep_bits.stride(0)) if keep_bits is not None else (0, 0)
+
+
+def _offset_dtype(*tensors):
+    """tl.int32 for in-tile offsets when every tensor spans fewer than 2^31 elements (its largest
+    offset, strides included), tl.int64 otherwise."""
+    span = max((sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
+                for t in tensors if t is not None and t.numel() > 0), default=0)
+    return tl.int32 if span < 2**31 else tl.int64
+
+
+def _shrink(inp: torch.Tensor, w_strides, w: torch.Tensor, R: int, out_dtype, *, keep_bits=None, p=0.0):
+    """out[M, R] = keep?(inp)[M, RED] @ w_view[RED, R] / (1-p)."""
     M, RED = inp.shape
-    cfg = shrink_config(M, RED, R, inp.dtype, cuda_arch(inp.device))
+    config = shrink_masked_config if keep_bits is not None else shrink_config
+    cfg = config(M, RED, R, inp.dtype, cuda_arch(inp.device))
     out = torch.empty((M, R), dtype=out_dtype, device=inp.device)
     grid_m = triton.cdiv(M, cfg.BLOCK_M)
-    parts = torch.empty((grid_m, RED) if colsum else (1, 1), dtype=torch.float32, device=inp.device)
-    has_dropout = p > 0.0
-    _shrink_kernel[(grid_m, triton.cdiv(R, cfg.BLOCK_R))](
-        inp, w, out, parts, seed if has_dropout else out,
-        M, RED, R,
-        inp.stride(0), inp.stride(1), w_strides[0], w_strides[1], out.stride(0), out.stride(1), parts.stride(0),
-        drop_threshold(p), 1.0 / (1.0 - p),
-        HAS_DROPOUT=has_dropout, COLSUM=colsum, **_meta(inp.dtype),
+    n_words, stride_bm = _bits_strides(keep_bits)
+    _shrink_kernel[(grid_m * triton.cdiv(R, cfg.BLOCK_R),)](
+        inp, w, out, keep_bits,
+        M, RED, R, n_words,
+        inp.stride(0), inp.stride(1), w_strides[0], w_strides[1], out.stride(0), out.stride(1), stride_bm,
+        1.0 / (1.0 - p),
+        HAS_DROPOUT=keep_bits is not None, RANK_MAJOR=keep_bits is not None, EVEN_RED=RED % cfg.BLOCK_RED == 0,
+        OFFSET_DTYPE=_offset_dtype(inp, w, out), **_meta(inp.dtype),
         BLOCK_M=cfg.BLOCK_M, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R, **cfg.launch_kwargs(),
     )
-    return out, (parts if colsum else None)
+    return out
 
 
-def _dual_gemm(lo, hi, hi_strides, inp, w, w_strides, F: int, adapter_scale: float, out_dtype,
-               *, bias=None, seed=None, p=0.0):
-    """out[M, F] = adapter_scale * keep?(lo @ hi_view) + inp @ w_view (+ bias)."""
-    M, R = lo.shape
+def _dual_gemm(t, bt, bt_strides, inp, w, w_strides, F: int, adapter_scale: float, out_dtype,
+               *, bias=None, keep_bits=None):
+    """out[M, F] = adapter_scale * keep?(t @ bt_view) + inp @ w_view (+ bias)."""
+    M, R = t.shape
     RED = inp.shape[1]
     out = torch.empty((M, F), dtype=out_dtype, device=inp.device)
     if out.numel() == 0:
         return out
     cfg = dual_gemm_config(M, F, RED, R, inp.dtype, cuda_arch(inp.device))
-    has_dropout = p > 0.0
+    n_words, stride_bm = _bits_strides(keep_bits)
     grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(F, cfg.BLOCK_F),)
     _dual_gemm_kernel[grid](
-        lo, hi, inp, w, bias if bias is not None else out, out, seed if has_dropout else out,
-        M, F, RED, R,
-        lo.stride(0), lo.stride(1), hi_strides[0], hi_strides[1],
-        inp.stride(0), inp.stride(1), w_strides[0], w_strides[1], out.stride(0), out.stride(1),
-        adapter_scale, drop_threshold(p),
-        HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, **_meta(inp.dtype),
+        t, bt, inp, w, bias, keep_bits, out,
+        M, F, RED, R, n_words,
+        t.stride(0), t.stride(1), bt_strides[0], bt_strides[1],
+        inp.stride(0), inp.stride(1), w_strides[0], w_strides[1], stride_bm, out.stride(0), out.stride(1),
+        adapter_scale,
+        HAS_BIAS=bias is not None, HAS_DROPOUT=keep_bits is not None,
+        EVEN_RED=RED % cfg.BLOCK_RED == 0, EVEN_R=R % cfg.BLOCK_R == 0,
+        OFFSET_DTYPE=_offset_dtype(t, bt, inp, w, out), **_meta(inp.dtype),
         BLOCK_M=cfg.BLOCK_M, BLOCK_F=cfg.BLOCK_F, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R,
         GROUP_M=cfg.GROUP_M, **cfg.launch_kwargs(),
     )
     return out
 
 
-def _lora_grads(U, x2d, dy, T, scaling: float, p: float, seed, a_dtype, need_dA: bool, need_dB: bool,
-                num_splits: Optional[int] = None):
-    """dA [r, K] and dB [N, r] in one launch; split-M partials are summed in a fixed order."""
-    M, K = x2d.shape
-    N = dy.shape[1]
-    R = T.shape[1]
-    dev = x2d.device
-    cfg = grads_config(M, N, K, R, x2d.dtype, cuda_arch(dev))
-    da_tiles = triton.cdiv(R, cfg.BLOCK_R) * triton.cdiv(K, cfg.BLOCK_F) if need_dA else 0
-    db_tiles = triton.cdiv(N, cfg.BLOCK_F) * triton.cdiv(R, cfg.BLOCK_R) if need_dB else 0
+def _as_keep_bits(mask_state, M: int, K: int, p: float):
+    """The keep-bits of x [M, K] from a mask state: the bits themselves, or a 0-dim seed to pack them
+    from (callers that start from a seed, like the split-M test); None without dropout."""
+    if p == 0.0:
+        return None
+    if mask_state.dim() == 0:
+        return keep_bits_triton(mask_state, M, K, p)
+    if mask_state.dtype != torch.int32 or tuple(mask_state.shape) != (M, keep_bits_words(K)):
+        raise ValueError(f"mask_state must be the forward's keep-bits, int32 [{M}, {keep_bits_words(K)}], "
+                         f"got {mask_state.dtype} {tuple(mask_state.shape)}")
+    return mask_state
+
+
+def _m_reduce(l, r, scale: float, out_dtype, block_m: int, block_p: int, block_q: int, rank_axis: int,
+              launch_kwargs, num_splits: Optional[int], keep_bits=None, colsum=False):
+    """out[P, Q] = scale * l^T keep?(r) for l [M, P], r [M, Q], and with ``colsum`` the fp32 column
+    sums of l; a deterministic split-M reduction (fp32 partials summed in a fixed order) when the
+    tiles alone would not fill the GPU. Returns (out, column sums | None)."""
+    M, P = l.shape
+    Q = r.shape[1]
+    dev = l.device
+    tiles = triton.cdiv(P, block_p) * triton.cdiv(Q, block_q)
     if num_splits is None:
-        num_splits = split_m_for(M, da_tiles + db_tiles, cfg.BLOCK_M, num_sms(dev))
-    m_chunk = triton.cdiv(triton.cdiv(M, num_splits), cfg.BLOCK_M) * cfg.BLOCK_M
+        num_splits = split_m_for(M, tiles, block_m, num_sms(dev))
+    m_chunk = triton.cdiv(triton.cdiv(M, num_splits), block_m) * block_m
     num_splits = triton.cdiv(M, m_chunk)
-
-    def out(shape):
-        if num_splits == 1:
-            return torch.empty(shape, dtype=a_dtype, device=dev)
-        return torch.empty((num_splits,) + shape, dtype=torch.float32, device=dev)
-
-    dA = out((R, K)) if need_dA else None
-    dB = out((N, R)) if need_dB else None
-
-    def strides3(t):  # (split, row, col) strides; a split stride of 0 when writing the result directly
-        return (0, 0, 0) if t is None else ((0,) + t.stride() if t.dim() == 2 else t.stride())
-
-    has_dropout = p > 0.0
-    grid = ((da_tiles + db_tiles) * num_splits,)
-    _lora_grads_kernel[grid](
-        U if need_dA else T, x2d, dy, T, dA if need_dA else T, dB if need_dB else T, seed if has_dropout else T,
-        M, N, K, R, m_chunk, num_splits, da_tiles * num_splits,
-        *(U.stride() if need_dA else (0, 0)), x2d.stride(0), x2d.stride(1), dy.stride(0), dy.stride(1),
-        T.stride(0), T.stride(1), *strides3(dA), *strides3(dB),
-        scaling / (1.0 - p), scaling, drop_threshold(p),
-        HAS_DROPOUT=has_dropout, **_meta(x2d.dtype),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_F=cfg.BLOCK_F, BLOCK_R=cfg.BLOCK_R, **cfg.launch_kwargs(),
+    out = torch.empty((P, Q) if num_splits == 1 else (num_splits, P, Q),
+                      dtype=out_dtype if num_splits == 1 else torch.float32, device=dev)
+    sums = torch.empty((num_splits, P), dtype=torch.float32, device=dev) if colsum else None
+    n_words, stride_bm = _bits_strides(keep_bits)
+    _m_reduce_kernel[(tiles * num_splits,)](
+        l, r, keep_bits, out, sums,
+        M, P, Q, n_words, m_chunk,
+        l.stride(0), l.stride(1), r.stride(0), r.stride(1), stride_bm,
+        out.stride(0) if num_splits > 1 else 0, out.stride(-2), out.stride(-1), sums.stride(0) if colsum else 0,
+        scale,
+        HAS_DROPOUT=keep_bits is not None, COLSUM=colsum, COLSUM_MMA=colsum and l.dtype != torch.float32,
+        EVEN_M=M % block_m == 0, RANK_AXIS=rank_axis,
+        OFFSET_DTYPE=_offset_dtype(l, r, out), **_meta(l.dtype),
+        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q, **launch_kwargs,
     )
-    if num_splits > 1:
-        dA = dA.sum(0).to(a_dtype) if need_dA else None
-        dB = dB.sum(0).to(a_dtype) if need_dB else None
-    return dA, dB
+    return (out if num_splits == 1 else out.sum(0).to(out_dtype)), (sums.sum(0) if colsum else None)
+
+
+def _lora_grads(U, x2d, dy, T, scaling: float, p: float, mask_state, a_dtype, need_dA: bool, need_dB: bool,
+                num_splits: Optional[int] = None, need_db: bool = False):
+    """B3: dA = s/(1-p) U^T drop(x) [r, K] and dB = s dy^T T [N, r], one launch each; with
+    ``need_db`` (and dB) also db = sum_M dy, summed while dB reads dy. ``mask_state``: the forward's
+    keep-bits, or a 0-dim seed (see :func:`_as_keep_bits`).
+    Returns (dA | None, dB | None), and db | None third with ``need_db``."""
+    M, K = x2d.shape
+    N, R = dy.shape[1], T.shape[1]
+    cfg = grads_config(M, N, K, R, x2d.dtype, cuda_arch(x2d.device))
+    dA = dB = db = None
+    if need_dA:
+        dA, _ = _m_reduce(U, x2d, scaling / (1.0 - p), a_dtype, cfg.BLOCK_M, cfg.BLOCK_R, cfg.BLOCK_F, 0,
+                          cfg.launch_kwargs(), num_splits, keep_bits=_as_keep_bits(mask_state, M, K, p))
+    if need_dB:
+        dB, db = _m_reduce(dy, T, scaling, a_dtype, cfg.BLOCK_M, cfg.BLOCK_F, cfg.BLOCK_R, 1,
+                           cfg.launch_kwargs(), num_splits, colsum=need_db)
+    return (dA, dB, db) if need_db else (dA, dB)
 
 
 def lora_forward(x2d, weight, lora_A, lora_B, bias, scaling: float, p: float, seed):
-    """F1 + F2. x2d [M, K], weight [N, K], lora_A [r, K], lora_B [N, r], bias [N] | None,
-    seed: 0-dim int64 tensor on x's device. Returns (y [M, N], T [M, r]) in x's dtype."""
+    """F1 + F2 (and, with dropout, the keep-bits pass before them). x2d [M, K], weight [N, K],
+    lora_A [r, K], lora_B [N, r], bias [N] | None, seed: 0-dim int64 tensor on x's device.
+
+    Returns (y [M, N], T [M, r]) in x's dtype and the mask state for :func:`lora_backward`: the
+    keep-bits int32 [M, ceil(K/32)] (M*K/8 bytes; Philox ran once per element of x, here) with
+    dropout, an empty int32 tensor without."""
     M, K = x2d.shape
     N, R = weight.shape[0], lora_A.shape[0]
+    keep_bits = keep_bits_triton(seed, M, K, p) if p > 0.0 else None
+    mask_state = keep_bits if keep_bits is not None else x2d.new_empty((0,), dtype=torch.int32)
     if M == 0:
-        return x2d.new_empty((0, N)), x2d.new_empty((0, R))
+        return x2d.new_empty((0, N)), x2d.new_empty((0, R)), mask_state
     # F1: w_view[k, r] = A[r, k]
-    T, _ = _shrink(x2d, (lora_A.stride(1), lora_A.stride(0)), lora_A, R, x2d.dtype, seed=seed, p=p)
-    # F2: hi_view[r, n] = B[n, r]; w_view[k, n] = W[n, k]
+    T = _shrink(x2d, (lora_A.stride(1), lora_A.stride(0)), lora_A, R, x2d.dtype, keep_bits=keep_bits, p=p)
+    # F2: bt_view[r, n] = B[n, r]; w_view[k, n] = W[n, k]
     y = _dual_gemm(T, lora_B, (lora_B.stride(1), lora_B.stride(0)), x2d, weight, (weight.stride(1), weight.stride(0)),
                    N, scaling, x2d.dtype, bias=bias)
-    return y, T
+    return y, T, mask_state
 
 
-def lora_backward(dy, x2d, weight, lora_A, lora_B, T, scaling: float, p: float, seed,
+def lora_backward(dy, x2d, weight, lora_A, lora_B, T, scaling: float, p: float, mask_state,
                   need_dx: bool, need_dA: bool, need_dB: bool, need_db: bool):
-    """B1 + B2 + B3. dy [M, N]; returns (dx [M, K] | None, dA | None, dB | None, db [N] fp32 | None)."""
+    """B1 + B2 + B3. dy [M, N], mask_state: the forward's (the dropout mask is read, never regenerated).
+    Returns (dx [M, K] | None, dA | None, dB | None, db [N] fp32 | None)."""
     M, K = x2d.shape
     N, R = weight.shape[0], lora_A.shape[0]
     dev = x2d.device
@@ -362,19 +453,20 @@ def lora_backward(dy, x2d, weight, lora_A, lora_B, T, scaling: float, p: float, 
         zeros = lambda *s, dt=lora_A.dtype: torch.zeros(s, dtype=dt, device=dev)  # noqa: E731
         return (x2d.new_empty((0, K)) if need_dx else None, zeros(R, K) if need_dA else None,
                 zeros(N, R) if need_dB else None, zeros(N, dt=torch.float32) if need_db else None)
-    U = db = None
-    if need_dx or need_dA:
-        # B1: w_view[n, r] = B[n, r]
-        U, parts = _shrink(dy, (lora_B.stride(0), lora_B.stride(1)), lora_B, R, x2d.dtype, colsum=need_db)
-        db = parts.sum(0) if need_db else None
-    elif need_db:
-        db = dy.sum(0, dtype=torch.float32)
+    keep_bits = _as_keep_bits(mask_state, M, K, p)
+    # B1: w_view[n, r] = B[n, r]
+    U = _shrink(dy, (lora_B.stride(0), lora_B.stride(1)), lora_B, R, x2d.dtype) if (need_dx or need_dA) else None
     dx = None
     if need_dx:
-        # B2: hi_view[r, k] = A[r, k]; w_view[n, k] = W[n, k]
+        # B2: bt_view[r, k] = A[r, k]; w_view[n, k] = W[n, k]
         dx = _dual_gemm(U, lora_A, (lora_A.stride(0), lora_A.stride(1)), dy, weight, (weight.stride(0), weight.stride(1)),
-                        K, scaling / (1.0 - p), x2d.dtype, seed=seed, p=p)
-    dA = dB = None
+                        K, scaling / (1.0 - p), x2d.dtype, keep_bits=keep_bits)
+    dA = dB = db = None
     if need_dA or need_dB:
-        dA, dB = _lora_grads(U, x2d, dy, T, scaling, p, seed, lora_A.dtype, need_dA, need_dB)
+        # B3; db is summed by dB's launch, which reads dy anyway
+        grads = _lora_grads(U, x2d, dy, T, scaling, p, keep_bits, lora_A.dtype, need_dA, need_dB, need_db=need_db)
+        dA, dB = grads[:2]
+        db = grads[2] if need_db else None
+    if need_db and db is None:
+        db = dy.sum(0, dtype=torch.float32)
     return dx, dA, dB, db

@@ -1,0 +1,223 @@
+"""CPU figures of DoRA: ours vs PEFT's DoRA layer, and our DoRA vs our LoRA (forward+backward).
+
+    python -m benchmarks.dora_cpu [--M 2048] [--K 1024] [--N 1024] [--r 64] [--ps 0 0.1] [--repeats 15]
+                                  [--threads T] [--out benchmarks/results/dora_cpu_<date>.md]
+
+Side by side in one run, round-robin over the methods (machine noise hits all alike), medians
+after warm-up, fp32:
+
+* ours-dora  -- ``rk.LoRALinear(use_dora=True, backend="composite")`` (what ``rk.peft.patch`` runs);
+* peft-dora  -- a real PEFT ``lora.Linear`` with ``use_dora=True`` (PEFT's own forward);
+* ours-lora  -- ``rk.LoRALinear(backend="composite")``, the same layer without DoRA (the overhead);
+* 1 GEMM     -- one ``torch.mm`` of the base shape ([M, K] x [K, N]), the yardstick: with dropout,
+                PEFT's formula needs x W^T and drop(x) W^T forward and dy W and ((g-1) dy) W
+                backward, 4 base GEMMs for PEFT and for us alike; without dropout 2.
+
+x requires grad (a layer inside a network), the base is frozen; A, B (and the magnitude) train.
+"saved" counts the storages autograd still holds for backward after the forward (graphs that
+die within the forward, like PEFT's detached ``B A``, are not counted), parameters excluded,
+once with x (``saved``) and once without (``saved-x``: what the layer adds to the activations).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import redirect_stdout
+import weakref
+from typing import Callable, Dict, List
+
+import torch
+from torch import nn
+
+import rslora_kernels as rk
+
+ALPHA = 16.0
+
+
+class _Saved:
+    __slots__ = ("t", "__weakref__")
+
+    def __init__(self, t):
+        self.t = t
+
+
+def saved_bytes(step: Callable[[], torch.Tensor], params: List[torch.Tensor], x: torch.Tensor):
+    """(bytes with x, bytes without x, shapes) of the storages autograd holds after ``step()``."""
+    refs = []
+
+    def pack(t):
+        held = _Saved(t)
+        refs.append(weakref.ref(held))
+        return held
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda held: held.t):
+        y = step()
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen, total, with_x, shapes = set(), 0, 0, []
+    for ref in refs:
+        held = ref()
+        if held is None:
+            continue
+        st = held.t.untyped_storage()
+        if st.data_ptr() in skip or st.data_ptr() in seen:
+            continue
+        seen.add(st.data_ptr())
+        is_x = st.data_ptr() == x.untyped_storage().data_ptr()
+        with_x += st.nbytes()
+        total += 0 if is_x else st.nbytes()
+        shapes.append(f"{list(held.t.shape)}{' (x)' if is_x else ''}")
+    del y
+    return with_x, total, shapes
+
+
+def peft_dora_layer(base: nn.Linear, r: int, p: float) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = base
+
+    model = get_peft_model(Holder(), LoraConfig(r=r, lora_alpha=ALPHA, lora_dropout=p, target_modules=["proj"],
+                                                use_rslora=True, use_dora=True))
+    return model.base_model.model.proj
+
+
+def ours_layer(base: nn.Linear, r: int, p: float, use_dora: bool) -> nn.Module:
+    return rk.LoRALinear.from_linear(base, r, ALPHA, dropout=p, rank_stabilized=True, backend="composite",
+                                     use_dora=use_dora)
+
+
+def _same_adapters(layers: Dict[str, nn.Module], seed: int) -> None:
+    """Non-zero B (and magnitudes off their init) shared by every layer, so nothing is skippable."""
+    g = torch.Generator().manual_seed(seed)
+    peft = layers["peft-dora"]
+    with torch.no_grad():
+        A = peft.lora_A["default"].weight
+        B = peft.lora_B["default"].weight.copy_(torch.randn(peft.lora_B["default"].weight.shape, generator=g) * 0.02)
+        m = peft.lora_magnitude_vector["default"].weight
+        m.mul_(1 + 0.1 * torch.rand(m.shape, generator=g))
+        for name, layer in layers.items():
+            if name != "peft-dora":
+                layer.lora_A.weight.copy_(A)
+                layer.lora_B.weight.copy_(B)
+                if layer.use_dora:
+                    layer.lora_magnitude_vector.weight.copy_(m)
+
+
+def run(M: int, K: int, N: int, r: int, ps, repeats: int, warmup: int, seed: int = 0) -> List[Dict]:
+    torch.manual_seed(seed)
+    base = nn.Linear(K, N)
+    base.requires_grad_(False)
+    rows = []
+    for p in ps:
+        layers = {"ours-dora": ours_layer(base, r, p, True), "peft-dora": peft_dora_layer(base, r, p),
+                  "ours-lora": ours_layer(base, r, p, False)}
+        _same_adapters(layers, seed + 1)
+        for layer in layers.values():
+            layer.train()
+        x = torch.randn(M, K, requires_grad=True)
+        dy = torch.randn(M, N)
+        if p == 0.0:  # same math: ours and PEFT agree (a sanity check, not a test)
+            y_ours, y_peft = layers["ours-dora"](x), layers["peft-dora"](x)
+            assert torch.allclose(y_ours, y_peft, rtol=1e-4, atol=1e-4), (y_ours - y_peft).abs().max()
+        times = {name: [] for name in layers}
+        times["1 GEMM"] = []
+        Wt = base.weight.t()
+        for i in range(warmup + repeats):
+            t0 = time.perf_counter()
+            torch.mm(x.detach(), Wt)
+            if i >= warmup:
+                times["1 GEMM"].append(time.perf_counter() - t0)
+            for name, layer in layers.items():
+                x.grad = None
+                for prm in layer.parameters():
+                    prm.grad = None
+                t0 = time.perf_counter()
+                layer(x).backward(dy)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - t0)
+        for name, layer in layers.items():
+            params = [prm for prm in layer.parameters()]
+            with_x, without_x, shapes = saved_bytes(lambda: layer(x), params, x)
+            rows.append({"p": p, "method": name, "ms": 1e3 * statistics.median(times[name]),
+                         "saved": with_x, "saved_no_x": without_x, "what": shapes})
+        rows.append({"p": p, "method": "1 GEMM", "ms": 1e3 * statistics.median(times["1 GEMM"]),
+                     "saved": None, "saved_no_x": None, "what": []})
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--M", type=int, default=2048)
+    ap.add_argument("--K", type=int, default=1024)
+    ap.add_argument("--N", type=int, default=1024)
+    ap.add_argument("--r", type=int, default=64)
+    ap.add_argument("--ps", type=float, nargs="+", default=[0.0, 0.1])
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
+    ap.add_argument("--out", help="also write the report (with machine, date, commit, command, load) here")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        report(args)
+    text = buf.getvalue()
+    if args.out:
+        try:
+            commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                                    check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
+        header = (f"# DoRA on the CPU: ours vs PEFT's DoRA, fwd+bwd of one layer\n\n"
+                  f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}, "
+                  f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
+                  f"{torch.get_num_threads()} thread(s), 1-min load average {load_before:.2f} before / "
+                  f"{os.getloadavg()[0]:.2f} after.\n\n"
+                  f"Command: `python -m benchmarks.dora_cpu {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n")
+        with open(args.out, "w") as f:
+            f.write(header + "```\n" + text + "```\n")
+    print(text, end="")
+
+
+def report(args):
+    print(f"fp32, M={args.M}, K={args.K}, N={args.N}, r={args.r}, fwd+bwd, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; medians of {args.repeats} after {args.warmup} warm-up")
+    rows = run(args.M, args.K, args.N, args.r, args.ps, args.repeats, args.warmup)
+    print(f"{'p':>4} {'method':<10} {'fwd+bwd ms':>10} {'speedup':>8} {'saved B':>12} {'vs peft':>8} "
+          f"{'saved-x B':>12} {'vs peft':>8} {'GEMMs':>6}")
+    by_p: Dict[float, Dict[str, Dict]] = {}
+    for row in rows:
+        by_p.setdefault(row["p"], {})[row["method"]] = row
+    for p, group in by_p.items():
+        peft = group["peft-dora"]
+        gemm = group["1 GEMM"]["ms"]
+        for name, row in group.items():
+            if row["saved"] is None:
+                print(f"{p:>4} {name:<10} {row['ms']:>10.1f}")
+                continue
+            print(f"{p:>4} {name:<10} {row['ms']:>10.1f} {peft['ms'] / row['ms']:>7.2f}x {row['saved']:>12,d} "
+                  f"{row['saved'] / peft['saved']:>7.3f}x {row['saved_no_x']:>12,d} "
+                  f"{row['saved_no_x'] / peft['saved_no_x']:>7.3f}x {row['ms'] / gemm:>6.2f}")
+        lora, dora = group["ours-lora"], group["ours-dora"]
+        print(f"{p:>4} ours-dora / ours-lora time: {dora['ms'] / lora['ms']:.2f}x")
+    print("speedup: peft-dora time / method time; vs peft: method bytes / peft-dora bytes; "
+          "GEMMs: method time / time of one base GEMM")
+    for row in rows:
+        if row["saved"] is None:
+            continue
+        print(f"  p={row['p']} {row['method']:<10} saved: {', '.join(row['what'])}")
+
+
+if __name__ == "__main__":
+    main()

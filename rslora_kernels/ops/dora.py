@@ -1,0 +1,299 @@
+"""DoRA (weight-decomposed LoRA) on the fused LoRA path, with PEFT's semantics and no [N, K] matrix.
+
+With magnitude ``m [N]``, scale ``s``, the row norms ``w_n = || W_n + s B_n A ||`` (detached: no
+gradient flows through them, as in PEFT and section 4.3 of the DoRA paper) and ``g = m / w``:
+
+    dropout off  y = g * (x W^T + s (x A^T) B^T) + b
+    dropout on   y = x W^T + b + (g - 1) * (xd W^T) + g * s * (xd A^T) B^T,     xd = drop(x)
+
+Row norms without the [N, K] matrix ``W + s B A`` (:func:`dora_row_norms`)::
+
+    w_n^2 = ||W_n||^2 + 2 s B_n . (W A^T)_n + s^2 B_n (A A^T) B_n^T
+
+one [N, r] product ``W A^T``, one [r, r] product ``A A^T``, ``||W_n||^2`` cached per frozen weight,
+all in fp32 (fp64 for fp64 inputs). Cancellation: when ``W_n + s B_n A`` is much smaller than its
+parts (the update nearly cancels the row), the three terms cancel and the relative error of
+``w_n^2`` grows to about ``eps * (||W_n|| + ||s B_n A||)^2 / w_n^2``; a row that cancels exactly
+reads 0 (clamped, never negative), so ``g`` is inf there, as ``m / 0`` is in PEFT. When the update
+dominates ``W`` the terms do not cancel (the last one dominates) and the error stays at a few eps.
+
+Forward, built on the LoRA op's own custom ops (``rslora_kernels::lora_linear_fwd/bwd``: whatever
+backend they dispatch to, with their dropout and their saved mask state), ``lora(x) = x W^T +
+s (drop(x) A^T) B^T``::
+
+    dropout off  z, T = lora(x) (no bias);   y = z * g + b           one base GEMM
+    dropout on   y, T = lora(x) + b  (T = drop(x) A^T);   z = drop(x) W^T + s T B^T
+                 y += (g - 1) * z                                    two base GEMMs (as PEFT)
+
+Backward with ``dy_g = dy * g`` (the LoRA backward run on ``dy_g``)::
+
+    dx, dA, dB   = lora_backward(dy_g)                  dropout off: that is all of dx
+    dropout on   dx += (1 - mask/(1-p)) * ((dy - dy_g) W)     the x W^T and (g-1) xd W^T terms
+    dm = sum_M(dy * z) / w,   db = sum_M dy
+
+Saved for backward: x (a view), T [M, r], z [M, N], w [N], the seed and the LoRA op's mask state;
+never an [N, K] tensor nor a second copy of x. The column scales (``* g``, ``(g - 1) *``), the
+dropout-on extra GEMMs and the ``dm`` reduction are torch ops on every backend ("triton" runs the
+LoRA op's Triton kernels and torch for the rest): no fused column-scale epilogue is built.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._validate import validate_inputs, validate_magnitude
+from ..dropout import as_seed_int, draw_seed, dropout_scale, keep_mask_torch
+from .lora_linear import registered_backends, resolve_backend
+
+__all__ = ["dora_linear", "DoRALinearFunction", "dora_row_norms", "dora_merge_", "clear_norm_cache"]
+
+_NORM_CHUNK = 1 << 22  # elements of W upcast at a time (16 MiB in fp32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Row norms of W + s B A
+# ----------------------------------------------------------------------------------------------
+def _acc_dtype(*ts: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+# ||W_n||^2 of frozen weights: id(base tensor) -> (weakref to it, key, norms). The key holds the data
+# pointer, the version counter (bumped by in-place writes, shared by views), shape, strides, dtype.
+_SQ_NORMS: Dict[int, Tuple[weakref.ref, tuple, Tensor]] = {}
+
+
+def clear_norm_cache() -> None:
+    """Forget every cached ``||W_n||^2`` (needed only after writing a weight through ``.data``,
+    which PyTorch's version counter does not see)."""
+    _SQ_NORMS.clear()
+
+
+def _weight_sq_norms(weight: Tensor, acc: torch.dtype) -> Tensor:
+    """``||W_n||^2`` in ``acc``, computed in row chunks (no [N, K] upcast copy) and cached."""
+    base = weight._base if weight._base is not None else weight
+    cacheable = not weight.is_inference()
+    if cacheable:
+        key = (weight.data_ptr(), base._version, tuple(weight.shape), weight.stride(), weight.dtype, acc)
+        entry = _SQ_NORMS.get(id(base))
+        if entry is not None and entry[0]() is base and entry[1] == key:
+            return entry[2]
+    N, K = weight.shape
+    rows = max(1, _NORM_CHUNK // max(K, 1))
+    out = torch.empty(N, dtype=acc, device=weight.device)
+    for n0 in range(0, N, rows):
+        chunk = weight[n0:n0 + rows].to(acc)
+        out[n0:n0 + rows] = (chunk * chunk).sum(1)
+    if cacheable:
+        ident = id(base)
+        _SQ_NORMS[ident] = (weakref.ref(base, lambda _, k=ident: _SQ_NORMS.pop(k, None)), key, out)
+    return out
+
+
+def dora_row_norms(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """``|| W_n + s B_n A ||_2`` for every row n, in fp32 (fp64 for fp64 inputs), without forming
+    the [N, K] matrix: ``||W_n||^2 + 2 s B_n . (W A^T)_n + s^2 B_n (A A^T) B_n^T``. Detached."""
+    with torch.no_grad():
+        acc = _acc_dtype(weight, lora_A)
+        N, K = weight.shape
+        A, B = lora_A.to(acc), lora_B.to(acc)
+        WA = torch.empty((N, A.shape[0]), dtype=acc, device=weight.device)
+        rows = max(1, _NORM_CHUNK // max(K, 1))
+        for n0 in range(0, N, rows):  # W A^T with W upcast a chunk at a time (a view when W is in acc)
+            torch.mm(weight[n0:n0 + rows].to(acc), A.t(), out=WA[n0:n0 + rows])
+        # B_n . (2 s (W A^T)_n + s^2 (B A A^T)_n): one [N, r] tensor, one row-wise dot
+        cross = torch.addmm(WA, B, A @ A.t(), beta=2.0 * scaling, alpha=scaling * scaling)
+        sq = torch.linalg.vecdot(B, cross, dim=1).add_(_weight_sq_norms(weight, acc))
+        return sq.clamp_min_(0.0).sqrt_()
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward and backward on top of the LoRA op
+# ----------------------------------------------------------------------------------------------
+def _lora_forward(x2d, weight, lora_A, lora_B, bias, scaling: float, p: float, seed: Tensor, backend: str):
+    """The LoRA op's forward custom op (its backend dispatch, its fake kernel): (y, T, mask state),
+    the mask state being what the LoRA backward needs of the dropout mask."""
+    return torch.ops.rslora_kernels.lora_linear_fwd(x2d, weight, lora_A, lora_B, bias, scaling, p, seed, backend)
+
+
+def dora_forward(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+                 bias: Optional[Tensor], scaling: float, p: float, seed: Tensor, backend: str):
+    """Returns (y [M, N], z [M, N], T [M, r], w [N] fp32/fp64, the LoRA op's mask state); z as in
+    the module docstring."""
+    w = dora_row_norms(weight, lora_A, lora_B, scaling)
+    g = magnitude.to(w.dtype) / w  # column scales are formed in fp32, then rounded once to x's dtype
+    if p == 0.0:
+        z, T, state = _lora_forward(x2d, weight, lora_A, lora_B, None, scaling, 0.0, seed, backend)
+        gx = g.to(x2d.dtype)
+        y = torch.addcmul(bias, z, gx) if bias is not None else z * gx
+        return y, z, T, w, state
+    # the LoRA op on x itself (its dropout, its saved state), then the second base GEMM on drop(x)
+    y, T, state = _lora_forward(x2d, weight, lora_A, lora_B, bias, scaling, p, seed, backend)  # x W^T + b + s T B^T
+    z = torch.mm(dropout_scale(x2d, seed, p, 1.0 / (1.0 - p)), weight.t())  # the dropped x dies here
+    z.addmm_(T, lora_B.to(x2d.dtype).t(), alpha=scaling)                     # z = xd W^T + s T B^T
+    y.addcmul_(z, (g - 1).to(x2d.dtype))
+    return y, z, T, w, state
+
+
+def dora_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, T: Tensor, z: Tensor,
+                  w: Tensor, magnitude: Tensor, scaling: float, p: float, seed: Tensor, state: Tensor, backend: str,
+                  need_dx: bool, need_dA: bool, need_dB: bool, need_dm: bool, need_db: bool):
+    """Returns (dx, dA, dB, dm, db), None where not needed; dm in the magnitude's dtype, db at least fp32."""
+    g = magnitude.to(w.dtype) / w
+    dy_g = dy * g.to(dy.dtype)
+    dx = dA = dB = dm = db = None
+    if need_dx or need_dA or need_dB:
+        dx, dA, dB, _ = torch.ops.rslora_kernels.lora_linear_bwd(
+            dy_g, x2d, weight, lora_A, lora_B, T, scaling, p, state, [need_dx, need_dA, need_dB, False], backend)
+    if need_dx and p > 0.0:
+        # true dx = dy W + mask/(1-p) * ((g - 1) dy W + s U A); the LoRA backward on dy_g gave
+        # g dy W (unmasked) + mask/(1-p) * s U A; the difference is (1 - mask/(1-p)) * ((1 - g) dy W)
+        rest = torch.mm(dy * (1 - g).to(dy.dtype), weight)
+        dx.add_(rest).sub_(dropout_scale(rest, seed, p, 1.0 / (1.0 - p)))
+    if need_dm:  # products in x's dtype (one M x N temporary), summed in fp32 (fp64)
+        dm = ((dy * z).sum(0, dtype=w.dtype) / w).to(magnitude.dtype)
+    if need_db:
+        db = dy.sum(0, dtype=torch.promote_types(dy.dtype, torch.float32))
+    return (dx if need_dx else None, dA if need_dA else None, dB if need_dB else None, dm, db)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("rslora_kernels::dora_linear_fwd", mutates_args=())
+def _fwd_op(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, bias: Optional[Tensor],
+            scaling: float, dropout_p: float, seed: Tensor, backend: str
+            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return dora_forward(x2d, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed, backend)
+
+
+@_fwd_op.register_fake
+def _(x2d, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed, backend):
+    y, T, state = _lora_forward(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend)  # its fakes
+    return y, torch.empty_like(y), T, x2d.new_empty((weight.shape[0],), dtype=_acc_dtype(weight, lora_A)), state
+
+
+@torch.library.custom_op("rslora_kernels::dora_linear_bwd", mutates_args=())
+def _bwd_op(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, T: Tensor, z: Tensor,
+            w: Tensor, magnitude: Tensor, scaling: float, dropout_p: float, seed: Tensor, state: Tensor,
+            needs: List[bool], backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dx, dA, dB, dm, db); a grad that is not needed comes back as an empty tensor."""
+    outs = dora_backward(dy, x2d, weight, lora_A, lora_B, T, z, w, magnitude, scaling, dropout_p, seed, state,
+                         backend, *needs)
+    return tuple(o if o is not None else x2d.new_empty((0,)) for o in outs)
+
+
+@_bwd_op.register_fake
+def _(dy, x2d, weight, lora_A, lora_B, T, z, w, magnitude, scaling, dropout_p, seed, state, needs, backend):
+    M, K = x2d.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    db_dtype = torch.promote_types(x2d.dtype, torch.float32)
+    outs = (x2d.new_empty((M, K)), lora_A.new_empty((R, K)), lora_A.new_empty((N, R)),
+            magnitude.new_empty((N,)), x2d.new_empty((N,), dtype=db_dtype))
+    return tuple(o if need else x2d.new_empty((0,)) for need, o in zip(needs, outs))
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------
+class DoRALinearFunction(torch.autograd.Function):
+    """Autograd glue of the DoRA op. Inputs as in :func:`dora_linear` (validated), with ``seed`` a
+    0-dim int64 tensor on x's device and ``backend`` a fused backend of the LoRA op."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed, backend):
+        M, K = math.prod(x.shape[:-1]), x.shape[-1]
+        x2d = x.reshape(M, K)
+        y2d, z, T, w, state = torch.ops.rslora_kernels.dora_linear_fwd(
+            x2d, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed, backend)
+        ctx.save_for_backward(x2d, weight, lora_A, lora_B, magnitude, T, z, w, seed, state)
+        ctx.scaling, ctx.dropout_p, ctx.backend, ctx.x_shape = scaling, dropout_p, backend, x.shape
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y2d.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight, lora_A, lora_B, magnitude, T, z, w, seed, state = ctx.saved_tensors
+        need_x, need_w, need_a, need_b, need_m, need_bias = ctx.needs_input_grad[:6]
+        has_bias = ctx.bias_dtype is not None
+        s, p = ctx.scaling, ctx.dropout_p
+        dy2d = dy.reshape(x2d.shape[0], weight.shape[0])
+        dx, dA, dB, dm, db = torch.ops.rslora_kernels.dora_linear_bwd(
+            dy2d, x2d, weight, lora_A, lora_B, T, z, w, magnitude, s, p, seed, state,
+            [need_x, need_a, need_b, need_m, need_bias and has_bias], ctx.backend)
+        dW = None
+        if need_w:  # W frozen in the fast path; correct, not fast: d/dW of x W^T + (g-1) xd W^T (+ g x W^T at p=0)
+            g = magnitude.to(w.dtype) / w
+            if p > 0.0:
+                dropped = dropout_scale(x2d, seed, p, 1.0 / (1.0 - p))
+                dW = dy2d.t() @ x2d + (dy2d * (g - 1).to(dy2d.dtype)).t() @ dropped
+            else:
+                dW = (dy2d * g.to(dy2d.dtype)).t() @ x2d
+        return (dx.view(ctx.x_shape) if need_x else None, dW, dA if need_a else None, dB if need_b else None,
+                dm if need_m else None, db.to(ctx.bias_dtype) if need_bias and has_bias else None,
+                None, None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Functional API
+# ----------------------------------------------------------------------------------------------
+def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float,
+                bias: Optional[Tensor] = None, dropout_p: float = 0.0, training: bool = True,
+                seed: Union[int, Tensor, None] = None, backend: str = "auto") -> Tensor:
+    """Fused DoRA linear with PEFT's semantics (see the module docstring for the formula).
+
+    Args:
+        x, weight, lora_A, lora_B, scaling, bias, dropout_p, training, seed: as in
+            :func:`rslora_kernels.lora_linear`.
+        magnitude: ``[N]`` DoRA magnitude (PEFT's ``lora_magnitude_vector``), x's dtype or wider.
+        backend: "auto" | "triton" | "composite" | "reference".
+
+    Returns:
+        ``[..., N]`` in x's dtype. No autocast casting is done here (pass tensors of one dtype).
+    """
+    validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p)
+    validate_magnitude(magnitude, weight, x)
+    scaling = float(scaling)
+    p = float(dropout_p) if training else 0.0
+    backend = resolve_backend(backend, x.device, x.dtype, lora_A.dtype)
+    if p > 0.0:
+        if seed is None:
+            seed = draw_seed(x.device)
+        elif not isinstance(seed, Tensor):
+            seed = torch.tensor(as_seed_int(seed), dtype=torch.int64, device=x.device)
+        elif seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device:
+            raise TypeError(f"seed tensor must be a one-element int64 tensor on {x.device}, got {seed.dtype} on {seed.device}")
+    if backend == "reference":
+        mask = keep_mask_torch(seed, math.prod(x.shape[:-1]), x.shape[-1], p).reshape(x.shape) if p > 0.0 else None
+        return reference.dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias, p, mask)
+    if registered_backends()[backend].backward is None:
+        raise ValueError(f"backend={backend!r} is an autograd backend of the LoRA op; DoRA runs on its fused "
+                         "backends (with a backward) or on 'reference'")
+    if p == 0.0:
+        seed = torch.zeros((), dtype=torch.int64, device=x.device)
+    return DoRALinearFunction.apply(x, weight, lora_A, lora_B, magnitude, bias, scaling, p, seed.reshape(()), backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# Merge (PEFT's DoRA merge): W <- (m / w) * (W + s B A);  unmerge: W <- W / (m / w) - s B A
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def dora_merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float,
+                weight_norm: Tensor, unmerge: bool = False) -> None:
+    """In place on ``weight [N, K]``, in fp32 row chunks (one rounding to W's dtype, no [N, K]
+    temporary). ``weight_norm`` is ``dora_row_norms`` of the unmerged weight, as PEFT caches it at
+    merge time to unmerge with."""
+    acc = _acc_dtype(weight, lora_A)
+    A, B = lora_A.to(acc), lora_B.to(acc)
+    factor = magnitude.to(acc) / weight_norm.to(acc)
+    N, K = weight.shape
+    rows = max(1, _NORM_CHUNK // max(K, 1))
+    for n0 in range(0, N, rows):
+        chunk, f = weight[n0:n0 + rows].to(acc), factor[n0:n0 + rows, None]
+        delta = torch.mm(B[n0:n0 + rows], A).mul_(scaling)
+        new = chunk.div_(f).sub_(delta) if unmerge else chunk.add_(delta).mul_(f)
+        weight[n0:n0 + rows] = new.to(weight.dtype)

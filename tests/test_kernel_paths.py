@@ -1,0 +1,73 @@
+"""The Triton backend's specialized code paths: the keep-bits mask state, the sizes that divide the
+tiles (EVEN_* loads without masks), and the 64-bit in-tile offsets kept for tensors of 2^31 elements
+or more. Each against the float64 reference (or bit-equal to the path it replaces)."""
+import pytest
+import torch
+
+import rslora_kernels as rk
+from test_lora_linear import check_against_oracle, make_inputs
+
+
+def test_keep_bits_are_the_stream_packed_32_columns_a_word(device):
+    from rslora_kernels.dropout.kernels import keep_bits_triton
+    M, K, p, seed = 37, 100, 0.3, 2**33 + 5
+    bits = keep_bits_triton(torch.tensor(seed, device=device), M, K, p).cpu()
+    assert bits.dtype == torch.int32 and bits.shape == (M, 4)  # ceil(100 / 32) words a row
+    cols = torch.arange(4 * 32)
+    unpacked = ((bits[:, cols // 32] >> (cols % 32)) & 1) != 0
+    assert torch.equal(unpacked[:, :K], rk.dropout_mask(seed, (M, K), p))
+    assert not unpacked[:, K:].any()  # columns past K read as dropped
+
+
+def test_triton_saves_keep_bits_not_the_seed(device):
+    """The forward's mask state is the packed mask (M*K/8 bytes), and backward reads it."""
+    inputs = make_inputs(40, 70, 20, 6, torch.float32, device, seed=5)
+    x = inputs["x"].requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = rk.lora_linear(x, inputs["weight"], inputs["lora_A"], inputs["lora_B"], 1.0, dropout_p=0.2, seed=3,
+                           backend="triton")
+    states = [t for t in saved if t.dtype == torch.int32]
+    assert len(states) == 1 and states[0].shape == (40, 3)
+    assert not any(t.dtype == torch.int64 for t in saved)  # no seed: backward never regenerates the mask
+    y.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sizes_that_divide_the_tiles(dtype, device):
+    """M, K, N, r multiples of every interpreter tile: the EVEN_* paths (no load masks)."""
+    inputs = make_inputs(128, 128, 64, 64, dtype, device, seed=9)
+    check_against_oracle(inputs, scaling=0.7, p=0.1, seed=11)
+
+
+def test_offset_dtype_follows_the_largest_tensor():
+    import triton.language as tl
+    from rslora_kernels.ops.triton_kernels import _offset_dtype
+    small = torch.empty(2**15, 2**15, device="meta")
+    huge = torch.empty(2**16, 2**15, device="meta")  # 2^31 elements
+    wide_view = torch.empty(2, 2**31, device="meta")[:, :4]  # 8 elements spanning > 2^31
+    assert _offset_dtype(small, None) == tl.int32
+    assert _offset_dtype(small, huge) == tl.int64
+    assert _offset_dtype(wide_view) == tl.int64
+
+
+def test_64_bit_offsets_give_the_same_bits(monkeypatch, device):
+    """The 64-bit offset path (taken for tensors of 2^31 elements or more, too large for this test)
+    computes exactly what the 32-bit path does."""
+    import triton.language as tl
+    from rslora_kernels.ops import triton_kernels as tk
+    inputs = make_inputs(97, 75, 83, 19, torch.float32, device, seed=13)
+
+    def run():
+        t = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        y = rk.lora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], 0.9, bias=t["bias"],
+                           dropout_p=0.1, seed=3, backend="triton")
+        y.backward(torch.ones_like(y))
+        return [y] + [t[k].grad for k in ("x", "lora_A", "lora_B", "bias")]
+
+    narrow = run()
+    monkeypatch.setattr(tk, "_offset_dtype", lambda *tensors: tl.int64)
+    wide = run()
+    for a, b in zip(narrow, wide):
+        assert torch.equal(a, b)
+    check_against_oracle(inputs, scaling=0.9, p=0.1, seed=3)  # and the 64-bit path is right
