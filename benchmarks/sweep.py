@@ -86,7 +86,7 @@ PRESETS = {
     "wide-compiled": ["--shapes", "7b-attn", "--m", "8192", "--ranks", "16", "256", "--dropout", "0.1",
                       "--modes", "fwd+bwd", "--dtype", "bf16", "--providers", "eager", "compiled"],
     # the same plumbing on the CPU: tiny ragged shapes, Triton through the interpreter
-    "dry-headline": ["--device", "cpu", "--shapes", "72x40", "--m", "33", "--ranks", "3", "20", "--dropout", "0.1",
+    "dry-headline": ["--device", "cpu", "--shapes", "72x40", "--m", "33", "--ranks", "3", "--dropout", "0.1",
                      "--modes", "fwd+bwd", "--dtype", "fp32", "--force-triton", *_FUSED_AND_EAGER,
                      "--min-time", "0.01", "--rounds", "1", "--rotate", "2"],
     "dry-wide": ["--device", "cpu", "--shapes", "40x72", "--m", "17", "--ranks", "5", "--dropout", "0.0",
