@@ -28,7 +28,7 @@ from torch import nn
 
 import rslora_kernels as rk
 from rslora_kernels.ops import composite  # noqa: F401  (registers the backend)
-from rslora_kernels._csrc import csrc_ops
+from rslora_kernels.dropout.csrc import csrc_ops
 
 from . import providers as prov
 

@@ -5,7 +5,7 @@
 What it does, step by step:
 
 1. Runs the real host launchers (``lora_forward``, ``lora_backward``, ``_lora_grads``,
-   ``keep_mask_triton``, ``dropout_scale_triton``, ``merge_triton_``) on ``meta`` tensors of a typical training shape (M=8192, K=N=4096),
+   ``dropout.kernels.keep_mask_triton``, ``dropout_scale_triton``, ``merge_triton_``) on ``meta`` tensors of a typical training shape (M=8192, K=N=4096),
    with the kernels swapped for recorders. So every compiled variant carries exactly the arguments,
    strides and constexpr flags (HAS_DROPOUT, COLSUM, HAS_BIAS, DOT_DTYPE, INPUT_PRECISION, tiles)
    that a real launch passes. Scenarios: bias on/off, dropout 0/0.1, bias grad on/off, B3 with and
@@ -58,9 +58,9 @@ SMS = {80: 108, 90: 132}
 
 def _clean_env() -> None:
     os.environ.pop("TRITON_INTERPRET", None)
-    mod = sys.modules.get("rslora_kernels.ops.triton_kernels")
-    if mod is not None and not hasattr(mod._shrink_kernel, "arg_names"):
-        raise RuntimeError("rslora_kernels.ops.triton_kernels was imported under TRITON_INTERPRET=1; "
+    mod = sys.modules.get("rslora_kernels.dropout.kernels")
+    if mod is not None and not hasattr(mod._mask_kernel, "arg_names"):
+        raise RuntimeError("rslora_kernels' Triton kernels were imported under TRITON_INTERPRET=1; "
                            "run the static report in a fresh process without it")
 
 
@@ -71,10 +71,18 @@ def expects_tensor_cores(kernel: str, dtype: str) -> bool:
     return kernel in GEMM_KERNELS and dtype != "fp32"
 
 
-def _kernel_fn(name):
-    """The JITFunction called ``name`` (in triton_kernels.py or merge_kernel.py)."""
+def _kernel_module(name):
+    """The module that defines the kernel called ``name``."""
+    from rslora_kernels.dropout import kernels as dropout_kernels
     from rslora_kernels.ops import merge_kernel, triton_kernels
-    return getattr(merge_kernel if name == "_merge_kernel" else triton_kernels, name)
+    if name == "_merge_kernel":
+        return merge_kernel
+    return dropout_kernels if name in ("_mask_kernel", "_dropout_scale_kernel") else triton_kernels
+
+
+def _kernel_fn(name):
+    """The JITFunction called ``name``."""
+    return getattr(_kernel_module(name), name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,6 +130,7 @@ def record_launches(dtype_name: str, arch: int, quick: bool = False):
     ``dtype`` on ``arch``, over all candidate configs (``quick``: the extreme ones) and flag scenarios."""
     import torch
     from rslora_kernels.ops import configs, merge_kernel
+    from rslora_kernels.dropout import kernels as dk
     from rslora_kernels.ops import triton_kernels as tk
 
     dtype = _torch_dtype(dtype_name)
@@ -130,8 +139,8 @@ def record_launches(dtype_name: str, arch: int, quick: bool = False):
     torch.set_float32_matmul_precision("high" if dtype_name == "tf32" else "highest")
     calls = []
     sink = []
-    recorders = {name: _Recorder(getattr(tk, name), sink)
-                 for name in GEMM_KERNELS + OTHER_KERNELS if name != "_merge_kernel"}
+    recorders = {name: _Recorder(getattr(tk, name), sink) for name in GEMM_KERNELS}
+    dropout_recorders = {name: _Recorder(getattr(dk, name), sink) for name in ("_mask_kernel", "_dropout_scale_kernel")}
 
     def run(role_names, thunk):
         sink.clear()
@@ -164,10 +173,11 @@ def record_launches(dtype_name: str, arch: int, quick: bool = False):
                                 dy, x, W, A, B, T, 0.5, p, seed, True, True, True, need_db))
                         for splits in (1, 8):  # direct bf16/fp16 results and fp32 split-M partials
                             run(("B3",), lambda: tk._lora_grads(T, x, dy, T, 0.5, p, seed, dtype, True, True, splits))
-            run(("mask",), lambda: tk.keep_mask_triton(1, M, K, 0.1, "meta"))
+        with _patched(dk, **dropout_recorders):
+            run(("mask",), lambda: dk.keep_mask_triton(1, M, K, 0.1, "meta"))
             x = torch.empty(M, K, device="meta", dtype=dtype)
             seed = torch.zeros((), dtype=torch.int64, device="meta")
-            run(("dropout",), lambda: tk.dropout_scale_triton(x, seed, 0.1, 1 / 0.9))
+            run(("dropout",), lambda: dk.dropout_scale_triton(x, seed, 0.1, 1 / 0.9))
         with _patched(merge_kernel, _merge_kernel=_Recorder(merge_kernel._merge_kernel, sink)):
             for r in (16, 64):  # the launcher's two rank tiles
                 W = torch.empty(N, K, device="meta", dtype=dtype)

@@ -7,7 +7,6 @@ Importing the package never touches CUDA or compiles kernels; Triton is imported
 from . import reference
 from .dropout import dropout_mask
 from .inject import inject
-from .inject import inject
 from .layers import LoRALinear
 from .ops import composite  # noqa: F401  (registers the "composite" backend; CPU "auto" picks it)
 from .ops.lora_linear import LoRALinearFunction, lora_linear

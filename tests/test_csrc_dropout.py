@@ -4,6 +4,7 @@ Masks must agree bit for bit; row counters beyond 2^32 are exercised through ``r
 counter arithmetic of a tensor with more than 2^31 elements, without allocating one).
 """
 import math
+import re
 import warnings
 
 import pytest
@@ -12,9 +13,9 @@ import triton
 import triton.language as tl
 
 import rslora_kernels as rk
-from rslora_kernels import _csrc
-from rslora_kernels.dropout import _keep_mask_torch, drop_threshold
-from rslora_kernels.ops import triton_kernels as tk
+from rslora_kernels.dropout import csrc as _csrc
+from rslora_kernels.dropout import drop_threshold, keep_mask_torch
+from rslora_kernels.dropout import kernels as tk
 
 SEEDS = [0, 1, 2**32 - 1, 2**32 + 7, 2**62 + 12345, 2**63 - 1]  # high key word zero, set, all ones
 
@@ -43,18 +44,18 @@ def test_cpu_mask_equals_triton_mask(ops, device, shape, seed, p):
     cpu = ops.philox_keep_mask(seed, rows, cols, p, 0)
     gpu = tk.keep_mask_triton(seed, rows, cols, p, device).cpu()
     assert torch.equal(cpu, gpu)
-    assert torch.equal(cpu, _keep_mask_torch(seed, rows, cols, p))
+    assert torch.equal(cpu, keep_mask_torch(seed, rows, cols, p))
 
 
 @triton.jit
 def _offset_mask_kernel(out_ptr, seed_ptr, row_offset, M, K, threshold,
                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Like _mask_kernel, but stream rows start at the int64 ``row_offset`` (no giant tensor needed)."""
-    seed_lo, seed_hi = tk._load_seed(seed_ptr)
+    seed_lo, seed_hi = tk.load_seed(seed_ptr)
     local = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     col0 = tl.program_id(1) * BLOCK_K
     cols = col0 + tl.arange(0, BLOCK_K)
-    keep = tk._keep_mask(seed_lo, seed_hi, row_offset + local, col0, threshold, BLOCK_M, BLOCK_K)
+    keep = tk.keep_mask_tile(seed_lo, seed_hi, row_offset + local, col0, threshold, BLOCK_M, BLOCK_K)
     tl.store(out_ptr + local[:, None] * K + cols[None, :], keep.to(tl.uint8),
              mask=(local < M)[:, None] & (cols < K)[None, :])
 
@@ -73,7 +74,7 @@ def test_row_counters_beyond_2_31(ops, device, row_offset):
     Triton mask function agree, and the high row word really enters the counter."""
     seed, rows, cols, p = 2**33 + 99, 7, 45, 0.5
     cpu = ops.philox_keep_mask(seed, rows, cols, p, row_offset)
-    assert torch.equal(cpu, _keep_mask_torch(seed, rows, cols, p, row_offset))
+    assert torch.equal(cpu, keep_mask_torch(seed, rows, cols, p, row_offset))
     assert torch.equal(cpu, _triton_mask_at(seed, rows, cols, p, row_offset, device))
     # rows are counters: a window over the same rows gives the same bits
     assert torch.equal(cpu[2:], ops.philox_keep_mask(seed, rows - 2, cols, p, row_offset + 2))
@@ -105,7 +106,7 @@ def test_dropout_scale_ops(ops, dtype):
     seed, p, scale = 2**35 + 3, 0.1, 1.0 / 0.9
     base = torch.randn(83, 50, dtype=torch.float32).to(dtype)
     x = base.t()  # non-contiguous [50, 83]
-    keep = _keep_mask_torch(seed, 50, 83, p)
+    keep = keep_mask_torch(seed, 50, 83, p)
     opmath = torch.float64 if dtype == torch.float64 else torch.float32
     expected = torch.where(keep, x.to(opmath) * scale, 0).to(dtype)
     assert torch.equal(ops.philox_dropout_scale(x, seed, p, scale), expected)
@@ -131,7 +132,7 @@ def test_dropout_mask_on_cpu_uses_the_extension(ops, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("dropout_mask fell back to the PyTorch stream although csrc/ is built")
 
-    monkeypatch.setattr("rslora_kernels.dropout._keep_mask_torch", boom)
+    monkeypatch.setattr("rslora_kernels.dropout.masking.keep_mask_torch", boom)
     m = rk.dropout_mask(2**40 + 1, (2, 3, 10), 0.3, "cpu")
     assert m.shape == (2, 3, 10)
     assert torch.equal(m.reshape(6, 10), ops.philox_keep_mask(2**40 + 1, 6, 10, 0.3, 0))
@@ -145,7 +146,7 @@ def test_unbuildable_extension_warns_once_and_falls_back(monkeypatch):
     monkeypatch.delenv("RSLORA_KERNELS_REQUIRE_CSRC", raising=False)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
         m = rk.dropout_mask(77, (9, 13), 0.5)
-    assert torch.equal(m, _keep_mask_torch(77, 9, 13, 0.5))
+    assert torch.equal(m, keep_mask_torch(77, 9, 13, 0.5))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second call stays quiet
         rk.dropout_mask(78, (9, 13), 0.5)
@@ -162,3 +163,18 @@ def test_bad_arguments_are_rejected(ops):
         ops.philox_keep_mask(1, 2, 2, 1.0, 0)
     with pytest.raises(RuntimeError, match="shape \\[M, K\\]"):
         ops.philox_dropout_scale(torch.randn(2, 3, 4), 1, 0.5, 2.0)
+
+
+def test_cpp_constants_match_the_definition():
+    """The Philox constants are defined once in Python (dropout/stream.py); the C++ file repeats them
+    (a compiled language cannot import them), so this test keeps the copy honest."""
+    from rslora_kernels.dropout import stream
+
+    src = (_csrc.CSRC_DIR / "philox_dropout.cpp").read_text()
+    found = {name: int(value, 16) for name, value in re.findall(r"\b(kM0|kM1|kW0|kW1)\s*=\s*(0x[0-9A-Fa-f]+)u", src)}
+    assert found == {"kM0": stream.PHILOX_M0, "kM1": stream.PHILOX_M1, "kW0": stream.PHILOX_W0, "kW1": stream.PHILOX_W1}
+    rounds = re.findall(r"\bkRounds\s*=\s*(\d+)", src)
+    if rounds:
+        assert int(rounds[0]) == stream.PHILOX_ROUNDS
+    else:  # the round count is a loop bound in the source
+        assert re.search(rf"<\s*{stream.PHILOX_ROUNDS}\s*;", src), "the C++ round count was not found"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rslora_kernels as rk
-from rslora_kernels.dropout import _keep_mask_torch, drop_threshold, philox4x32_10
+from rslora_kernels.dropout import drop_threshold, keep_mask_torch, philox4x32_10
 
 
 @pytest.mark.parametrize("counter, key, expected", [
@@ -24,19 +24,19 @@ def test_philox_known_answers(counter, key, expected):
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_triton_mask_kernel_matches_stream(seed, shape, p, device):
     """The Triton kernels' stream (mask kernel) equals the PyTorch definition bit for bit."""
-    from rslora_kernels.ops.triton_kernels import keep_mask_triton
+    from rslora_kernels.dropout.kernels import keep_mask_triton
     got = keep_mask_triton(seed, shape[0], shape[1], p, device).cpu()
-    assert torch.equal(got, _keep_mask_torch(seed, shape[0], shape[1], p))
+    assert torch.equal(got, keep_mask_torch(seed, shape[0], shape[1], p))
 
 
 def test_stream_counters_beyond_2_31_elements():
     """Rows past 2^32 (M*K far beyond 2^31) use the high counter word: distinct, well-mixed draws."""
     K = 64
-    low = _keep_mask_torch(11, 4, K, 0.5, row_offset=0)
-    high = _keep_mask_torch(11, 4, K, 0.5, row_offset=2**32)
+    low = keep_mask_torch(11, 4, K, 0.5, row_offset=0)
+    high = keep_mask_torch(11, 4, K, 0.5, row_offset=2**32)
     assert not torch.equal(low, high)  # the row's high 32 bits are part of the counter
-    near = _keep_mask_torch(11, 4, K, 0.5, row_offset=2**32 - 2)
-    assert torch.equal(near[2:], _keep_mask_torch(11, 2, K, 0.5, row_offset=2**32))
+    near = keep_mask_torch(11, 4, K, 0.5, row_offset=2**32 - 2)
+    assert torch.equal(near[2:], keep_mask_torch(11, 2, K, 0.5, row_offset=2**32))
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])

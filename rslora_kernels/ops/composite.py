@@ -23,63 +23,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..dropout import _keep_mask_torch
+from ..dropout import dropout_scale, dropout_scale_, dropout_scale_pair_
 from .lora_linear import register_backend
 
 __all__ = ["composite_forward", "composite_backward"]
-
-
-def _cpu_ops():
-    from .._csrc import csrc_ops
-
-    return csrc_ops()
-
-
-def _fallback_keep(x2d: Tensor, seed: Tensor, p: float) -> Tensor:
-    """Keep-mask of the stream from the PyTorch implementation (only when csrc/ could not be built;
-    ``csrc_ops()`` has warned once already)."""
-    return _keep_mask_torch(int(seed.item()), x2d.shape[0], x2d.shape[1], p)
-
-
-def dropout_scale(x2d: Tensor, seed: Tensor, p: float, scale: float) -> Tensor:
-    """A new contiguous ``[M, K]`` tensor ``keep ? x2d * scale : 0`` (``x2d`` any strides)."""
-    if x2d.device.type == "cpu":
-        ops = _cpu_ops()
-        if ops is not None:
-            return ops.philox_dropout_scale(x2d, int(seed.item()), p, scale)
-        return x2d * _fallback_keep(x2d, seed, p) * scale
-    from .triton_kernels import dropout_scale_triton
-
-    return dropout_scale_triton(x2d, seed, p, scale)
-
-
-def _dropout_scale_(g: Tensor, g_scale: float, seed: Tensor, p: float) -> None:
-    """``g *= keep * g_scale`` in place."""
-    if g.device.type == "cpu":
-        ops = _cpu_ops()
-        if ops is not None:
-            ops.philox_dropout_scale_(g, int(seed.item()), p, g_scale)
-        else:
-            g.mul_(_fallback_keep(g, seed, p)).mul_(g_scale)
-        return
-    from .triton_kernels import dropout_scale_triton
-
-    dropout_scale_triton(g, seed, p, g_scale, out=g)
-
-
-def _dropout_scale_pair_(g: Tensor, g_scale: float, x2d: Tensor, x_scale: float, seed: Tensor, p: float) -> Tensor:
-    """``g *= keep * g_scale`` in place and return ``keep ? x2d * x_scale : 0`` (one mask for both)."""
-    if x2d.device.type == "cpu":
-        ops = _cpu_ops()
-        if ops is not None:
-            return ops.philox_dropout_scale_pair_(g, x2d, int(seed.item()), p, g_scale, x_scale)
-        keep = _fallback_keep(x2d, seed, p)
-        g.mul_(keep).mul_(g_scale)
-        return x2d * keep * x_scale
-    from .triton_kernels import dropout_scale_triton
-
-    dropout_scale_triton(g, seed, p, g_scale, out=g)
-    return dropout_scale_triton(x2d, seed, p, x_scale)
 
 
 def composite_forward(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
@@ -111,9 +58,9 @@ def composite_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, 
         dx = torch.mm(U, A)  # becomes dx in place: the only M x K tensor of the dx path
         if p > 0.0:
             if need_dA:
-                dropped = _dropout_scale_pair_(dx, scaling / (1.0 - p), x2d, 1.0 / (1.0 - p), seed, p)
+                dropped = dropout_scale_pair_(dx, scaling / (1.0 - p), x2d, 1.0 / (1.0 - p), seed, p)
             else:
-                _dropout_scale_(dx, scaling / (1.0 - p), seed, p)
+                dropout_scale_(dx, seed, p, scaling / (1.0 - p))
             dx.addmm_(dy, weight)
         else:
             dx.addmm_(dy, weight, alpha=1.0, beta=scaling)

@@ -22,7 +22,7 @@ from torch import Tensor
 from .. import reference
 from .._runtime import interpreting, triton_available_for
 from .._validate import validate_inputs
-from ..dropout import _as_seed_int, _keep_mask_torch, draw_seed
+from ..dropout import as_seed_int, draw_seed, keep_mask_torch
 
 __all__ = ["lora_linear", "LoRALinearFunction", "register_backend", "resolve_backend"]
 
@@ -193,12 +193,12 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
         if seed is None:
             seed = draw_seed(x.device)
         elif not isinstance(seed, Tensor):
-            seed = torch.tensor(_as_seed_int(seed), dtype=torch.int64, device=x.device)
+            seed = torch.tensor(as_seed_int(seed), dtype=torch.int64, device=x.device)
         elif seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device:
             raise TypeError(f"seed tensor must be a one-element int64 tensor on {x.device}, got {seed.dtype} on {seed.device}")
     if backend == "reference":
         # the PyTorch stream on the seed tensor's device: no .item(), so it traces under torch.compile
-        mask = _keep_mask_torch(seed, math.prod(x.shape[:-1]), x.shape[-1], p).reshape(x.shape) if p > 0.0 else None
+        mask = keep_mask_torch(seed, math.prod(x.shape[:-1]), x.shape[-1], p).reshape(x.shape) if p > 0.0 else None
         return reference.lora_linear(x, weight, lora_A, lora_B, scaling, bias, p, mask)
     if p == 0.0:
         seed = torch.zeros((), dtype=torch.int64, device=x.device)

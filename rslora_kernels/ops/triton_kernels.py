@@ -1,6 +1,7 @@
 """Triton kernels of the fused LoRA linear op and their launchers.
 
-Reading order: the dropout stream (Philox4x32-10), the three kernels, then the host launchers.
+Reading order: the three kernels, then the host launchers. The dropout stream's Triton functions
+(Philox4x32-10, the keep-mask of a tile) live in :mod:`rslora_kernels.dropout.kernels`.
 
     forward   F1  T  = drop(x) A^T                          _shrink_kernel
               F2  y  = x W^T + s T B^T + b                  _dual_gemm_kernel
@@ -22,83 +23,9 @@ import triton
 import triton.language as tl
 
 from .._runtime import cuda_arch, interpreting, num_sms
-from ..dropout import drop_threshold
+from ..dropout.kernels import keep_mask_tile, load_seed
+from ..dropout.stream import drop_threshold
 from .configs import dual_gemm_config, grads_config, shrink_config, split_m_for
-
-
-# ----------------------------------------------------------------------------------------------
-# Dropout stream: see rslora_kernels/dropout.py for the definition shared with the CPU code.
-# ----------------------------------------------------------------------------------------------
-@triton.jit
-def _philox4x32_10(c0, c1, c2, c3, k0, k1):
-    """Ten Philox rounds on uint32 counters (any shape) with a uint32 key."""
-    for i in tl.static_range(10):
-        if i > 0:  # bump the key between rounds (Weyl sequence)
-            k0 = k0 + 0x9E3779B9
-            k1 = k1 + 0xBB67AE85
-        hi0 = tl.umulhi(c0, 0xD2511F53)
-        lo0 = c0 * 0xD2511F53
-        hi1 = tl.umulhi(c2, 0xCD9E8D57)
-        lo1 = c2 * 0xCD9E8D57
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-    return c0, c1, c2, c3
-
-
-@triton.jit
-def _load_seed(seed_ptr):
-    seed = tl.load(seed_ptr)
-    return (seed & 0xFFFFFFFF).to(tl.uint32), (seed >> 32).to(tl.uint32)
-
-
-@triton.jit
-def _keep_mask(seed_lo, seed_hi, rows, col0, threshold,
-               BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-    """Keep-mask [BLOCK_ROWS, BLOCK_COLS] for int64 ``rows`` and columns col0 + arange(BLOCK_COLS).
-
-    ``col0`` is a multiple of 4: one Philox call yields the four draws of columns 4g .. 4g+3.
-    """
-    GROUPS: tl.constexpr = BLOCK_COLS // 4
-    shape: tl.constexpr = (BLOCK_ROWS, GROUPS)
-    grp = (col0 // 4 + tl.arange(0, GROUPS)).to(tl.uint32)
-    c0 = tl.broadcast_to(grp[None, :], shape)
-    c1 = tl.broadcast_to((rows & 0xFFFFFFFF).to(tl.uint32)[:, None], shape)
-    c2 = tl.broadcast_to((rows >> 32).to(tl.uint32)[:, None], shape)
-    c3 = tl.zeros(shape, dtype=tl.uint32)
-    o0, o1, o2, o3 = _philox4x32_10(c0, c1, c2, c3, seed_lo, seed_hi)
-    # interleave so that column 4g + j takes output j
-    draws = tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), (BLOCK_ROWS, BLOCK_COLS))
-    return draws.to(tl.int64) >= threshold
-
-
-@triton.jit
-def _mask_kernel(out_ptr, seed_ptr, M, K, stride_om, threshold,
-                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[M, K] (uint8) = keep-mask of the stream; used by ``dropout_mask`` and the tests."""
-    seed_lo, seed_hi = _load_seed(seed_ptr)
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    col0 = tl.program_id(1) * BLOCK_K
-    cols = col0 + tl.arange(0, BLOCK_K)
-    keep = _keep_mask(seed_lo, seed_hi, rows, col0, threshold, BLOCK_M, BLOCK_K)
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], keep.to(tl.uint8),
-             mask=(rows < M)[:, None] & (cols < K)[None, :])
-
-
-@triton.jit
-def _dropout_scale_kernel(x_ptr, out_ptr, seed_ptr, M, K,
-                          stride_xm, stride_xk, stride_om, stride_ok,  # strides of x and out
-                          threshold, scale,
-                          COMPUTE_DTYPE: tl.constexpr,  # fp32, or fp64 for fp64 x
-                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[M, K] = keep ? x * scale : 0 (the "composite" backend's dropout); out may alias x."""
-    seed_lo, seed_hi = _load_seed(seed_ptr)
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    col0 = tl.program_id(1) * BLOCK_K
-    cols = col0 + tl.arange(0, BLOCK_K)
-    inside = (rows < M)[:, None] & (cols < K)[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=inside, other=0.0)
-    keep = _keep_mask(seed_lo, seed_hi, rows, col0, threshold, BLOCK_M, BLOCK_K)
-    out = tl.where(keep, x.to(COMPUTE_DTYPE) * scale, 0.0)
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_ok, out.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +53,7 @@ def _shrink_kernel(
     row_ok = rows < M
     rank_ok = ranks < R
     if HAS_DROPOUT:
-        seed_lo, seed_hi = _load_seed(seed_ptr)
+        seed_lo, seed_hi = load_seed(seed_ptr)
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for red0 in range(0, RED, BLOCK_RED):
@@ -138,7 +65,7 @@ def _shrink_kernel(
             if pid_r == 0:  # one program row per M-tile writes the partial bias grad
                 tl.store(colsum_ptr + pid_m * stride_cs + cols, tl.sum(a.to(tl.float32), axis=0), mask=col_ok)
         if HAS_DROPOUT:
-            keep = _keep_mask(seed_lo, seed_hi, rows, red0, drop_threshold, BLOCK_M, BLOCK_RED)
+            keep = keep_mask_tile(seed_lo, seed_hi, rows, red0, drop_threshold, BLOCK_M, BLOCK_RED)
             a = tl.where(keep, a, 0.0).to(DOT_DTYPE)
         w = tl.load(w_ptr + cols[:, None] * stride_wred + ranks[None, :] * stride_wr,
                     mask=col_ok[:, None] & rank_ok[None, :], other=0.0).to(DOT_DTYPE)
@@ -196,8 +123,8 @@ def _dual_gemm_kernel(
         acc = tl.dot(lo, hi, acc, input_precision=INPUT_PRECISION)
     acc = acc * adapter_scale
     if HAS_DROPOUT:
-        seed_lo, seed_hi = _load_seed(seed_ptr)
-        keep = _keep_mask(seed_lo, seed_hi, rows, pid_f * BLOCK_F, drop_threshold, BLOCK_M, BLOCK_F)
+        seed_lo, seed_hi = load_seed(seed_ptr)
+        keep = keep_mask_tile(seed_lo, seed_hi, rows, pid_f * BLOCK_F, drop_threshold, BLOCK_M, BLOCK_F)
         acc = tl.where(keep, acc, 0.0)
 
     # base term into the same accumulator
@@ -231,7 +158,7 @@ def _mtm_tile(
     p_ok = offs_p < P
     q_ok = offs_q < Q
     if HAS_DROPOUT:
-        seed_lo, seed_hi = _load_seed(seed_ptr)
+        seed_lo, seed_hi = load_seed(seed_ptr)
     for m0 in range(m_lo, m_hi, BLOCK_M):
         ms = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         m_ok = ms < m_hi
@@ -240,7 +167,7 @@ def _mtm_tile(
         rt = tl.load(r_ptr + ms[:, None] * stride_rm + offs_q[None, :] * stride_rq,
                      mask=m_ok[:, None] & q_ok[None, :], other=0.0).to(DOT_DTYPE)
         if HAS_DROPOUT:
-            keep = _keep_mask(seed_lo, seed_hi, ms, q0, drop_threshold, BLOCK_M, BLOCK_Q)
+            keep = keep_mask_tile(seed_lo, seed_hi, ms, q0, drop_threshold, BLOCK_M, BLOCK_Q)
             rt = tl.where(keep, rt, 0.0).to(DOT_DTYPE)
         acc = tl.dot(lt, rt, acc, input_precision=INPUT_PRECISION)
     return acc
@@ -322,36 +249,6 @@ def _input_precision(dtype: torch.dtype) -> Optional[str]:
 
 def _meta(dtype: torch.dtype):
     return {"DOT_DTYPE": _dot_dtype(dtype), "INPUT_PRECISION": _input_precision(dtype)}
-
-
-def keep_mask_triton(seed: int, rows: int, cols: int, p: float, device) -> torch.Tensor:
-    """Bool keep-mask [rows, cols] of the stream, computed by the Triton mask kernel."""
-    out = torch.empty((rows, cols), dtype=torch.uint8, device=device)
-    if out.numel() == 0:
-        return out.bool()
-    seed_t = torch.tensor(seed, dtype=torch.int64, device=device)
-    BLOCK_M, BLOCK_K = 32, 64
-    grid = (triton.cdiv(rows, BLOCK_M), triton.cdiv(cols, BLOCK_K))
-    _mask_kernel[grid](out, seed_t, rows, cols, out.stride(0), drop_threshold(p), BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
-    return out.bool()
-
-
-def dropout_scale_triton(x2d: torch.Tensor, seed: torch.Tensor, p: float, scale: float,
-                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """keep ? x2d * scale : 0 for x2d [M, K] (any strides), seed a 0-dim int64 tensor on x's device
-    (read by the kernel: no host sync). Writes into ``out`` (may be x2d itself) or a new tensor."""
-    if out is None:
-        out = torch.empty(x2d.shape, dtype=x2d.dtype, device=x2d.device)
-    if out.numel() == 0:
-        return out
-    BLOCK_M, BLOCK_K = 32, 64
-    grid = (triton.cdiv(x2d.shape[0], BLOCK_M), triton.cdiv(x2d.shape[1], BLOCK_K))
-    _dropout_scale_kernel[grid](x2d, out, seed, x2d.shape[0], x2d.shape[1],
-                                x2d.stride(0), x2d.stride(1), out.stride(0), out.stride(1),
-                                drop_threshold(p), scale,
-                                COMPUTE_DTYPE=tl.float64 if x2d.dtype == torch.float64 else tl.float32,
-                                BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
-    return out
 
 
 def _shrink(inp: torch.Tensor, w_strides, w: torch.Tensor, R: int, out_dtype, *, seed=None, p=0.0, colsum=False):

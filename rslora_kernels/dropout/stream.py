@@ -1,6 +1,8 @@
-"""The project's dropout stream: Philox4x32-10 keyed by (seed, row, col).
+"""The definition of the project's dropout stream, Philox4x32-10 keyed by (seed, row, col), and its
+PyTorch implementation (the executable form of the definition).
 
-Definition (every implementation -- Triton, C++, and the PyTorch one below -- follows it bit for bit):
+Definition (every implementation -- Triton (kernels.py), C++ (csrc/philox_dropout.cpp, loaded by
+csrc.py) and the PyTorch one below -- follows it bit for bit; the constants are defined here only):
 
 * x is viewed as ``[M, K]`` (``row`` runs over all leading dims in logical order).
 * key     = (seed mod 2^32, seed >> 32)                  with 0 <= seed < 2^63
@@ -16,11 +18,12 @@ Philox is from Salmon et al., "Parallel random numbers: as easy as 1, 2, 3" (SC'
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 
-__all__ = ["dropout_mask", "philox4x32_10", "drop_threshold", "draw_seed", "SEED_BOUND"]
+__all__ = ["PHILOX_M0", "PHILOX_M1", "PHILOX_W0", "PHILOX_W1", "PHILOX_ROUNDS", "SEED_BOUND",
+           "philox4x32_10", "drop_threshold", "draw_seed", "as_seed_int", "check_dropout_p", "keep_mask_torch"]
 
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
@@ -72,7 +75,7 @@ def philox4x32_10(counter: Sequence[torch.Tensor], key: Sequence[Union[int, torc
     return c0, c1, c2, c3
 
 
-def _as_seed_int(seed: Union[int, torch.Tensor]) -> int:
+def as_seed_int(seed: Union[int, torch.Tensor]) -> int:
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.dtype != torch.int64:
             raise TypeError(f"seed must be an int or a one-element int64 tensor, got {seed.dtype} of shape {tuple(seed.shape)}")
@@ -91,8 +94,8 @@ def check_dropout_p(p: float) -> float:
     return float(p)
 
 
-def _keep_mask_torch(seed: int, rows: int, cols: int, p: float, row_offset: int = 0) -> torch.Tensor:
-    """The stream computed with PyTorch integer ops: bool [rows, cols] keep mask.
+def keep_mask_torch(seed: int, rows: int, cols: int, p: float, row_offset: int = 0) -> torch.Tensor:
+    """The stream computed with PyTorch integer ops: bool [rows, cols] keep mask (rows from ``row_offset``).
 
     ``seed`` may be an int (computed on the CPU) or a 0-dim int64 tensor (computed on its device,
     with no host sync: this is what lets the reference backend's dropout trace under torch.compile).
@@ -105,38 +108,3 @@ def _keep_mask_torch(seed: int, rows: int, cols: int, p: float, row_offset: int 
     out = philox4x32_10((grp, row & _U32, row >> 32, zero), (seed & _U32, seed >> 32))
     draws = torch.stack(torch.broadcast_tensors(*out), dim=-1).reshape(rows, groups * 4)[:, :cols]
     return draws >= drop_threshold(p)
-
-
-def _keep_mask_cpu(seed: int, rows: int, cols: int, p: float, row_offset: int = 0) -> torch.Tensor:
-    """The stream on the CPU: the C++ extension (csrc/, multithreaded), or -- with a one-time warning
-    saying why -- :func:`_keep_mask_torch` when the extension cannot be built."""
-    from ._csrc import csrc_ops
-
-    ops = csrc_ops()
-    if ops is None:
-        return _keep_mask_torch(seed, rows, cols, p, row_offset)
-    return ops.philox_keep_mask(seed, rows, cols, p, row_offset)
-
-
-def dropout_mask(seed: Union[int, torch.Tensor], shape: Sequence[int], p: float,
-                 device: Union[str, torch.device, None] = None) -> torch.Tensor:
-    """The exact keep-mask (bool, True = kept) that the kernels use for an input of ``shape``.
-
-    ``shape`` is x's shape (``[..., K]``) or its flattened ``[M, K]``; the result has ``shape``.
-    Kept elements of x are scaled by ``1 / (1 - p)`` on the adapter branch.
-    """
-    seed = _as_seed_int(seed)
-    p = check_dropout_p(p)
-    shape = tuple(int(s) for s in shape)
-    if len(shape) < 1 or any(s < 0 for s in shape):
-        raise ValueError(f"shape must be a non-empty sequence of sizes >= 0, got {shape}")
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    cols = shape[-1]
-    rows = math.prod(shape[:-1])
-    if device.type == "cpu" or rows * cols == 0:
-        mask = _keep_mask_cpu(seed, rows, cols, p)
-    else:
-        from .ops.triton_kernels import keep_mask_triton
-
-        mask = keep_mask_triton(seed, rows, cols, p, device)
-    return mask.reshape(shape).to(device)

@@ -7,7 +7,7 @@ from ``csrc/`` next to the package (a source checkout or ``pip install -e .``).
 
 If the extension cannot be built (no C++ compiler, no ninja, no ``csrc/`` next to an installed
 package), the CPU falls back to the PyTorch implementation of the same stream
-(``rslora_kernels.dropout._keep_mask_torch``: identical bits, several times slower) and says so once
+(``rslora_kernels.dropout.stream.keep_mask_torch``: identical bits, several times slower) and says so once
 with a ``RuntimeWarning`` naming the cause. Set ``RSLORA_KERNELS_REQUIRE_CSRC=1`` to make that an
 error instead (CI does, so a broken build cannot hide behind the fallback).
 """
@@ -25,7 +25,7 @@ import torch
 
 __all__ = ["csrc_ops", "csrc_error", "CSRC_DIR"]
 
-CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
+CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
 _SOURCES = ("philox_dropout.cpp",)
 _NAME = "rslora_kernels_csrc"
 

@@ -1,0 +1,135 @@
+"""Triton implementation of the dropout stream (definition: :mod:`rslora_kernels.dropout.stream`).
+
+``philox_rounds``, ``load_seed`` and ``keep_mask_tile`` are ``@triton.jit`` helpers the LoRA kernels
+(``rslora_kernels.ops.triton_kernels``) call to regenerate a tile's mask; ``_mask_kernel`` writes a whole
+mask (``keep_mask_triton``) and ``_dropout_scale_kernel`` drops and scales a tensor
+(``dropout_scale_triton``, the composite backend's dropout on CUDA). This module imports Triton: the
+package imports it lazily, on first use.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .stream import PHILOX_M0, PHILOX_M1, PHILOX_ROUNDS, PHILOX_W0, PHILOX_W1, drop_threshold
+
+__all__ = ["philox_rounds", "load_seed", "keep_mask_tile", "keep_mask_triton", "dropout_scale_triton"]
+
+# jit functions may only read globals that are constexpr
+_M0 = tl.constexpr(PHILOX_M0)
+_M1 = tl.constexpr(PHILOX_M1)
+_W0 = tl.constexpr(PHILOX_W0)
+_W1 = tl.constexpr(PHILOX_W1)
+_ROUNDS = tl.constexpr(PHILOX_ROUNDS)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stream, tile by tile
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def philox_rounds(c0, c1, c2, c3, k0, k1):
+    """Ten Philox rounds on uint32 counters (any shape) with a uint32 key."""
+    for i in tl.static_range(_ROUNDS):
+        if i > 0:  # bump the key between rounds (Weyl sequence)
+            k0 = k0 + _W0
+            k1 = k1 + _W1
+        hi0 = tl.umulhi(c0, _M0)
+        lo0 = c0 * _M0
+        hi1 = tl.umulhi(c2, _M1)
+        lo1 = c2 * _M1
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def load_seed(seed_ptr):
+    """The int64 seed at ``seed_ptr`` as the two uint32 words of the Philox key (low, high)."""
+    seed = tl.load(seed_ptr)
+    return (seed & 0xFFFFFFFF).to(tl.uint32), (seed >> 32).to(tl.uint32)
+
+
+@triton.jit
+def keep_mask_tile(seed_lo, seed_hi, rows, col0, threshold,
+                   BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Keep-mask [BLOCK_ROWS, BLOCK_COLS] for int64 ``rows`` and columns col0 + arange(BLOCK_COLS).
+
+    ``col0`` is a multiple of 4: one Philox call yields the four draws of columns 4g .. 4g+3.
+    """
+    GROUPS: tl.constexpr = BLOCK_COLS // 4
+    shape: tl.constexpr = (BLOCK_ROWS, GROUPS)
+    grp = (col0 // 4 + tl.arange(0, GROUPS)).to(tl.uint32)
+    c0 = tl.broadcast_to(grp[None, :], shape)
+    c1 = tl.broadcast_to((rows & 0xFFFFFFFF).to(tl.uint32)[:, None], shape)
+    c2 = tl.broadcast_to((rows >> 32).to(tl.uint32)[:, None], shape)
+    c3 = tl.zeros(shape, dtype=tl.uint32)
+    o0, o1, o2, o3 = philox_rounds(c0, c1, c2, c3, seed_lo, seed_hi)
+    # interleave so that column 4g + j takes output j
+    draws = tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), (BLOCK_ROWS, BLOCK_COLS))
+    return draws.to(tl.int64) >= threshold
+
+
+@triton.jit
+def _mask_kernel(out_ptr, seed_ptr, M, K, stride_om, threshold,
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[M, K] (uint8) = keep-mask of the stream; used by ``dropout_mask`` and the tests."""
+    seed_lo, seed_hi = load_seed(seed_ptr)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    col0 = tl.program_id(1) * BLOCK_K
+    cols = col0 + tl.arange(0, BLOCK_K)
+    keep = keep_mask_tile(seed_lo, seed_hi, rows, col0, threshold, BLOCK_M, BLOCK_K)
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], keep.to(tl.uint8),
+             mask=(rows < M)[:, None] & (cols < K)[None, :])
+
+
+@triton.jit
+def _dropout_scale_kernel(x_ptr, out_ptr, seed_ptr, M, K,
+                          stride_xm, stride_xk, stride_om, stride_ok,  # strides of x and out
+                          threshold, scale,
+                          COMPUTE_DTYPE: tl.constexpr,  # fp32, or fp64 for fp64 x
+                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[M, K] = keep ? x * scale : 0 (the "composite" backend's dropout); out may alias x."""
+    seed_lo, seed_hi = load_seed(seed_ptr)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    col0 = tl.program_id(1) * BLOCK_K
+    cols = col0 + tl.arange(0, BLOCK_K)
+    inside = (rows < M)[:, None] & (cols < K)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=inside, other=0.0)
+    keep = keep_mask_tile(seed_lo, seed_hi, rows, col0, threshold, BLOCK_M, BLOCK_K)
+    out = tl.where(keep, x.to(COMPUTE_DTYPE) * scale, 0.0)
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_ok, out.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def keep_mask_triton(seed: int, rows: int, cols: int, p: float, device) -> torch.Tensor:
+    """Bool keep-mask [rows, cols] of the stream, computed by the Triton mask kernel."""
+    out = torch.empty((rows, cols), dtype=torch.uint8, device=device)
+    if out.numel() == 0:
+        return out.bool()
+    seed_t = torch.tensor(seed, dtype=torch.int64, device=device)
+    BLOCK_M, BLOCK_K = 32, 64
+    grid = (triton.cdiv(rows, BLOCK_M), triton.cdiv(cols, BLOCK_K))
+    _mask_kernel[grid](out, seed_t, rows, cols, out.stride(0), drop_threshold(p), BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
+    return out.bool()
+
+
+def dropout_scale_triton(x2d: torch.Tensor, seed: torch.Tensor, p: float, scale: float,
+                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """keep ? x2d * scale : 0 for x2d [M, K] (any strides), seed a 0-dim int64 tensor on x's device
+    (read by the kernel: no host sync). Writes into ``out`` (may be x2d itself) or a new tensor."""
+    if out is None:
+        out = torch.empty(x2d.shape, dtype=x2d.dtype, device=x2d.device)
+    if out.numel() == 0:
+        return out
+    BLOCK_M, BLOCK_K = 32, 64
+    grid = (triton.cdiv(x2d.shape[0], BLOCK_M), triton.cdiv(x2d.shape[1], BLOCK_K))
+    _dropout_scale_kernel[grid](x2d, out, seed, x2d.shape[0], x2d.shape[1],
+                                x2d.stride(0), x2d.stride(1), out.stride(0), out.stride(1),
+                                drop_threshold(p), scale,
+                                COMPUTE_DTYPE=tl.float64 if x2d.dtype == torch.float64 else tl.float32,
+                                BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
+    return out

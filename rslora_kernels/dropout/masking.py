@@ -1,0 +1,100 @@
+"""The dropout stream on any device: whole masks and drop-and-scale, each dispatched to the fastest
+implementation that produces the stream's exact bits.
+
+    CPU tensors    the C++ extension (csrc/, multithreaded), or -- when it cannot be built, warned
+                   once by :func:`~rslora_kernels.dropout.csrc.csrc_ops` -- the PyTorch implementation
+    CUDA tensors   the Triton kernels of :mod:`rslora_kernels.dropout.kernels`
+
+The fused Triton LoRA kernels regenerate masks tile by tile instead (``keep_mask_tile``); these are
+for everything else: ``rk.dropout_mask``, the composite backend and the tests.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .csrc import csrc_ops
+from .stream import as_seed_int, check_dropout_p, keep_mask_torch
+
+__all__ = ["dropout_mask", "keep_mask_cpu", "dropout_scale", "dropout_scale_", "dropout_scale_pair_"]
+
+
+def keep_mask_cpu(seed: int, rows: int, cols: int, p: float, row_offset: int = 0) -> Tensor:
+    """Bool keep-mask [rows, cols] of the stream on the CPU, rows counted from ``row_offset``."""
+    ops = csrc_ops()
+    if ops is None:
+        return keep_mask_torch(seed, rows, cols, p, row_offset)
+    return ops.philox_keep_mask(seed, rows, cols, p, row_offset)
+
+
+def dropout_mask(seed: Union[int, Tensor], shape: Sequence[int], p: float,
+                 device: Union[str, torch.device, None] = None) -> Tensor:
+    """The exact keep-mask (bool, True = kept) that the kernels use for an input of ``shape``.
+
+    ``shape`` is x's shape (``[..., K]``) or its flattened ``[M, K]``; the result has ``shape``.
+    Kept elements of x are scaled by ``1 / (1 - p)`` on the adapter branch.
+    """
+    seed = as_seed_int(seed)
+    p = check_dropout_p(p)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 1 or any(s < 0 for s in shape):
+        raise ValueError(f"shape must be a non-empty sequence of sizes >= 0, got {shape}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    cols = shape[-1]
+    rows = math.prod(shape[:-1])
+    if device.type == "cpu" or rows * cols == 0:
+        mask = keep_mask_cpu(seed, rows, cols, p)
+    else:
+        from .kernels import keep_mask_triton
+
+        mask = keep_mask_triton(seed, rows, cols, p, device)
+    return mask.reshape(shape).to(device)
+
+
+def _on_cpu(t: Tensor, seed: Tensor, p: float, with_ops: Callable, with_mask: Callable):
+    """Run ``with_ops(csrc_ops, seed_int)``, or ``with_mask(keep)`` when the extension is unavailable."""
+    ops = csrc_ops()
+    if ops is not None:
+        return with_ops(ops, int(seed.item()))
+    return with_mask(keep_mask_torch(int(seed.item()), t.shape[0], t.shape[1], p))
+
+
+def dropout_scale(x2d: Tensor, seed: Tensor, p: float, scale: float) -> Tensor:
+    """A new ``[M, K]`` tensor ``keep ? x2d * scale : 0`` (``x2d`` any strides; ``seed`` a 0-dim int64
+    tensor on x's device)."""
+    if x2d.device.type == "cpu":
+        return _on_cpu(x2d, seed, p, lambda ops, s: ops.philox_dropout_scale(x2d, s, p, scale),
+                       lambda keep: x2d * keep * scale)
+    from .kernels import dropout_scale_triton
+
+    return dropout_scale_triton(x2d, seed, p, scale)
+
+
+def dropout_scale_(g: Tensor, seed: Tensor, p: float, scale: float) -> None:
+    """``g *= keep * scale`` in place."""
+    if g.device.type == "cpu":
+        _on_cpu(g, seed, p, lambda ops, s: ops.philox_dropout_scale_(g, s, p, scale),
+                lambda keep: g.mul_(keep).mul_(scale))
+        return
+    from .kernels import dropout_scale_triton
+
+    dropout_scale_triton(g, seed, p, scale, out=g)
+
+
+def dropout_scale_pair_(g: Tensor, g_scale: float, x2d: Tensor, x_scale: float, seed: Tensor, p: float) -> Tensor:
+    """``g *= keep * g_scale`` in place and return ``keep ? x2d * x_scale : 0``: one mask for both
+    (the composite backward's two uses, on the CPU one generation of the mask)."""
+    if x2d.device.type == "cpu":
+        def with_mask(keep):
+            g.mul_(keep).mul_(g_scale)
+            return x2d * keep * x_scale
+
+        return _on_cpu(x2d, seed, p, lambda ops, s: ops.philox_dropout_scale_pair_(g, x2d, s, p, g_scale, x_scale),
+                       with_mask)
+    from .kernels import dropout_scale_triton
+
+    dropout_scale_triton(g, seed, p, g_scale, out=g)
+    return dropout_scale_triton(x2d, seed, p, x_scale)
