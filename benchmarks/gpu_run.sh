@@ -18,20 +18,23 @@
 # Time plan on an H100 (seconds; each step is time-boxed, and no step starts after RUN_BUDGET=420 s
 # of the run; the lease's own start, 1-2 minutes, comes on top):
 #   a  environment                                            20
-#   p  precompile: every variant of b, e, f, g on all cores   90   (cold: ~50 x ~2 s / 16 cores)
+#   p  precompile: every variant of b, c, e, f, g, all cores  90   (cold: 177 x ~2 s / 16 cores)
 #   b  headline sweep (bf16, M=8192, K=N=4096, p=0.1,         75
 #      r 16 64 256 2048, triton/composite/eager, fwd+bwd)
-#   c  CUDA numerics: bf16/fp16 op tests + mask parity        90   (87 tests, pytest-xdist workers)
+#   c  CUDA numerics: bf16/fp16 op tests + mask parity        90   (87 tests, 8 pytest-xdist workers;
+#      selection: benchmarks.precompile.NUMERICS_TESTS)
 #   d  tuner at the headline shapes (benchmarks/tune.py)      60
 #   e  determinism, bf16 (backward twice, bit-equal)          30
 #   f  compute-sanitizer memcheck, one ragged case per kernel 60
 #   g  wider sweep (other shapes, p=0 and more ranks,         what is left
 #      fwd/bwd apart, eager_fp32, peft, compiled)
 # Expected compiles, counted by `python -m benchmarks.precompile --list` (Triton 3.9, sm_90, 132 SMs,
-# at commit of this header): 50 distinct variants -- b 13, e 16, f 13, g-wide-shapes 12,
-# g-wide-ranks 20, g-wide-modes 10 (steps share many) -- all compiled in step p. Step c compiles its
-# own test shapes in its xdist workers (not enumerated: the tests pick their shapes); d compiles the
-# tuner's candidate configs. summary.md reports, per step, the compiles Triton still had to do.
+# on a CPU machine): 177 distinct variants -- b 13, c 136, e 16, f 13, g-wide-shapes 12,
+# g-wide-ranks 20, g-wide-modes 10 (steps share some) -- all compiled in step p (about 25 s on 16
+# cores at ~2 s a variant). Step c's count comes from running its tests on meta tensors; a test
+# that launches a kernel after its first check is missed and compiles during c. Step d compiles
+# the tuner's candidate configs itself. summary.md reports, per step, the compiles Triton still
+# had to do (0 where the enumeration was complete).
 #
 # Compile cache: TRITON_CACHE_DIR, default .triton-cache-sm90 if the checkout has it (a cache built
 # ahead on a CPU machine with `python -m benchmarks.precompile --arch 90 --cache-dir .triton-cache-sm90`
@@ -89,7 +92,8 @@ cache_new() {  # entries added to the cache since snapshot $1, as "N (kernel xN,
   local added
   added=$(comm -13 "$1" <(ls "$TRITON_CACHE_DIR" | sort))
   [ -z "$added" ] && { echo 0; return; }
-  echo "$(echo "$added" | wc -l) ($(for d in $added; do ls "$TRITON_CACHE_DIR/$d" | grep '\.json$' | grep -v '^__grp__' | sed 's/\.json$//'; done | sort | uniq -c | awk '{printf "%s%s x%s", (NR>1?", ":""), $2, $1}'))"
+  # each entry is one kernel variant (or a launcher stub Triton builds on first launch), named by its files
+  echo "$(echo "$added" | wc -l) ($(for d in $added; do ls "$TRITON_CACHE_DIR/$d" | grep -v '^__grp__' | head -1 | sed 's/\..*//'; done | sort | uniq -c | awk '{printf "%s%s x%s", (NR>1?", ":""), $2, $1}'))"
 }
 
 section() {  # section TITLE FILE [sed program]: a fenced excerpt of a staged file, if present
@@ -178,13 +182,13 @@ skip() {  # skip NAME REASON
 # --------------------------------------------------------------------------------------------------
 if [ "$DRY" = 1 ]; then
   PLAN=dry SWEEP_PRESET=dry-headline WIDE_PRESETS="dry-wide" DEVICE_ARGS="--device cpu"
-  NUMERICS=(tests/test_dropout.py -k "kernels_use_dropout_mask")
+  mapfile -t NUMERICS < <("$PY" -c "from benchmarks.precompile import DRY_NUMERICS_TESTS as t; print(*t, sep=chr(10))")
   DET_ARGS=(--device cpu --backend triton --dtypes bf16 --scale 32) RAGGED_ARGS=(--device cpu --small)
   TUNE=(--dry-run) PRECOMPILE_EXTRA=(--limit 1 --workers 1) NUMERICS_WORKERS=0
 else
   PLAN=gpu SWEEP_PRESET=headline DEVICE_ARGS=""
   WIDE_PRESETS=$("$PY" -c "from benchmarks.sweep import WIDE_PRESETS; print(' '.join(WIDE_PRESETS))" 2>/dev/null)
-  NUMERICS=(tests/test_lora_linear.py tests/test_dropout.py tests/test_composite.py tests/test_layers.py -k "float16 or mask")
+  mapfile -t NUMERICS < <("$PY" -c "from benchmarks.precompile import NUMERICS_TESTS as t; print(*t, sep=chr(10))")
   DET_ARGS=(--dtypes bf16) RAGGED_ARGS=()
   read -r -a TUNE <<< "${TUNE_ARGS:---quick}"; PRECOMPILE_EXTRA=()
   NUMERICS_WORKERS=${NUMERICS_WORKERS:-8}
@@ -238,7 +242,9 @@ fi
 step e-determinism "${DETERMINISM_LIMIT:-30}" "" -- "$PY" -m benchmarks.determinism "${DET_ARGS[@]}"
 
 if [ "$DRY" = 0 ] && command -v compute-sanitizer > /dev/null; then
-  step f-sanitizer "${SANITIZER_LIMIT:-60}" "memcheck" -- \
+  # no caching allocator: each tensor its own cudaMalloc, so memcheck sees an access past its end
+  step f-sanitizer "${SANITIZER_LIMIT:-60}" "memcheck, PYTORCH_NO_CUDA_MEMORY_CACHING=1" -- \
+    env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m benchmarks.ragged "${RAGGED_ARGS[@]}"
 else
   step f-sanitizer "${SANITIZER_LIMIT:-60}" "compute-sanitizer absent: ran without it" -- \
