@@ -266,7 +266,11 @@ wide_sweeps() {
 export -f wide_sweeps
 export WIDE_PRESETS DEVICE_ARGS STAGE ROOT
 export DEADLINE=$((RUN_BUDGET - 3))
+if [ $((DEADLINE - SECONDS)) -lt 25 ]; then
+  skip g-wide-sweep "out of run budget ($((RUN_BUDGET - SECONDS)) s left; a sweep needs 25)"
+else
 step g-wide-sweep $((RUN_BUDGET - SECONDS)) "rows in sweep_wide.csv" -- bash -c 'SECONDS='"$SECONDS"'; wide_sweeps'
+fi
 
 write_summary
 echo "gpu_run: done in $SECONDS s; $(ls "$ROOT" | wc -l) files in $ROOT"
