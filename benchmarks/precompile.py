@@ -53,10 +53,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _no_interpreter():
     """The JIT path needs compiled kernels, not the interpreter: drop TRITON_INTERPRET before the
-    kernels are imported (and refuse if they already were, under the interpreter)."""
+    kernels are defined (Triton reads it in ``@triton.jit``), and refuse if some already were."""
     os.environ.pop("TRITON_INTERPRET", None)
-    from .static_report import _clean_env
-    _clean_env()
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("rslora_kernels") and mod is not None:
+            if any(type(v).__name__ == "InterpretedFunction" for v in vars(mod).values()):
+                raise RuntimeError(f"{name} was imported under TRITON_INTERPRET=1; run benchmarks.precompile "
+                                   "in a fresh process without it")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,7 +314,7 @@ def enumerate_variants(plan_name: str, arch: int, sms: int, steps=None):
 # ----------------------------------------------------------------------------------------------
 # 2. Compile in a process pool; count cache entries
 # ----------------------------------------------------------------------------------------------
-def _compile_one(job, arch):
+def compile_one(job, arch):
     """Worker: the JIT's compile call for one variant. Returns (seconds, error or None)."""
     _no_interpreter()
     import importlib
@@ -345,9 +348,9 @@ def compile_all(variants, arch: int, workers: int):
     if not jobs:
         return []
     if workers <= 1:  # in this process: no pool to start (the dry run's rehearsal)
-        return [_compile_one(job, arch) for job in jobs]
+        return [compile_one(job, arch) for job in jobs]
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
-        return list(pool.map(_compile_one, jobs, [arch] * len(jobs)))
+        return list(pool.map(compile_one, jobs, [arch] * len(jobs)))
 
 
 def check_jit(plan_name: str, arch: int, sms: int, cache_dir: str, steps=None) -> int:

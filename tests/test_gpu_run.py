@@ -84,7 +84,7 @@ with pc.target_gpu(90, 132, record=lambda jit, *spec: variants.append((jit, spec
     launch()
 assert len(variants) == 1, variants
 jit, (signature, constexprs, attrs, options) = variants[0]
-seconds, error = pc._compile_one((jit.fn.__module__, jit.fn.__qualname__, signature, constexprs, attrs,
+seconds, error = pc.compile_one((jit.fn.__module__, jit.fn.__qualname__, signature, constexprs, attrs,
                                   options.__dict__), 90)
 assert error is None, error
 before = set(pc.cache_entries({str(cache)!r}))
