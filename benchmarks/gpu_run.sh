@@ -3,7 +3,8 @@
 # compute-sanitizer and as much of the wider sweep as time allows -- into ONE folder of at most 8
 # files (what a lease brings back), with summary.md rewritten after every step and on a kill.
 #
-#   RESULTS_ROOT=$OUT bash benchmarks/gpu_run.sh            # on the GPU machine, from anywhere
+#   COMMIT=$(git rev-parse --short HEAD) RESULTS_ROOT=$OUT bash benchmarks/gpu_run.sh   # on the GPU machine
+#                                                   (COMMIT: the lease's copy of the tree has no .git)
 #   RESULTS_ROOT=/tmp/x bash benchmarks/gpu_run.sh --dry-run  # the same steps on the CPU, in seconds (CI)
 #
 # Files written to RESULTS_ROOT (default benchmarks/results/<UTC stamp>_<gpu>_<commit>/), none in a
@@ -55,7 +56,7 @@ for arg in "$@"; do
   esac
 done
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-PY=${PYTHON:-$(command -v python || command -v python3)}
+PY=${PYTHON:-$(command -v python3 || command -v python)}  # python3: the GPU image's torch interpreter
 COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 DIRTY=$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo "+dirty" || true)
 export COMMIT  # the sweep records it when git is unavailable
@@ -123,7 +124,7 @@ write_summary() {
       sed -n '1,/^All rows:/p' "$STAGE/sweep/sweep.md" | sed '$d'
     fi
     section "CUDA numerics (pytest)" "$STAGE/c-numerics.log" '/^FAILED\|^ERROR\|passed\|failed\|error/p'
-    section "Tuner" "$STAGE/d-tune.log" '$!{x;d};x;G;p'
+    [ -s "$STAGE/d-tune.log" ] && section "Tuner (last lines)" "$STAGE/d-tune.log" "$(( $(wc -l < "$STAGE/d-tune.log") > 8 ? $(wc -l < "$STAGE/d-tune.log") - 7 : 1 )),\$p"
     section "Determinism" "$STAGE/e-determinism.log"
     section "compute-sanitizer" "$STAGE/f-sanitizer.log" '/^note\|ERROR SUMMARY\|^ragged\|NON-FINITE\|Invalid\|=========.*[Ee]rror/p'
     section "Wider sweep: presets run and not reached" "$STAGE/g-wide-sweep.log" '/^== \|^note: not reached/p'

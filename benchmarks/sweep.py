@@ -88,10 +88,10 @@ PRESETS = {
     # the same plumbing on the CPU: tiny ragged shapes, Triton through the interpreter
     "dry-headline": ["--device", "cpu", "--shapes", "72x40", "--m", "33", "--ranks", "3", "--dropout", "0.1",
                      "--modes", "fwd+bwd", "--dtype", "fp32", "--force-triton", *_FUSED_AND_EAGER,
-                     "--min-time", "0.01", "--rounds", "1", "--rotate", "2"],
+                     "--min-time", "0.01", "--rounds", "1", "--rotate", "2", "--no-plots"],
     "dry-wide": ["--device", "cpu", "--shapes", "40x72", "--m", "17", "--ranks", "5", "--dropout", "0.0",
                  "--modes", "fwd+bwd", "--dtype", "fp32", "--providers", "composite", "eager",
-                 "--min-time", "0.01", "--rounds", "1", "--rotate", "2"],
+                 "--min-time", "0.01", "--rounds", "1", "--rotate", "2", "--no-plots"],
 }
 WIDE_PRESETS = ("wide-shapes", "wide-ranks", "wide-modes", "wide-compiled")
 
@@ -459,6 +459,7 @@ def parse_args(argv=None):
     ap.add_argument("--rotate", type=int, default=4, help="input buffers to rotate through")
     ap.add_argument("--time-budget", type=float, help="seconds; start no new case after this (results so far are kept)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: few ranks, one dropout, short timing")
+    ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots (matplotlib takes seconds to load)")
     ap.add_argument("--force-triton", action="store_true",
                     help="time the triton backend on the CPU too (needs TRITON_INTERPRET=1; very slow)")
     args = ap.parse_args(argv)
@@ -539,7 +540,7 @@ def main(argv=None):
     with open(out / "sweep.json", "w") as f:
         json.dump({"environment": env, "dense_gemm_tflops": dense_rates, "notes": notes,
                    "args": {k: v for k, v in vars(args).items() if k != "shape_table"}, "rows": rows}, f, indent=1)
-    files = plot(rows, out)
+    files = [] if args.no_plots else plot(rows, out)
     print(f"wrote {sink.path} (rows as measured), {out}/sweep.json, sweep.md and {len(files)} plots", file=sys.stderr)
     return 0
 
