@@ -71,6 +71,7 @@ GPU_TAG=$(echo "${GPU:-nogpu}" | tr -cs 'A-Za-z0-9' '-' | sed 's/^-//; s/-$//')
 STAMP=$(date -u +%Y%m%d-%H%M)
 ROOT=${RESULTS_ROOT:-benchmarks/results/${STAMP}_${GPU_TAG}_${COMMIT}${DIRTY}}
 mkdir -p "$ROOT" && ROOT=$(cd "$ROOT" && pwd)
+rm -f "$ROOT"/{summary.md,sweep.csv,sweep_wide.csv,tuned_configs.json,logs.tar.gz}  # a reused folder: no mixing of runs
 STAGE=$(mktemp -d "${TMPDIR:-/tmp}/gpu_run.XXXXXX")  # per-step outputs, packed into logs.tar.gz
 RUN_BUDGET=${RUN_BUDGET:-420}
 if [ "$DRY" = 1 ]; then
@@ -118,6 +119,10 @@ write_summary() {
     echo
     echo "Compile cache: \`$TRITON_CACHE_DIR\`, $CACHE_AT_START entries at the start, $(ls "$TRITON_CACHE_DIR" | wc -l) now."
     grep -h '^precompile:\|^  compiled\|^check-jit' "$STAGE/p-precompile.log" 2>/dev/null | sed 's/^ *//; s/^/- /'
+    if [ -f "$STAGE/cache.after-p" ]; then
+      echo "- compiles after step p (variants its enumeration missed, the tuner's candidates, launcher stubs):" \
+           "$(cache_new "$STAGE/cache.after-p")"
+    fi
     section "Environment" "$STAGE/a-env.log"
     if [ -s "$STAGE/sweep/sweep.md" ]; then
       printf '\n## Headline sweep\n\n'
@@ -167,6 +172,7 @@ step() {
     0) status=PASS ;; 124|137) status="TIMED OUT after $limit s" ;; *) status="FAIL (exit $rc)" ;;
   esac
   local compiles; compiles=$(cache_new "$STAGE/cache.before")
+  [ "$name" = p-precompile ] && ls "$TRITON_CACHE_DIR" | sort > "$STAGE/cache.after-p"
   printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - STEP_T0))" "$limit" \
     "compiles: $compiles${note:+; $note}" >> "$STEPS"
   CURRENT=""

@@ -260,7 +260,7 @@ def _pytest_scenario(selection):
         cwd = os.getcwd()
         os.chdir(ROOT)
         try:
-            pytest.main(["-q", "--tb=no", "--no-header", "-p", "no:cacheprovider", *selection], plugins=[_MetaDevice()])
+            pytest.main(["-q", "--tb=no", "-rN", "--no-header", "-p", "no:cacheprovider", *selection], plugins=[_MetaDevice()])
         finally:
             os.chdir(cwd)
             os.environ.pop("TRITON_INTERPRET", None)
