@@ -131,15 +131,16 @@ def target_gpu(arch: int, sms: int, record=None):
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
-    answers = {_runtime.cuda_arch: lambda device: arch, _runtime.num_sms: lambda device: sms,
-               _runtime.triton_available_for: lambda device: True, _runtime.interpreting: lambda: False}
+    answers = [(_runtime.cuda_arch, lambda device: arch), (_runtime.num_sms, lambda device: sms),
+               (_runtime.triton_available_for, lambda device: True), (_runtime.interpreting, lambda: False)]
     registry = _registry()
     with ExitStack() as stack:
         # runtime queries, wherever a module imported them
         for mod in [m for name, m in list(sys.modules.items()) if name.startswith("rslora_kernels") and m]:
             for attr, value in list(vars(mod).items()):
-                if callable(value) and value in answers:
-                    stack.enter_context(_patched_attr(mod, attr, answers[value]))
+                for query, answer in answers:
+                    if value is query:
+                        stack.enter_context(_patched_attr(mod, attr, answer))
         for name, backend in list(registry.items()):
             stack.enter_context(_patched_item(registry, name, dataclasses.replace(backend, supports=lambda d: True)))
         # the op's custom ops, which would take their fake kernels on meta tensors
@@ -153,11 +154,11 @@ def target_gpu(arch: int, sms: int, record=None):
             return tuple(o if o is not None else x2d.new_empty((0,)) for o in outs)
 
         stack.enter_context(_patched_attr(ops, "lora_linear_fwd", fwd))
+        stack.enter_context(_patched_attr(ops, "lora_linear_bwd", bwd))
         # autocast has no 'meta' device type (and is off in every step)
         autocast_enabled = torch.is_autocast_enabled
         stack.enter_context(_patched_attr(torch, "is_autocast_enabled", lambda *device: False if device == ("meta",)
                                           else autocast_enabled(*device)))
-        stack.enter_context(_patched_attr(ops, "lora_linear_bwd", bwd))
         previous = driver._active
         driver.set_active(_TargetDriver(GPUTarget("cuda", arch, 32)))
         stack.callback(setattr, driver, "_active", previous)
