@@ -194,7 +194,7 @@ if [ "$DRY" = 1 ]; then
   TUNE=(--dry-run) PRECOMPILE_EXTRA=(--limit 1 --workers 1) NUMERICS_WORKERS=0
 else
   PLAN=gpu SWEEP_PRESET=headline DEVICE_ARGS=""
-  WIDE_PRESETS=$("$PY" -c "from benchmarks.sweep import WIDE_PRESETS; print(' '.join(WIDE_PRESETS))" 2>/dev/null)
+  WIDE_PRESETS=""  # benchmarks.sweep.WIDE_PRESETS, read in step g (importing the sweep loads torch)
   mapfile -t NUMERICS < <("$PY" -c "from benchmarks.precompile import NUMERICS_TESTS as t; print(*t, sep=chr(10))")
   DET_ARGS=(--dtypes bf16) RAGGED_ARGS=()
   read -r -a TUNE <<< "${TUNE_ARGS:---quick}"; PRECOMPILE_EXTRA=()
@@ -261,6 +261,7 @@ fi
 # g: one sweep per preset while time is left; each stops starting cases 20 s before its limit
 wide_sweeps() {
   local rc=0 preset left
+  [ -n "$WIDE_PRESETS" ] || WIDE_PRESETS=$("$PY" -c "from benchmarks.sweep import WIDE_PRESETS as p; print(*p)") || return
   for preset in $WIDE_PRESETS; do
     left=$((DEADLINE - SECONDS))
     if [ "$left" -lt 25 ]; then echo "note: not reached (time): $preset"; continue; fi
