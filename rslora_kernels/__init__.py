@@ -9,12 +9,13 @@ from .dropout import dropout_mask
 from .inject import inject
 from .layers import LoRALinear
 from .ops import composite  # noqa: F401  (registers the "composite" backend; CPU "auto" picks it)
-from .ops.lora_linear import LoRALinearFunction, lora_linear
+from .ops.lora_linear import LoRALinearFunction, lora_linear, register_backend, registered_backends, unregister_backend
 from .scaling import lora_scaling, rslora_scaling
 
 __version__ = "0.1.0"
 
 __all__ = ["lora_linear", "LoRALinearFunction", "LoRALinear", "inject", "dropout_mask", "reference",
+           "register_backend", "unregister_backend", "registered_backends",
            "rslora_scaling", "lora_scaling", "peft", "__version__"]
 
 

@@ -1,15 +1,14 @@
-"""Input validation shared by every backend: clear errors before any kernel runs."""
+"""Input validation shared by every backend: clear errors before any kernel runs.
+
+What a particular backend accepts (device, dtypes) is checked by the backend registry
+(:func:`rslora_kernels.ops.lora_linear.resolve_backend`) once "auto" has been resolved."""
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
 from .dropout import check_dropout_p
-
-BACKENDS = ("auto", "triton", "composite", "reference")
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -23,15 +22,13 @@ def _need_tensor(name: str, t) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
-def validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend: str) -> None:
+def validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p) -> None:
     """Raise ``TypeError``/``ValueError`` naming the argument if the op's inputs are inconsistent.
 
     Contract: x ``[..., K]``; weight ``[N, K]``; lora_A ``[r, K]`` with r >= 1; lora_B ``[N, r]``;
     bias ``[N]`` or None; all on x's device; weight and bias in x's dtype; lora_A and lora_B in one
     dtype (x's, or a wider one such as PEFT's float32 adapters); finite scaling; 0 <= dropout_p < 1.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         _need_tensor(name, t)
     if bias is not None:
@@ -63,11 +60,6 @@ def validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend
     if torch.finfo(lora_A.dtype).bits < torch.finfo(x.dtype).bits:
         raise TypeError(f"lora_A/lora_B dtype {lora_A.dtype} is narrower than x's dtype {x.dtype}; "
                         "use x's dtype or a wider one (e.g. float32 adapters)")
-    if backend == "triton":
-        if x.dtype not in KERNEL_DTYPES:
-            raise TypeError(f"backend='triton' needs x in float16, bfloat16 or float32, got {x.dtype}")
-        if lora_A.dtype not in KERNEL_DTYPES:
-            raise TypeError(f"backend='triton' needs lora_A/lora_B in float16, bfloat16 or float32, got {lora_A.dtype}")
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(float(scaling)):
         raise ValueError(f"scaling must be a finite float, got {scaling!r}")
     check_dropout_p(dropout_p)

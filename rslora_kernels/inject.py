@@ -7,6 +7,7 @@ from typing import List, Sequence, Union
 from torch import nn
 
 from .layers import LoRALinear
+from .ops.lora_linear import check_backend_name
 
 __all__ = ["inject", "matches_target"]
 
@@ -34,6 +35,7 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int, 
     adapters take each base linear's device and dtype. A matching module that is not an
     ``nn.Linear`` raises ``TypeError``; no match at all raises ``ValueError``.
     """
+    check_backend_name(backend)  # before the model is changed
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
         if not target_modules or not all(isinstance(t, str) for t in target_modules):

@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validate import BACKENDS
-from .ops.lora_linear import lora_linear
+from .ops.lora_linear import check_backend_name, lora_linear
 from .ops.merge import merge_lora_
 from .scaling import lora_scaling, rslora_scaling
 
@@ -40,7 +39,8 @@ class LoRALinear(nn.Module):
         in_features, out_features: K and N. r: adapter rank (>= 1). alpha: adapter alpha.
         dropout: adapter-branch dropout probability in [0, 1) (active in ``train()`` mode).
         bias: whether the base linear has a bias. rank_stabilized: rsLoRA scaling (default).
-        backend: op backend ("auto", "triton", "composite", "reference").
+        backend: op backend: "auto" or a registered name ("triton", "composite", "reference", or
+            one added with :func:`rslora_kernels.register_backend`).
         device, dtype: of the base linear (and of the adapters unless ``adapter_dtype`` is given).
         adapter_dtype: dtype of lora_A / lora_B, e.g. torch.float32 next to a bf16 base (as PEFT).
         base_layer: wrap this existing ``nn.Linear`` instead of creating one (it is frozen).
@@ -53,8 +53,7 @@ class LoRALinear(nn.Module):
         self.scaling = rslora_scaling(alpha, r) if rank_stabilized else lora_scaling(alpha, r)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend_name(backend)  # device and dtypes are checked per call, once "auto" is resolved
         self.in_features, self.out_features = in_features, out_features
         self.r, self.alpha, self.dropout = r, alpha, float(dropout)
         self.rank_stabilized, self.backend = rank_stabilized, backend

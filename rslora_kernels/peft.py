@@ -40,12 +40,13 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ._validate import BACKENDS
-from .ops.lora_linear import lora_linear
+from .ops.lora_linear import check_backend_name, lora_linear
 
 __all__ = ["patch", "unpatch", "is_patched", "to_peft_state_dict", "from_peft_state_dict"]
 
-_FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32)
+# weights the op reads; whether the layer's backend computes in that dtype is checked per call by the
+# backend registry (float64 runs on "auto" -> composite/reference, and is a TypeError for "triton")
+_FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ATTR = "_rslora_kernels_patch"  # (adapter name, backend) on a patched layer
 
 
@@ -121,15 +122,15 @@ def patch(peft_model: nn.Module, backend: str = "auto") -> int:
 
     Args:
         peft_model: a ``PeftModel`` or any module holding peft LoRA layers.
-        backend: op backend for the patched layers ("auto", "triton", "composite", "reference").
+        backend: op backend for the patched layers: "auto" or a registered name (see
+            :func:`rslora_kernels.register_backend`).
 
     Returns:
         The number of layers switched by this call (already patched layers are left as they are
         and not counted). Unsupported layers keep PEFT's forward; one ``UserWarning`` lists the
         reasons and the layers affected.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend_name(backend)
     lora_layer = _lora_module()
     patched = 0
     skipped: Dict[str, List[str]] = defaultdict(list)

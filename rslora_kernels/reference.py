@@ -35,7 +35,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     """
     from ._validate import validate_inputs
 
-    validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend="reference")
+    validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p)
     if dropout_p > 0.0:
         if dropout_mask is None:
             raise ValueError("dropout_mask is required when dropout_p > 0 "

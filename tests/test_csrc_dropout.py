@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 import rslora_kernels as rk
-from rslora_kernels.dropout import csrc as _csrc
+from rslora_kernels.dropout import csrc
 from rslora_kernels.dropout import drop_threshold, keep_mask_torch
 from rslora_kernels.dropout import kernels as tk
 
@@ -22,11 +22,11 @@ SEEDS = [0, 1, 2**32 - 1, 2**32 + 7, 2**62 + 12345, 2**63 - 1]  # high key word 
 
 @pytest.fixture(scope="module")
 def ops():
-    reason = _csrc._missing_tool()
+    reason = csrc.missing_tool()
     if reason is not None:
         pytest.skip(f"C++ extension cannot be built here: {reason}")
-    ops = _csrc.csrc_ops()
-    assert ops is not None, f"csrc/ failed to build although a compiler is present: {_csrc.csrc_error()}"
+    ops = csrc.csrc_ops()
+    assert ops is not None, f"csrc/ failed to build although a compiler is present: {csrc.csrc_error()}"
     return ops
 
 
@@ -141,8 +141,8 @@ def test_dropout_mask_on_cpu_uses_the_extension(ops, monkeypatch):
 def test_unbuildable_extension_warns_once_and_falls_back(monkeypatch):
     """No compiler: a RuntimeWarning naming the cause, then the PyTorch stream (same bits);
     under RSLORA_KERNELS_REQUIRE_CSRC=1 a RuntimeError instead."""
-    monkeypatch.setattr(_csrc, "_missing_tool", lambda: "no C++ compiler found (simulated)")
-    monkeypatch.setattr(_csrc, "_state", {"tried": False, "error": None})
+    monkeypatch.setattr(csrc, "missing_tool", lambda: "no C++ compiler found (simulated)")
+    monkeypatch.setattr(csrc, "_state", {"tried": False, "error": None})
     monkeypatch.delenv("RSLORA_KERNELS_REQUIRE_CSRC", raising=False)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
         m = rk.dropout_mask(77, (9, 13), 0.5)
@@ -150,7 +150,7 @@ def test_unbuildable_extension_warns_once_and_falls_back(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second call stays quiet
         rk.dropout_mask(78, (9, 13), 0.5)
-    monkeypatch.setattr(_csrc, "_state", {"tried": False, "error": None})
+    monkeypatch.setattr(csrc, "_state", {"tried": False, "error": None})
     monkeypatch.setenv("RSLORA_KERNELS_REQUIRE_CSRC", "1")
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler found"):
         rk.dropout_mask(77, (9, 13), 0.5)
@@ -170,7 +170,7 @@ def test_cpp_constants_match_the_definition():
     (a compiled language cannot import them), so this test keeps the copy honest."""
     from rslora_kernels.dropout import stream
 
-    src = (_csrc.CSRC_DIR / "philox_dropout.cpp").read_text()
+    src = (csrc.CSRC_DIR / "philox_dropout.cpp").read_text()
     found = {name: int(value, 16) for name, value in re.findall(r"\b(kM0|kM1|kW0|kW1)\s*=\s*(0x[0-9A-Fa-f]+)u", src)}
     assert found == {"kM0": stream.PHILOX_M0, "kM1": stream.PHILOX_M1, "kW0": stream.PHILOX_W0, "kW1": stream.PHILOX_W1}
     rounds = re.findall(r"\bkRounds\s*=\s*(\d+)", src)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import rslora_kernels as rk
+from numerics import assert_close_to_oracle
 from rslora_kernels.dropout import drop_threshold, keep_mask_torch, philox4x32_10
 
 
@@ -106,6 +107,10 @@ def test_eval_mode_disables_dropout(device):
 
 def test_reference_backend_uses_the_same_mask(device):
     x, W, A, B = (torch.randn(*s, device=device) for s in [(40, 24), (16, 24), (4, 24), (16, 4)])
+    mask = rk.dropout_mask(42, x.shape, 0.3, device)
+    y64 = rk.reference.lora_linear(x.double(), W.double(), A.double(), B.double(), 1.0, None, 0.3, mask)
+    y32 = rk.reference.lora_linear(x, W, A, B, 1.0, None, 0.3, mask)
     y_ref = rk.lora_linear(x, W, A, B, 1.0, dropout_p=0.3, seed=42, backend="reference")
     y_tri = rk.lora_linear(x, W, A, B, 1.0, dropout_p=0.3, seed=42, backend="triton")
-    torch.testing.assert_close(y_ref, y_tri, rtol=1e-5, atol=1e-5)
+    assert torch.equal(y_ref, y32)  # the reference backend is the reference with that mask
+    assert_close_to_oracle("y(triton)", y_tri, y64, y32)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import rslora_kernels as rk
+from numerics import assert_close_to_oracle
 from rslora_kernels.dropout import draw_seed
 
 peft = pytest.importorskip("peft")
@@ -58,6 +59,68 @@ def _lora_layers(model):
     return [m for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
 
 
+def _logits_and_grads(model, ids, labels, seed=None):
+    """Logits and the grads of the trainable parameters after ``loss.backward()``; the forward runs
+    from torch seed ``seed`` when given (dropout seeds are drawn from torch's generator)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    return out.logits, {n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _check_each_layer_against_peft(model, ref, run):
+    """Run ``run(model)`` (forward + backward) on the patched ``model`` while recording every LoRA
+    layer's input x, output y, dy and dx; then run the same layer of ``ref`` (unpatched PEFT) on that
+    x and dy in float64 (the oracle) and in fp32 (the same-dtype PyTorch result) and compare y, dx,
+    dA and dB by the numerics rule.
+
+    Per layer, because that is where the rule is defined: a whole model amplifies the rounding of
+    two equally accurate implementations differently (on the 2-layer Llama the max-abs error ratio
+    of logits reached 3 for a layer-wise-accurate kernel), so a model-level ratio tests noise."""
+    records, handles = {}, []
+    for name, layer in model.named_modules():
+        if isinstance(layer, peft.tuners.lora.LoraLayer):
+            rec = records[name] = {}
+
+            def forward_hook(mod, args, out, rec=rec):
+                rec["x"], rec["y"] = args[0].detach(), out.detach()
+
+            def backward_hook(mod, grad_in, grad_out, rec=rec):
+                rec["dx"], rec["dy"] = grad_in[0], grad_out[0].detach()
+
+            handles += [layer.register_forward_hook(forward_hook), layer.register_full_backward_hook(backward_hook)]
+    try:
+        run(model)
+    finally:
+        for h in handles:
+            h.remove()
+    ref_layers = dict(ref.named_modules())
+    for name, rec in records.items():
+        layer = model.get_submodule(name)
+        got = [rec["y"], rec["dx"], layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad]
+        runs = []
+        for dtype in (torch.float64, torch.float32):
+            twin = copy.deepcopy(ref_layers[name]).to(dtype)
+            x = rec["x"].to(dtype).requires_grad_(rec["dx"] is not None)
+            y = twin(x)
+            y.backward(rec["dy"].to(dtype))
+            runs.append([y, x.grad, twin.lora_A["default"].weight.grad, twin.lora_B["default"].weight.grad])
+        for what, g, o, t in zip(["y", "dx", "dA", "dB"], got, *runs):
+            if g is not None:
+                assert_close_to_oracle(f"{name} {what}", g, o, t)
+    return records
+
+
+def _check_against_oracle(got, oracle, same):
+    """(logits, grads) of the model under test against a float64 oracle run, with ``same`` the run of
+    PyTorch (PEFT or our reference backend) doing the same math in the same dtype."""
+    assert got[1].keys() == oracle[1].keys() == same[1].keys()
+    assert_close_to_oracle("logits", got[0], oracle[0], same[0])
+    for name in got[1]:
+        assert_close_to_oracle(name, got[1][name], oracle[1][name], same[1][name])
+
+
 @pytest.fixture
 def count_fused_calls(monkeypatch):
     """Counts calls of the fused autograd Function (proves the patched forward runs our op)."""
@@ -75,24 +138,17 @@ def count_fused_calls(monkeypatch):
 @pytest.mark.parametrize("use_rslora", [True, False])
 def test_patched_logits_and_grads_match_peft(use_rslora, count_fused_calls):
     model = _peft_llama(use_rslora)
-    ref = copy.deepcopy(model)
+    ref = copy.deepcopy(model)  # PEFT's own layers: in float64 the oracle, in fp32 the same-dtype result
     n_lora = len(TARGETS) * N_LAYERS
     q = model.base_model.model.model.layers[0].self_attn.q_proj
-    assert q.scaling["default"] == pytest.approx(8 / 2 if use_rslora else 8 / 4)  # PEFT's own scaling
+    assert q.scaling["default"] == (8 / 2 if use_rslora else 8 / 4)  # PEFT's own scaling (exact: sqrt(4) = 2)
     assert rk.peft.patch(model, backend=BACKEND) == n_lora
     assert all(rk.peft.is_patched(m) for m in _lora_layers(model))
     ids, labels = _batch()
-    out = model(input_ids=ids, labels=labels)
-    out_ref = ref(input_ids=ids, labels=labels)
-    assert len(count_fused_calls) == n_lora and set(count_fused_calls) == {"triton"}
-    torch.testing.assert_close(out.logits, out_ref.logits, rtol=1e-4, atol=1e-5)
-    out.loss.backward()
-    out_ref.loss.backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    grads_ref = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
-    assert grads.keys() == grads_ref.keys() and len(grads) == 2 * n_lora
-    for name in grads:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    records = _check_each_layer_against_peft(model, ref, lambda m: _logits_and_grads(m, ids, labels))
+    assert len(records) == n_lora and len(count_fused_calls) == n_lora and set(count_fused_calls) == {"triton"}
+    # dx is checked wherever it flows: everywhere but layer 0's q/k/v (their input comes from frozen embeddings)
+    assert sum(rec["dx"] is not None for rec in records.values()) == n_lora - 3
 
 
 def test_unpatch_restores_peft_exactly(count_fused_calls):
@@ -104,12 +160,12 @@ def test_unpatch_restores_peft_exactly(count_fused_calls):
         rk.peft.patch(model, backend="fast")
     clone = pickle.loads(pickle.dumps(model))  # torch.save of a whole patched model works
     assert all(rk.peft.is_patched(m) for m in _lora_layers(clone))
-    torch.testing.assert_close(clone(input_ids=_batch()[0]).logits, model(input_ids=_batch()[0]).logits)
+    assert torch.equal(clone(input_ids=_batch()[0]).logits, model(input_ids=_batch()[0]).logits)  # same kernels
     assert rk.peft.unpatch(model) == len(TARGETS) * N_LAYERS
     assert not any("forward" in vars(m) or rk.peft.is_patched(m) for m in _lora_layers(model))
     ids, _ = _batch()
     count_fused_calls.clear()
-    torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=0)
+    assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
     assert count_fused_calls == []
 
 
@@ -125,13 +181,15 @@ def test_patched_dropout_uses_the_project_mask():
     mask = rk.dropout_mask(draw_seed(DEV), x.shape, 0.25, DEV)
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     base = layer.get_base_layer()
-    want = rk.reference.lora_linear(x.double(), base.weight.double(), A.double(), B.double(), layer.scaling["default"],
-                                    None, 0.25, mask)
-    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    def reference(dtype, mask=None):
+        return rk.reference.lora_linear(x.to(dtype), base.weight.to(dtype), A.to(dtype), B.to(dtype),
+                                        layer.scaling["default"], None, 0.25 if mask is not None else 0.0, mask)
+
+    assert_close_to_oracle("y(train)", y, reference(torch.float64, mask), reference(torch.float32, mask))
     model.eval()  # no dropout in eval: same as PEFT
     ref = copy.deepcopy(layer)
     rk.peft.unpatch(ref)
-    torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-6)
+    assert_close_to_oracle("y(eval)", layer(x), reference(torch.float64), ref(x))
 
 
 def test_patched_model_trains():
@@ -157,22 +215,22 @@ def test_disabled_and_mixed_batches_use_peft_semantics():
     ref = copy.deepcopy(model)
     rk.peft.patch(model, backend=BACKEND)
     ids, _ = _batch()
-    with model.disable_adapter():
-        torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits)
-    assert not torch.allclose(model(input_ids=ids).logits, base(input_ids=ids).logits)
+    with model.disable_adapter():  # PEFT's forward: the base linears alone, the same ops as the base model
+        assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
+    assert not torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
     # merged after patching: PEFT's forward (the merged base linear) runs, as unpatched PEFT would
     q, q_ref = model.base_model.model.model.layers[0].self_attn.q_proj, ref.base_model.model.model.layers[0].self_attn.q_proj
     x = torch.randn(3, 32)
     q.merge()
     q_ref.merge()
-    torch.testing.assert_close(q(x), q_ref(x))
+    assert torch.equal(q(x), q_ref(x))
     q.unmerge()
     q_ref.unmerge()
     names = ["default", "other"]  # PEFT allows mixed batches in eval mode only
     model.eval()
     ref.eval()
-    torch.testing.assert_close(model(input_ids=ids, adapter_names=names).logits,
-                               ref(input_ids=ids, adapter_names=names).logits)
+    assert torch.equal(model(input_ids=ids, adapter_names=names).logits,
+                       ref(input_ids=ids, adapter_names=names).logits)
 
 
 @pytest.mark.parametrize("case, reason", [
@@ -208,13 +266,7 @@ def test_fan_in_fan_out_conv1d_gpt2():
     ref = copy.deepcopy(model)
     assert rk.peft.patch(model, backend=BACKEND) == 2
     ids = torch.randint(0, 53, (2, 6))
-    y, y_ref = model(input_ids=ids).logits, ref(input_ids=ids).logits
-    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
-    y.sum().backward()
-    y_ref.sum().backward()
-    for (n, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters()):
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=n)
+    assert len(_check_each_layer_against_peft(model, ref, lambda m: _logits_and_grads(m, ids, ids))) == 2
 
 
 def test_bf16_base_fp32_adapters():
@@ -232,17 +284,19 @@ def test_bf16_base_fp32_adapters():
     assert y.dtype == y_peft.dtype == torch.bfloat16
     W, A, B = layer.get_base_layer().weight, layer.lora_A["default"].weight, layer.lora_B["default"].weight
     want = rk.reference.lora_linear(x.double(), W.double(), A.double(), B.double(), layer.scaling["default"])
-    err, err_peft = (y.double() - want).abs().max(), (y_peft.double() - want).abs().max()
-    assert torch.isfinite(y).all() and err <= 2 * err_peft + 1e-2, (err, err_peft)
+    assert_close_to_oracle("y", y, want, y_peft)
 
 
 # ----------------------------------------------------------------------------------------------
 # state_dict keys between LoRALinear models and PEFT models
 # ----------------------------------------------------------------------------------------------
 def _compare_models(ours, theirs):
+    """Logits of ``ours`` (LoRALinear layers) and of PEFT's ``theirs`` patched to the same backend:
+    the same weights through the same kernels give the same bits exactly when the keys mapped right."""
     ids, _ = _batch()
-    torch.testing.assert_close(ours.eval()(input_ids=ids).logits, theirs.eval()(input_ids=ids).logits,
-                               rtol=1e-4, atol=1e-5)
+    theirs = copy.deepcopy(theirs)
+    rk.peft.patch(theirs, backend=BACKEND)
+    assert torch.equal(ours.eval()(input_ids=ids).logits, theirs.eval()(input_ids=ids).logits)
 
 
 def test_state_dict_loads_into_peft_and_back():
@@ -291,17 +345,11 @@ def test_package_import_does_not_import_peft():
 def test_patched_peft_llama_compiles_fullgraph():
     """torch.compile(fullgraph=True) through PEFT + Llama + our custom op, dropout seeds drawn in graph."""
     model = _peft_llama(dropout=0.1)
+    oracle = copy.deepcopy(model).double()
+    rk.peft.patch(oracle, backend="reference")  # the same dropout seeds from torch's seed, so the same masks
     rk.peft.patch(model, backend=BACKEND)
     twin = copy.deepcopy(model)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     ids, labels = _batch()
-    torch.manual_seed(3)
-    out = compiled(input_ids=ids, labels=labels)
-    torch.manual_seed(3)
-    out_eager = twin(input_ids=ids, labels=labels)
-    torch.testing.assert_close(out.logits, out_eager.logits, rtol=1e-5, atol=1e-5)
-    out.loss.backward()
-    out_eager.loss.backward()
-    for (n, p), (_, p_e) in zip(model.named_parameters(), twin.named_parameters()):
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, p_e.grad, rtol=1e-4, atol=1e-6, msg=n)
+    # compiling may add at most the rule's error to the eager run of the same model (same dtype, same kernels)
+    _check_against_oracle(*(_logits_and_grads(m, ids, labels, seed=3) for m in (compiled, oracle, twin)))

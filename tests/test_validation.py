@@ -1,5 +1,4 @@
 """Bad input gets a clear ValueError/TypeError naming the argument, before any kernel runs."""
-import importlib
 import math
 
 import pytest
@@ -7,16 +6,17 @@ import torch
 
 import rslora_kernels as rk
 
-op_module = importlib.import_module("rslora_kernels.ops.lora_linear")
-
 
 @pytest.fixture
-def no_launch(monkeypatch):
+def no_launch():
     """Make any launch of the Triton backend fail loudly: errors must come before it."""
     def boom(*args, **kwargs):
         raise AssertionError("a kernel was launched despite invalid input")
-    backend = op_module._BACKENDS["triton"]
-    monkeypatch.setitem(op_module._BACKENDS, "triton", op_module.Backend(boom, boom, backend.supports))
+    triton = rk.registered_backends()["triton"]
+    rk.register_backend("triton", boom, boom, devices=triton.devices, dtypes=triton.dtypes, replace=True)
+    yield
+    rk.register_backend("triton", triton.forward, triton.backward, devices=triton.devices, dtypes=triton.dtypes,
+                        replace=True)
 
 
 def good(M=6, K=10, N=8, r=4, dtype=torch.float32):
@@ -60,7 +60,10 @@ CASES = [
     ("seed range", dict(dropout_p=0.1, seed=-1), ValueError, r"seed must be in \[0, 2\^63\)"),
     ("seed type", dict(dropout_p=0.1, seed=1.5), TypeError, r"seed must be an int"),
     ("float64 on triton", {**{k: v.double() for k, v in good().items() if k != "scaling"}}, TypeError,
-     r"backend='triton' needs x in float16, bfloat16 or float32"),
+     r"backend='triton' needs x in float16, bfloat16, float32, got torch.float64"),
+    ("float64 adapters on triton", dict(lora_A=torch.randn(4, 10, dtype=torch.float64),
+                                        lora_B=torch.randn(8, 4, dtype=torch.float64)), TypeError,
+     r"backend='triton' needs lora_A/lora_B in float16, bfloat16, float32, got torch.float64"),
 ]
 
 
@@ -85,10 +88,10 @@ def test_reference_requires_mask_with_dropout():
                                  dropout_mask=torch.ones(3, 3, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("fn", [rk.rslora_scaling, rk.lora_scaling])
-def test_scaling_functions(fn):
-    assert rk.rslora_scaling(16, 64) == pytest.approx(2.0)
-    assert rk.lora_scaling(16, 64) == pytest.approx(0.25)
+@pytest.mark.parametrize("fn, want", [(rk.rslora_scaling, 16 / 8), (rk.lora_scaling, 16 / 64)],
+                         ids=["rslora", "lora"])
+def test_scaling_functions(fn, want):
+    assert fn(16, 64) == want  # alpha / sqrt(r) = 16 / 8 and alpha / r = 16 / 64, both exact in binary
     with pytest.raises(ValueError, match="r must be an integer >= 1"):
         fn(16, 0)
     with pytest.raises(ValueError, match="alpha must be finite"):

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["csrc_ops", "csrc_error", "CSRC_DIR"]
+__all__ = ["csrc_ops", "csrc_error", "missing_tool", "CSRC_DIR"]
 
 CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
 _SOURCES = ("philox_dropout.cpp",)
@@ -37,7 +37,7 @@ def _require() -> bool:
     return os.environ.get("RSLORA_KERNELS_REQUIRE_CSRC", "0") not in ("", "0")
 
 
-def _missing_tool() -> Optional[str]:
+def missing_tool() -> Optional[str]:
     """A plain-words reason why a build cannot even start, or None."""
     sources = [CSRC_DIR / s for s in _SOURCES]
     if not all(s.is_file() for s in sources):
@@ -64,7 +64,7 @@ def _build() -> None:
 
 
 def _try_load() -> None:
-    reason = _missing_tool()
+    reason = missing_tool()
     if reason is None:
         try:
             _build()

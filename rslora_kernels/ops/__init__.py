@@ -1,4 +1,6 @@
 """Kernels, launchers, op registration and autograd Functions (modules live one level up)."""
-from .lora_linear import LoRALinearFunction, lora_linear, register_backend, resolve_backend
+from .lora_linear import (Backend, LoRALinearFunction, lora_linear, register_backend, registered_backends,
+                          resolve_backend, unregister_backend)
 
-__all__ = ["LoRALinearFunction", "lora_linear", "register_backend", "resolve_backend"]
+__all__ = ["Backend", "LoRALinearFunction", "lora_linear", "register_backend", "registered_backends",
+           "resolve_backend", "unregister_backend"]

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..dropout import dropout_scale, dropout_scale_, dropout_scale_pair_
-from .lora_linear import register_backend
+from .lora_linear import FLOAT_DTYPES, register_backend
 
 __all__ = ["composite_forward", "composite_backward"]
 
@@ -76,8 +76,4 @@ def composite_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, 
     return dx, dA, dB, db
 
 
-def _supports(device: torch.device) -> bool:
-    return device.type in ("cpu", "cuda")
-
-
-register_backend("composite", composite_forward, composite_backward, _supports)
+register_backend("composite", composite_forward, composite_backward, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES)

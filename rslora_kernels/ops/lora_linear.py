@@ -2,10 +2,11 @@
 
     y = x W^T + b + s * (drop(x) A^T) B^T
 
-Fused backends ("triton", and "composite" where registered) run behind two custom ops,
-``rslora_kernels::lora_linear_fwd`` and ``rslora_kernels::lora_linear_bwd`` (with fake kernels, so
-``torch.compile`` traces through them), glued by :class:`LoRALinearFunction`. The "reference"
-backend is plain PyTorch autograd over :func:`rslora_kernels.reference.lora_linear`.
+The registry below is the one list of backends. Fused backends ("triton", "composite") run behind
+two custom ops, ``rslora_kernels::lora_linear_fwd`` and ``rslora_kernels::lora_linear_bwd`` (with
+fake kernels, so ``torch.compile`` traces through them), glued by :class:`LoRALinearFunction`. The
+"reference" backend is registered too, as an autograd backend: plain PyTorch over
+:func:`rslora_kernels.reference.lora_linear`, differentiated by autograd.
 
 Saved for backward: x (a view where possible), T = drop(x) A^T [M, r] and the seed; the dropout
 mask is regenerated from the seed, never stored.
@@ -14,37 +15,145 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from types import MappingProxyType
+from typing import Callable, Collection, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .. import reference
-from .._runtime import interpreting, triton_available_for
+from .._runtime import triton_available_for
 from .._validate import validate_inputs
 from ..dropout import as_seed_int, draw_seed, keep_mask_torch
 
-__all__ = ["lora_linear", "LoRALinearFunction", "register_backend", "resolve_backend"]
+__all__ = ["lora_linear", "LoRALinearFunction", "Backend", "register_backend", "unregister_backend",
+           "registered_backends", "check_backend_name", "choose_auto_backend", "resolve_backend"]
 
 
 # ----------------------------------------------------------------------------------------------
-# Backend registry
+# Backend registry: the one list of backends. Everything that takes a ``backend=`` argument
+# (lora_linear, LoRALinear, inject, peft.patch) asks it; "auto" is resolved here, and a backend is
+# checked against the device and dtypes it declared after "auto" has been resolved.
 # ----------------------------------------------------------------------------------------------
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the Triton kernels compute in
+
+
 @dataclass(frozen=True)
 class Backend:
-    """A fused implementation. forward(x2d, W, A, B, bias, s, p, seed) -> (y, T);
-    backward(dy, x2d, W, A, B, T, s, p, seed, need_dx, need_dA, need_dB, need_db) -> (dx, dA, dB, db),
-    db in promote_types(x's dtype, float32)."""
+    """A registered implementation of the op.
+
+    Fused backends (``backward`` given) run behind the custom ops below, glued by
+    :class:`LoRALinearFunction`:
+    ``forward(x2d, W, A, B, bias, s, p, seed) -> (y [M, N], T [M, r])`` and
+    ``backward(dy, x2d, W, A, B, T, s, p, seed, need_dx, need_dA, need_dB, need_db) -> (dx, dA, dB, db)``,
+    a grad that is not needed returned as None, db in ``promote_types(x's dtype, float32)``.
+
+    Autograd backends (``backward=None``, e.g. "reference") are plain differentiable PyTorch:
+    ``forward(x2d, W, A, B, bias, s, p, seed) -> y [M, N]`` is called directly and autograd
+    differentiates it (and torch.compile traces it).
+
+    ``seed`` is a 0-dim int64 tensor on x's device (zero when p == 0); the dropout mask is
+    ``rslora_kernels.dropout_mask(seed, x2d.shape, p)``.
+    """
+    name: str
     forward: Callable
-    backward: Callable
-    supports: Callable[[torch.device], bool]
+    backward: Optional[Callable]
+    devices: Union[Tuple[str, ...], Callable[[torch.device], bool]]
+    dtypes: Tuple[torch.dtype, ...]
+
+    def runs_on(self, device: torch.device) -> bool:
+        return self.devices(device) if callable(self.devices) else device.type in self.devices
 
 
-_BACKENDS: Dict[str, Backend] = {}
+_REGISTRY: Dict[str, Backend] = {}
+_BACKENDS = _REGISTRY  # read by benchmarks/providers.py until it switches to registered_backends()
 
 
-def register_backend(name: str, forward: Callable, backward: Callable, supports: Callable[[torch.device], bool]) -> None:
-    _BACKENDS[name] = Backend(forward, backward, supports)
+def register_backend(name: str, forward: Callable, backward: Optional[Callable] = None, *,
+                     devices: Union[Collection[str], Callable[[torch.device], bool]],
+                     dtypes: Collection[torch.dtype], replace: bool = False) -> Backend:
+    """Make ``backend=name`` available to :func:`lora_linear`, :class:`~rslora_kernels.LoRALinear`,
+    :func:`~rslora_kernels.inject` and :func:`rslora_kernels.peft.patch`.
+
+    Args:
+        name: the backend's name ("auto" is reserved).
+        forward, backward: see :class:`Backend` (``backward=None``: ``forward`` is differentiable).
+        devices: device types it runs on (``("cpu", "cuda")``), or a predicate on a ``torch.device``.
+        dtypes: floating dtypes it computes in; x and lora_A/lora_B must each be one of them.
+        replace: allow re-registering an existing name.
+
+    Returns the registered :class:`Backend`.
+    """
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"backend name must be a non-empty string other than 'auto', got {name!r}")
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"backend {name!r} is already registered (pass replace=True to replace it)")
+    if not callable(forward) or (backward is not None and not callable(backward)):
+        raise TypeError("forward must be callable and backward callable or None")
+    if not callable(devices):
+        devices = () if isinstance(devices, str) else tuple(devices)  # a bare "cpu" is a mistake, not ("c", "p", "u")
+        if not devices or not all(isinstance(d, str) for d in devices):
+            raise TypeError(f"devices must be device-type strings such as ('cpu', 'cuda') or a predicate, got {devices!r}")
+    dtypes = tuple(dtypes)
+    if not dtypes or not all(isinstance(d, torch.dtype) and d.is_floating_point for d in dtypes):
+        raise TypeError(f"dtypes must be floating torch dtypes, got {dtypes!r}")
+    spec = Backend(name, forward, backward, devices, dtypes)
+    _REGISTRY[name] = spec
+    return spec
+
+
+def unregister_backend(name: str) -> Backend:
+    """Remove a backend registered with :func:`register_backend`; returns its :class:`Backend`."""
+    check_backend_name(name)
+    if name == "auto":
+        raise ValueError("'auto' is not a registered backend")
+    return _REGISTRY.pop(name)
+
+
+def registered_backends() -> Mapping[str, Backend]:
+    """A read-only view of the registry: name -> :class:`Backend`."""
+    return MappingProxyType(_REGISTRY)
+
+
+def check_backend_name(backend) -> str:
+    """``backend`` if it is "auto" or a registered name, else a ValueError listing the choices.
+    For arguments stored before the device and dtypes are known (LoRALinear, peft.patch)."""
+    if not isinstance(backend, str) or (backend != "auto" and backend not in _REGISTRY):
+        raise ValueError(f"backend must be one of {['auto', *sorted(_REGISTRY)]}, got {backend!r}")
+    return backend
+
+
+def choose_auto_backend(device: torch.device, dtype: Optional[torch.dtype] = None,
+                        adapter_dtype: Optional[torch.dtype] = None) -> str:
+    """The backend "auto" means for x of ``device`` and ``dtype`` with adapters of ``adapter_dtype``
+    (a dtype left None is taken to be one the chosen backend computes in)."""
+    dtypes = [d for d in (dtype, adapter_dtype) if d is not None]
+    if device.type == "cuda" and all(d in KERNEL_DTYPES for d in dtypes):
+        return "triton"  # CUDA in dtypes the kernels compute in: the fused kernels
+    # everything else (CPU, float64 on CUDA, ...): the first of these that runs here in these dtypes
+    for name in ("composite", "reference"):
+        spec = _REGISTRY.get(name)
+        if spec is not None and spec.runs_on(device) and all(d in spec.dtypes for d in dtypes):
+            return name
+    raise ValueError(f"no registered backend runs on {device.type} tensors of dtypes {dtypes}")
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None,
+                    adapter_dtype: Optional[torch.dtype] = None) -> str:
+    """Map "auto" to a concrete backend, then check that the backend is registered, runs on
+    ``device`` and computes in ``dtype`` (x's) and ``adapter_dtype`` (lora_A/lora_B's); a dtype
+    left None is not checked. ValueError for an unknown name or device, TypeError for a dtype."""
+    name = choose_auto_backend(device, dtype, adapter_dtype) if check_backend_name(backend) == "auto" else backend
+    spec = _REGISTRY[name]
+    if not spec.runs_on(device):
+        hint = " (or set TRITON_INTERPRET=1 to run Triton's CPU interpreter)" if name == "triton" else ""
+        raise ValueError(f"backend={name!r} cannot run on {device.type} tensors{hint}")
+    for what, dt in (("x", dtype), ("lora_A/lora_B", adapter_dtype)):
+        if dt is not None and dt not in spec.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in spec.dtypes)
+            raise TypeError(f"backend={name!r} needs {what} in {names}, got {dt}")
+    return name
 
 
 def _triton_forward(*args):
@@ -57,23 +166,18 @@ def _triton_backward(*args):
     return lora_backward(*args)
 
 
-register_backend("triton", _triton_forward, _triton_backward, triton_available_for)
+def _any_device(device: torch.device) -> bool:
+    return True
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map "auto" to a concrete backend for ``device``; check that the named one can run there."""
-    if backend == "auto":
-        if device.type == "cuda":
-            return "triton"
-        return "composite" if "composite" in _BACKENDS and _BACKENDS["composite"].supports(device) else "reference"
-    if backend == "reference":
-        return backend
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend {backend!r} is not available; choose from {sorted(['auto', 'reference', *_BACKENDS])}")
-    if not _BACKENDS[backend].supports(device):
-        hint = " (or set TRITON_INTERPRET=1 to run Triton's CPU interpreter)" if backend == "triton" else ""
-        raise ValueError(f"backend={backend!r} cannot run on {device.type} tensors{hint}")
-    return backend
+def _reference_forward(x2d, weight, lora_A, lora_B, bias, scaling, p, seed):
+    # the PyTorch stream on the seed tensor's device: no .item(), so it traces under torch.compile
+    mask = keep_mask_torch(seed, x2d.shape[0], x2d.shape[1], p) if p > 0.0 else None
+    return reference.lora_linear(x2d, weight, lora_A, lora_B, scaling, bias, p, mask)
+
+
+register_backend("triton", _triton_forward, _triton_backward, devices=triton_available_for, dtypes=KERNEL_DTYPES)
+register_backend("reference", _reference_forward, None, devices=_any_device, dtypes=FLOAT_DTYPES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,7 +186,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 @torch.library.custom_op("rslora_kernels::lora_linear_fwd", mutates_args=())
 def _fwd_op(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
             scaling: float, dropout_p: float, seed: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
-    return _BACKENDS[backend].forward(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+    return _REGISTRY[backend].forward(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
 
 
 @_fwd_op.register_fake
@@ -96,7 +200,7 @@ def _bwd_op(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Ten
             scaling: float, dropout_p: float, seed: Tensor, needs: List[bool], backend: str
             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, dA, dB, db); a grad that is not needed comes back as an empty tensor."""
-    outs = _BACKENDS[backend].backward(dy, x2d, weight, lora_A, lora_B, T, scaling, dropout_p, seed, *needs)
+    outs = _REGISTRY[backend].backward(dy, x2d, weight, lora_A, lora_B, T, scaling, dropout_p, seed, *needs)
     return tuple(o if o is not None else x2d.new_empty((0,)) for o in outs)
 
 
@@ -116,7 +220,10 @@ def _(dy, x2d, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, backe
 # ----------------------------------------------------------------------------------------------
 class LoRALinearFunction(torch.autograd.Function):
     """Autograd glue for the fused backends. Inputs as in :func:`lora_linear` (validated), with
-    ``seed`` a 0-dim int64 tensor on x's device and ``backend`` a registered fused backend."""
+    ``seed`` a 0-dim int64 tensor on x's device and ``backend`` a registered fused backend.
+
+    Backward state: the tensors in ``ctx.saved_tensors``; ``ctx.scaling``, ``ctx.dropout_p``,
+    ``ctx.backend``, ``ctx.x_shape`` and ``ctx.bias_dtype`` (None when the op has no bias)."""
 
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
@@ -124,21 +231,24 @@ class LoRALinearFunction(torch.autograd.Function):
         x2d = x.reshape(M, K)  # a view unless the leading dims cannot be flattened by strides
         y2d, T = torch.ops.rslora_kernels.lora_linear_fwd(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend)
         ctx.save_for_backward(x2d, weight, lora_A, lora_B, T, seed)
-        ctx.cfg = (scaling, dropout_p, backend, x.shape, bias is not None, bias.dtype if bias is not None else None)
+        ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+        ctx.x_shape = x.shape
+        ctx.bias_dtype = bias.dtype if bias is not None else None  # None: the op has no bias
         return y2d.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
         x2d, weight, lora_A, lora_B, T, seed = ctx.saved_tensors
-        scaling, p, backend, x_shape, has_bias, bias_dtype = ctx.cfg
+        has_bias = ctx.bias_dtype is not None
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        need_bias = need_bias and has_bias
         dy2d = dy.reshape(x2d.shape[0], weight.shape[0])
         dx, dA, dB, db = torch.ops.rslora_kernels.lora_linear_bwd(
-            dy2d, x2d, weight, lora_A, lora_B, T, scaling, p, seed,
-            [need_x, need_a, need_b, need_bias and has_bias], backend)
+            dy2d, x2d, weight, lora_A, lora_B, T, ctx.scaling, ctx.dropout_p, seed,
+            [need_x, need_a, need_b, need_bias], ctx.backend)
         dW = dy2d.t() @ x2d if need_w else None  # W frozen in the fast path
-        return (dx.view(x_shape) if need_x else None, dW, dA if need_a else None, dB if need_b else None,
-                db.to(bias_dtype) if need_bias and has_bias else None, None, None, None, None)
+        return (dx.view(ctx.x_shape) if need_x else None, dW, dA if need_a else None, dB if need_b else None,
+                db.to(ctx.bias_dtype) if need_bias else None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,7 +261,7 @@ def _autocast(x, weight, lora_A, lora_B, bias):
     """Under torch.autocast, cast x, weight and bias to the autocast dtype (as F.linear would).
     lora_A/lora_B keep a wider dtype (PEFT's fp32 adapters): the kernels read them natively."""
     dev = x.device.type
-    if not torch.is_autocast_enabled(dev):
+    if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):  # e.g. meta: no autocast
         return x, weight, lora_A, lora_B, bias
     dt = torch.get_autocast_dtype(dev)
 
@@ -179,27 +289,31 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
         dropout_p: inverted dropout on the adapter branch only; ignored when ``training=False``.
         seed: dropout seed (int in [0, 2^63) or 0-dim int64 tensor); None draws one from torch's
             default generator. The mask is ``rslora_kernels.dropout_mask(seed, x.shape, p)``.
-        backend: "auto" | "triton" | "composite" | "reference".
+        backend: "auto" or a registered backend ("triton", "composite", "reference", or one added
+            with :func:`register_backend`). "auto" is resolved for x's device and dtype first; then
+            the backend is checked: unknown name or device -> ValueError, dtype of x or the adapters
+            it does not compute in -> TypeError naming both.
 
     Returns:
         ``[..., N]`` in x's dtype (the autocast dtype under ``torch.autocast``).
     """
     x, weight, lora_A, lora_B, bias = _autocast(x, weight, lora_A, lora_B, bias)
-    validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend)
+    validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p)
+    backend = resolve_backend(backend, x.device, x.dtype, lora_A.dtype)
     scaling = float(scaling)
     p = float(dropout_p) if training else 0.0
-    backend = resolve_backend(backend, x.device)
-    if p > 0.0:
-        if seed is None:
-            seed = draw_seed(x.device)
-        elif not isinstance(seed, Tensor):
-            seed = torch.tensor(as_seed_int(seed), dtype=torch.int64, device=x.device)
-        elif seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device:
-            raise TypeError(f"seed tensor must be a one-element int64 tensor on {x.device}, got {seed.dtype} on {seed.device}")
-    if backend == "reference":
-        # the PyTorch stream on the seed tensor's device: no .item(), so it traces under torch.compile
-        mask = keep_mask_torch(seed, math.prod(x.shape[:-1]), x.shape[-1], p).reshape(x.shape) if p > 0.0 else None
-        return reference.lora_linear(x, weight, lora_A, lora_B, scaling, bias, p, mask)
     if p == 0.0:
         seed = torch.zeros((), dtype=torch.int64, device=x.device)
-    return LoRALinearFunction.apply(x, weight, lora_A, lora_B, bias, scaling, p, seed.reshape(()), backend)
+    elif seed is None:
+        seed = draw_seed(x.device)
+    elif not isinstance(seed, Tensor):
+        seed = torch.tensor(as_seed_int(seed), dtype=torch.int64, device=x.device)
+    elif seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device:
+        raise TypeError(f"seed tensor must be a one-element int64 tensor on {x.device}, got {seed.dtype} on {seed.device}")
+    seed = seed.reshape(())
+    spec = _REGISTRY[backend]
+    if spec.backward is None:  # an autograd backend: plain PyTorch, differentiated by autograd
+        M, K = math.prod(x.shape[:-1]), x.shape[-1]
+        y2d = spec.forward(x.reshape(M, K), weight, lora_A, lora_B, bias, scaling, p, seed)
+        return y2d.view(*x.shape[:-1], weight.shape[0])
+    return LoRALinearFunction.apply(x, weight, lora_A, lora_B, bias, scaling, p, seed, backend)
