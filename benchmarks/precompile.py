@@ -111,9 +111,27 @@ def _patched_attr(obj, name, value):
 
 
 def _registry():
+    """The backend registry (a live read-only view), with the composite backend registered."""
     import importlib
+    import rslora_kernels as rk
     importlib.import_module("rslora_kernels.ops.composite")  # registers the backend
-    return importlib.import_module("rslora_kernels.ops.lora_linear")._BACKENDS
+    return rk.registered_backends()
+
+
+@contextmanager
+def _on_any_device(registry):
+    """Every registered backend re-registered as running on any device (meta included), then restored."""
+    import rslora_kernels as rk
+    saved = dict(registry)
+    for spec in saved.values():
+        rk.register_backend(spec.name, spec.forward, spec.backward, devices=lambda device: True, dtypes=spec.dtypes,
+                            replace=True)
+    try:
+        yield
+    finally:
+        for spec in saved.values():
+            rk.register_backend(spec.name, spec.forward, spec.backward, devices=spec.devices, dtypes=spec.dtypes,
+                                replace=True)
 
 
 @contextmanager
@@ -141,8 +159,7 @@ def target_gpu(arch: int, sms: int, record=None):
                 for query, answer in answers:
                     if value is query:
                         stack.enter_context(_patched_attr(mod, attr, answer))
-        for name, backend in list(registry.items()):
-            stack.enter_context(_patched_item(registry, name, dataclasses.replace(backend, supports=lambda d: True)))
+        stack.enter_context(_on_any_device(registry))
         # the op's custom ops, which would take their fake kernels on meta tensors
         ops = torch.ops.rslora_kernels
 
@@ -172,16 +189,6 @@ def target_gpu(arch: int, sms: int, record=None):
             stack.enter_context(_patched_attr(JITFunction, "run", lambda self, *a, grid, warmup, **k:
                                               original(self, *a, grid=grid, warmup=True, **k)))
         yield
-
-
-@contextmanager
-def _patched_item(d, key, value):
-    old = d[key]
-    d[key] = value
-    try:
-        yield
-    finally:
-        d[key] = old
 
 
 def _sweep_scenario(preset: str):

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import rslora_kernels as rk
-from rslora_kernels.ops.lora_linear import _BACKENDS
 
 ALL_PROVIDERS = ("triton", "composite", "reference", "eager", "eager_fp32", "peft", "compiled")
 BASELINE = "eager"
@@ -133,7 +132,7 @@ def available(device: torch.device, dtype: torch.dtype, names: Iterable[str] = A
     out = {}
     if not triton_available_for(device):
         out["triton"] = "the Triton backend needs a CUDA GPU (or TRITON_INTERPRET=1, far too slow to time)"
-    if "composite" not in _BACKENDS:
+    if "composite" not in rk.registered_backends():
         out["composite"] = "backend 'composite' is not registered in this build"
     if dtype == torch.float32:
         out["eager_fp32"] = "identical to 'eager' when the model dtype is fp32"
