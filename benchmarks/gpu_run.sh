@@ -38,7 +38,7 @@
 # had to do (0 where the enumeration was complete).
 #
 # Compile cache: TRITON_CACHE_DIR, default .triton-cache-sm90 if the checkout has it (a cache built
-# ahead on a CPU machine with `python -m benchmarks.precompile --arch 90 --cache-dir .triton-cache-sm90`
+# ahead on a CPU machine with `python -m benchmarks.precompile --arch 90 --binary-only --cache-dir .triton-cache-sm90`
 # under the GPU machine's Triton and Python, and carried along), else .triton-cache. Step p reports
 # how many variants it found there (hits) and how many it compiled (misses); a miss costs time only.
 #
