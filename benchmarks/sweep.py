@@ -193,7 +193,7 @@ def measure(layer: nn.Module, M: int, K: int, N: int, mode: str, dtype, device, 
         mem = torch.cuda.max_memory_allocated() - before
     else:
         x = xs.items[0]
-        mem, _ = prov.saved_for_backward(lambda: layer(x), exclude=[x, *layer.parameters()])
+        mem, _ = providers.saved_for_backward(lambda: layer(x), exclude=[x, *layer.parameters()])
     return ms, mem
 
 
@@ -275,7 +275,7 @@ def run_sweep(args, on_case=None) -> tuple:
     # from here on SIGTERM (timeout's signal) stops the sweep and keeps the rows measured so far
     previous = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
-        _measure_cases(args, cases, names, device, dtype, bar, tqdm, notes, rows, dense, on_case)
+        _measure_cases(args, prov, cases, names, device, dtype, bar, tqdm, notes, rows, dense, on_case)
     except Stopped as stop:
         notes.append(f"stopped by {stop} after {len({(x['shape'], x['M'], x['dropout'], x['r']) for x in rows})} "
                      f"of {len(cases)} cases")
@@ -288,7 +288,7 @@ def run_sweep(args, on_case=None) -> tuple:
     return rows, notes, dense_rates
 
 
-def _measure_cases(args, cases, names, device, dtype, bar, tqdm, notes, rows, dense, on_case):
+def _measure_cases(args, prov, cases, names, device, dtype, bar, tqdm, notes, rows, dense, on_case):
     started = time.perf_counter()
     for done, (shape, M, p, r) in enumerate(cases):
         if args.time_budget and time.perf_counter() - started > args.time_budget:
