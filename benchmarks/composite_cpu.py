@@ -30,48 +30,22 @@ import rslora_kernels as rk
 from rslora_kernels.ops import composite  # noqa: F401  (registers the backend)
 from rslora_kernels.dropout.csrc import csrc_ops
 
+from . import providers as prov
 
-class PeftStyleLoRA(nn.Module):
-    """The eager computation of a PEFT LoRA layer: ``base(x) + lora_B(lora_A(dropout(x))) * s``."""
-
-    def __init__(self, K: int, N: int, r: int, p: float, s: float, W, b, A, B):
-        super().__init__()
-        self.base_layer = nn.Linear(K, N)
-        self.lora_A = nn.Linear(K, r, bias=False)
-        self.lora_B = nn.Linear(r, N, bias=False)
-        self.lora_dropout = nn.Dropout(p)
-        self.scaling = s
-        with torch.no_grad():
-            self.base_layer.weight.copy_(W)
-            self.base_layer.bias.copy_(b)
-            self.lora_A.weight.copy_(A)
-            self.lora_B.weight.copy_(B)
-        self.base_layer.requires_grad_(False)
-
-    def forward(self, x):
-        return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+ALPHA = 16.0  # s = ALPHA / sqrt(r), as in the sweep
 
 
-def _saved(step: Callable[[], torch.Tensor], exclude: List[torch.Tensor], x: torch.Tensor):
-    """(bytes, descriptions) of the distinct storages autograd saves during ``step()`` (the forward),
-    not counting the storages of ``exclude``; x itself is labelled."""
-    seen = {t.untyped_storage().data_ptr() for t in exclude}
-    total, what = 0, []
-
-    def pack(t):
-        nonlocal total
-        st = t.untyped_storage()
-        if st.data_ptr() not in seen:
-            seen.add(st.data_ptr())
-            total += st.nbytes()
-            label = " (x)" if st.data_ptr() == x.untyped_storage().data_ptr() else ""
-            what.append(f"{list(t.shape)} {str(t.dtype).replace('torch.', '')}{label}")
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = step()
-    del y
-    return total, what
+def _peft_style(K: int, N: int, r: int, p: float, W, b, A, B) -> nn.Module:
+    """The shared PEFT-style eager layer (``providers.EagerLoRA``) holding copies of W, b, A, B."""
+    base = nn.Linear(K, N)
+    with torch.no_grad():
+        base.weight.copy_(W)
+        base.bias.copy_(b)
+    layer = prov.make_layer("eager", base, r, ALPHA, p)
+    with torch.no_grad():
+        layer.lora_A.weight.copy_(A)
+        layer.lora_B.weight.copy_(B)
+    return layer
 
 
 def _fwd_bwd(step: Callable[[], torch.Tensor], dy: torch.Tensor, params: List[torch.Tensor]) -> float:
@@ -95,14 +69,14 @@ def run(ranks, M: int, K: int, N: int, p: float, repeats: int, warmup: int, seed
         raise SystemExit("the C++ extension (csrc/) is unavailable; this benchmark measures it")
     rows = []
     for r in ranks:
-        s = rk.rslora_scaling(16, r)
+        s = rk.rslora_scaling(ALPHA, r)
         x = torch.randn(M, K, requires_grad=True)
         W = torch.randn(N, K) / K**0.5
         b = torch.randn(N)
         A = (torch.randn(r, K) / K**0.5).requires_grad_(True)
         B = (torch.randn(N, r) * 0.01).requires_grad_(True)
         dy = torch.randn(M, N)
-        peft = PeftStyleLoRA(K, N, r, p, s, W, b, A.detach(), B.detach())
+        peft = _peft_style(K, N, r, p, W, b, A.detach(), B.detach())
         methods = {
             "composite": (lambda: rk.lora_linear(x, W, A, B, s, b, p, backend="composite"), [x, A, B]),
             "comp. p=0": (lambda: rk.lora_linear(x, W, A, B, s, b, 0.0, backend="composite"), [x, A, B]),
@@ -126,7 +100,7 @@ def run(ranks, M: int, K: int, N: int, p: float, repeats: int, warmup: int, seed
                 mask_t.append(t)
         for name, (step, params) in methods.items():
             exclude = [W, b, A, B, *(t for t in params if t is not x)]  # parameters, not activations
-            nbytes, what = _saved(step, exclude, x)
+            nbytes, what = prov.saved_for_backward(step, exclude, label=x)
             rows.append({
                 "r": r, "method": name, "what": what,
                 "ms": 1e3 * statistics.median(times[name]),

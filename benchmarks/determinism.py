@@ -35,25 +35,38 @@ def run_once(x, W, b, A, B, dy, s, p, seed, backend):
     return {"y": y, "dx": x.grad, "dA": A.grad, "dB": B.grad, "db": b.grad}
 
 
+def cases(scale: int = 1):
+    """CASES with M, K, N, r divided by ``scale`` (at least 1): the interpreter needs tiny sizes."""
+    return [(max(M // scale, 1), max(K // scale, 1), max(N // scale, 1), max(r // scale, 1), p)
+            for M, K, N, r, p in CASES]
+
+
+def make_inputs(case, dtype, device):
+    """(x, W, b, A, B, dy, s, p) of one case, drawn from a fixed CPU generator."""
+    M, K, N, r, p = case
+    g = torch.Generator(device="cpu").manual_seed(1234)
+    mk = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    x, W, b, A, B, dy = mk(M, K), mk(N, K) / K ** 0.5, mk(N), mk(r, K) / K ** 0.5, mk(N, r), mk(M, N)
+    return x, W, b, A, B, dy, rk.rslora_scaling(16.0, r), p
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--backend", default=None, help="default: triton on CUDA, auto on the CPU")
     ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp16", "fp32"])
     ap.add_argument("--small", action="store_true", help="shrink the cases 8x (for the CPU interpreter)")
+    ap.add_argument("--scale", type=int, default=None, help="shrink the cases this many times (overrides --small)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     backend = args.backend or ("triton" if device.type == "cuda" else "auto")
+    scale = args.scale or (8 if args.small else 1)
     failures = 0
     for name in args.dtypes:
         dtype = DTYPES[name]
-        for M, K, N, r, p in CASES:
-            if args.small:
-                M, K, N, r = max(M // 8, 1), max(K // 8, 1), max(N // 8, 1), max(r // 8, 1)
-            g = torch.Generator(device="cpu").manual_seed(1234)
-            mk = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)  # noqa: E731
-            x, W, b, A, B, dy = mk(M, K), mk(N, K) / K ** 0.5, mk(N), mk(r, K) / K ** 0.5, mk(N, r), mk(M, N)
-            s = rk.rslora_scaling(16.0, r)
+        for case in cases(scale):
+            M, K, N, r, p = case
+            x, W, b, A, B, dy, s, p = make_inputs(case, dtype, device)
             first = run_once(x, W, b, A, B, dy, s, p, 42, backend)
             second = run_once(x, W, b, A, B, dy, s, p, 42, backend)
             diff = [k for k in first if not torch.equal(first[k], second[k])]

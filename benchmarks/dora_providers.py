@@ -11,7 +11,7 @@ Every layer gets non-zero B and magnitudes moved off their init, so no work is s
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Iterable
 
 import torch
 from torch import nn
@@ -51,9 +51,10 @@ def _ours(backend: str, base: nn.Linear, r: int, alpha: float, p: float) -> nn.M
     return layer
 
 
-def available(device: torch.device, dtype: torch.dtype) -> Dict[str, str]:
-    """Providers that cannot run here, each with the reason."""
-    lora = lora_providers.available(device, dtype)
+def available(device: torch.device, dtype: torch.dtype, names: Iterable[str] = ALL_PROVIDERS) -> Dict[str, str]:
+    """Those of ``names`` that cannot run here, each with the reason."""
+    names = set(names)
+    lora = lora_providers.available(device, dtype, {"peft" if n == "peft-dora" else n for n in names})
     out = {name: lora[name] for name in ("triton", "composite") if name in lora}
     if "peft" in lora:
         out["peft-dora"] = lora["peft"]

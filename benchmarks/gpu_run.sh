@@ -1,115 +1,286 @@
 #!/usr/bin/env bash
-# One command for a GPU lease: environment report, the full test suite on CUDA (no interpreter),
-# a determinism check, and the rank sweep -- all under one folder -- plus a one-file recorded copy
-# (device, date, commit in it) meant to be committed to benchmarks/results/.
+# One short GPU lease, every number: environment, headline sweep, CUDA numerics, tuner, determinism,
+# compute-sanitizer and as much of the wider sweep as time allows -- into ONE folder of at most 8
+# files (what a lease brings back), with summary.md rewritten after every step and on a kill.
 #
-#   bash benchmarks/gpu_run.sh                 # from the repository root, on a machine with a GPU
+#   COMMIT=$(git rev-parse --short HEAD) RESULTS_ROOT=$OUT bash benchmarks/gpu_run.sh   # on the GPU machine
+#                                                   (COMMIT: the lease's copy of the tree has no .git)
+#   RESULTS_ROOT=/tmp/x bash benchmarks/gpu_run.sh --dry-run  # the same steps on the CPU, in seconds (CI)
 #
-# Designed to finish within about 10 minutes: every step has its own time limit (override with the
-# variables below) and a step that runs out of time is reported as such, never hidden.
-# It does not install torch or triton; it uses the ones present (the package itself is found via
-# PYTHONPATH, or `pip install -e . --no-deps` beforehand).
+# Files written to RESULTS_ROOT (default benchmarks/results/<UTC stamp>_<gpu>_<commit>/), none in a
+# subfolder:
+#   summary.md           each step's PASS / FAIL / TIMED OUT / SKIPPED and wall time, cache hits,
+#                        the headline table, the numerics, determinism and sanitizer verdicts
+#   sweep.csv            headline sweep rows, appended as each case finishes
+#   sweep_wide.csv       wider-sweep rows, likewise
+#   tuned_configs.json   the tuner's table (when benchmarks/tune.py exists)
+#   logs.tar.gz          every step's full output, sweep JSON/Markdown/plots; rebuilt after each step
 #
-#   RESULTS_ROOT    where to write (default benchmarks/results)
-#   COMMIT          commit id to record when git is unavailable
-#   TESTS_TIMEOUT   seconds for pytest              (default 210)
-#   DET_TIMEOUT     seconds for the determinism run (default 60)
-#   SWEEP_TIMEOUT   seconds for the main sweep      (default 240)
-#   EXTRA_TIMEOUT   seconds for the other shapes    (default 60)
-#   QLORA_TIMEOUT   seconds for the QLoRA sweep     (default 60; needs bitsandbytes, else skipped rows)
+# Time plan on an H100 (seconds; each step is time-boxed, and no step starts after RUN_BUDGET=420 s
+# of the run; the lease's own start, 1-2 minutes, comes on top):
+#   a  environment                                            20
+#   p  precompile: every variant of b, c, e, f, g, all cores  90   (cold: 177 x ~2 s / 16 cores)
+#   b  headline sweep (bf16, M=8192, K=N=4096, p=0.1,         75
+#      r 16 64 256 2048, triton/composite/eager, fwd+bwd)
+#   c  CUDA numerics: bf16/fp16 op tests + mask parity        90   (87 tests, 8 pytest-xdist workers;
+#      selection: benchmarks.precompile.NUMERICS_TESTS)
+#   d  tuner at the headline shapes (benchmarks/tune.py)      60
+#   e  determinism, bf16 (backward twice, bit-equal)          30
+#   f  compute-sanitizer memcheck, one ragged case per kernel 60
+#   g  wider sweep (other shapes, p=0 and more ranks,         what is left
+#      fwd/bwd apart, eager_fp32, peft, compiled)
+# Expected compiles, counted by `python -m benchmarks.precompile --list` (Triton 3.9, sm_90, 132 SMs,
+# on a CPU machine): 177 distinct variants -- b 13, c 136, e 16, f 13, g-wide-shapes 12,
+# g-wide-ranks 20, g-wide-modes 10 (steps share some) -- all compiled in step p (about 25 s on 16
+# cores at ~2 s a variant). Step c's count comes from running its tests on meta tensors; a test
+# that launches a kernel after its first check is missed and compiles during c. Step d compiles
+# the tuner's candidate configs itself. summary.md reports, per step, the compiles Triton still
+# had to do (0 where the enumeration was complete).
+#
+# Compile cache: TRITON_CACHE_DIR, default .triton-cache-sm90 if the checkout has it (a cache built
+# ahead on a CPU machine with `python -m benchmarks.precompile --arch 90 --binary-only --cache-dir .triton-cache-sm90`
+# under the GPU machine's Triton and Python, and carried along), else .triton-cache. Step p reports
+# how many variants it found there (hits) and how many it compiled (misses); a miss costs time only.
+#
+# Variables: RESULTS_ROOT, RUN_BUDGET (420), PYTHON, COMMIT (when git is unavailable), TUNE_ARGS
+# (--quick), NUMERICS_WORKERS (8), and per step <STEP>_LIMIT (ENV, PRECOMPILE, SWEEP, NUMERICS, TUNE,
+# DETERMINISM, SANITIZER) in seconds.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-unset TRITON_INTERPRET
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python}
-
+DRY=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY=1 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "unknown argument: $arg (only --dry-run)" >&2; exit 2 ;;
+  esac
+done
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-$(command -v python3 || command -v python)}  # python3: the GPU image's torch interpreter
 COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+DIRTY=$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo "+dirty" || true)
 export COMMIT  # the sweep records it when git is unavailable
-DIRTY=$(git status --porcelain 2>/dev/null | grep -qv '^??' && echo "+dirty" || true)
-GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+if [ "$DRY" = 1 ]; then
+  export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+  GPU="dry run (CPU, Triton interpreter)"
+else
+  unset TRITON_INTERPRET
+  GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+fi
 GPU_TAG=$(echo "${GPU:-nogpu}" | tr -cs 'A-Za-z0-9' '-' | sed 's/^-//; s/-$//')
 STAMP=$(date -u +%Y%m%d-%H%M)
-ROOT=${RESULTS_ROOT:-benchmarks/results}
-OUT="$ROOT/${STAMP}_${GPU_TAG}_${COMMIT}${DIRTY}"
-mkdir -p "$OUT"
-echo "writing to $OUT"
+ROOT=${RESULTS_ROOT:-benchmarks/results/${STAMP}_${GPU_TAG}_${COMMIT}${DIRTY}}
+mkdir -p "$ROOT" && ROOT=$(cd "$ROOT" && pwd)
+rm -f "$ROOT"/{summary.md,sweep.csv,sweep_wide.csv,tuned_configs.json,logs.tar.gz}  # a reused folder: no mixing of runs
+STAGE=$(mktemp -d "${TMPDIR:-/tmp}/gpu_run.XXXXXX")  # per-step outputs, packed into logs.tar.gz
+RUN_BUDGET=${RUN_BUDGET:-420}
+if [ "$DRY" = 1 ]; then
+  export TRITON_CACHE_DIR=$STAGE/triton-cache
+elif [ -z "${TRITON_CACHE_DIR:-}" ]; then
+  if [ -d .triton-cache-sm90 ]; then export TRITON_CACHE_DIR=$PWD/.triton-cache-sm90; else export TRITON_CACHE_DIR=$PWD/.triton-cache; fi
+fi
+mkdir -p "$TRITON_CACHE_DIR"
+CACHE_AT_START=$(ls "$TRITON_CACHE_DIR" | wc -l)
+echo "gpu_run: writing to $ROOT (staging $STAGE), cache $TRITON_CACHE_DIR ($CACHE_AT_START entries)"
 
-status() {  # status NAME RC TIMEOUT -> one summary line
-  if [ "$2" = 0 ]; then echo "- $1: PASS"; elif [ "$2" = 124 ]; then echo "- $1: TIMED OUT after $3 s";
-  else echo "- $1: FAIL (exit $2)"; fi
+STEPS=$STAGE/steps.tsv   # name <TAB> status <TAB> wall s <TAB> limit s <TAB> note
+: > "$STEPS"
+CURRENT="" CHILD=""
+
+# --------------------------------------------------------------------------------------------------
+# Summary and packing: after every step, and from the traps
+# --------------------------------------------------------------------------------------------------
+cache_new() {  # entries added to the cache since snapshot $1, as "N (kernel xN, ...)"
+  local added
+  added=$(comm -13 "$1" <(ls "$TRITON_CACHE_DIR" | sort))
+  [ -z "$added" ] && { echo 0; return; }
+  # each entry is one kernel variant (or a launcher stub Triton builds on first launch), named by its files
+  echo "$(echo "$added" | wc -l) ($(for d in $added; do ls "$TRITON_CACHE_DIR/$d" | grep -v '^__grp__' | head -1 | sed 's/\..*//'; done | sort | uniq -c | awk '{printf "%s%s x%s", (NR>1?", ":""), $2, $1}'))"
 }
 
-# 1. environment ------------------------------------------------------------------------------
-{
+section() {  # section TITLE FILE [sed program]: a fenced excerpt of a staged file, if present
+  [ -s "$2" ] || return 0
+  printf '\n## %s\n\n```\n' "$1"
+  sed -n "${3:-1,\$p}" "$2" | cut -c1-400
+  printf '```\n'
+}
+
+write_summary() {
+  {
+    echo "# GPU run $STAMP: ${GPU:-no GPU}, commit ${COMMIT}${DIRTY}"
+    echo
+    echo "\`$( [ "$DRY" = 1 ] && echo 'bash benchmarks/gpu_run.sh --dry-run' || echo 'bash benchmarks/gpu_run.sh')\`;" \
+         "run budget ${RUN_BUDGET} s, $((SECONDS)) s elapsed; full outputs in logs.tar.gz."
+    echo
+    echo "| step | status | wall s | limit s | compiles during the step / note |"
+    echo "|---|---|---|---|---|"
+    awk -F'\t' '{printf "| %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5}' "$STEPS"
+    [ -n "$CURRENT" ] && echo "| $CURRENT | RUNNING when this summary was written | | | |"
+    echo
+    echo "Compile cache: \`$TRITON_CACHE_DIR\`, $CACHE_AT_START entries at the start, $(ls "$TRITON_CACHE_DIR" | wc -l) now."
+    grep -h '^precompile:\|^  compiled\|^check-jit' "$STAGE/p-precompile.log" 2>/dev/null | sed 's/^ *//; s/^/- /'
+    if [ -f "$STAGE/cache.after-p" ]; then
+      echo "- compiles after step p (variants its enumeration missed, the tuner's candidates, launcher stubs):" \
+           "$(cache_new "$STAGE/cache.after-p")"
+    fi
+    section "Environment" "$STAGE/a-env.log"
+    if [ -s "$STAGE/sweep/sweep.md" ]; then
+      printf '\n## Headline sweep\n\n'
+      sed -n '1,/^All rows:/p' "$STAGE/sweep/sweep.md" | sed '$d'
+    fi
+    section "CUDA numerics (pytest)" "$STAGE/c-numerics.log" '/^FAILED\|^ERROR\|passed\|failed\|error/p'
+    [ -s "$STAGE/d-tune.log" ] && section "Tuner (last lines)" "$STAGE/d-tune.log" "$(( $(wc -l < "$STAGE/d-tune.log") > 8 ? $(wc -l < "$STAGE/d-tune.log") - 7 : 1 )),\$p"
+    section "Determinism" "$STAGE/e-determinism.log"
+    section "compute-sanitizer" "$STAGE/f-sanitizer.log" '/^note\|ERROR SUMMARY\|^ragged\|NON-FINITE\|Invalid\|=========.*[Ee]rror/p'
+    section "Wider sweep: presets run and not reached" "$STAGE/g-wide-sweep.log" '/^== \|^note: not reached/p'
+    for md in "$STAGE"/sweep-*/sweep.md; do
+      [ -s "$md" ] || continue
+      printf '\n## Wider sweep: %s\n\n' "$(basename "$(dirname "$md")" | sed 's/^sweep-//')"
+      sed -n '1,/^All rows:/p' "$md" | sed '$d'
+    done
+  } > "$ROOT/summary.md.tmp" && mv "$ROOT/summary.md.tmp" "$ROOT/summary.md"
+  tar -czf "$ROOT/logs.tar.gz.tmp" -C "$STAGE" --exclude=triton-cache . 2>/dev/null && mv "$ROOT/logs.tar.gz.tmp" "$ROOT/logs.tar.gz"
+}
+
+on_signal() {
+  [ -n "$CHILD" ] && kill -TERM "$CHILD" 2>/dev/null && sleep 2
+  [ -n "$CURRENT" ] && printf '%s\tTIMED OUT (run stopped by a signal)\t%s\t\t\n' "$CURRENT" "$((SECONDS - STEP_T0))" >> "$STEPS"
+  CURRENT=""
+  write_summary
+  rm -rf "$STAGE"
+  exit 143
+}
+trap on_signal TERM INT
+
+# step NAME LIMIT NOTE -- command...: time-boxed, output to $STAGE/NAME.log, then summary + tarball
+step() {
+  local name=$1 limit=$2 note=$3; shift 4
+  local left=$((RUN_BUDGET - SECONDS))
+  if [ "$left" -lt 5 ]; then
+    printf '%s\tSKIPPED: out of run budget\t0\t%s\t%s\n' "$name" "$limit" "$note" >> "$STEPS"; write_summary; return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  ls "$TRITON_CACHE_DIR" | sort > "$STAGE/cache.before"
+  CURRENT=$name STEP_T0=$SECONDS
+  echo "gpu_run: step $name (limit $limit s)"
+  timeout -k 5 "$limit" "$@" > "$STAGE/$name.log" 2>&1 &
+  CHILD=$!
+  wait "$CHILD"; local rc=$?
+  CHILD=""
+  local status
+  case $rc in
+    0) status=PASS ;; 124|137) status="TIMED OUT after $limit s" ;; *) status="FAIL (exit $rc)" ;;
+  esac
+  local compiles; compiles=$(cache_new "$STAGE/cache.before")
+  [ "$name" = p-precompile ] && ls "$TRITON_CACHE_DIR" | sort > "$STAGE/cache.after-p"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - STEP_T0))" "$limit" \
+    "compiles: $compiles${note:+; $note}" >> "$STEPS"
+  CURRENT=""
+  echo "gpu_run: step $name: $status ($((SECONDS - STEP_T0)) s)"
+  write_summary
+}
+
+skip() {  # skip NAME REASON
+  printf '%s\tSKIPPED: %s\t0\t\t\n' "$1" "$2" >> "$STEPS"; write_summary
+}
+
+# --------------------------------------------------------------------------------------------------
+# The steps, most valuable first
+# --------------------------------------------------------------------------------------------------
+if [ "$DRY" = 1 ]; then
+  PLAN=dry SWEEP_PRESET=dry-headline WIDE_PRESETS="dry-wide" DEVICE_ARGS="--device cpu"
+  mapfile -t NUMERICS < <("$PY" -c "from benchmarks.precompile import DRY_NUMERICS_TESTS as t; print(*t, sep=chr(10))")
+  DET_ARGS=(--device cpu --backend triton --dtypes bf16 --scale 32) RAGGED_ARGS=(--device cpu --small)
+  TUNE=(--dry-run) PRECOMPILE_EXTRA=(--limit 1 --workers 1) NUMERICS_WORKERS=0
+else
+  PLAN=gpu SWEEP_PRESET=headline DEVICE_ARGS=""
+  WIDE_PRESETS=""  # benchmarks.sweep.WIDE_PRESETS, read in step g (importing the sweep loads torch)
+  mapfile -t NUMERICS < <("$PY" -c "from benchmarks.precompile import NUMERICS_TESTS as t; print(*t, sep=chr(10))")
+  DET_ARGS=(--dtypes bf16) RAGGED_ARGS=()
+  read -r -a TUNE <<< "${TUNE_ARGS:---quick}"; PRECOMPILE_EXTRA=()
+  NUMERICS_WORKERS=${NUMERICS_WORKERS:-8}
+fi
+
+env_report() {
   echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "commit: ${COMMIT}${DIRTY}"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
-  $PY - <<'EOF'
-import platform, torch, triton
+  echo "host: $(getconf _NPROCESSORS_ONLN) CPU cores"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "nvidia-smi: not available"
+  command -v compute-sanitizer > /dev/null && compute-sanitizer --version | tail -1 || echo "compute-sanitizer: not found"
+  "$PY" - <<'EOF'
+import os, platform, torch, triton
 print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
       "| triton", triton.__version__)
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(f"device: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB")
 else:
-    print("device: NO CUDA DEVICE VISIBLE TO TORCH")
+    print("device: no CUDA device visible to torch" + (" (dry run)" if os.environ.get("TRITON_INTERPRET") else ""))
+try:
+    import xdist  # noqa: F401
+    print("pytest-xdist: yes")
+except ImportError:
+    print("pytest-xdist: no")
 EOF
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+  echo "TRITON_CACHE_DIR: $TRITON_CACHE_DIR ($CACHE_AT_START entries at start)"
+}
+export -f env_report
+export PY COMMIT DIRTY TRITON_CACHE_DIR CACHE_AT_START
+step a-env "${ENV_LIMIT:-20}" "" -- bash -c env_report
 
-# 2. test suite on CUDA -----------------------------------------------------------------------
-T0=$SECONDS
-timeout "${TESTS_TIMEOUT:-210}" $PY -m pytest -q -p no:cacheprovider --durations=15 > "$OUT/tests.txt" 2>&1
-TESTS_RC=$?
-echo "tests: rc=$TESTS_RC ($((SECONDS - T0)) s)"; tail -3 "$OUT/tests.txt"
+step p-precompile "${PRECOMPILE_LIMIT:-90}" "plan $PLAN" -- \
+  "$PY" -m benchmarks.precompile --plan "$PLAN" "${PRECOMPILE_EXTRA[@]}" $( [ "$DRY" = 1 ] && echo --arch 90 )
 
-# 3. determinism ------------------------------------------------------------------------------
-T0=$SECONDS
-timeout "${DET_TIMEOUT:-60}" $PY -m benchmarks.determinism > "$OUT/determinism.txt" 2>&1
-DET_RC=$?
-echo "determinism: rc=$DET_RC ($((SECONDS - T0)) s)"; tail -1 "$OUT/determinism.txt"
+step b-sweep "${SWEEP_LIMIT:-75}" "rows in sweep.csv" -- \
+  "$PY" -m benchmarks.sweep --preset "$SWEEP_PRESET" $DEVICE_ARGS --out "$STAGE/sweep" --csv "$ROOT/sweep.csv"
 
-# 4. sweep: the headline shape in full, then the other shapes fwd+bwd at dropout 0.1 ----------
-T0=$SECONDS
-timeout "${SWEEP_TIMEOUT:-240}" $PY -m benchmarks.sweep --shapes 7b-attn --m 8192 --dropout 0.1 0.0 --out "$OUT/sweep" \
-  --time-budget $(( ${SWEEP_TIMEOUT:-240} - 40 )) \
-  > "$OUT/sweep.txt" 2> "$OUT/sweep.log"
-SWEEP_RC=$?
-echo "sweep: rc=$SWEEP_RC ($((SECONDS - T0)) s)"
-T0=$SECONDS
-timeout "${EXTRA_TIMEOUT:-60}" $PY -m benchmarks.sweep --shapes 7b-mlp-up 7b-mlp-down 8b-mlp-up --m 8192 \
-  --modes fwd+bwd --dropout 0.1 --ranks 16 64 256 1024 --out "$OUT/sweep_shapes" --time-budget $(( ${EXTRA_TIMEOUT:-60} - 25 )) \
-  > "$OUT/sweep_shapes.txt" 2> "$OUT/sweep_shapes.log"
-EXTRA_RC=$?
-echo "sweep (other shapes): rc=$EXTRA_RC ($((SECONDS - T0)) s)"
-T0=$SECONDS  # QLoRA: 4-bit base (nf4, nested) against PEFT's, small to large M (dequant overhead vs M)
-timeout "${QLORA_TIMEOUT:-60}" $PY -m benchmarks.sweep --shapes 7b-attn --m 16 1024 8192 --modes fwd+bwd --dropout 0.1 \
-  --ranks 16 64 --providers eager triton --quant nf4 --out "$OUT/sweep_qlora" --time-budget $(( ${QLORA_TIMEOUT:-60} - 25 )) \
-  > "$OUT/sweep_qlora.txt" 2> "$OUT/sweep_qlora.log"
-QLORA_RC=$?
-echo "sweep (QLoRA): rc=$QLORA_RC ($((SECONDS - T0)) s)"
+XDIST=()
+if [ "$NUMERICS_WORKERS" -gt 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n "$NUMERICS_WORKERS"); fi
+step c-numerics "${NUMERICS_LIMIT:-90}" "${XDIST[*]:-one process}" -- \
+  "$PY" -m pytest -q -p no:cacheprovider --durations=5 "${XDIST[@]}" "${NUMERICS[@]}"
 
-# 5. recorded copy ----------------------------------------------------------------------------
-REC="$ROOT/${STAMP}_${GPU_TAG}_${COMMIT}${DIRTY}.md"
-{
-  echo "# GPU run ${STAMP} on ${GPU:-no GPU}, commit ${COMMIT}${DIRTY}"
-  echo
-  echo "Produced by \`bash benchmarks/gpu_run.sh\`; full outputs in \`$(basename "$OUT")/\`."
-  echo
-  echo '```'; cat "$OUT/env.txt"; echo '```'
-  echo
-  status "test suite (python -m pytest -q, CUDA, no interpreter)" $TESTS_RC "${TESTS_TIMEOUT:-210}"
-  echo "  $(tail -1 "$OUT/tests.txt")"
-  status "determinism (backward twice, bit-equal)" $DET_RC "${DET_TIMEOUT:-60}"
-  status "sweep 7b-attn" $SWEEP_RC "${SWEEP_TIMEOUT:-240}"
-  status "sweep other shapes" $EXTRA_RC "${EXTRA_TIMEOUT:-60}"
-  status "sweep QLoRA (--quant nf4)" $QLORA_RC "${QLORA_TIMEOUT:-60}"
-  echo
-  echo "## Sweep"
-  echo
-  if [ -s "$OUT/sweep/sweep.md" ]; then sed -n '1,/^All rows:/p' "$OUT/sweep/sweep.md" | sed '$d';
-  else echo "(no sweep table: see sweep.log)"; fi
-  if [ -s "$OUT/sweep_shapes/sweep.md" ]; then echo; sed -n '1,/^All rows:/p' "$OUT/sweep_shapes/sweep.md" | sed '$d'; fi
-  if [ -s "$OUT/sweep_qlora/sweep.md" ]; then echo; sed -n '1,/^All rows:/p' "$OUT/sweep_qlora/sweep.md" | sed '$d'; fi
-} > "$REC"
-echo "recorded copy: $REC (commit it together with $OUT/sweep*/sweep.csv if wanted)"
+if [ -f benchmarks/tune.py ]; then
+  step d-tune "${TUNE_LIMIT:-60}" "table in tuned_configs.json" -- \
+    "$PY" -m benchmarks.tune --out "$ROOT/tuned_configs.json" "${TUNE[@]}"
+else
+  skip d-tune "benchmarks/tune.py not present"
+fi
+
+step e-determinism "${DETERMINISM_LIMIT:-30}" "" -- "$PY" -m benchmarks.determinism "${DET_ARGS[@]}"
+
+if [ "$DRY" = 0 ] && command -v compute-sanitizer > /dev/null; then
+  # no caching allocator: each tensor its own cudaMalloc, so memcheck sees an access past its end
+  step f-sanitizer "${SANITIZER_LIMIT:-60}" "memcheck, PYTORCH_NO_CUDA_MEMORY_CACHING=1" -- \
+    env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m benchmarks.ragged "${RAGGED_ARGS[@]}"
+else
+  step f-sanitizer "${SANITIZER_LIMIT:-60}" "compute-sanitizer absent: ran without it" -- \
+    bash -c 'echo "note: compute-sanitizer absent: ran without it"; exec "$0" "$@"' "$PY" -m benchmarks.ragged "${RAGGED_ARGS[@]}"
+fi
+
+# g: one sweep per preset while time is left; each stops starting cases 20 s before its limit
+wide_sweeps() {
+  local rc=0 preset left
+  [ -n "$WIDE_PRESETS" ] || WIDE_PRESETS=$("$PY" -c "from benchmarks.sweep import WIDE_PRESETS as p; print(*p)") || return
+  for preset in $WIDE_PRESETS; do
+    left=$((DEADLINE - SECONDS))
+    if [ "$left" -lt 25 ]; then echo "note: not reached (time): $preset"; continue; fi
+    echo "== $preset ($left s left)"
+    "$PY" -m benchmarks.sweep --preset "$preset" $DEVICE_ARGS --out "$STAGE/sweep-$preset" --csv "$ROOT/sweep_wide.csv" \
+      --time-budget $((left - 20)) || rc=$?
+  done
+  return $rc
+}
+export -f wide_sweeps
+export WIDE_PRESETS DEVICE_ARGS STAGE ROOT
+export DEADLINE=$((RUN_BUDGET - 3))
+if [ $((DEADLINE - SECONDS)) -lt 25 ]; then
+  skip g-wide-sweep "out of run budget ($((RUN_BUDGET - SECONDS)) s left; a sweep needs 25)"
+else
+step g-wide-sweep $((RUN_BUDGET - SECONDS)) "rows in sweep_wide.csv" -- bash -c 'SECONDS='"$SECONDS"'; wide_sweeps'
+fi
+
+write_summary
+echo "gpu_run: done in $SECONDS s; $(ls "$ROOT" | wc -l) files in $ROOT"
+awk -F'\t' '{printf "  %-14s %s (%s s)\n", $1, $2, $3}' "$STEPS"
+rm -rf "$STAGE"

@@ -16,18 +16,20 @@ and trainable ``lora_A [r, K]``, ``lora_B [N, r]``.
     compiled      the eager layer's math under ``torch.compile(fullgraph=True, dynamic=True)``
                   (with ``torch._functorch.config.donated_buffer = False``: the "bwd" timing replays
                   one backward graph with ``retain_graph=True``, which donated buffers forbid)
+
+Also here, shared by every benchmark: :func:`saved_for_backward`, the bytes a forward keeps for
+backward (the memory figure of the sweep and of ``composite_cpu``).
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import rslora_kernels as rk
-from rslora_kernels.ops.lora_linear import _BACKENDS
 
 ALL_PROVIDERS = ("triton", "composite", "reference", "eager", "eager_fp32", "peft", "compiled")
 BASELINE = "eager"
@@ -121,22 +123,25 @@ def _ours(backend: str) -> Callable:
     return make
 
 
-def available(device: torch.device, dtype: torch.dtype) -> Dict[str, str]:
-    """Providers that cannot run here, each with the reason (printed by the benchmarks)."""
+def available(device: torch.device, dtype: torch.dtype, names: Iterable[str] = ALL_PROVIDERS) -> Dict[str, str]:
+    """Those of ``names`` that cannot run here, each with the reason (printed by the benchmarks).
+    Only looks for what ``names`` need (importing peft alone takes seconds)."""
+    names = set(names)
     from rslora_kernels._runtime import triton_available_for
 
     out = {}
     if not triton_available_for(device):
         out["triton"] = "the Triton backend needs a CUDA GPU (or TRITON_INTERPRET=1, far too slow to time)"
-    if "composite" not in _BACKENDS:
+    if "composite" not in rk.registered_backends():
         out["composite"] = "backend 'composite' is not registered in this build"
     if dtype == torch.float32:
         out["eager_fp32"] = "identical to 'eager' when the model dtype is fp32"
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        out["peft"] = "peft is not installed (pip install 'rslora-kernels[peft]')"
-    return out
+    if "peft" in names:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            out["peft"] = "peft is not installed (pip install 'rslora-kernels[peft]')"
+    return {name: why for name, why in out.items() if name in names}
 
 
 def make_layer(name: str, base: nn.Linear, r: int, alpha: float, p: float) -> nn.Module:
@@ -157,3 +162,32 @@ def make_layer(name: str, base: nn.Linear, r: int, alpha: float, p: float) -> nn
     for name_, prm in layer.named_parameters():
         prm.requires_grad_("lora_" in name_)
     return layer
+
+
+def saved_for_backward(forward: Callable[[], torch.Tensor], exclude: Iterable[torch.Tensor] = (),
+                       label: Optional[torch.Tensor] = None) -> Tuple[int, List[str]]:
+    """(bytes, descriptions) of the distinct storages autograd saves while ``forward()`` runs.
+
+    Storages of ``exclude`` (the parameters, which exist anyway; x when it should not count) are
+    skipped; each storage counts once however many views of it are saved. A saved view of
+    ``label``'s storage is marked " (x)" in the descriptions.
+    """
+    seen = {t.untyped_storage().data_ptr() for t in exclude}
+    labelled = label.untyped_storage().data_ptr() if label is not None else None
+    total, what = 0, []
+
+    def pack(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            if st.data_ptr() not in seen:
+                seen.add(st.data_ptr())
+                total += st.nbytes()
+                what.append(f"{list(t.shape)} {str(t.dtype).replace('torch.', '')}"
+                            + (" (x)" if st.data_ptr() == labelled else ""))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return total, what

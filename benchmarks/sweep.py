@@ -29,7 +29,14 @@ For every (shape, M, dropout p, rank r, provider, mode) it reports
   parameters, which every provider keeps anyway).
 
 Outputs (under ``--out``): ``sweep.csv``, ``sweep.json`` (rows + environment), ``sweep.md`` (the
-tables printed on stdout) and PNG plots of time and speedup vs rank.
+tables printed on stdout) and PNG plots of time and speedup vs rank. The CSV (``--csv`` puts it
+elsewhere, e.g. one file shared by several sweeps) gets each case's rows as soon as the case is
+measured, so a run stopped by a time limit keeps every finished row; SIGTERM (what ``timeout``
+sends) stops the sweep after the current measurement and still writes the tables of the rows so far.
+
+Presets (``--preset NAME``, explicit options still win) are the cases of a GPU run
+(``benchmarks/gpu_run.sh``); ``benchmarks.precompile`` reads the same presets to compile their
+kernels ahead. ``dry-*`` presets are the same plumbing on tiny shapes for the CPU.
 """
 from __future__ import annotations
 
@@ -39,6 +46,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -63,6 +71,43 @@ CPU_SHAPES = {"7b-attn/4": (1024, 1024)}
 DEFAULT_RANKS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 MODES = ("fwd", "bwd", "fwd+bwd")
 ALPHA = 16.0
+
+# The cases of a GPU run, most valuable first (gpu_run.sh steps b and g), as command-line options.
+_FUSED_AND_EAGER = ["--providers", "triton", "composite", "eager"]
+_WIDE_PROVIDERS = ["--providers", "triton", "composite", "eager", "eager_fp32", "peft"]
+PRESETS = {
+    "headline": ["--shapes", "7b-attn", "--m", "8192", "--ranks", "16", "64", "256", "2048", "--dropout", "0.1",
+                 "--modes", "fwd+bwd", "--dtype", "bf16", *_FUSED_AND_EAGER],
+    "wide-shapes": ["--shapes", "7b-mlp-up", "7b-mlp-down", "8b-mlp-up", "--m", "8192", "--ranks", "16", "256",
+                    "--dropout", "0.1", "--modes", "fwd+bwd", "--dtype", "bf16", *_WIDE_PROVIDERS],
+    "wide-ranks": ["--shapes", "7b-attn", "--m", "8192", "--ranks", "16", "64", "256", "1024", "2048", "4", "32", "512",
+                   "--dropout", "0.0", "--modes", "fwd+bwd", "--dtype", "bf16", *_WIDE_PROVIDERS],
+    "wide-modes": ["--shapes", "7b-attn", "--m", "8192", "--ranks", "16", "256", "2048", "--dropout", "0.1",
+                   "--modes", "fwd", "bwd", "--dtype", "bf16", *_FUSED_AND_EAGER],
+    "wide-compiled": ["--shapes", "7b-attn", "--m", "8192", "--ranks", "16", "256", "--dropout", "0.1",
+                      "--modes", "fwd+bwd", "--dtype", "bf16", "--providers", "eager", "compiled"],
+    "wide-dora": ["--dora", "--shapes", "7b-attn", "--m", "8192", "--ranks", "16", "256", "--dropout", "0.0", "0.1",
+                  "--modes", "fwd+bwd", "--dtype", "bf16", "--providers", "triton", "composite", "peft-dora"],
+    "wide-qlora": ["--quant", "nf4", "--shapes", "7b-attn", "--m", "8192", "--ranks", "16", "256", "--dropout", "0.1",
+                   "--modes", "fwd+bwd", "--dtype", "bf16", "--providers", "eager"],  # + peft-qlora and ours (bitsandbytes)
+    # the same plumbing on the CPU: tiny ragged shapes, Triton through the interpreter
+    "dry-headline": ["--device", "cpu", "--shapes", "72x40", "--m", "33", "--ranks", "3", "--dropout", "0.1",
+                     "--modes", "fwd+bwd", "--dtype", "fp32", "--force-triton", *_FUSED_AND_EAGER,
+                     "--min-time", "0.01", "--rounds", "1", "--rotate", "2", "--no-plots"],
+    "dry-wide": ["--device", "cpu", "--shapes", "40x72", "--m", "17", "--ranks", "5", "--dropout", "0.0",
+                 "--modes", "fwd+bwd", "--dtype", "fp32", "--providers", "composite", "eager",
+                 "--min-time", "0.01", "--rounds", "1", "--rotate", "2", "--no-plots"],
+}
+WIDE_PRESETS = ("wide-shapes", "wide-ranks", "wide-modes", "wide-compiled", "wide-dora", "wide-qlora")
+
+
+class Stopped(BaseException):
+    """Raised by the SIGTERM handler: the sweep stops and writes what it has (a BaseException, so
+    that the per-measurement ``except Exception`` does not swallow it)."""
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(f"signal {signum}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,23 +153,6 @@ def dense_gemm_ms(M, K, N, dtype, device, min_time, rotate) -> float:
     return median_ms(lambda: torch.mm(xs.next(), W.t()), device, min_time)
 
 
-def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the unique storages the forward saves for backward, minus x and the parameters."""
-    exclude = {x.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    seen = {}
-
-    def pack(t):
-        if isinstance(t, torch.Tensor):
-            s = t.untyped_storage()
-            if s.data_ptr() not in exclude:
-                seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x)
-    return sum(seen.values())
-
-
 def _zero_grads(params, xs):
     for p in params:
         p.grad = None
@@ -164,7 +192,8 @@ def measure(layer: nn.Module, M: int, K: int, N: int, mode: str, dtype, device, 
         torch.cuda.synchronize()
         mem = torch.cuda.max_memory_allocated() - before
     else:
-        mem = saved_bytes(layer, xs.items[0])
+        x = xs.items[0]
+        mem, _ = providers.saved_for_backward(lambda: layer(x), exclude=[x, *layer.parameters()])
     return ms, mem
 
 
@@ -212,20 +241,20 @@ class _NoBar:
         print(s, file=file)
 
 
-def run_sweep(args) -> tuple:
+def run_sweep(args, on_case=None) -> tuple:
+    """(rows, notes, dense GEMM rates); ``on_case(rows)`` gets each case's rows as soon as it is measured."""
     try:
         from tqdm import tqdm
     except ImportError:
         tqdm = _NoBar
-    started = time.perf_counter()
 
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     prov = dora_providers if args.dora else providers  # --dora: DoRA layers, speedups over peft-dora
-    unavailable = prov.available(device, dtype)
+    wanted = args.providers or prov.ALL_PROVIDERS
+    unavailable = prov.available(device, dtype, (set(wanted) & set(prov.ALL_PROVIDERS)) | {prov.BASELINE})
     if args.force_triton:
         unavailable.pop("triton", None)
-    wanted = args.providers or prov.ALL_PROVIDERS
     for p in wanted:
         if p not in prov.ALL_PROVIDERS:
             unavailable[p] = "not a DoRA provider (--dora)" if args.dora else "a DoRA provider: add --dora"
@@ -243,6 +272,24 @@ def run_sweep(args) -> tuple:
     cases = [(s, M, p, r) for s in args.shapes for M in args.m for p in args.dropout for r in args.ranks]
     bar = tqdm(total=len(cases) * args.rounds * len(names) * len(args.modes), desc="sweep", file=sys.stderr)
     rows, dense = [], {}
+    # from here on SIGTERM (timeout's signal) stops the sweep and keeps the rows measured so far
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        _measure_cases(args, prov, cases, names, device, dtype, bar, tqdm, notes, rows, dense, on_case)
+    except Stopped as stop:
+        notes.append(f"stopped by {stop} after {len({(x['shape'], x['M'], x['dropout'], x['r']) for x in rows})} "
+                     f"of {len(cases)} cases")
+        tqdm.write(f"note: {notes[-1]}", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    bar.close()
+    dense_rates = {f"M={M} K={K} N={N}": round(2 * M * K * N / (statistics.median(t) * 1e-3) / 1e12, 3)
+                   for (M, K, N), t in dense.items()}  # median over the cases
+    return rows, notes, dense_rates
+
+
+def _measure_cases(args, prov, cases, names, device, dtype, bar, tqdm, notes, rows, dense, on_case):
+    started = time.perf_counter()
     for done, (shape, M, p, r) in enumerate(cases):
         if args.time_budget and time.perf_counter() - started > args.time_budget:
             notes.append(f"stopped at the time budget ({args.time_budget:.0f} s): {done} of {len(cases)} cases measured")
@@ -283,6 +330,7 @@ def run_sweep(args) -> tuple:
                    for name in names for mode in args.modes}
         del layers
         dense.setdefault((M, K, N), []).append(statistics.median(dense_ms))
+        first_row = len(rows)
         for mode in args.modes:
             flops = op_flops(M, K, N, r, mode)
             rate = 2 * M * K * N / (dense[(M, K, N)][-1] * 1e-3)  # this case's own measurement
@@ -302,10 +350,8 @@ def run_sweep(args) -> tuple:
                     ("peak_mem_bytes" if device.type == "cuda" else "saved_bytes"): mem,
                     "error": err,
                 })
-    bar.close()
-    dense_rates = {f"M={M} K={K} N={N}": round(2 * M * K * N / (statistics.median(t) * 1e-3) / 1e12, 3)
-                   for (M, K, N), t in dense.items()}  # median over the cases
-    return rows, notes, dense_rates
+        if on_case is not None:
+            on_case(rows[first_row:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,8 +442,21 @@ def plot(rows, out: Path) -> list:
 # ----------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------
+def _expand_preset(argv):
+    """Options of ``--preset NAME`` first, then the explicit ones (argparse keeps the last)."""
+    argv = list(argv)
+    if "--preset" in argv:
+        i = argv.index("--preset")
+        if i + 1 >= len(argv) or argv[i + 1] not in PRESETS:
+            raise SystemExit(f"--preset needs one of: {', '.join(PRESETS)}")
+        argv = PRESETS[argv[i + 1]] + argv[:i] + argv[i + 2:]
+    return argv
+
+
 def parse_args(argv=None):
+    argv = _expand_preset(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="the cases of a GPU run (see the module docstring)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shapes", nargs="+", help=f"names ({', '.join(list(SHAPES) + list(CPU_SHAPES))}) or KxN")
     ap.add_argument("--m", type=int, nargs="+", help="token counts M (default: GPU 8192, CPU 512)")
@@ -411,17 +470,21 @@ def parse_args(argv=None):
     ap.add_argument("--quant", choices=qprov.QUANT_TYPES,
                     help="also time the QLoRA providers (peft-qlora, qlora-triton, qlora-composite) on the base quantized to this 4-bit type")
     ap.add_argument("--out", default="out/sweep", help="output folder (CSV, JSON, Markdown, PNG)")
+    ap.add_argument("--csv", help="append each case's rows to this CSV as soon as they are measured "
+                                  "(default OUT/sweep.csv, started afresh)")
     ap.add_argument("--min-time", type=float, help="seconds of timed repeats per measurement, over all rounds (GPU 0.1, CPU 0.6)")
     ap.add_argument("--rounds", type=int, help="interleaved rounds per case, median taken (GPU 1, CPU 3)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
     ap.add_argument("--rotate", type=int, default=4, help="input buffers to rotate through")
     ap.add_argument("--time-budget", type=float, help="seconds; start no new case after this (results so far are kept)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: few ranks, one dropout, short timing")
+    ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots (matplotlib takes seconds to load)")
     ap.add_argument("--force-triton", action="store_true",
                     help="time the triton backend on the CPU too (needs TRITON_INTERPRET=1; very slow)")
     args = ap.parse_args(argv)
     if args.dora and args.quant:
         ap.error("--dora and --quant do not combine: DoRA on a 4-bit base is not fused")
+    args.argv = argv
     gpu = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     table = dict(SHAPES, **CPU_SHAPES)
@@ -447,13 +510,40 @@ def parse_args(argv=None):
     return args
 
 
+class CsvRows:
+    """Appends rows to a CSV as they come, flushed each time (the header once, when the file is new)."""
+
+    def __init__(self, path: Path, fields, fresh: bool):
+        self.path, self.fields = path, list(fields)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if fresh or not path.exists() or path.stat().st_size == 0:
+            with open(path, "w", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.fields).writeheader()
+        else:
+            with open(path, newline="") as f:
+                header = next(csv.reader(f), [])
+            if header != self.fields:
+                raise SystemExit(f"{path} has the columns {header}, this sweep writes {self.fields}")
+
+    def __call__(self, rows):
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.fields).writerows(rows)
+
+
+def csv_fields(device: torch.device):
+    mem = "peak_mem_bytes" if device.type == "cuda" else "saved_bytes"
+    return ["shape", "K", "N", "M", "r", "dropout", "mode", "dtype", "provider", "ms", "tflops", "roofline_pct",
+            "speedup_vs_eager", mem, "error"]
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     env = environment(device)
-    rows, notes, dense_rates = run_sweep(args)
+    sink = CsvRows(Path(args.csv) if args.csv else out / "sweep.csv", csv_fields(device), fresh=not args.csv)
+    rows, notes, dense_rates = run_sweep(args, on_case=sink)
     if not rows:
         print("no case measured:", *notes, sep="\n", file=sys.stderr)
         return 1
@@ -468,15 +558,11 @@ def main(argv=None):
     text = header + "".join(markdown_pivot(rows, m) for m in modes) + "\n\nAll rows:\n\n" + markdown_long(rows) + "\n"
     print(text)
     (out / "sweep.md").write_text(text)
-    with open(out / "sweep.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
     with open(out / "sweep.json", "w") as f:
         json.dump({"environment": env, "dense_gemm_tflops": dense_rates, "notes": notes,
                    "args": {k: v for k, v in vars(args).items() if k != "shape_table"}, "rows": rows}, f, indent=1)
-    files = plot(rows, out)
-    print(f"wrote {out}/sweep.csv, sweep.json, sweep.md and {len(files)} plots", file=sys.stderr)
+    files = [] if args.no_plots else plot(rows, out)
+    print(f"wrote {sink.path} (rows as measured), {out}/sweep.json, sweep.md and {len(files)} plots", file=sys.stderr)
     return 0
 
 

@@ -161,7 +161,8 @@ def test_auto_on_cuda_float64_is_composite_or_reference():
         assert resolve_backend("auto", CUDA, torch.float64, torch.float64) == "reference"
     finally:
         rk.register_backend("composite", composite.forward, composite.backward, devices=composite.devices,
-                            dtypes=composite.dtypes)
+                            dtypes=composite.dtypes, mask_state_like=composite.mask_state_like)
+    assert rk.registered_backends()["composite"] == composite
     with pytest.raises(TypeError, match=r"backend='triton' needs x in float16, bfloat16, float32, got torch.float64"):
         resolve_backend("triton", CUDA, torch.float64)
     # float64 adapters next to fp32 x: not the kernels' either

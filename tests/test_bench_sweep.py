@@ -20,6 +20,8 @@ def test_op_flops_match_the_design_formula():
 
 
 def test_tiny_sweep_writes_tables_and_plots(tmp_path):
+    pytest.importorskip("peft")  # a provider of this sweep (the 'peft' extra)
+    pytest.importorskip("matplotlib")  # the plots (the 'bench' extra)
     providers = ["eager", "reference", "peft"]
     out = tmp_path / "sweep"
     rc = sweep.main(["--device", "cpu", "--shapes", "72x40", "--m", "33", "--ranks", "3", "20",

@@ -282,6 +282,11 @@ def test_lora_linear_layer_from_linear4bit():
         layer.merge()
 
 
+def test_dora_on_a_4bit_base_is_refused_by_name():
+    with pytest.raises(TypeError, match="DoRA on a 4-bit base"):
+        rk.LoRALinear.from_linear(_linear4bit(24, 40).to(DEV), r=4, alpha=8, use_dora=True)
+
+
 def test_inject_wraps_linear4bit():
     model = nn.Sequential(_linear4bit(24, 40), nn.ReLU(), _linear4bit(40, 24, bias=False), nn.ReLU(), nn.Linear(24, 3))
     model = model.to(DEV)

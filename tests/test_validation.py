@@ -13,10 +13,11 @@ def no_launch():
     def boom(*args, **kwargs):
         raise AssertionError("a kernel was launched despite invalid input")
     triton = rk.registered_backends()["triton"]
-    rk.register_backend("triton", boom, boom, devices=triton.devices, dtypes=triton.dtypes, replace=True)
+    declared = dict(devices=triton.devices, dtypes=triton.dtypes, mask_state_like=triton.mask_state_like)
+    rk.register_backend("triton", boom, boom, **declared, replace=True)
     yield
-    rk.register_backend("triton", triton.forward, triton.backward, devices=triton.devices, dtypes=triton.dtypes,
-                        replace=True)
+    rk.register_backend("triton", triton.forward, triton.backward, **declared, replace=True)
+    assert rk.registered_backends()["triton"] == triton
 
 
 def good(M=6, K=10, N=8, r=4, dtype=torch.float32):

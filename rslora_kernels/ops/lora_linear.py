@@ -76,7 +76,6 @@ class Backend:
 
 
 _REGISTRY: Dict[str, Backend] = {}
-_BACKENDS = _REGISTRY  # read by benchmarks/providers.py until it switches to registered_backends()
 
 
 def register_backend(name: str, forward: Callable, backward: Optional[Callable] = None, *,
