@@ -43,7 +43,7 @@
 # how many variants it found there (hits) and how many it compiled (misses); a miss costs time only.
 #
 # Variables: RESULTS_ROOT, RUN_BUDGET (420), PYTHON, COMMIT (when git is unavailable), TUNE_ARGS
-# (--quick), NUMERICS_WORKERS (8), and per step <STEP>_LIMIT (ENV, PRECOMPILE, SWEEP, NUMERICS, TUNE,
+# (--quick --time-budget 45), NUMERICS_WORKERS (8), and per step <STEP>_LIMIT (ENV, PRECOMPILE, SWEEP, NUMERICS, TUNE,
 # DETERMINISM, SANITIZER) in seconds.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -197,7 +197,7 @@ else
   WIDE_PRESETS=""  # benchmarks.sweep.WIDE_PRESETS, read in step g (importing the sweep loads torch)
   mapfile -t NUMERICS < <("$PY" -c "from benchmarks.precompile import NUMERICS_TESTS as t; print(*t, sep=chr(10))")
   DET_ARGS=(--dtypes bf16) RAGGED_ARGS=()
-  read -r -a TUNE <<< "${TUNE_ARGS:---quick}"; PRECOMPILE_EXTRA=()
+  read -r -a TUNE <<< "${TUNE_ARGS:---quick --time-budget 45}"; PRECOMPILE_EXTRA=()  # stops itself before the 60 s limit
   NUMERICS_WORKERS=${NUMERICS_WORKERS:-8}
 fi
 

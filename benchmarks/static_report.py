@@ -206,7 +206,22 @@ def helper_scenarios(modules, dtype, shape):
         W = torch.empty(N, K, device="meta", dtype=dtype)
         A, B = torch.empty(r, K, device="meta", dtype=dtype), torch.empty(N, r, device="meta", dtype=dtype)
         out.append(("merge", lambda W=W, A=A, B=B: merge(W, A, B, 0.5)))
+    dequant = _find(modules, "dequantize_4bit_triton")
+    for nested in (False, True):  # the 4-bit base (QLoRA): bitsandbytes' layout, blocksize 64
+        out.append(("dequant", lambda nested=nested: dequant(_meta_weight4bit(N, K, nested), dtype)))
     return out
+
+
+def _meta_weight4bit(N, K, nested, blocksize=64):
+    """A :class:`rslora_kernels.quant.Weight4bit` of ``[N, K]`` on the meta device."""
+    import torch
+    from rslora_kernels.quant import Weight4bit
+    u8, f32 = dict(device="meta", dtype=torch.uint8), dict(device="meta", dtype=torch.float32)
+    blocks = -(-N * K // blocksize)
+    if not nested:
+        return Weight4bit(torch.empty(-(-N * K // 2), **u8), torch.empty(blocks, **f32), (N, K), blocksize, "nf4")
+    return Weight4bit(torch.empty(-(-N * K // 2), **u8), torch.empty(blocks, **u8), (N, K), blocksize, "nf4",
+                      torch.empty(256, **f32), torch.empty(-(-blocks // 256), **f32), torch.empty((), **f32), 256)
 
 
 def record_launches(dtype_name: str, arch: int, quick: bool = False):
