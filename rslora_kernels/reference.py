@@ -13,7 +13,21 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["lora_linear"]
+__all__ = ["lora_linear", "dora_linear"]
+
+
+def _dropped(x, dropout_p, dropout_mask):
+    """``x * mask / (1 - p)`` for a given bool keep-mask (x's shape or ``[M, K]``); x when p = 0."""
+    if dropout_p == 0.0:
+        return x
+    if dropout_mask is None:
+        raise ValueError("dropout_mask is required when dropout_p > 0 "
+                         "(the reference is deterministic; get the kernels' mask from rslora_kernels.dropout_mask)")
+    if dropout_mask.dtype != torch.bool:
+        raise TypeError(f"dropout_mask must be a bool tensor, got {dropout_mask.dtype}")
+    if dropout_mask.numel() != x.numel() or dropout_mask.shape[-1] != x.shape[-1]:
+        raise ValueError(f"dropout_mask must have x's shape {tuple(x.shape)} or [M, K]; got {tuple(dropout_mask.shape)}")
+    return x * dropout_mask.reshape(x.shape).to(x.dtype) / (1.0 - dropout_p)
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
@@ -36,17 +50,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     from ._validate import validate_inputs
 
     validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p)
-    if dropout_p > 0.0:
-        if dropout_mask is None:
-            raise ValueError("dropout_mask is required when dropout_p > 0 "
-                             "(the reference is deterministic; get the kernels' mask from rslora_kernels.dropout_mask)")
-        if dropout_mask.dtype != torch.bool:
-            raise TypeError(f"dropout_mask must be a bool tensor, got {dropout_mask.dtype}")
-        if dropout_mask.numel() != x.numel() or dropout_mask.shape[-1] != x.shape[-1]:
-            raise ValueError(f"dropout_mask must have x's shape {tuple(x.shape)} or [M, K]; got {tuple(dropout_mask.shape)}")
-        dropped = x * dropout_mask.reshape(x.shape).to(x.dtype) / (1.0 - dropout_p)
-    else:
-        dropped = x
+    dropped = _dropped(x, dropout_p, dropout_mask)
     dtype = x.dtype
     base = F.linear(x, weight, bias)
     adapter = F.linear(F.linear(dropped, lora_A.to(dtype)), lora_B.to(dtype))
@@ -77,14 +81,7 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     adapter = lambda inp: F.linear(F.linear(inp, A), B)  # noqa: E731
     result = F.linear(x, weight, bias)
     if dropout_p > 0.0:
-        if dropout_mask is None:
-            raise ValueError("dropout_mask is required when dropout_p > 0 "
-                             "(the reference is deterministic; get the kernels' mask from rslora_kernels.dropout_mask)")
-        if dropout_mask.dtype != torch.bool:
-            raise TypeError(f"dropout_mask must be a bool tensor, got {dropout_mask.dtype}")
-        if dropout_mask.numel() != x.numel() or dropout_mask.shape[-1] != x.shape[-1]:
-            raise ValueError(f"dropout_mask must have x's shape {tuple(x.shape)} or [M, K]; got {tuple(dropout_mask.shape)}")
-        dropped = x * dropout_mask.reshape(x.shape).to(dtype) / (1.0 - dropout_p)
+        dropped = _dropped(x, dropout_p, dropout_mask)
         y = result + (g - 1) * F.linear(dropped, weight) + g * adapter(dropped) * scaling
     else:
         base = result - bias if bias is not None else result
