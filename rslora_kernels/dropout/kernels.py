@@ -94,8 +94,10 @@ def keep_from_bits(bits_ptr, rows, row_ok, col0, n_words, stride_bm,
         word = col0 // 32 + tl.arange(0, WORDS)
         words = tl.load(bits_ptr + rows[:, None] * stride_bm + word[None, :],
                         mask=row_ok[:, None] & (word < n_words)[None, :], other=0)
-        bit = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
-        return tl.reshape(bit, (BLOCK_ROWS, BLOCK_COLS)) != 0
+        # bit 8g + i of a word: one shift per byte, then a test of bit i against a constant
+        byte = words[:, :, None, None] >> (8 * tl.arange(0, 4))[None, None, :, None]
+        keep = (byte & (1 << tl.arange(0, 8))[None, None, None, :]) != 0
+        return tl.reshape(keep, (BLOCK_ROWS, BLOCK_COLS))
     else:
         cols = col0 + tl.arange(0, BLOCK_COLS)
         words = tl.load(bits_ptr + rows[:, None] * stride_bm + (cols // 32)[None, :],
