@@ -69,7 +69,4 @@ def make_layer(name: str, base: nn.Linear, r: int, alpha: float, p: float) -> nn
         layer = _peft_dora(base, r, alpha, p)
     else:
         raise ValueError(f"unknown DoRA provider {name!r}; choose from {ALL_PROVIDERS}")
-    layer.train()
-    for name_, prm in layer.named_parameters():
-        prm.requires_grad_("lora_" in name_)
-    return layer
+    return lora_providers.train_adapters_only(layer)

@@ -158,9 +158,14 @@ def make_layer(name: str, base: nn.Linear, r: int, alpha: float, p: float) -> nn
         layer = CompiledLoRA(base, r, alpha, p)
     else:
         raise ValueError(f"unknown provider {name!r}; choose from {ALL_PROVIDERS}")
+    return train_adapters_only(layer)
+
+
+def train_adapters_only(layer: nn.Module) -> nn.Module:
+    """``layer`` in training mode with only its adapter (``lora_*``) parameters trainable."""
     layer.train()
-    for name_, prm in layer.named_parameters():
-        prm.requires_grad_("lora_" in name_)
+    for name, prm in layer.named_parameters():
+        prm.requires_grad_("lora_" in name)
     return layer
 
 

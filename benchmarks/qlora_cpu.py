@@ -38,28 +38,10 @@ from . import providers as prov
 from . import qlora_providers as qprov
 
 
-def _saved_bytes(layer, x, exclude_ptrs):
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in exclude_ptrs:
-            seen[st.data_ptr()] = (st.nbytes(), f"{list(t.shape)} {str(t.dtype)[6:]}")
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = layer(x)
-    del y
-    return sum(n for n, _ in seen.values()), [w for _, w in seen.values()]
-
-
-def _quant_state_ptrs(layer):
-    ptrs = set()
-    for m in layer.modules():
-        w = getattr(m, "weight", None)
-        if type(w).__name__ == "Params4bit":
-            ptrs |= {t.untyped_storage().data_ptr() for t in Weight4bit.from_bnb(w).tensors()}
-    return ptrs
+def _quant_state_tensors(layer):
+    """The 4-bit weights' own tensors (packed data, scales): they exist anyway, like parameters."""
+    return [t for m in layer.modules() if type(getattr(m, "weight", None)).__name__ == "Params4bit"
+            for t in Weight4bit.from_bnb(m.weight).tensors()]
 
 
 def run(M, K, N, r, p, quant, repeats, warmup, seed=0):
@@ -95,8 +77,8 @@ def run(M, K, N, r, p, quant, repeats, warmup, seed=0):
         deq[impl] = 1e3 * statistics.median(ts[warmup:])
     rows = []
     for name, layer in layers.items():
-        exclude = {prm.untyped_storage().data_ptr() for prm in layer.parameters()} | _quant_state_ptrs(layer)
-        nbytes, what = _saved_bytes(layer, x, exclude)
+        nbytes, what = prov.saved_for_backward(lambda: layer(x), [*layer.parameters(), *_quant_state_tensors(layer)],
+                                               label=x)
         rows.append({"method": name, "ms": 1e3 * statistics.median(times[name]), "saved_bytes": nbytes, "saved": what})
     return rows, deq
 

@@ -18,6 +18,8 @@ from typing import Dict
 import torch
 from torch import nn
 
+from .providers import train_adapters_only
+
 import rslora_kernels as rk
 
 PROVIDERS = ("peft-qlora", "qlora-triton", "qlora-composite")
@@ -94,7 +96,4 @@ def make_layer(name: str, base: nn.Linear, r: int, alpha: float, p: float, quant
         layer = _ours(base4, r, alpha, p, name.split("-", 1)[1])
     else:
         raise ValueError(f"unknown QLoRA provider {name!r}; choose from {PROVIDERS}")
-    layer.train()
-    for name_, prm in layer.named_parameters():
-        prm.requires_grad_("lora_" in name_)
-    return layer
+    return train_adapters_only(layer)
