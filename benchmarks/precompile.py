@@ -160,18 +160,10 @@ def target_gpu(arch: int, sms: int, record=None):
                     if value is query:
                         stack.enter_context(_patched_attr(mod, attr, answer))
         stack.enter_context(_on_any_device(registry))
-        # the op's custom ops, which would take their fake kernels on meta tensors
-        ops = torch.ops.rslora_kernels
-
-        def fwd(x2d, weight, lora_A, lora_B, bias, scaling, p, seed, backend):
-            return registry[backend].forward(x2d, weight, lora_A, lora_B, bias, scaling, p, seed)
-
-        def bwd(dy, x2d, weight, lora_A, lora_B, T, scaling, p, seed, needs, backend):
-            outs = registry[backend].backward(dy, x2d, weight, lora_A, lora_B, T, scaling, p, seed, *needs)
-            return tuple(o if o is not None else x2d.new_empty((0,)) for o in outs)
-
-        stack.enter_context(_patched_attr(ops, "lora_linear_fwd", fwd))
-        stack.enter_context(_patched_attr(ops, "lora_linear_bwd", bwd))
+        # the package's custom ops, which would take their fake kernels on meta tensors: their
+        # Python implementations run instead
+        from rslora_kernels.ops.custom_op import DirectCustomOp
+        stack.enter_context(_patched_attr(DirectCustomOp, "__call__", lambda op, *args: op.impl(*args)))
         # autocast has no 'meta' device type (and is off in every step)
         autocast_enabled = torch.is_autocast_enabled
         stack.enter_context(_patched_attr(torch, "is_autocast_enabled", lambda *device: False if device == ("meta",)

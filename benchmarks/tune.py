@@ -19,7 +19,9 @@ For every case (dtype, shape (K, N), M, rank r), with dropout p = 0.1 and bf16/f
    GPU) is recorded with its error and skipped.
 3. The whole fwd+bwd with the chosen configs, backend "triton" vs "composite".
 
-Timing: ``triton.testing.do_bench`` (median, L2 flushed between calls) on a GPU; ``--dry-run`` runs
+Timing: the fwd+bwd captured in a CUDA graph and replayed under ``triton.testing.do_bench`` (median,
+L2 flushed between replays): the GPU's time, without the host work that can dominate an eager step
+(``benchmarks.profile_step``); ``--dry-run`` runs
 the same code on Triton's CPU interpreter at tiny sizes, one call per measurement, and marks the
 table ``"dry_run": true`` (the loader ignores such tables; they only prove the tuner runs).
 
@@ -59,11 +61,14 @@ ALPHA = 16.0
 # Timing
 # ----------------------------------------------------------------------------------------------
 def make_timer(device: torch.device, quick: bool) -> Callable:
-    """timer(fn, grads) -> milliseconds of one fn() (grads are reset to None between calls)."""
+    """timer(fn, grads) -> milliseconds of one fn() on the GPU, host work excluded: fn is captured
+    in a CUDA graph and the replays are timed (``benchmarks.timing.cuda_graph_ms``), so that a
+    config is judged by its kernels even where the step is host-bound. Grads are reset to None
+    before the capture."""
     if device.type == "cuda":
-        from triton.testing import do_bench
-        warmup, rep = (10, 40) if quick else (25, 100)
-        return lambda fn, grads: do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grads, return_mode="median")
+        from .timing import cuda_graph_ms
+        rep = 40 if quick else 100
+        return lambda fn, grads: cuda_graph_ms(fn, grads, rep=rep)
 
     def once(fn, grads):  # the interpreter: one call proves the path, its time means nothing
         for g in grads:
@@ -252,7 +257,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 candidates.setdefault((dtype, family), []).append(cfg)
     todo = cases(args)
     settings = {"dropout_p": DROPOUT_P, "alpha": ALPHA, "bias": False, "adapters": "x dtype",
-                "timer": "once (interpreter)" if device.type == "cpu" else "triton.testing.do_bench median",
+                "timer": "once (interpreter)" if device.type == "cpu" else "CUDA graph replay, triton.testing.do_bench median",
                 "quick": args.quick, "cases": [[str(d).replace("torch.", ""), M, name, K, N, r] for d, M, name, K, N, r in todo]}
     table = new_table(device, args.dry_run, settings)
     timer = make_timer(device, args.quick)

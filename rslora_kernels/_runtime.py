@@ -1,6 +1,7 @@
 """Runtime facts looked up lazily (never at import time)."""
 import os
-from typing import Optional
+from functools import lru_cache
+from typing import Optional, Tuple
 
 import torch
 
@@ -15,18 +16,29 @@ def triton_available_for(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
 
+@lru_cache(maxsize=None)
+def _cuda_facts(index: int) -> Tuple[str, int, int]:
+    """(name, compute capability as 10 * major + minor, SMs) of CUDA device ``index``: asked once
+    per device, since every kernel launch consults them and the driver query costs host time."""
+    props = torch.cuda.get_device_properties(index)
+    return props.name, 10 * props.major + props.minor, props.multi_processor_count
+
+
+def _cuda_index(device: Optional[torch.device]) -> int:
+    return device.index if device is not None and device.index is not None else torch.cuda.current_device()
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device``; a small nominal count on the CPU interpreter."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_facts(_cuda_index(device))[2]
     return 4
 
 
 def cuda_arch(device: torch.device) -> int:
     """Compute capability as an int (90 for sm_90); 0 on the CPU."""
     if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return 10 * major + minor
+        return _cuda_facts(_cuda_index(device))[1]
     return 0
 
 
@@ -37,4 +49,4 @@ def gpu_name(device: Optional[torch.device] = None) -> Optional[str]:
         return None
     if not torch.cuda.is_available():
         return None
-    return torch.cuda.get_device_name(device)
+    return _cuda_facts(_cuda_index(device))[0]

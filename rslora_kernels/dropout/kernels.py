@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import launch
 from .stream import PHILOX_M0, PHILOX_M1, PHILOX_ROUNDS, PHILOX_W0, PHILOX_W1, drop_threshold
 
 __all__ = ["philox_rounds", "load_seed", "keep_mask_tile", "keep_from_bits", "keep_bits_words", "keep_bits_triton",
@@ -170,9 +171,9 @@ def keep_bits_triton(seed: torch.Tensor, rows: int, cols: int, p: float) -> torc
     if bits.numel() == 0:
         return bits
     BLOCK_M, BLOCK_WORDS = 32, 4
-    grid = (triton.cdiv(rows, BLOCK_M), triton.cdiv(n_words, BLOCK_WORDS))
-    _keep_bits_kernel[grid](seed, bits, rows, cols, n_words, bits.stride(0), drop_threshold(p),
-                            BLOCK_M=BLOCK_M, BLOCK_WORDS=BLOCK_WORDS)
+    launch(_keep_bits_kernel, (-(-rows // BLOCK_M), -(-n_words // BLOCK_WORDS)),
+           (seed, bits, rows, cols, n_words, bits.stride(0), drop_threshold(p)),
+           dict(BLOCK_M=BLOCK_M, BLOCK_WORDS=BLOCK_WORDS), {})
     return bits
 
 
@@ -197,10 +198,10 @@ def dropout_scale_triton(x2d: torch.Tensor, seed: torch.Tensor, p: float, scale:
     if out.numel() == 0:
         return out
     BLOCK_M, BLOCK_K = 32, 64
-    grid = (triton.cdiv(x2d.shape[0], BLOCK_M), triton.cdiv(x2d.shape[1], BLOCK_K))
-    _dropout_scale_kernel[grid](x2d, out, seed, x2d.shape[0], x2d.shape[1],
-                                x2d.stride(0), x2d.stride(1), out.stride(0), out.stride(1),
-                                drop_threshold(p), scale,
-                                COMPUTE_DTYPE=tl.float64 if x2d.dtype == torch.float64 else tl.float32,
-                                BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
+    launch(_dropout_scale_kernel, (-(-x2d.shape[0] // BLOCK_M), -(-x2d.shape[1] // BLOCK_K)),
+           (x2d, out, seed, x2d.shape[0], x2d.shape[1],
+            x2d.stride(0), x2d.stride(1), out.stride(0), out.stride(1),
+            drop_threshold(p), scale),
+           dict(COMPUTE_DTYPE=tl.float64 if x2d.dtype == torch.float64 else tl.float32,
+                BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K), {})
     return out

@@ -48,7 +48,8 @@ from torch import Tensor
 from .. import reference
 from .._validate import validate_inputs, validate_magnitude
 from ..dropout import as_seed_int, draw_seed, dropout_scale, keep_mask_torch
-from .lora_linear import registered_backends, resolve_backend
+from .custom_op import custom_op
+from .lora_linear import lora_linear_bwd, lora_linear_fwd, registered_backends, resolve_backend
 
 __all__ = ["dora_linear", "DoRALinearFunction", "dora_row_norms", "dora_merge_", "clear_norm_cache"]
 
@@ -117,7 +118,7 @@ def dora_row_norms(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: floa
 def _lora_forward(x2d, weight, lora_A, lora_B, bias, scaling: float, p: float, seed: Tensor, backend: str):
     """The LoRA op's forward custom op (its backend dispatch, its fake kernel): (y, T, mask state),
     the mask state being what the LoRA backward needs of the dropout mask."""
-    return torch.ops.rslora_kernels.lora_linear_fwd(x2d, weight, lora_A, lora_B, bias, scaling, p, seed, backend)
+    return lora_linear_fwd(x2d, weight, lora_A, lora_B, bias, scaling, p, seed, backend)
 
 
 def dora_forward(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
@@ -147,7 +148,7 @@ def dora_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_
     dy_g = dy * g.to(dy.dtype)
     dx = dA = dB = dm = db = None
     if need_dx or need_dA or need_dB:
-        dx, dA, dB, _ = torch.ops.rslora_kernels.lora_linear_bwd(
+        dx, dA, dB, _ = lora_linear_bwd(
             dy_g, x2d, weight, lora_A, lora_B, T, scaling, p, state, [need_dx, need_dA, need_dB, False], backend)
     if need_dx and p > 0.0:
         # true dx = dy W + mask/(1-p) * ((g - 1) dy W + s U A); the LoRA backward on dy_g gave
@@ -164,21 +165,21 @@ def dora_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_
 # ----------------------------------------------------------------------------------------------
 # torch.library registration
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("rslora_kernels::dora_linear_fwd", mutates_args=())
-def _fwd_op(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, bias: Optional[Tensor],
+@custom_op("rslora_kernels::dora_linear_fwd")
+def dora_linear_fwd(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, bias: Optional[Tensor],
             scaling: float, dropout_p: float, seed: Tensor, backend: str
             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return dora_forward(x2d, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed, backend)
 
 
-@_fwd_op.register_fake
+@dora_linear_fwd.register_fake
 def _(x2d, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed, backend):
     y, T, state = _lora_forward(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend)  # its fakes
     return y, torch.empty_like(y), T, x2d.new_empty((weight.shape[0],), dtype=_acc_dtype(weight, lora_A)), state
 
 
-@torch.library.custom_op("rslora_kernels::dora_linear_bwd", mutates_args=())
-def _bwd_op(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, T: Tensor, z: Tensor,
+@custom_op("rslora_kernels::dora_linear_bwd")
+def dora_linear_bwd(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, T: Tensor, z: Tensor,
             w: Tensor, magnitude: Tensor, scaling: float, dropout_p: float, seed: Tensor, state: Tensor,
             needs: List[bool], backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, dA, dB, dm, db); a grad that is not needed comes back as an empty tensor."""
@@ -187,7 +188,7 @@ def _bwd_op(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Ten
     return tuple(o if o is not None else x2d.new_empty((0,)) for o in outs)
 
 
-@_bwd_op.register_fake
+@dora_linear_bwd.register_fake
 def _(dy, x2d, weight, lora_A, lora_B, T, z, w, magnitude, scaling, dropout_p, seed, state, needs, backend):
     M, K = x2d.shape
     N, R = weight.shape[0], lora_A.shape[0]
@@ -208,7 +209,7 @@ class DoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed, backend):
         M, K = math.prod(x.shape[:-1]), x.shape[-1]
         x2d = x.reshape(M, K)
-        y2d, z, T, w, state = torch.ops.rslora_kernels.dora_linear_fwd(
+        y2d, z, T, w, state = dora_linear_fwd(
             x2d, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed, backend)
         ctx.save_for_backward(x2d, weight, lora_A, lora_B, magnitude, T, z, w, seed, state)
         ctx.scaling, ctx.dropout_p, ctx.backend, ctx.x_shape = scaling, dropout_p, backend, x.shape
@@ -222,7 +223,7 @@ class DoRALinearFunction(torch.autograd.Function):
         has_bias = ctx.bias_dtype is not None
         s, p = ctx.scaling, ctx.dropout_p
         dy2d = dy.reshape(x2d.shape[0], weight.shape[0])
-        dx, dA, dB, dm, db = torch.ops.rslora_kernels.dora_linear_bwd(
+        dx, dA, dB, dm, db = dora_linear_bwd(
             dy2d, x2d, weight, lora_A, lora_B, T, z, w, magnitude, s, p, seed, state,
             [need_x, need_a, need_b, need_m, need_bias and has_bias], ctx.backend)
         dW = None

@@ -27,12 +27,13 @@ from .. import reference
 from .._runtime import triton_available_for
 from .._validate import validate_inputs
 from ..dropout import as_seed_int, draw_seed, keep_mask_torch
+from .custom_op import custom_op
 from .tuning import auto_backend
 from ..quant import is_quantized_weight
 
 __all__ = ["lora_linear", "LoRALinearFunction", "Backend", "register_backend", "unregister_backend",
            "registered_backends", "check_backend_name", "choose_auto_backend", "resolve_backend",
-           "autocast_inputs", "seed_tensor"]
+           "autocast_inputs", "seed_tensor", "lora_linear_fwd", "lora_linear_bwd"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,30 +207,30 @@ register_backend("reference", _reference_forward, None, devices=_any_device, dty
 # ----------------------------------------------------------------------------------------------
 # torch.library registration
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("rslora_kernels::lora_linear_fwd", mutates_args=())
-def _fwd_op(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
-            scaling: float, dropout_p: float, seed: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+@custom_op("rslora_kernels::lora_linear_fwd")
+def lora_linear_fwd(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
+                    scaling: float, dropout_p: float, seed: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (y, T, mask_state): the mask state is what the backward op needs of the dropout mask."""
     return _REGISTRY[backend].forward(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
 
 
-@_fwd_op.register_fake
+@lora_linear_fwd.register_fake
 def _(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
     M = x2d.shape[0]
     return (x2d.new_empty((M, weight.shape[0])), x2d.new_empty((M, lora_A.shape[0])),
             _REGISTRY[backend].mask_state_like(x2d, seed, dropout_p))
 
 
-@torch.library.custom_op("rslora_kernels::lora_linear_bwd", mutates_args=())
-def _bwd_op(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, T: Tensor,
-            scaling: float, dropout_p: float, mask_state: Tensor, needs: List[bool], backend: str
-            ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+@custom_op("rslora_kernels::lora_linear_bwd")
+def lora_linear_bwd(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, T: Tensor,
+                    scaling: float, dropout_p: float, mask_state: Tensor, needs: List[bool], backend: str
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, dA, dB, db); a grad that is not needed comes back as an empty tensor."""
     outs = _REGISTRY[backend].backward(dy, x2d, weight, lora_A, lora_B, T, scaling, dropout_p, mask_state, *needs)
     return tuple(o if o is not None else x2d.new_empty((0,)) for o in outs)
 
 
-@_bwd_op.register_fake
+@lora_linear_bwd.register_fake
 def _(dy, x2d, weight, lora_A, lora_B, T, scaling, dropout_p, mask_state, needs, backend):
     M, K = x2d.shape
     N, R = weight.shape[0], lora_A.shape[0]
@@ -254,8 +255,7 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
         M, K = math.prod(x.shape[:-1]), x.shape[-1]  # explicit M: reshape(-1, 0) is ambiguous when K = 0
         x2d = x.reshape(M, K)  # a view unless the leading dims cannot be flattened by strides
-        y2d, T, mask_state = torch.ops.rslora_kernels.lora_linear_fwd(
-            x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend)
+        y2d, T, mask_state = lora_linear_fwd(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend)
         ctx.save_for_backward(x2d, weight, lora_A, lora_B, T, mask_state)
         ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
         ctx.x_shape = x.shape
@@ -269,9 +269,8 @@ class LoRALinearFunction(torch.autograd.Function):
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         need_bias = need_bias and has_bias
         dy2d = dy.reshape(x2d.shape[0], weight.shape[0])
-        dx, dA, dB, db = torch.ops.rslora_kernels.lora_linear_bwd(
-            dy2d, x2d, weight, lora_A, lora_B, T, ctx.scaling, ctx.dropout_p, mask_state,
-            [need_x, need_a, need_b, need_bias], ctx.backend)
+        dx, dA, dB, db = lora_linear_bwd(dy2d, x2d, weight, lora_A, lora_B, T, ctx.scaling, ctx.dropout_p, mask_state,
+                                         [need_x, need_a, need_b, need_bias], ctx.backend)
         dW = dy2d.t() @ x2d if need_w else None  # W frozen in the fast path
         return (dx.view(ctx.x_shape) if need_x else None, dW, dA if need_a else None, dB if need_b else None,
                 db.to(ctx.bias_dtype) if need_bias else None, None, None, None, None)

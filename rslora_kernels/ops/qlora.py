@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .._validate import validate_inputs
 from ..quant import Weight4bit, as_weight4bit, dequantize_4bit
+from .custom_op import custom_op
 from .lora_linear import autocast_inputs, registered_backends, resolve_backend, seed_tensor
 
 __all__ = ["qlora_linear", "QLoRALinearFunction"]
@@ -51,8 +52,8 @@ def _dense_weight(qtensors: List[Tensor], qmeta: List[int], quant_type: str, dty
 # ----------------------------------------------------------------------------------------------
 # torch.library registration
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("rslora_kernels::qlora_linear_fwd", mutates_args=())
-def _fwd_op(x2d: Tensor, qtensors: List[Tensor], qmeta: List[int], quant_type: str, lora_A: Tensor,
+@custom_op("rslora_kernels::qlora_linear_fwd")
+def qlora_linear_fwd(x2d: Tensor, qtensors: List[Tensor], qmeta: List[int], quant_type: str, lora_A: Tensor,
             lora_B: Tensor, bias: Optional[Tensor], scaling: float, dropout_p: float, seed: Tensor,
             backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (y, T, mask_state), as the dense op does."""
@@ -60,14 +61,14 @@ def _fwd_op(x2d: Tensor, qtensors: List[Tensor], qmeta: List[int], quant_type: s
     return registered_backends()[backend].forward(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
 
 
-@_fwd_op.register_fake
+@qlora_linear_fwd.register_fake
 def _(x2d, qtensors, qmeta, quant_type, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
     return (x2d.new_empty((x2d.shape[0], qmeta[0])), x2d.new_empty((x2d.shape[0], lora_A.shape[0])),
             registered_backends()[backend].mask_state_like(x2d, seed, dropout_p))
 
 
-@torch.library.custom_op("rslora_kernels::qlora_linear_bwd", mutates_args=())
-def _bwd_op(dy: Tensor, x2d: Tensor, qtensors: List[Tensor], qmeta: List[int], quant_type: str,
+@custom_op("rslora_kernels::qlora_linear_bwd")
+def qlora_linear_bwd(dy: Tensor, x2d: Tensor, qtensors: List[Tensor], qmeta: List[int], quant_type: str,
             lora_A: Tensor, lora_B: Tensor, T: Tensor, scaling: float, dropout_p: float, mask_state: Tensor,
             needs: List[bool], backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, dA, dB, db); a grad that is not needed comes back as an empty tensor."""
@@ -78,7 +79,7 @@ def _bwd_op(dy: Tensor, x2d: Tensor, qtensors: List[Tensor], qmeta: List[int], q
     return tuple(o if o is not None else x2d.new_empty((0,)) for o in outs)
 
 
-@_bwd_op.register_fake
+@qlora_linear_bwd.register_fake
 def _(dy, x2d, qtensors, qmeta, quant_type, lora_A, lora_B, T, scaling, dropout_p, mask_state, needs, backend):
     M, K = x2d.shape
     N, R = qmeta[0], lora_A.shape[0]
@@ -100,7 +101,7 @@ class QLoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, lora_A, lora_B, bias, scaling, dropout_p, seed, backend, quant_type, qmeta, *qtensors):
         M, K = math.prod(x.shape[:-1]), x.shape[-1]
         x2d = x.reshape(M, K)
-        y2d, T, mask_state = torch.ops.rslora_kernels.qlora_linear_fwd(
+        y2d, T, mask_state = qlora_linear_fwd(
             x2d, list(qtensors), qmeta, quant_type, lora_A, lora_B, bias, scaling, dropout_p, seed, backend)
         ctx.save_for_backward(x2d, lora_A, lora_B, T, mask_state, *qtensors)
         ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
@@ -114,7 +115,7 @@ class QLoRALinearFunction(torch.autograd.Function):
         need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
         need_bias = need_bias and ctx.bias_dtype is not None
         dy2d = dy.reshape(x2d.shape[0], ctx.qmeta[0])
-        dx, dA, dB, db = torch.ops.rslora_kernels.qlora_linear_bwd(
+        dx, dA, dB, db = qlora_linear_bwd(
             dy2d, x2d, qtensors, ctx.qmeta, ctx.quant_type, lora_A, lora_B, T, ctx.scaling, ctx.dropout_p, mask_state,
             [need_x, need_a, need_b, need_bias], ctx.backend)
         return (dx.view(ctx.x_shape) if need_x else None, dA if need_a else None, dB if need_b else None,

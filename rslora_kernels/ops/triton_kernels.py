@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import launch
 from .._runtime import cuda_arch, interpreting, num_sms
 from ..dropout.kernels import keep_bits_triton, keep_bits_words, keep_from_bits
 from .configs import dual_gemm_config, grads_config, shrink_config, shrink_masked_config, split_m_for
@@ -279,6 +280,11 @@ def _m_reduce_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints (``triton.cdiv`` is a constexpr function: slow to call from the host)."""
+    return -(-a // b)
+
+
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -307,9 +313,12 @@ def _bits_strides(keep_bits):
 def _offset_dtype(*tensors):
     """tl.int32 for in-tile offsets when every tensor spans fewer than 2^31 elements (its largest
     offset, strides included), tl.int64 otherwise."""
-    span = max((sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
-                for t in tensors if t is not None and t.numel() > 0), default=0)
-    return tl.int32 if span < 2**31 else tl.int64
+    for t in tensors:
+        if t is None or (t.numel() < 2**31 and t.is_contiguous()):  # a contiguous tensor spans its numel
+            continue
+        if sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1 >= 2**31 and t.numel() > 0:
+            return tl.int64
+    return tl.int32
 
 
 def _shrink(inp: torch.Tensor, w_strides, w: torch.Tensor, R: int, out_dtype, *, keep_bits=None, p=0.0):
@@ -318,17 +327,16 @@ def _shrink(inp: torch.Tensor, w_strides, w: torch.Tensor, R: int, out_dtype, *,
     config = shrink_masked_config if keep_bits is not None else shrink_config
     cfg = config(M, RED, R, inp.dtype, cuda_arch(inp.device))
     out = torch.empty((M, R), dtype=out_dtype, device=inp.device)
-    grid_m = triton.cdiv(M, cfg.BLOCK_M)
     n_words, stride_bm = _bits_strides(keep_bits)
-    _shrink_kernel[(grid_m * triton.cdiv(R, cfg.BLOCK_R),)](
-        inp, w, out, keep_bits,
-        M, RED, R, n_words,
-        inp.stride(0), inp.stride(1), w_strides[0], w_strides[1], out.stride(0), out.stride(1), stride_bm,
-        1.0 / (1.0 - p),
-        HAS_DROPOUT=keep_bits is not None, RANK_MAJOR=keep_bits is not None, EVEN_RED=RED % cfg.BLOCK_RED == 0,
-        OFFSET_DTYPE=_offset_dtype(inp, w, out), **_meta(inp.dtype),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R, **cfg.launch_kwargs(),
-    )
+    launch(_shrink_kernel, (_cdiv(M, cfg.BLOCK_M) * _cdiv(R, cfg.BLOCK_R),),
+           (inp, w, out, keep_bits,
+            M, RED, R, n_words,
+            inp.stride(0), inp.stride(1), w_strides[0], w_strides[1], out.stride(0), out.stride(1), stride_bm,
+            1.0 / (1.0 - p)),
+           dict(HAS_DROPOUT=keep_bits is not None, RANK_MAJOR=keep_bits is not None, EVEN_RED=RED % cfg.BLOCK_RED == 0,
+                OFFSET_DTYPE=_offset_dtype(inp, w, out), **_meta(inp.dtype),
+                BLOCK_M=cfg.BLOCK_M, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R),
+           cfg.launch_kwargs())
     return out
 
 
@@ -342,19 +350,18 @@ def _dual_gemm(t, bt, bt_strides, inp, w, w_strides, F: int, adapter_scale: floa
         return out
     cfg = dual_gemm_config(M, F, RED, R, inp.dtype, cuda_arch(inp.device))
     n_words, stride_bm = _bits_strides(keep_bits)
-    grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(F, cfg.BLOCK_F),)
-    _dual_gemm_kernel[grid](
-        t, bt, inp, w, bias, keep_bits, out,
-        M, F, RED, R, n_words,
-        t.stride(0), t.stride(1), bt_strides[0], bt_strides[1],
-        inp.stride(0), inp.stride(1), w_strides[0], w_strides[1], stride_bm, out.stride(0), out.stride(1),
-        adapter_scale,
-        HAS_BIAS=bias is not None, HAS_DROPOUT=keep_bits is not None,
-        EVEN_RED=RED % cfg.BLOCK_RED == 0, EVEN_R=R % cfg.BLOCK_R == 0,
-        OFFSET_DTYPE=_offset_dtype(t, bt, inp, w, out), **_meta(inp.dtype),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_F=cfg.BLOCK_F, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R,
-        GROUP_M=cfg.GROUP_M, **cfg.launch_kwargs(),
-    )
+    launch(_dual_gemm_kernel, (_cdiv(M, cfg.BLOCK_M) * _cdiv(F, cfg.BLOCK_F),),
+           (t, bt, inp, w, bias, keep_bits, out,
+            M, F, RED, R, n_words,
+            t.stride(0), t.stride(1), bt_strides[0], bt_strides[1],
+            inp.stride(0), inp.stride(1), w_strides[0], w_strides[1], stride_bm, out.stride(0), out.stride(1),
+            adapter_scale),
+           dict(HAS_BIAS=bias is not None, HAS_DROPOUT=keep_bits is not None,
+                EVEN_RED=RED % cfg.BLOCK_RED == 0, EVEN_R=R % cfg.BLOCK_R == 0,
+                OFFSET_DTYPE=_offset_dtype(t, bt, inp, w, out), **_meta(inp.dtype),
+                BLOCK_M=cfg.BLOCK_M, BLOCK_F=cfg.BLOCK_F, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R,
+                GROUP_M=cfg.GROUP_M),
+           cfg.launch_kwargs())
     return out
 
 
@@ -379,26 +386,26 @@ def _m_reduce(l, r, scale: float, out_dtype, block_m: int, block_p: int, block_q
     M, P = l.shape
     Q = r.shape[1]
     dev = l.device
-    tiles = triton.cdiv(P, block_p) * triton.cdiv(Q, block_q)
+    tiles = _cdiv(P, block_p) * _cdiv(Q, block_q)
     if num_splits is None:
         num_splits = split_m_for(M, tiles, block_m, num_sms(dev))
-    m_chunk = triton.cdiv(triton.cdiv(M, num_splits), block_m) * block_m
-    num_splits = triton.cdiv(M, m_chunk)
+    m_chunk = _cdiv(_cdiv(M, num_splits), block_m) * block_m
+    num_splits = _cdiv(M, m_chunk)
     out = torch.empty((P, Q) if num_splits == 1 else (num_splits, P, Q),
                       dtype=out_dtype if num_splits == 1 else torch.float32, device=dev)
     sums = torch.empty((num_splits, P), dtype=torch.float32, device=dev) if colsum else None
     n_words, stride_bm = _bits_strides(keep_bits)
-    _m_reduce_kernel[(tiles * num_splits,)](
-        l, r, keep_bits, out, sums,
-        M, P, Q, n_words, m_chunk,
-        l.stride(0), l.stride(1), r.stride(0), r.stride(1), stride_bm,
-        out.stride(0) if num_splits > 1 else 0, out.stride(-2), out.stride(-1), sums.stride(0) if colsum else 0,
-        scale,
-        HAS_DROPOUT=keep_bits is not None, COLSUM=colsum, COLSUM_MMA=colsum and l.dtype != torch.float32,
-        EVEN_M=M % block_m == 0, RANK_AXIS=rank_axis,
-        OFFSET_DTYPE=_offset_dtype(l, r, out), **_meta(l.dtype),
-        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q, **launch_kwargs,
-    )
+    launch(_m_reduce_kernel, (tiles * num_splits,),
+           (l, r, keep_bits, out, sums,
+            M, P, Q, n_words, m_chunk,
+            l.stride(0), l.stride(1), r.stride(0), r.stride(1), stride_bm,
+            out.stride(0) if num_splits > 1 else 0, out.stride(-2), out.stride(-1), sums.stride(0) if colsum else 0,
+            scale),
+           dict(HAS_DROPOUT=keep_bits is not None, COLSUM=colsum, COLSUM_MMA=colsum and l.dtype != torch.float32,
+                EVEN_M=M % block_m == 0, RANK_AXIS=rank_axis,
+                OFFSET_DTYPE=_offset_dtype(l, r, out), **_meta(l.dtype),
+                BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q),
+           launch_kwargs)
     return (out if num_splits == 1 else out.sum(0).to(out_dtype)), (sums.sum(0) if colsum else None)
 
 

@@ -1,0 +1,95 @@
+"""Launching a Triton kernel with less host work than ``kernel[grid](...)``.
+
+Why: one fwd+bwd step of the Triton backend launches 5 to 7 kernels, and on the GPU machines we
+measured (benchmarks/results/2026-11-27_h200_step_profile.md) Triton's generic launch path (bind
+the arguments, specialize each one, hash a cache key, check globals) plus our config lookups cost
+more host time per step than the kernels take on the GPU: the step was host-bound.
+
+How: the first launch of a kernel for a given *specialization key* goes through Triton's JIT
+(compiling if needed) and returns the compiled kernel; later launches with the same key call that
+compiled kernel's launcher directly. The key holds everything Triton specializes a kernel on for
+these call sites: each tensor's dtype and whether its address is 16-byte aligned, each integer's
+exact value (Triton specializes on ``== 1`` and divisibility by 16), the type of each float, None,
+and every constexpr and launch option -- so two calls with equal keys need the same binary.
+
+The JIT path is kept whenever it must be: under the interpreter, when a launch hook is installed
+(profilers such as proton), and for any Triton whose compiled kernels lack the launcher attributes
+used here (checked once per kernel). ``RSLORA_KERNELS_DIRECT_LAUNCH=0`` turns direct launches off.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Sequence, Tuple
+
+import torch
+
+from ._runtime import interpreting
+
+__all__ = ["launch", "direct_launch_enabled", "clear_launch_cache"]
+
+_COMPILED: Dict[tuple, object] = {}
+_triton = None  # (triton.knobs, triton.runtime.driver) once direct launches were found allowed
+
+
+def direct_launch_enabled() -> bool:
+    """Whether launches may bypass Triton's JIT entry point (see the module docstring)."""
+    global _triton
+    if _triton is None:  # the environment is read until direct launches are found allowed
+        if os.environ.get("RSLORA_KERNELS_DIRECT_LAUNCH", "1") in ("0", "", "false") or interpreting():
+            return False
+        from triton import knobs
+        from triton.runtime import driver
+
+        _triton = knobs, driver
+    hooks = _triton[0].runtime
+    return not _has_hooks(hooks.launch_enter_hook) and not _has_hooks(hooks.launch_exit_hook)
+
+
+def _has_hooks(hook) -> bool:
+    """A launch hook is None (older Triton) or a HookChain, empty unless a tool added to it."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def clear_launch_cache() -> None:
+    """Forget every compiled kernel held for direct launches (the next launch of each goes through
+    the JIT) and read RSLORA_KERNELS_DIRECT_LAUNCH and TRITON_INTERPRET again."""
+    global _triton
+    _COMPILED.clear()
+    _triton = None
+
+
+def _arg_key(args: Sequence) -> tuple:
+    # a tensor: (dtype, 16-byte aligned); an int or bool: itself; a float: its type; None: None
+    return tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (float if type(a) is float else a)
+                  for a in args])
+
+
+def launch(kernel, grid: Tuple[int, ...], args: Sequence, constexprs: Dict[str, object], options: Dict[str, int]) -> None:
+    """``kernel[grid](*args, **constexprs, **options)``, directly where that is safe.
+
+    ``args`` are the kernel's runtime arguments in signature order and ``constexprs`` its
+    remaining (constexpr) parameters, in signature order after them; ``options`` are launch
+    options (num_warps, num_stages)."""
+    if not direct_launch_enabled():
+        kernel[grid](*args, **constexprs, **options)
+        return
+    driver = _triton[1].active  # what the JIT launches on: the current device, its current stream
+    device = driver.get_current_device()
+    key = (kernel, device, _arg_key(args), tuple(constexprs.values()), tuple(options.values()))
+    compiled = _COMPILED.get(key)
+    if compiled is not None:
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        compiled.run(grid[0], grid[1], grid[2], driver.get_current_stream(device), compiled.function,
+                     compiled.packed_metadata, None, None, None, *args, *constexprs.values())
+        return
+    compiled = kernel[grid](*args, **constexprs, **options)
+    if _launchable(kernel, compiled, len(args), constexprs):
+        _COMPILED[key] = compiled
+
+
+def _launchable(kernel, compiled, n_args: int, constexprs) -> bool:
+    """Whether ``compiled`` can be launched directly with (args, constexprs) as given: the
+    attributes used exist and the constexprs are the signature's tail, in order."""
+    names = getattr(kernel, "arg_names", None)
+    return (names is not None and list(names[n_args:]) == list(constexprs)
+            and all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")))

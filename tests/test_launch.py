@@ -1,0 +1,149 @@
+"""Direct kernel launches (rslora_kernels/_launch.py).
+
+Without a GPU the direct path cannot launch a real kernel, so the tests here drive it with a
+stand-in kernel that records what Triton's JIT would be given and what the direct path gives the
+compiled kernel's launcher: the same arguments, in the same order, and the JIT again whenever
+anything Triton specializes on changes. A second test checks, on the real kernels, that every
+launch site passes its constexprs as the tail of the kernel's signature (otherwise the direct
+path would stay off for it). On a GPU the CUDA numerics tests run every kernel through it.
+"""
+import types
+
+import pytest
+import torch
+
+from rslora_kernels import _launch
+
+
+class _Compiled:
+    """What ``kernel[grid](...)`` returns: a compiled kernel with a launcher (``run``)."""
+
+    function = "fn-handle"
+    packed_metadata = "packed"
+
+    def __init__(self, log):
+        self.log = log
+
+    @property
+    def run(self):
+        return lambda *a: self.log.append(("direct", a))
+
+
+class _Kernel:
+    """A JIT function stand-in: ``arg_names`` and ``kernel[grid](*args, **kwargs)``."""
+
+    arg_names = ["x_ptr", "n", "scale", "BLOCK", "EVEN"]
+
+    def __init__(self):
+        self.log = []
+
+    def __getitem__(self, grid):
+        def jit_launch(*args, **kwargs):
+            self.log.append(("jit", grid, args, kwargs))
+            return _Compiled(self.log)
+        return jit_launch
+
+
+class _Driver:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 1234
+
+
+@pytest.fixture
+def direct(monkeypatch):
+    """Direct launches on, with a stand-in Triton (no hooks) and driver."""
+    monkeypatch.delenv("RSLORA_KERNELS_DIRECT_LAUNCH", raising=False)
+    monkeypatch.setattr(_launch, "interpreting", lambda: False)
+    knobs = types.SimpleNamespace(runtime=types.SimpleNamespace(launch_enter_hook=types.SimpleNamespace(calls=[]),
+                                                                launch_exit_hook=None))
+    _launch.clear_launch_cache()
+    monkeypatch.setattr(_launch, "_triton", (knobs, types.SimpleNamespace(active=_Driver())))
+    yield knobs
+    _launch.clear_launch_cache()
+
+
+def _kinds(log):
+    return [entry[0] for entry in log]
+
+
+def test_second_launch_is_direct_with_the_same_arguments(direct):
+    kernel, x = _Kernel(), torch.empty(64)
+    constexprs, options = {"BLOCK": 32, "EVEN": True}, {"num_warps": 4}
+    _launch.launch(kernel, (5,), (x, 64, 0.5), constexprs, options)
+    _launch.launch(kernel, (5,), (x, 64, 0.5), constexprs, options)
+    assert _kinds(kernel.log) == ["jit", "direct"]
+    assert kernel.log[0][1:] == ((5,), (x, 64, 0.5), {"BLOCK": 32, "EVEN": True, "num_warps": 4})
+    # the launcher's arguments: grid padded to 3, stream, handles, no launch metadata or hooks,
+    # then every signature argument in order, constexprs included
+    assert kernel.log[1][1] == (5, 1, 1, 1234, "fn-handle", "packed", None, None, None, x, 64, 0.5, 32, True)
+
+
+def test_floats_share_a_binary_but_ints_alignment_and_dtypes_do_not(direct):
+    kernel = _Kernel()
+    base = torch.empty(64)
+    go = lambda t, n, s, block=32: _launch.launch(kernel, (1,), (t, n, s), {"BLOCK": block, "EVEN": True}, {})  # noqa: E731
+    go(base, 64, 0.5)
+    go(base, 64, 0.25)                  # another float value: same binary
+    go(base, 65, 0.5)                   # another int: Triton may specialize on it
+    go(base[1:], 64, 0.5)               # 4 bytes in: no longer 16-byte aligned
+    go(base.double(), 64, 0.5)          # another dtype
+    go(base, 64, 0.5, block=64)         # another constexpr
+    go(base[4:], 64, 0.5)               # 16 bytes in: aligned again, same binary as the first
+    assert _kinds(kernel.log) == ["jit", "direct", "jit", "jit", "jit", "jit", "direct"]
+
+
+def test_jit_path_when_disabled_hooked_or_not_launchable(direct, monkeypatch):
+    x = torch.empty(8)
+    kernel = _Kernel()
+    direct.runtime.launch_enter_hook.calls.append(print)  # a profiler's hook: the JIT calls it
+    for _ in range(2):
+        _launch.launch(kernel, (1,), (x, 8, 1.0), {"BLOCK": 8, "EVEN": False}, {})
+    assert _kinds(kernel.log) == ["jit", "jit"]
+    direct.runtime.launch_enter_hook.calls.clear()
+
+    kernel = _Kernel()  # constexprs that are not the signature's tail, in order: never direct
+    for _ in range(2):
+        _launch.launch(kernel, (1,), (x, 8, 1.0), {"EVEN": False, "BLOCK": 8}, {})
+    assert _kinds(kernel.log) == ["jit", "jit"]
+
+    monkeypatch.setenv("RSLORA_KERNELS_DIRECT_LAUNCH", "0")
+    _launch.clear_launch_cache()
+    assert not _launch.direct_launch_enabled()
+    kernel = _Kernel()
+    for _ in range(2):
+        _launch.launch(kernel, (1,), (x, 8, 1.0), {"BLOCK": 8, "EVEN": False}, {})
+    assert _kinds(kernel.log) == ["jit", "jit"]
+
+
+def test_every_launch_site_passes_constexprs_as_the_signature_tail(monkeypatch, device):
+    """Run the op (forward and backward, dropout on, bias, split-M reductions) with launch()
+    recording; each kernel's constexprs must be exactly its signature after the runtime args."""
+    import rslora_kernels as rk
+
+    seen = {}
+    real = _launch.launch
+
+    def record(kernel, grid, args, constexprs, options):
+        seen[kernel.fn.__name__ if hasattr(kernel, "fn") else repr(kernel)] = (list(kernel.arg_names[len(args):]),
+                                                                             list(constexprs))
+        return real(kernel, grid, args, constexprs, options)
+
+    from rslora_kernels.dropout import kernels as dk
+    from rslora_kernels.ops import triton_kernels as tk
+    monkeypatch.setattr(tk, "launch", record)
+    monkeypatch.setattr(dk, "launch", record)
+    g = torch.Generator().manual_seed(3)
+    M, K, N, r = 37, 40, 24, 5
+    x = torch.randn(M, K, generator=g).to(device).requires_grad_()
+    W, b = torch.randn(N, K, generator=g).to(device), torch.randn(N, generator=g).to(device).requires_grad_()
+    A = torch.randn(r, K, generator=g).to(device).requires_grad_()
+    B = torch.randn(N, r, generator=g).to(device).requires_grad_()
+    rk.lora_linear(x, W, A, B, 0.5, bias=b, dropout_p=0.1, seed=7, backend="triton").sum().backward()
+    dk.dropout_scale_triton(x.detach(), torch.tensor(7, device=device), 0.1, 2.0)  # the composite backend's on CUDA
+    assert {"_keep_bits_kernel", "_shrink_kernel", "_dual_gemm_kernel", "_m_reduce_kernel",
+            "_dropout_scale_kernel"} <= set(seen)
+    for name, (signature_tail, passed) in seen.items():
+        assert signature_tail == passed, f"{name}: signature tail {signature_tail}, launch passes {passed}"
