@@ -7,7 +7,10 @@
 For every (shape, M, dropout p, rank r, provider, mode) it reports
 
 * ``ms``: median time of one call. GPU: ``triton.testing.do_bench`` (CUDA events, L2 flushed
-  between calls, warm-up first). CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` (warm-up,
+  between calls, warm-up first); each call issued from Python, so a step whose kernels finish
+  before the host has issued them is timed by its host work (``benchmarks.profile_step`` shows
+  the split). ``--timing graph`` times replays of the call captured in a CUDA graph instead: the
+  GPU's time alone (fwd and fwd+bwd). CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` (warm-up,
   many repeats, median of blocks). Inputs rotate through several buffers so caches don't flatter.
 * ``TFLOP/s``: the op's FLOPs for the mode over ``ms``. With W frozen and x needing its gradient:
 
@@ -161,11 +164,20 @@ def _zero_grads(params, xs):
 
 
 def measure(layer: nn.Module, M: int, K: int, N: int, mode: str, dtype, device, min_time: float, rotate: int,
-            with_memory: bool = True):
-    """(ms, mem) of one provider layer in one mode; see the module docstring for ``mem``."""
+            with_memory: bool = True, graph: bool = False):
+    """(ms, mem) of one provider layer in one mode; see the module docstring for ``mem``.
+    ``graph`` (CUDA, modes fwd and fwd+bwd): time replays of the call captured in a CUDA graph
+    (``benchmarks.timing.cuda_graph_ms``), i.e. the GPU's time without the host's."""
     params = [p for p in layer.parameters() if p.requires_grad]
     xs = Rotating(lambda: torch.randn(M, K, dtype=dtype, device=device, requires_grad=True), rotate)
     dys = [torch.randn(M, N, dtype=dtype, device=device) for _ in range(rotate)]
+    if graph:
+        if device.type != "cuda" or mode == "bwd":
+            raise ValueError("graph timing needs a CUDA device and mode fwd or fwd+bwd")
+        from .timing import cuda_graph_ms
+        x0, dy0 = xs.items[0], dys[0]
+        step = (lambda: layer(x0)) if mode == "fwd" else (lambda: layer(x0).backward(dy0))
+        return cuda_graph_ms(step, [*params, x0]), None
     if mode == "fwd":
         def fn():
             return layer(xs.next())
@@ -317,7 +329,8 @@ def _measure_cases(args, prov, cases, names, device, dtype, bar, tqdm, notes, ro
                         continue
                     try:
                         ms, mem = measure(layers[name], M, K, N, mode, dtype, device, args.min_time / args.rounds,
-                                          args.rotate, with_memory=rnd == args.rounds - 1)
+                                          args.rotate, with_memory=rnd == args.rounds - 1,
+                                          graph=args.timing == "graph")
                         times.setdefault((name, mode), []).append(ms)
                         mems[(name, mode)] = mem
                     except Exception as exc:
@@ -476,6 +489,9 @@ def parse_args(argv=None):
     ap.add_argument("--rounds", type=int, help="interleaved rounds per case, median taken (GPU 1, CPU 3)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
     ap.add_argument("--rotate", type=int, default=4, help="input buffers to rotate through")
+    ap.add_argument("--timing", choices=("eager", "graph"), default="eager",
+                    help="eager: each call issued from Python, host work included (what an eager training loop "
+                         "sees); graph: replays of the call captured in a CUDA graph, the GPU's time alone")
     ap.add_argument("--time-budget", type=float, help="seconds; start no new case after this (results so far are kept)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: few ranks, one dropout, short timing")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots (matplotlib takes seconds to load)")
@@ -550,7 +566,8 @@ def main(argv=None):
     where = env.get("gpu") or (f"CPU ({env['cores']} cores, {env['threads']} threads, "
                                f"load average at start {env['loadavg_at_start'][0]})")
     header = (f"rslora-kernels sweep -- {where}, {args.dtype}, torch {env['torch']}, triton {env['triton']}, "
-              f"commit {env['commit']}, {env['date_utc']}\n"
+              f"commit {env['commit']}, {env['date_utc']}"
+              + (", timing: CUDA graph replay (GPU time, no host work)" if args.timing == "graph" else "") + "\n"
               f"dense GEMM rate (roofline basis, median over cases), TFLOP/s: {dense_rates}\n"
               f"command: python -m benchmarks.sweep {' '.join(sys.argv[1:] if argv is None else argv)}\n"
               + "".join(f"note: {n}\n" for n in notes))
