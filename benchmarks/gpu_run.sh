@@ -16,8 +16,8 @@
 #   tuned_configs.json   the tuner's table (when benchmarks/tune.py exists)
 #   logs.tar.gz          every step's full output, sweep JSON/Markdown/plots; rebuilt after each step
 #
-# Time plan on an H100 (seconds; each step is time-boxed, and no step starts after RUN_BUDGET=420 s
-# of the run; the lease's own start, 1-2 minutes, comes on top):
+# Time plan (seconds; each step is time-boxed, and no step starts after RUN_BUDGET=420 s of the run;
+# the lease's own start, 30-40 s on the H200s of 2026-11-27, comes on top; there a full run took 284 s):
 #   a  environment                                            20
 #   p  precompile: every variant of b, c, e, f, g, all cores  90   (cold: 177 x ~2 s / 16 cores)
 #   b  headline sweep (bf16, M=8192, K=N=4096, p=0.1,         75
@@ -27,8 +27,9 @@
 #   d  tuner at the headline shapes (benchmarks/tune.py)      60
 #   e  determinism, bf16 (backward twice, bit-equal)          30
 #   f  compute-sanitizer memcheck, one ragged case per kernel 60
-#   g  wider sweep (other shapes, p=0 and more ranks,         what is left
-#      fwd/bwd apart, eager_fp32, peft, compiled)
+#   g  wider sweep (the headline in GPU time first --         what is left
+#      --timing graph --, then other shapes, p=0 and more ranks, fwd/bwd apart, eager_fp32, peft,
+#      compiled, DoRA, QLoRA)
 # Expected compiles, counted by `python -m benchmarks.precompile --list` (Triton 3.9, sm_90, 132 SMs,
 # on a CPU machine): 177 distinct variants -- b 13, c 136, e 16, f 13, g-wide-shapes 12,
 # g-wide-ranks 20, g-wide-modes 10 (steps share some) -- all compiled in step p (about 25 s on 16
@@ -41,6 +42,9 @@
 # ahead on a CPU machine with `python -m benchmarks.precompile --arch 90 --binary-only --cache-dir .triton-cache-sm90`
 # under the GPU machine's Triton and Python, and carried along), else .triton-cache. Step p reports
 # how many variants it found there (hits) and how many it compiled (misses); a miss costs time only.
+#
+# Wheels: any *.whl in .whl/ (carried along; benchmarks/gpu_wheels.sh downloads bitsandbytes there)
+# is installed into a temporary folder on PYTHONPATH first, so the QLoRA providers run.
 #
 # Variables: RESULTS_ROOT, RUN_BUDGET (420), PYTHON, COMMIT (when git is unavailable), TUNE_ARGS
 # (--quick --time-budget 45), NUMERICS_WORKERS (8), and per step <STEP>_LIMIT (ENV, PRECOMPILE, SWEEP, NUMERICS, TUNE,
@@ -81,6 +85,16 @@ elif [ -z "${TRITON_CACHE_DIR:-}" ]; then
 fi
 mkdir -p "$TRITON_CACHE_DIR"
 CACHE_AT_START=$(ls "$TRITON_CACHE_DIR" | wc -l)
+# wheels carried along in .whl/ (benchmarks/gpu_wheels.sh: bitsandbytes for the QLoRA providers)
+WHEELS="none carried"
+if [ "$DRY" = 0 ] && compgen -G ".whl/*.whl" > /dev/null; then
+  SITE=$(mktemp -d "${TMPDIR:-/tmp}/gpu_run_site.XXXXXX")
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl; then
+    export PYTHONPATH="$PYTHONPATH:$SITE"; WHEELS="installed: $(cd .whl && echo *.whl)"
+  else
+    WHEELS="install FAILED: $(cd .whl && echo *.whl)"
+  fi
+fi
 echo "gpu_run: writing to $ROOT (staging $STAGE), cache $TRITON_CACHE_DIR ($CACHE_AT_START entries)"
 
 STEPS=$STAGE/steps.tsv   # name <TAB> status <TAB> wall s <TAB> limit s <TAB> note
@@ -223,9 +237,10 @@ except ImportError:
     print("pytest-xdist: no")
 EOF
   echo "TRITON_CACHE_DIR: $TRITON_CACHE_DIR ($CACHE_AT_START entries at start)"
+  echo "wheels (.whl/): $WHEELS"
 }
 export -f env_report
-export PY COMMIT DIRTY TRITON_CACHE_DIR CACHE_AT_START
+export PY COMMIT DIRTY TRITON_CACHE_DIR CACHE_AT_START WHEELS
 step a-env "${ENV_LIMIT:-20}" "" -- bash -c env_report
 
 step p-precompile "${PRECOMPILE_LIMIT:-90}" "plan $PLAN" -- \

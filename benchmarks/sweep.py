@@ -81,6 +81,10 @@ _WIDE_PROVIDERS = ["--providers", "triton", "composite", "eager", "eager_fp32", 
 PRESETS = {
     "headline": ["--shapes", "7b-attn", "--m", "8192", "--ranks", "16", "64", "256", "2048", "--dropout", "0.1",
                  "--modes", "fwd+bwd", "--dtype", "bf16", *_FUSED_AND_EAGER],
+    # the headline in GPU time (CUDA-graph replays), p = 0.1 and 0, with the real PEFT layer
+    "wide-graph": ["--shapes", "7b-attn", "--m", "8192", "--ranks", "16", "64", "256", "2048", "--dropout", "0.1", "0.0",
+                   "--modes", "fwd+bwd", "--dtype", "bf16", "--timing", "graph",
+                   "--providers", "triton", "composite", "eager", "peft"],
     "wide-shapes": ["--shapes", "7b-mlp-up", "7b-mlp-down", "8b-mlp-up", "--m", "8192", "--ranks", "16", "256",
                     "--dropout", "0.1", "--modes", "fwd+bwd", "--dtype", "bf16", *_WIDE_PROVIDERS],
     "wide-ranks": ["--shapes", "7b-attn", "--m", "8192", "--ranks", "16", "64", "256", "1024", "2048", "4", "32", "512",
@@ -101,7 +105,7 @@ PRESETS = {
                  "--modes", "fwd+bwd", "--dtype", "fp32", "--providers", "composite", "eager",
                  "--min-time", "0.01", "--rounds", "1", "--rotate", "2", "--no-plots"],
 }
-WIDE_PRESETS = ("wide-shapes", "wide-ranks", "wide-modes", "wide-compiled", "wide-dora", "wide-qlora")
+WIDE_PRESETS = ("wide-graph", "wide-shapes", "wide-ranks", "wide-modes", "wide-compiled", "wide-dora", "wide-qlora")
 
 
 class Stopped(BaseException):
@@ -356,7 +360,7 @@ def _measure_cases(args, prov, cases, names, device, dtype, bar, tqdm, notes, ro
                     ms, mem, err = results[(name, mode)]
                 rows.append({
                     "shape": shape, "K": K, "N": N, "M": M, "r": r, "dropout": p, "mode": mode,
-                    "dtype": args.dtype, "provider": name, "ms": ms,
+                    "timing": args.timing, "dtype": args.dtype, "provider": name, "ms": ms,
                     "tflops": flops / (ms * 1e-3) / 1e12 if ms == ms else float("nan"),
                     "roofline_pct": 100.0 * roof_ms / ms if ms == ms else float("nan"),
                     "speedup_vs_eager": eager_ms / ms if ms == ms else float("nan"),
@@ -548,8 +552,8 @@ class CsvRows:
 
 def csv_fields(device: torch.device):
     mem = "peak_mem_bytes" if device.type == "cuda" else "saved_bytes"
-    return ["shape", "K", "N", "M", "r", "dropout", "mode", "dtype", "provider", "ms", "tflops", "roofline_pct",
-            "speedup_vs_eager", mem, "error"]
+    return ["shape", "K", "N", "M", "r", "dropout", "mode", "timing", "dtype", "provider", "ms", "tflops",
+            "roofline_pct", "speedup_vs_eager", mem, "error"]
 
 
 def main(argv=None):
