@@ -160,6 +160,9 @@ def target_gpu(arch: int, sms: int, record=None):
                     if value is query:
                         stack.enter_context(_patched_attr(mod, attr, answer))
         stack.enter_context(_on_any_device(registry))
+        # launches through the JIT only: a compiled kernel must never be launched directly here
+        from rslora_kernels import _launch
+        stack.enter_context(_patched_attr(_launch, "direct_launch_enabled", lambda: False))
         # the package's custom ops, which would take their fake kernels on meta tensors: their
         # Python implementations run instead
         from rslora_kernels.ops.custom_op import DirectCustomOp

@@ -25,10 +25,14 @@ import torch
 
 from ._runtime import interpreting
 
-__all__ = ["launch", "direct_launch_enabled", "clear_launch_cache"]
+__all__ = ["launch", "direct_launch_enabled", "clear_launch_cache", "MAX_CACHED"]
 
 _COMPILED: Dict[tuple, object] = {}
-_triton = None  # (triton.knobs, triton.runtime.driver) once direct launches were found allowed
+# Keys hold exact integer values (sizes, strides), so workloads whose sizes change every call (ragged
+# batches) would add entries without end: past this many the cache starts over (the JIT path
+# refills it; only host time is at stake).
+MAX_CACHED = 1024
+_triton = None  # (triton.knobs, triton.runtime.driver, JITFunction) once direct launches were found allowed
 
 
 def direct_launch_enabled() -> bool:
@@ -39,8 +43,9 @@ def direct_launch_enabled() -> bool:
             return False
         from triton import knobs
         from triton.runtime import driver
+        from triton.runtime.jit import JITFunction
 
-        _triton = knobs, driver
+        _triton = knobs, driver, JITFunction
     hooks = _triton[0].runtime
     return not _has_hooks(hooks.launch_enter_hook) and not _has_hooks(hooks.launch_exit_hook)
 
@@ -70,7 +75,7 @@ def launch(kernel, grid: Tuple[int, ...], args: Sequence, constexprs: Dict[str, 
     ``args`` are the kernel's runtime arguments in signature order and ``constexprs`` its
     remaining (constexpr) parameters, in signature order after them; ``options`` are launch
     options (num_warps, num_stages)."""
-    if not direct_launch_enabled():
+    if not (direct_launch_enabled() and isinstance(kernel, _triton[2])):  # a stand-in (e.g. a recorder): its own path
         kernel[grid](*args, **constexprs, **options)
         return
     driver = _triton[1].active  # what the JIT launches on: the current device, its current stream
@@ -84,6 +89,8 @@ def launch(kernel, grid: Tuple[int, ...], args: Sequence, constexprs: Dict[str, 
         return
     compiled = kernel[grid](*args, **constexprs, **options)
     if _launchable(kernel, compiled, len(args), constexprs):
+        if len(_COMPILED) >= MAX_CACHED:
+            _COMPILED.clear()
         _COMPILED[key] = compiled
 
 

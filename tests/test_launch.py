@@ -30,7 +30,8 @@ class _Compiled:
 
 
 class _Kernel:
-    """A JIT function stand-in: ``arg_names`` and ``kernel[grid](*args, **kwargs)``."""
+    """A JIT function stand-in: ``arg_names`` and ``kernel[grid](*args, **kwargs)``; the fixture
+    makes the launcher take it for a JITFunction (anything else goes through its own ``[grid]``)."""
 
     arg_names = ["x_ptr", "n", "scale", "BLOCK", "EVEN"]
 
@@ -60,7 +61,7 @@ def direct(monkeypatch):
     knobs = types.SimpleNamespace(runtime=types.SimpleNamespace(launch_enter_hook=types.SimpleNamespace(calls=[]),
                                                                 launch_exit_hook=None))
     _launch.clear_launch_cache()
-    monkeypatch.setattr(_launch, "_triton", (knobs, types.SimpleNamespace(active=_Driver())))
+    monkeypatch.setattr(_launch, "_triton", (knobs, types.SimpleNamespace(active=_Driver()), _Kernel))
     yield knobs
     _launch.clear_launch_cache()
 
@@ -147,3 +148,30 @@ def test_every_launch_site_passes_constexprs_as_the_signature_tail(monkeypatch, 
             "_dropout_scale_kernel"} <= set(seen)
     for name, (signature_tail, passed) in seen.items():
         assert signature_tail == passed, f"{name}: signature tail {signature_tail}, launch passes {passed}"
+
+
+def test_cache_is_bounded(direct, monkeypatch):
+    """Sizes that change every call add keys; the cache starts over past MAX_CACHED entries."""
+    monkeypatch.setattr(_launch, "MAX_CACHED", 4)
+    kernel, x = _Kernel(), torch.empty(8)
+    for n in range(10):
+        _launch.launch(kernel, (1,), (x, n + 2, 1.0), {"BLOCK": 8, "EVEN": False}, {})
+        assert len(_launch._COMPILED) <= 4
+    _launch.launch(kernel, (1,), (x, 11, 1.0), {"BLOCK": 8, "EVEN": False}, {})  # still cached
+    assert _kinds(kernel.log)[-1] == "direct"
+
+
+def test_other_kernel_objects_keep_their_own_path(direct):
+    """A stand-in that is not a JITFunction (the static report's recorder) is always called."""
+    class Recorder(_Kernel.__bases__[0]):
+        def __init__(self):
+            self.calls = 0
+
+        def __getitem__(self, grid):
+            def rec(*args, **kwargs):
+                self.calls += 1
+            return rec
+    rec = Recorder()
+    for _ in range(3):
+        _launch.launch(rec, (1,), (torch.empty(4), 4, 1.0), {"BLOCK": 8, "EVEN": False}, {})
+    assert rec.calls == 3 and not _launch._COMPILED

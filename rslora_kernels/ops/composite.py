@@ -6,7 +6,7 @@
     backward   U  = dy B                                once, shared by dx and dA
                G  = U A;  G *= mask * s/(1-p)           and drop(x) from the same mask, in one pass
                dx = G + dy W                            addmm_ into G in place
-               dA = s U^T drop(x),  dB = s dy^T T,  db = sum_M dy
+               dA = U^T (s drop(x)),  dB = s dy^T T,  db = sum_M dy     (s rides on drop(x) with dropout)
 
 Saved for backward (by :class:`~rslora_kernels.ops.lora_linear.LoRALinearFunction`): x, T and the
 seed (this backend's mask state); the dropout mask is regenerated from the seed (the project's Philox stream,
@@ -59,17 +59,19 @@ def composite_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, 
         dx = torch.mm(U, A)  # becomes dx in place: the only M x K tensor of the dx path
         if p > 0.0:
             if need_dA:
-                dropped = dropout_scale_pair_(dx, scaling / (1.0 - p), x2d, 1.0 / (1.0 - p), seed, p)
+                dropped = dropout_scale_pair_(dx, scaling / (1.0 - p), x2d, scaling / (1.0 - p), seed, p)
             else:
                 dropout_scale_(dx, seed, p, scaling / (1.0 - p))
             dx.addmm_(dy, weight)
         else:
             dx.addmm_(dy, weight, alpha=1.0, beta=scaling)
     if need_dA:
-        if dropped is None:
-            dropped = dropout_scale(x2d, seed, p, 1.0 / (1.0 - p)) if p > 0.0 else x2d
-        # cast before scaling: with wider (fp32) adapters the scale costs no second low-precision rounding
-        dA = torch.mm(U.t(), dropped).to(lora_A.dtype).mul_(scaling)
+        if p > 0.0:  # s/(1-p) rides on the dropped x: no separate scaling pass
+            if dropped is None:
+                dropped = dropout_scale(x2d, seed, p, scaling / (1.0 - p))
+            dA = torch.mm(U.t(), dropped).to(lora_A.dtype)
+        else:  # cast before scaling: with wider (fp32) adapters the scale costs no second low-precision rounding
+            dA = torch.mm(U.t(), x2d).to(lora_A.dtype).mul_(scaling)
     if need_dB:
         dB = torch.mm(dy.t(), T).to(lora_B.dtype).mul_(scaling)
     if need_db:
