@@ -14,6 +14,7 @@
 #   sweep.csv            headline sweep rows, appended as each case finishes
 #   sweep_wide.csv       wider-sweep rows, likewise
 #   tuned_configs.json   the tuner's table (when benchmarks/tune.py exists)
+#   profile.md           the step profile: host vs GPU time and the kernels of a step
 #   logs.tar.gz          every step's full output, sweep JSON/Markdown/plots; rebuilt after each step
 #
 # Time plan (seconds; each step is time-boxed, and no step starts after RUN_BUDGET=420 s of the run;
@@ -22,6 +23,8 @@
 #   p  precompile: every variant of b, c, e, f, g, all cores  90   (cold: 177 x ~2 s / 16 cores)
 #   b  headline sweep (bf16, M=8192, K=N=4096, p=0.1,         75
 #      r 16 64 256 2048, triton/composite/eager, fwd+bwd)
+#   b-profile  step profile: step / CUDA-graph / host time    60   (benchmarks.profile_step,
+#      and kernels, r 16 and 2048, p=0.1                           profile.md)
 #   c  CUDA numerics: bf16/fp16 op tests + mask parity        90   (87 tests, 8 pytest-xdist workers;
 #      selection: benchmarks.precompile.NUMERICS_TESTS)
 #   d  tuner at the headline shapes (benchmarks/tune.py)      60
@@ -75,7 +78,7 @@ GPU_TAG=$(echo "${GPU:-nogpu}" | tr -cs 'A-Za-z0-9' '-' | sed 's/^-//; s/-$//')
 STAMP=$(date -u +%Y%m%d-%H%M)
 ROOT=${RESULTS_ROOT:-benchmarks/results/${STAMP}_${GPU_TAG}_${COMMIT}${DIRTY}}
 mkdir -p "$ROOT" && ROOT=$(cd "$ROOT" && pwd)
-rm -f "$ROOT"/{summary.md,sweep.csv,sweep_wide.csv,tuned_configs.json,logs.tar.gz}  # a reused folder: no mixing of runs
+rm -f "$ROOT"/{summary.md,sweep.csv,sweep_wide.csv,tuned_configs.json,logs.tar.gz,profile.md}  # a reused folder: no mixing of runs
 STAGE=$(mktemp -d "${TMPDIR:-/tmp}/gpu_run.XXXXXX")  # per-step outputs, packed into logs.tar.gz
 RUN_BUDGET=${RUN_BUDGET:-420}
 if [ "$DRY" = 1 ]; then
@@ -142,6 +145,10 @@ write_summary() {
       printf '\n## Headline sweep\n\n'
       sed -n '1,/^All rows:/p' "$STAGE/sweep/sweep.md" | sed '$d'
     fi
+    if [ -s "$ROOT/profile.md" ]; then
+      printf '\n## Step profile (host vs GPU time)\n\n'
+      sed -n '/^| r |/,/^$/p' "$ROOT/profile.md"
+    fi
     section "CUDA numerics (pytest)" "$STAGE/c-numerics.log" '/^FAILED\|^ERROR\|passed\|failed\|error/p'
     [ -s "$STAGE/d-tune.log" ] && section "Tuner (last lines)" "$STAGE/d-tune.log" "$(( $(wc -l < "$STAGE/d-tune.log") > 8 ? $(wc -l < "$STAGE/d-tune.log") - 7 : 1 )),\$p"
     section "Determinism" "$STAGE/e-determinism.log"
@@ -206,6 +213,7 @@ if [ "$DRY" = 1 ]; then
   mapfile -t NUMERICS < <("$PY" -c "from benchmarks.precompile import DRY_NUMERICS_TESTS as t; print(*t, sep=chr(10))")
   DET_ARGS=(--device cpu --backend triton --dtypes bf16 --scale 32) RAGGED_ARGS=(--device cpu --small)
   TUNE=(--dry-run) PRECOMPILE_EXTRA=(--limit 1 --workers 1) NUMERICS_WORKERS=0
+  PROFILE_ARGS=(--shape 72x40 --m 33 --ranks 3 --dropout 0.1 --dtype fp32)
 else
   PLAN=gpu SWEEP_PRESET=headline DEVICE_ARGS=""
   WIDE_PRESETS=""  # benchmarks.sweep.WIDE_PRESETS, read in step g (importing the sweep loads torch)
@@ -213,6 +221,7 @@ else
   DET_ARGS=(--dtypes bf16) RAGGED_ARGS=()
   read -r -a TUNE <<< "${TUNE_ARGS:---quick --time-budget 45}"; PRECOMPILE_EXTRA=()  # stops itself before the 60 s limit
   NUMERICS_WORKERS=${NUMERICS_WORKERS:-8}
+  PROFILE_ARGS=(--ranks 16 2048 --dropout 0.1)
 fi
 
 env_report() {
@@ -248,6 +257,9 @@ step p-precompile "${PRECOMPILE_LIMIT:-90}" "plan $PLAN" -- \
 
 step b-sweep "${SWEEP_LIMIT:-75}" "rows in sweep.csv" -- \
   "$PY" -m benchmarks.sweep --preset "$SWEEP_PRESET" $DEVICE_ARGS --out "$STAGE/sweep" --csv "$ROOT/sweep.csv"
+
+step b-profile "${PROFILE_LIMIT:-60}" "profile.md" -- \
+  "$PY" -m benchmarks.profile_step --out "$ROOT" "${PROFILE_ARGS[@]}"
 
 XDIST=()
 if [ "$NUMERICS_WORKERS" -gt 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n "$NUMERICS_WORKERS"); fi

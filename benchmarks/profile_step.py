@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from . import providers
-from .sweep import SHAPES, environment, measure
+from .sweep import SHAPES, environment, measure, shape_sizes
 from .timing import cuda_graph_ms
 
 __all__ = ["host_us_per_step", "kernel_table", "main"]
@@ -93,7 +93,7 @@ def kernel_table(step, device: torch.device, steps: int = 5, top: int = 14, trac
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/profile"))
-    ap.add_argument("--shape", default="7b-attn", choices=sorted(SHAPES))
+    ap.add_argument("--shape", default="7b-attn", help=f"a name ({', '.join(SHAPES)}) or KxN")
     ap.add_argument("--m", type=int, default=None, help="tokens (default 8192 on a GPU, 256 on the CPU)")
     ap.add_argument("--ranks", type=int, nargs="+", default=[16])
     ap.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.1])
@@ -103,7 +103,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    K, N = SHAPES[args.shape]
+    try:
+        K, N = shape_sizes(args.shape)
+    except ValueError as e:
+        ap.error(str(e))
     M = args.m or (8192 if device.type == "cuda" else 256)
     args.out.mkdir(parents=True, exist_ok=True)
     skip = providers.available(device, dtype, args.providers)

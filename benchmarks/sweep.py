@@ -55,6 +55,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Tuple
 
 import torch
 from torch import nn
@@ -470,6 +471,18 @@ def _expand_preset(argv):
     return argv
 
 
+def shape_sizes(shape: str) -> Tuple[int, int]:
+    """(K, N) of a named shape (SHAPES, CPU_SHAPES) or of "KxN"; ValueError otherwise."""
+    table = dict(SHAPES, **CPU_SHAPES)
+    if shape in table:
+        return table[shape]
+    try:
+        k, n = (int(v) for v in shape.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"unknown shape {shape!r}: use a name ({', '.join(table)}) or KxN") from None
+    return k, n
+
+
 def parse_args(argv=None):
     argv = _expand_preset(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -507,16 +520,11 @@ def parse_args(argv=None):
     args.argv = argv
     gpu = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
-    table = dict(SHAPES, **CPU_SHAPES)
     args.shapes = args.shapes or (["7b-attn"] if gpu else list(CPU_SHAPES))
-    for s in args.shapes:
-        if s not in table:
-            try:
-                k, n = (int(v) for v in s.lower().split("x"))
-            except ValueError:
-                ap.error(f"unknown shape {s!r}: use a name ({', '.join(table)}) or KxN")
-            table[s] = (k, n)
-    args.shape_table = table
+    try:
+        args.shape_table = {s: shape_sizes(s) for s in args.shapes}
+    except ValueError as e:
+        ap.error(str(e))
     args.m = args.m or ([8192] if gpu else [512])
     args.ranks = args.ranks or ([4, 16, 64, 256, 1024] if not gpu else list(DEFAULT_RANKS))
     args.min_time = args.min_time or (0.1 if gpu else 0.6)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["a-env", "p-precompile", "b-sweep", "c-numerics", "d-tune", "e-determinism", "f-sanitizer", "g-wide-sweep"]
+STEPS = ["a-env", "p-precompile", "b-sweep", "b-profile", "c-numerics", "d-tune", "e-determinism", "f-sanitizer", "g-wide-sweep"]
 
 
 def _have_nvidia_toolchain():
@@ -56,7 +56,7 @@ def test_dry_run_files_fit_what_a_lease_brings_back(dry_run):
     assert len(files) <= 8, files
     assert all(len(p.relative_to(out).parts) <= 3 for p in files), files  # DIR/a/b/file at most
     names = {p.name for p in files}
-    assert {"summary.md", "logs.tar.gz", "sweep.csv", "sweep_wide.csv"} <= names
+    assert {"summary.md", "logs.tar.gz", "sweep.csv", "sweep_wide.csv", "profile.md"} <= names
     if (ROOT / "benchmarks" / "tune.py").exists():
         assert "tuned_configs.json" in names
 
