@@ -144,8 +144,14 @@ def test_every_launch_site_passes_constexprs_as_the_signature_tail(monkeypatch, 
     B = torch.randn(N, r, generator=g).to(device).requires_grad_()
     rk.lora_linear(x, W, A, B, 0.5, bias=b, dropout_p=0.1, seed=7, backend="triton").sum().backward()
     dk.dropout_scale_triton(x.detach(), torch.tensor(7, device=device), 0.1, 2.0)  # the composite backend's on CUDA
+    from rslora_kernels import quant
+    from rslora_kernels.ops import dequant_kernel
+    monkeypatch.setattr(dequant_kernel, "launch", record)
+    packed = torch.randint(0, 256, (24 * 64 // 2,), generator=g, dtype=torch.uint8).to(device)
+    w4 = quant.Weight4bit(packed, torch.rand(24 * 64 // 64, generator=g).to(device), (24, 64), 64, "nf4")
+    quant.dequantize_4bit(w4, torch.float32, impl="triton")
     assert {"_keep_bits_kernel", "_shrink_kernel", "_dual_gemm_kernel", "_m_reduce_kernel",
-            "_dropout_scale_kernel"} <= set(seen)
+            "_dropout_scale_kernel", "_dequant_4bit_kernel"} <= set(seen)
     for name, (signature_tail, passed) in seen.items():
         assert signature_tail == passed, f"{name}: signature tail {signature_tail}, launch passes {passed}"
 

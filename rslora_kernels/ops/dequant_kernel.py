@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import launch
 from .._runtime import interpreting
 
 BYTES_PER_PROGRAM = 1024  # 2048 weights: 1 KiB read, 4-8 KiB written per program
@@ -74,13 +75,11 @@ def dequantize_4bit_triton(w, dtype: torch.dtype, out: Optional[torch.Tensor] = 
     n = w.numel
     if n == 0:
         return out
-    grid = (triton.cdiv((n + 1) // 2, BYTES_PER_PROGRAM),)
-    _dequant_4bit_kernel[grid](
-        w.packed, w.absmax, code_table(w.quant_type, w.device),
-        w.nested_code, w.nested_absmax, w.nested_offset, out,
-        n,
-        BLOCKSIZE=w.blocksize, NESTED=w.nested, NESTED_BLOCKSIZE=max(w.nested_blocksize, 1),
-        BF16_RTNE_BY_HAND=interpreting() and dtype == torch.bfloat16, BYTES=BYTES_PER_PROGRAM,
-        **LAUNCH_OPTIONS,
-    )
+    launch(_dequant_4bit_kernel, (-(-((n + 1) // 2) // BYTES_PER_PROGRAM),),
+           (w.packed, w.absmax, code_table(w.quant_type, w.device),
+            w.nested_code, w.nested_absmax, w.nested_offset, out,
+            n),
+           dict(BLOCKSIZE=w.blocksize, NESTED=w.nested, NESTED_BLOCKSIZE=max(w.nested_blocksize, 1),
+                BF16_RTNE_BY_HAND=interpreting() and dtype == torch.bfloat16, BYTES=BYTES_PER_PROGRAM),
+           LAUNCH_OPTIONS)
     return out
