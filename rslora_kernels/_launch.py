@@ -64,8 +64,10 @@ def clear_launch_cache() -> None:
 
 
 def _arg_key(args: Sequence) -> tuple:
-    # a tensor: (dtype, 16-byte aligned); an int or bool: itself; a float: its type; None: None
-    return tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (float if type(a) is float else a)
+    # a tensor: (dtype, 16-byte aligned); an int: itself; a float: its type (Triton does not
+    # specialize on float values); anything else (None, a bool): its type and value
+    return tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
+                  else a if type(a) is int else float if type(a) is float else (type(a), a)
                   for a in args])
 
 

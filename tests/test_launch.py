@@ -94,6 +94,7 @@ def test_floats_share_a_binary_but_ints_alignment_and_dtypes_do_not(direct):
     go(base, 64, 0.5, block=64)         # another constexpr
     go(base[4:], 64, 0.5)               # 16 bytes in: aligned again, same binary as the first
     assert _kinds(kernel.log) == ["jit", "direct", "jit", "jit", "jit", "jit", "direct"]
+    assert _launch._arg_key((True,)) != _launch._arg_key((1,))  # Triton types a bool u1, an int 1 a constant
 
 
 def test_jit_path_when_disabled_hooked_or_not_launchable(direct, monkeypatch):
