@@ -10,6 +10,7 @@ Reading order: the three kernels, then the host launchers. The dropout stream's 
               B2  dx = dy W + s/(1-p) * mask * (U A)        _dual_gemm_kernel (mask on)
               B3  dA = s/(1-p) U^T (x*mask)                 _m_reduce_kernel (mask on)
                   dB = s dy^T T,  db = sum_M dy             _m_reduce_kernel (column sums on)
+                  (split over M: partials summed in order)  _sum_splits_kernel
 
 Philox runs once per element of x per step, in the bits pass; F1, B2 and B3 read the bits.
 
@@ -277,6 +278,27 @@ def _m_reduce_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_p < P)[:, None] & (offs_q < Q)[None, :])
 
 
+@triton.jit
+def _sum_splits_kernel(
+    # pointers: part [S, n] fp32 (row stride stride_s, unit column stride), out [n] contiguous
+    part_ptr, out_ptr,
+    # sizes, strides
+    S, n, stride_s,
+    # meta
+    BLOCK: tl.constexpr,
+):
+    """B3's split-M epilogue: out = sum over s of part[s] in fp32, s = 0, 1, ... in order (so the
+    result is the same every run), stored once in out's dtype: one launch instead of a sum and a cast."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    ptrs = part_ptr + offs
+    for _ in range(0, S):  # the pointer steps row by row: 64-bit addresses, however large S * stride_s
+        acc += tl.load(ptrs, mask=ok, other=0.0)
+        ptrs += stride_s
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -406,7 +428,21 @@ def _m_reduce(l, r, scale: float, out_dtype, block_m: int, block_p: int, block_q
                 OFFSET_DTYPE=_offset_dtype(l, r, out), **_meta(l.dtype),
                 BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q),
            launch_kwargs)
-    return (out if num_splits == 1 else out.sum(0).to(out_dtype)), (sums.sum(0) if colsum else None)
+    if num_splits > 1:
+        out = _sum_splits(out.view(num_splits, P * Q), out_dtype).view(P, Q)
+    if colsum:
+        sums = sums[0] if num_splits == 1 else _sum_splits(sums, torch.float32)
+    return out, sums
+
+
+def _sum_splits(part: torch.Tensor, out_dtype) -> torch.Tensor:
+    """[S, n] fp32 partial sums (unit column stride) -> [n] in ``out_dtype``, summed in order."""
+    S, n = part.shape
+    out = torch.empty((n,), dtype=out_dtype, device=part.device)
+    BLOCK = 1024
+    launch(_sum_splits_kernel, (_cdiv(n, BLOCK),), (part, out, S, n, part.stride(0)), dict(BLOCK=BLOCK),
+           {"num_warps": 4})
+    return out
 
 
 def _lora_grads(U, x2d, dy, T, scaling: float, p: float, mask_state, a_dtype, need_dA: bool, need_dB: bool,
