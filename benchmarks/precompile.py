@@ -233,6 +233,7 @@ def _ragged_scenario(dtype_name, small):
 
 # Step c's selection (gpu_run.sh reads these): the bf16/fp16 op tests and the mask-parity tests.
 NUMERICS_TESTS = ["tests/test_lora_linear.py", "tests/test_dropout.py", "tests/test_composite.py", "tests/test_layers.py",
+                  "tests/test_cuda_graphs.py",
                   "-k", "float16 or mask"]
 DRY_NUMERICS_TESTS = ["tests/test_dropout.py", "-k", "kernels_use_dropout_mask"]
 

@@ -1,0 +1,71 @@
+"""Forward and backward of the fused layers captured in a CUDA graph (GPU only; skipped elsewhere).
+
+Captured replays must compute what eager calls compute (without dropout: bit for bit for the
+Triton kernels), and with dropout each replay must draw a fresh mask (the seed comes
+from torch's CUDA generator, which graph replays advance). benchmarks/gpu_run.sh runs these in its
+CUDA numerics step; docs/integrations.md#cuda-graphs is the recipe they back.
+"""
+import pytest
+import torch
+
+import rslora_kernels as rk
+
+
+def _captured_step(layer, x, dy):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            layer(x).backward(dy)
+    torch.cuda.current_stream().wait_stream(side)
+    for t in (x, *layer.parameters()):
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x)
+        y.backward(dy)
+    return graph, y
+
+
+def _grads(layer, x):
+    return [t.grad.clone() for t in (x, layer.lora_A.weight, layer.lora_B.weight)]
+
+
+@pytest.mark.parametrize("backend", ["triton", "composite"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bfloat16"])
+def test_replay_equals_eager_and_redraws_dropout(device, backend, dtype):
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    torch.manual_seed(0)
+    layer = rk.LoRALinear(72, 40, r=12, alpha=16, dropout=0.0, backend=backend).to(device, dtype)
+    for prm in layer.base_layer.parameters():
+        prm.requires_grad_(False)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(std=0.05)
+    x = torch.randn(37, 72, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(37, 40, device=device, dtype=dtype)
+
+    # without dropout: a replay is the eager step (bit for bit with our kernels; cuBLAS may pick
+    # another algorithm while capturing, so the composite backend gets bf16's tolerance)
+    y_eager = layer(x)
+    y_eager.backward(dy)
+    eager = [y_eager.detach().clone(), *_grads(layer, x)]
+    graph, y = _captured_step(layer, x, dy)
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip([y.detach(), *_grads(layer, x)], eager):
+        if backend == "triton":
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want)
+
+    # with dropout: every replay a new mask, so outputs differ between replays
+    layer.dropout = 0.1
+    graph, y = _captured_step(layer, x, dy)
+    outs = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        outs.append(y.detach().clone())
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
