@@ -20,7 +20,7 @@
 # Time plan (seconds; each step is time-boxed, and no step starts after RUN_BUDGET=420 s of the run;
 # the lease's own start, 30-40 s on the H200s of 2026-11-27, comes on top; there a full run took 284 s):
 #   a  environment                                            20
-#   p  precompile: every variant of b, c, e, f, g, all cores  90   (cold: 177 x ~2 s / 16 cores)
+#   p  precompile: every variant of b, c, e, f, g, all cores  90   (cold: 209 x ~2 s / 16 cores)
 #   b  headline sweep (bf16, M=8192, K=N=4096, p=0.1,         75
 #      r 16 64 256 2048, triton/composite/eager, fwd+bwd)
 #   b-profile  step profile: step / CUDA-graph / host time    60   (benchmarks.profile_step,
@@ -34,9 +34,9 @@
 #      --timing graph --, then other shapes, p=0 and more ranks, fwd/bwd apart, eager_fp32, peft,
 #      compiled, DoRA, QLoRA)
 # Expected compiles, counted by `python -m benchmarks.precompile --list` (Triton 3.9, sm_90, 132 SMs,
-# on a CPU machine): 177 distinct variants -- b 13, c 136, e 16, f 13, g-wide-shapes 12,
-# g-wide-ranks 20, g-wide-modes 10 (steps share some) -- all compiled in step p (about 25 s on 16
-# cores at ~2 s a variant). Step c's count comes from running its tests on meta tensors; a test
+# on a CPU machine): 209 distinct variants -- b 20, c 147, e 28, f 20, g-wide-graph 29,
+# g-wide-shapes 22, g-wide-ranks 29, g-wide-modes 19, g-wide-dora 21 (steps share some) -- all
+# compiled in step p (201 variants took 16-19 s on the 16 cores of an H200 lease). Step c's count comes from running its tests on meta tensors; a test
 # that launches a kernel after its first check is missed and compiles during c. Step d compiles
 # the tuner's candidate configs itself. summary.md reports, per step, the compiles Triton still
 # had to do (0 where the enumeration was complete).
