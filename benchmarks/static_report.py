@@ -193,15 +193,18 @@ def scenarios(modules, dtype, shape, r):
 
 
 def helper_scenarios(modules, dtype, shape):
-    """The launchers outside the LoRA op: the dropout mask, the composite backend's dropout, the merge."""
+    """The launchers outside the LoRA op: the dropout mask, the composite backend's dropout (one
+    tensor and a pair), the merge, the 4-bit dequantization."""
     import torch
     M, K, N = shape["M"], shape["K"], shape["N"]
     x = torch.empty(M, K, device="meta", dtype=dtype)
     seed = torch.zeros((), dtype=torch.int64, device="meta")
     keep_mask, dropout_scale = _find(modules, "keep_mask_triton"), _find(modules, "dropout_scale_triton")
+    dropout_pair = _find(modules, "dropout_scale_pair_triton")
     merge = _find(modules, "merge_triton_")
     out = [("mask", lambda: keep_mask(1, M, K, 0.1, "meta")),
-           ("dropout", lambda: dropout_scale(x, seed, 0.1, 1 / 0.9))]
+           ("dropout", lambda: dropout_scale(x, seed, 0.1, 1 / 0.9)),
+           ("dropout pair", lambda: dropout_pair(torch.empty_like(x), 0.5, x, 1 / 0.9, seed, 0.1))]
     for r in (16, 64):  # the merge launcher's two rank tiles
         W = torch.empty(N, K, device="meta", dtype=dtype)
         A, B = torch.empty(r, K, device="meta", dtype=dtype), torch.empty(N, r, device="meta", dtype=dtype)

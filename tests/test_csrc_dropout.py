@@ -126,6 +126,13 @@ def test_triton_dropout_scale_matches_csrc(ops, device, dtype):
     seed_t = torch.tensor(seed, dtype=torch.int64, device=device)
     got = tk.dropout_scale_triton(x.to(device) if device.type != "cpu" else x, seed_t, p, scale).cpu()
     assert torch.equal(got, ops.philox_dropout_scale(x, seed, p, scale))
+    # paired (the composite backward's dx and x): one launch, the extension's result for both
+    g = torch.randn(45, 66, dtype=dtype).t().contiguous().t()  # column-major [45, 66]
+    g_cpu = g.clone()
+    dropped_cpu = ops.philox_dropout_scale_pair_(g_cpu, x, seed, p, 0.25, scale)
+    g_dev = g.to(device)
+    dropped = tk.dropout_scale_pair_triton(g_dev, 0.25, x.to(device), scale, seed_t, p)
+    assert torch.equal(dropped.cpu(), dropped_cpu) and torch.equal(g_dev.cpu(), g_cpu)
 
 
 def test_dropout_mask_on_cpu_uses_the_extension(ops, monkeypatch):

@@ -4,7 +4,8 @@
 (``keep_bits_triton``) runs them once per element of x and packs the result into the keep-bits that the
 LoRA kernels (``rslora_kernels.ops.triton_kernels``) read tile by tile with ``keep_from_bits``;
 ``_mask_kernel`` writes a whole bool mask (``keep_mask_triton``) and ``_dropout_scale_kernel`` drops and
-scales a tensor (``dropout_scale_triton``, the composite backend's dropout on CUDA).
+scales a tensor, or two under one mask (``dropout_scale_triton``, ``dropout_scale_pair_triton``: the
+composite backend's dropout on CUDA).
 
 Keep-bits: an int32 tensor [M, ceil(K/32)], bit j of word w of row m is the keep decision of element
 (m, 32*w + j) (bits past column K are 0). M*K/8 bytes, 1/16 of a bf16 x: the fused forward writes it
@@ -23,7 +24,7 @@ from .._launch import launch
 from .stream import PHILOX_M0, PHILOX_M1, PHILOX_ROUNDS, PHILOX_W0, PHILOX_W1, drop_threshold
 
 __all__ = ["philox_rounds", "load_seed", "keep_mask_tile", "keep_from_bits", "keep_bits_words", "keep_bits_triton",
-           "keep_mask_triton", "dropout_scale_triton"]
+           "keep_mask_triton", "dropout_scale_triton", "dropout_scale_pair_triton"]
 
 BITS_PER_WORD = 32
 
@@ -138,21 +139,37 @@ def _mask_kernel(out_ptr, seed_ptr, M, K, stride_om, threshold,
 
 
 @triton.jit
-def _dropout_scale_kernel(x_ptr, out_ptr, seed_ptr, M, K,
-                          stride_xm, stride_xk, stride_om, stride_ok,  # strides of x and out
-                          threshold, scale,
-                          COMPUTE_DTYPE: tl.constexpr,  # fp32, or fp64 for fp64 x
-                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[M, K] = keep ? x * scale : 0 (the "composite" backend's dropout); out may alias x."""
+def _dropout_scale_kernel(
+    # pointers: out = keep ? x * scale : 0; with HAS_PAIR also out2 = keep ? x2 * scale2 : 0 from
+    # the same mask (x2, out2 None otherwise). An output may alias its input.
+    x_ptr, out_ptr, x2_ptr, out2_ptr, seed_ptr,
+    # sizes
+    M, K,
+    # strides
+    stride_xm, stride_xk, stride_om, stride_ok, stride_x2m, stride_x2k, stride_o2m, stride_o2k,
+    # the stream's threshold, the scales
+    threshold, scale, scale2,
+    # meta
+    HAS_PAIR: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,  # fp32, or fp64 for fp64 x
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The composite backend's dropout: one tensor, or two under one mask (its backward's dx and
+    x, so that Philox runs once for both)."""
     seed_lo, seed_hi = load_seed(seed_ptr)
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     col0 = tl.program_id(1) * BLOCK_K
     cols = col0 + tl.arange(0, BLOCK_K)
     inside = (rows < M)[:, None] & (cols < K)[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=inside, other=0.0)
     keep = keep_mask_tile(seed_lo, seed_hi, rows, col0, threshold, BLOCK_M, BLOCK_K)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=inside, other=0.0)
     out = tl.where(keep, x.to(COMPUTE_DTYPE) * scale, 0.0)
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_ok, out.to(out_ptr.dtype.element_ty), mask=inside)
+    if HAS_PAIR:
+        x2 = tl.load(x2_ptr + rows[:, None] * stride_x2m + cols[None, :] * stride_x2k, mask=inside, other=0.0)
+        out2 = tl.where(keep, x2.to(COMPUTE_DTYPE) * scale2, 0.0)
+        tl.store(out2_ptr + rows[:, None] * stride_o2m + cols[None, :] * stride_o2k,
+                 out2.to(out2_ptr.dtype.element_ty), mask=inside)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,13 +212,29 @@ def dropout_scale_triton(x2d: torch.Tensor, seed: torch.Tensor, p: float, scale:
     (read by the kernel: no host sync). Writes into ``out`` (may be x2d itself) or a new tensor."""
     if out is None:
         out = torch.empty(x2d.shape, dtype=x2d.dtype, device=x2d.device)
-    if out.numel() == 0:
-        return out
-    BLOCK_M, BLOCK_K = 32, 64
-    launch(_dropout_scale_kernel, (-(-x2d.shape[0] // BLOCK_M), -(-x2d.shape[1] // BLOCK_K)),
-           (x2d, out, seed, x2d.shape[0], x2d.shape[1],
-            x2d.stride(0), x2d.stride(1), out.stride(0), out.stride(1),
-            drop_threshold(p), scale),
-           dict(COMPUTE_DTYPE=tl.float64 if x2d.dtype == torch.float64 else tl.float32,
-                BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K), {})
+    _launch_dropout_scale(x2d, out, None, None, seed, p, scale, 0.0)
     return out
+
+
+def dropout_scale_pair_triton(g: torch.Tensor, g_scale: float, x2d: torch.Tensor, x_scale: float,
+                              seed: torch.Tensor, p: float) -> torch.Tensor:
+    """``g *= keep * g_scale`` in place and return ``keep ? x2d * x_scale : 0``, one launch and one
+    Philox pass for both (g and x2d [M, K], any strides)."""
+    dropped = torch.empty(x2d.shape, dtype=x2d.dtype, device=x2d.device)
+    _launch_dropout_scale(g, g, x2d, dropped, seed, p, g_scale, x_scale)
+    return dropped
+
+
+def _launch_dropout_scale(x, out, x2, out2, seed, p: float, scale: float, scale2: float) -> None:
+    if out.numel() == 0:
+        return
+    BLOCK_M, BLOCK_K = 32, 64
+    pair = x2 is not None
+    launch(_dropout_scale_kernel, (-(-x.shape[0] // BLOCK_M), -(-x.shape[1] // BLOCK_K)),
+           (x, out, x2, out2, seed, x.shape[0], x.shape[1],
+            x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+            x2.stride(0) if pair else 0, x2.stride(1) if pair else 0,
+            out2.stride(0) if pair else 0, out2.stride(1) if pair else 0,
+            drop_threshold(p), scale, scale2),
+           dict(HAS_PAIR=pair, COMPUTE_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32,
+                BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K), {})

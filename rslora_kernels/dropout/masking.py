@@ -94,7 +94,6 @@ def dropout_scale_pair_(g: Tensor, g_scale: float, x2d: Tensor, x_scale: float, 
 
         return _on_cpu(x2d, seed, p, lambda ops, s: ops.philox_dropout_scale_pair_(g, x2d, s, p, g_scale, x_scale),
                        with_mask)
-    from .kernels import dropout_scale_triton
+    from .kernels import dropout_scale_pair_triton
 
-    dropout_scale_triton(g, seed, p, g_scale, out=g)
-    return dropout_scale_triton(x2d, seed, p, x_scale)
+    return dropout_scale_pair_triton(g, g_scale, x2d, x_scale, seed, p)
