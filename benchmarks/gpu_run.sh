@@ -27,7 +27,7 @@
 #      and kernels, r 16 and 2048, p=0.1                           profile.md)
 #   c  CUDA numerics: bf16/fp16 op tests + mask parity        90   (87 tests, 8 pytest-xdist workers;
 #      selection: benchmarks.precompile.NUMERICS_TESTS)
-#   d  tuner at the headline shapes (benchmarks/tune.py)      60
+#   d  tuner, 7b-attn at r 16, 256, 64 (benchmarks/tune.py)   75   (CUDA-graph timing: ~10 s a case)
 #   e  determinism, bf16 (backward twice, bit-equal)          30
 #   f  compute-sanitizer memcheck, one ragged case per kernel 60
 #   g  wider sweep (the headline in GPU time first --         what is left
@@ -50,7 +50,7 @@
 # is installed into a temporary folder on PYTHONPATH first, so the QLoRA providers run.
 #
 # Variables: RESULTS_ROOT, RUN_BUDGET (420), PYTHON, COMMIT (when git is unavailable), TUNE_ARGS
-# (--quick --time-budget 45), NUMERICS_WORKERS (8), and per step <STEP>_LIMIT (ENV, PRECOMPILE, SWEEP, NUMERICS, TUNE,
+# (--quick --ranks 16 256 64 --time-budget 50), NUMERICS_WORKERS (8), and per step <STEP>_LIMIT (ENV, PRECOMPILE, SWEEP, NUMERICS, TUNE,
 # DETERMINISM, SANITIZER) in seconds.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -219,7 +219,7 @@ else
   WIDE_PRESETS=""  # benchmarks.sweep.WIDE_PRESETS, read in step g (importing the sweep loads torch)
   mapfile -t NUMERICS < <("$PY" -c "from benchmarks.precompile import NUMERICS_TESTS as t; print(*t, sep=chr(10))")
   DET_ARGS=(--dtypes bf16) RAGGED_ARGS=()
-  read -r -a TUNE <<< "${TUNE_ARGS:---quick --time-budget 45}"; PRECOMPILE_EXTRA=()  # stops itself before the 60 s limit
+  read -r -a TUNE <<< "${TUNE_ARGS:---quick --ranks 16 256 64 --time-budget 50}"; PRECOMPILE_EXTRA=()  # stops itself before the 75 s limit
   NUMERICS_WORKERS=${NUMERICS_WORKERS:-8}
   PROFILE_ARGS=(--ranks 16 2048 --dropout 0.1)
 fi
@@ -267,7 +267,7 @@ step c-numerics "${NUMERICS_LIMIT:-90}" "${XDIST[*]:-one process}" -- \
   "$PY" -m pytest -q -p no:cacheprovider --durations=5 "${XDIST[@]}" "${NUMERICS[@]}"
 
 if [ -f benchmarks/tune.py ]; then
-  step d-tune "${TUNE_LIMIT:-60}" "table in tuned_configs.json" -- \
+  step d-tune "${TUNE_LIMIT:-75}" "table in tuned_configs.json" -- \
     "$PY" -m benchmarks.tune --out "$ROOT/tuned_configs.json" "${TUNE[@]}"
 else
   skip d-tune "benchmarks/tune.py not present"
