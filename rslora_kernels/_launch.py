@@ -13,8 +13,9 @@ exact value (Triton specializes on ``== 1`` and divisibility by 16), the type of
 and every constexpr and launch option -- so two calls with equal keys need the same binary.
 
 The JIT path is kept whenever it must be: under the interpreter, when a launch hook is installed
-(profilers such as proton), and for any Triton whose compiled kernels lack the launcher attributes
-used here (checked once per kernel). ``RSLORA_KERNELS_DIRECT_LAUNCH=0`` turns direct launches off.
+(profilers such as proton), for kernel objects that are not plain JITFunctions (the static report's
+recorders), and for any Triton whose compiled kernels lack the launcher attributes used here
+(checked once per kernel). ``RSLORA_KERNELS_DIRECT_LAUNCH=0`` turns direct launches off.
 """
 from __future__ import annotations
 
