@@ -92,7 +92,7 @@ def kernel_table(step, device: torch.device, steps: int = 5, top: int = 14, trac
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/profile"))
+    ap.add_argument("--out", type=Path, default=Path("out/profile"), help="folder for profile.md (and traces)")
     ap.add_argument("--shape", default="7b-attn", help=f"a name ({', '.join(SHAPES)}) or KxN")
     ap.add_argument("--m", type=int, default=None, help="tokens (default 8192 on a GPU, 256 on the CPU)")
     ap.add_argument("--ranks", type=int, nargs="+", default=[16])
