@@ -30,51 +30,16 @@ import subprocess
 import sys
 import time
 from contextlib import redirect_stdout
-import weakref
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import torch
 from torch import nn
 
 import rslora_kernels as rk
 
+from . import providers
+
 ALPHA = 16.0
-
-
-class _Saved:
-    __slots__ = ("t", "__weakref__")
-
-    def __init__(self, t):
-        self.t = t
-
-
-def saved_bytes(step: Callable[[], torch.Tensor], params: List[torch.Tensor], x: torch.Tensor):
-    """(bytes with x, bytes without x, shapes) of the storages autograd holds after ``step()``."""
-    refs = []
-
-    def pack(t):
-        held = _Saved(t)
-        refs.append(weakref.ref(held))
-        return held
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda held: held.t):
-        y = step()
-    skip = {p.untyped_storage().data_ptr() for p in params}
-    seen, total, with_x, shapes = set(), 0, 0, []
-    for ref in refs:
-        held = ref()
-        if held is None:
-            continue
-        st = held.t.untyped_storage()
-        if st.data_ptr() in skip or st.data_ptr() in seen:
-            continue
-        seen.add(st.data_ptr())
-        is_x = st.data_ptr() == x.untyped_storage().data_ptr()
-        with_x += st.nbytes()
-        total += 0 if is_x else st.nbytes()
-        shapes.append(f"{list(held.t.shape)}{' (x)' if is_x else ''}")
-    del y
-    return with_x, total, shapes
 
 
 def peft_dora_layer(base: nn.Linear, r: int, p: float) -> nn.Module:
@@ -146,7 +111,8 @@ def run(M: int, K: int, N: int, r: int, ps, repeats: int, warmup: int, seed: int
                     times[name].append(time.perf_counter() - t0)
         for name, layer in layers.items():
             params = [prm for prm in layer.parameters()]
-            with_x, without_x, shapes = saved_bytes(lambda: layer(x), params, x)
+            with_x, shapes = providers.saved_for_backward(lambda: layer(x), params, label=x, held_only=True)
+            without_x = with_x - (x.untyped_storage().nbytes() if any(w.endswith("(x)") for w in shapes) else 0)
             rows.append({"p": p, "method": name, "ms": 1e3 * statistics.median(times[name]),
                          "saved": with_x, "saved_no_x": without_x, "what": shapes})
         rows.append({"p": p, "method": "1 GEMM", "ms": 1e3 * statistics.median(times["1 GEMM"]),

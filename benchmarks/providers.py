@@ -23,6 +23,7 @@ backward (the memory figure of the sweep and of ``composite_cpu``).
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -169,30 +170,44 @@ def train_adapters_only(layer: nn.Module) -> nn.Module:
     return layer
 
 
+class _Saved:
+    """A saved tensor as the pack hook hands it to autograd: while the graph holds it, it is alive."""
+    __slots__ = ("t", "__weakref__")
+
+    def __init__(self, t):
+        self.t = t
+
+
 def saved_for_backward(forward: Callable[[], torch.Tensor], exclude: Iterable[torch.Tensor] = (),
-                       label: Optional[torch.Tensor] = None) -> Tuple[int, List[str]]:
+                       label: Optional[torch.Tensor] = None, held_only: bool = False) -> Tuple[int, List[str]]:
     """(bytes, descriptions) of the distinct storages autograd saves while ``forward()`` runs.
 
     Storages of ``exclude`` (the parameters, which exist anyway; x when it should not count) are
     skipped; each storage counts once however many views of it are saved. A saved view of
-    ``label``'s storage is marked " (x)" in the descriptions.
+    ``label``'s storage is marked " (x)" in the descriptions. ``held_only``: count only what the
+    graph still holds when ``forward()`` has returned (tensors saved by a transient graph inside the
+    forward -- PEFT's detached ``B @ A`` for DoRA's norm, say -- are freed by then).
     """
-    seen = {t.untyped_storage().data_ptr() for t in exclude}
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
     labelled = label.untyped_storage().data_ptr() if label is not None else None
-    total, what = 0, []
+    boxes = []
 
     def pack(t):
-        nonlocal total
-        if isinstance(t, torch.Tensor):
-            st = t.untyped_storage()
-            if st.data_ptr() not in seen:
-                seen.add(st.data_ptr())
-                total += st.nbytes()
-                what.append(f"{list(t.shape)} {str(t.dtype).replace('torch.', '')}"
-                            + (" (x)" if st.data_ptr() == labelled else ""))
-        return t
+        box = _Saved(t)
+        boxes.append(weakref.ref(box) if held_only else box)
+        return box
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
         out = forward()
+    total, what, seen = 0, [], set(skip)
+    for box in (ref() for ref in boxes) if held_only else boxes:  # counted while `out` keeps the graph alive
+        if box is None or not isinstance(box.t, torch.Tensor):
+            continue
+        st = box.t.untyped_storage()
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            total += st.nbytes()
+            what.append(f"{list(box.t.shape)} {str(box.t.dtype).replace('torch.', '')}"
+                        + (" (x)" if st.data_ptr() == labelled else ""))
     del out
     return total, what
