@@ -4,7 +4,8 @@
 # files (what a lease brings back), with summary.md rewritten after every step and on a kill.
 #
 #   COMMIT=$(git rev-parse --short HEAD) RESULTS_ROOT=$OUT bash benchmarks/gpu_run.sh   # on the GPU machine
-#                                                   (COMMIT: the lease's copy of the tree has no .git)
+#                                                   (COMMIT: the lease's copy of the tree has no .git,
+#                                                    or a stale one; a COMMIT given wins over git)
 #   RESULTS_ROOT=/tmp/x bash benchmarks/gpu_run.sh --dry-run  # the same steps on the CPU, in seconds (CI)
 #
 # Files written to RESULTS_ROOT (default benchmarks/results/<UTC stamp>_<gpu>_<commit>/), none in a
@@ -49,7 +50,7 @@
 # Wheels: any *.whl in .whl/ (carried along; benchmarks/gpu_wheels.sh downloads bitsandbytes there)
 # is installed into a temporary folder on PYTHONPATH first, so the QLoRA providers run.
 #
-# Variables: RESULTS_ROOT, RUN_BUDGET (420), PYTHON, COMMIT (when git is unavailable), TUNE_ARGS
+# Variables: RESULTS_ROOT, RUN_BUDGET (420), PYTHON, COMMIT (wins over git), TUNE_ARGS
 # (--quick --ranks 16 256 64 --time-budget 50), NUMERICS_WORKERS (8), and per step <STEP>_LIMIT (ENV, PRECOMPILE, SWEEP, NUMERICS, TUNE,
 # DETERMINISM, SANITIZER) in seconds.
 set -uo pipefail
@@ -64,9 +65,14 @@ for arg in "$@"; do
 done
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-$(command -v python3 || command -v python)}  # python3: the GPU image's torch interpreter
-COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-DIRTY=$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo "+dirty" || true)
-export COMMIT  # the sweep records it when git is unavailable
+# a COMMIT given by the caller wins over git: a lease's copy of the tree may carry a stale .git
+if [ -n "${COMMIT:-}" ]; then
+  DIRTY=""
+else
+  COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+  DIRTY=$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo "+dirty" || true)
+fi
+export COMMIT  # the sweep and the tuner record it
 if [ "$DRY" = 1 ]; then
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
   GPU="dry run (CPU, Triton interpreter)"

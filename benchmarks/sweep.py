@@ -223,12 +223,15 @@ def environment(device: torch.device) -> dict:
            "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
            "device": device.type, "threads": torch.get_num_threads()}
     here = Path(__file__).resolve().parent
-    try:
-        git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=here).stdout.strip()  # noqa: E731
-        env["commit"] = (git("rev-parse", "--short", "HEAD") or os.environ.get("COMMIT", "unknown")) + \
-            ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-    except OSError:
-        env["commit"] = os.environ.get("COMMIT", "unknown")
+    if os.environ.get("COMMIT"):  # named by the caller (gpu_run.sh): a lease's .git may be stale
+        env["commit"] = os.environ["COMMIT"]
+    else:
+        try:
+            git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=here).stdout.strip()  # noqa: E731
+            env["commit"] = (git("rev-parse", "--short", "HEAD") or "unknown") + \
+                ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+        except OSError:
+            env["commit"] = "unknown"
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     else:
