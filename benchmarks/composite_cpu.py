@@ -48,14 +48,6 @@ def _peft_style(K: int, N: int, r: int, p: float, W, b, A, B) -> nn.Module:
     return layer
 
 
-def _fwd_bwd(step: Callable[[], torch.Tensor], dy: torch.Tensor, params: List[torch.Tensor]) -> float:
-    for t in params:
-        t.grad = None
-    t0 = time.perf_counter()
-    step().backward(dy)
-    return time.perf_counter() - t0
-
-
 def _timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -86,7 +78,7 @@ def run(ranks, M: int, K: int, N: int, p: float, repeats: int, warmup: int, seed
         times = {name: [] for name in methods}
         for i in range(warmup + repeats):
             for name, (step, params) in methods.items():
-                t = _fwd_bwd(step, dy, params)
+                t = prov.fwd_bwd_seconds(step, dy, params)
                 if i >= warmup:
                     times[name].append(t)
         # the dropout stream inside composite, alone at the same shapes

@@ -23,6 +23,7 @@ backward (the memory figure of the sweep and of ``composite_cpu``).
 from __future__ import annotations
 
 import math
+import time
 import weakref
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -168,6 +169,16 @@ def train_adapters_only(layer: nn.Module) -> nn.Module:
     for name, prm in layer.named_parameters():
         prm.requires_grad_("lora_" in name)
     return layer
+
+
+def fwd_bwd_seconds(step: Callable[[], torch.Tensor], dy: torch.Tensor, grads: Iterable[torch.Tensor]) -> float:
+    """Wall seconds of one ``step().backward(dy)`` on the CPU, the ``.grad`` of ``grads`` (x and the
+    trained parameters) reset to None first so that no call accumulates into the last one's."""
+    for t in grads:
+        t.grad = None
+    t0 = time.perf_counter()
+    step().backward(dy)
+    return time.perf_counter() - t0
 
 
 class _Saved:

@@ -58,12 +58,7 @@ def run(M, K, N, r, p, quant, repeats, warmup, seed=0):
     times = {name: [] for name in layers}
     for i in range(warmup + repeats):
         for name, layer in layers.items():
-            for prm in layer.parameters():
-                prm.grad = None
-            x.grad = None
-            t0 = time.perf_counter()
-            layer(x).backward(dy)
-            dt = time.perf_counter() - t0
+            dt = prov.fwd_bwd_seconds(lambda: layer(x), dy, [x, *layer.parameters()])
             if i >= warmup:
                 times[name].append(dt)
     w4 = Weight4bit.from_bnb(layers["qlora-composite"].base_layer.weight)

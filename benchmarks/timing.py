@@ -11,36 +11,44 @@ from typing import Callable, Iterable
 
 import torch
 
-__all__ = ["cuda_graph_ms"]
+__all__ = ["capture_graph", "cuda_graph_ms"]
 
 
-def cuda_graph_ms(step: Callable[[], object], grads: Iterable[torch.Tensor] = (), warmup: int = 3,
-                  rep: int = 100) -> float:
-    """Median ms of ``step()`` replayed from a CUDA graph (``triton.testing.do_bench``: L2 flushed
-    between replays). ``grads``: tensors whose ``.grad`` is reset to None before the warm-up calls
-    and before the capture, so that the captured backward writes fresh gradients rather than
-    accumulating. Warm-up runs on a side stream, as ``torch.cuda.graphs`` documents."""
-    from triton.testing import do_bench
+def _reset_grads(tensors) -> None:
+    for t in tensors:
+        t.grad = None
 
+
+def capture_graph(step: Callable[[], object], grads: Iterable[torch.Tensor] = (), warmup: int = 3):
+    """(graph, what ``step()`` returned while being captured). Warm-up runs on a side stream, as
+    ``torch.cuda.graphs`` documents; ``grads``: tensors whose ``.grad`` is reset to None before each
+    warm-up call and before the capture, so that the captured backward writes fresh gradients rather
+    than accumulating."""
     grads = list(grads)
-
-    def reset():
-        for t in grads:
-            t.grad = None
-
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(warmup):
-            reset()
+            _reset_grads(grads)
             step()
     torch.cuda.current_stream().wait_stream(side)
-    reset()
+    _reset_grads(grads)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        step()
+        out = step()
+    return graph, out
+
+
+def cuda_graph_ms(step: Callable[[], object], grads: Iterable[torch.Tensor] = (), warmup: int = 3,
+                  rep: int = 100) -> float:
+    """Median ms of ``step()`` replayed from a CUDA graph (:func:`capture_graph`;
+    ``triton.testing.do_bench``: L2 flushed between replays)."""
+    from triton.testing import do_bench
+
+    grads = list(grads)
+    graph, _ = capture_graph(step, grads, warmup)
     try:
         return float(do_bench(graph.replay, warmup=10, rep=rep, return_mode="median"))
     finally:
-        reset()
+        _reset_grads(grads)
         del graph

@@ -9,22 +9,16 @@ import pytest
 import torch
 
 import rslora_kernels as rk
+from benchmarks.timing import capture_graph
 
 
 def _captured_step(layer, x, dy):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            layer(x).backward(dy)
-    torch.cuda.current_stream().wait_stream(side)
-    for t in (x, *layer.parameters()):
-        t.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    """(graph, y) of one captured fwd+bwd (benchmarks/timing.py: the capture every GPU-time figure used)."""
+    def step():
         y = layer(x)
         y.backward(dy)
-    return graph, y
+        return y
+    return capture_graph(step, [x, *layer.parameters()])
 
 
 def _grads(layer, x):
