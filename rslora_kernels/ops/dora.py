@@ -115,12 +115,6 @@ def dora_row_norms(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: floa
 # ----------------------------------------------------------------------------------------------
 # Forward and backward on top of the LoRA op
 # ----------------------------------------------------------------------------------------------
-def _lora_forward(x2d, weight, lora_A, lora_B, bias, scaling: float, p: float, seed: Tensor, backend: str):
-    """The LoRA op's forward custom op (its backend dispatch, its fake kernel): (y, T, mask state),
-    the mask state being what the LoRA backward needs of the dropout mask."""
-    return lora_linear_fwd(x2d, weight, lora_A, lora_B, bias, scaling, p, seed, backend)
-
-
 def dora_forward(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
                  bias: Optional[Tensor], scaling: float, p: float, seed: Tensor, backend: str):
     """Returns (y [M, N], z [M, N], T [M, r], w [N] fp32/fp64, the LoRA op's mask state); z as in
@@ -128,12 +122,12 @@ def dora_forward(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, ma
     w = dora_row_norms(weight, lora_A, lora_B, scaling)
     g = magnitude.to(w.dtype) / w  # column scales are formed in fp32, then rounded once to x's dtype
     if p == 0.0:
-        z, T, state = _lora_forward(x2d, weight, lora_A, lora_B, None, scaling, 0.0, seed, backend)
+        z, T, state = lora_linear_fwd(x2d, weight, lora_A, lora_B, None, scaling, 0.0, seed, backend)
         gx = g.to(x2d.dtype)
         y = torch.addcmul(bias, z, gx) if bias is not None else z * gx
         return y, z, T, w, state
     # the LoRA op on x itself (its dropout, its saved state), then the second base GEMM on drop(x)
-    y, T, state = _lora_forward(x2d, weight, lora_A, lora_B, bias, scaling, p, seed, backend)  # x W^T + b + s T B^T
+    y, T, state = lora_linear_fwd(x2d, weight, lora_A, lora_B, bias, scaling, p, seed, backend)  # x W^T + b + s T B^T
     z = torch.mm(dropout_scale(x2d, seed, p, 1.0 / (1.0 - p)), weight.t())  # the dropped x dies here
     z.addmm_(T, lora_B.to(x2d.dtype).t(), alpha=scaling)                     # z = xd W^T + s T B^T
     y.addcmul_(z, (g - 1).to(x2d.dtype))
@@ -166,22 +160,22 @@ def dora_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_
 # torch.library registration
 # ----------------------------------------------------------------------------------------------
 @custom_op("rslora_kernels::dora_linear_fwd")
-def dora_linear_fwd(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, bias: Optional[Tensor],
-            scaling: float, dropout_p: float, seed: Tensor, backend: str
-            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def dora_linear_fwd(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+                    bias: Optional[Tensor], scaling: float, dropout_p: float, seed: Tensor, backend: str
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return dora_forward(x2d, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed, backend)
 
 
 @dora_linear_fwd.register_fake
 def _(x2d, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed, backend):
-    y, T, state = _lora_forward(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend)  # its fakes
+    y, T, state = lora_linear_fwd(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend)  # its fakes
     return y, torch.empty_like(y), T, x2d.new_empty((weight.shape[0],), dtype=_acc_dtype(weight, lora_A)), state
 
 
 @custom_op("rslora_kernels::dora_linear_bwd")
 def dora_linear_bwd(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, T: Tensor, z: Tensor,
-            w: Tensor, magnitude: Tensor, scaling: float, dropout_p: float, seed: Tensor, state: Tensor,
-            needs: List[bool], backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    w: Tensor, magnitude: Tensor, scaling: float, dropout_p: float, seed: Tensor, state: Tensor,
+                    needs: List[bool], backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, dA, dB, dm, db); a grad that is not needed comes back as an empty tensor."""
     outs = dora_backward(dy, x2d, weight, lora_A, lora_B, T, z, w, magnitude, scaling, dropout_p, seed, state,
                          backend, *needs)

@@ -54,8 +54,8 @@ def _dense_weight(qtensors: List[Tensor], qmeta: List[int], quant_type: str, dty
 # ----------------------------------------------------------------------------------------------
 @custom_op("rslora_kernels::qlora_linear_fwd")
 def qlora_linear_fwd(x2d: Tensor, qtensors: List[Tensor], qmeta: List[int], quant_type: str, lora_A: Tensor,
-            lora_B: Tensor, bias: Optional[Tensor], scaling: float, dropout_p: float, seed: Tensor,
-            backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                     lora_B: Tensor, bias: Optional[Tensor], scaling: float, dropout_p: float, seed: Tensor,
+                     backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (y, T, mask_state), as the dense op does."""
     weight = _dense_weight(qtensors, qmeta, quant_type, x2d.dtype, backend)
     return registered_backends()[backend].forward(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
@@ -69,8 +69,8 @@ def _(x2d, qtensors, qmeta, quant_type, lora_A, lora_B, bias, scaling, dropout_p
 
 @custom_op("rslora_kernels::qlora_linear_bwd")
 def qlora_linear_bwd(dy: Tensor, x2d: Tensor, qtensors: List[Tensor], qmeta: List[int], quant_type: str,
-            lora_A: Tensor, lora_B: Tensor, T: Tensor, scaling: float, dropout_p: float, mask_state: Tensor,
-            needs: List[bool], backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                     lora_A: Tensor, lora_B: Tensor, T: Tensor, scaling: float, dropout_p: float, mask_state: Tensor,
+                     needs: List[bool], backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, dA, dB, db); a grad that is not needed comes back as an empty tensor."""
     weight = _dense_weight(qtensors, qmeta, quant_type, x2d.dtype, backend) if needs[0] else None
     if weight is None:  # no dx: the backends read W only for dx = dy W; a zero-stride stand-in
