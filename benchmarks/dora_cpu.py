@@ -11,7 +11,15 @@ after warm-up, fp32:
 * ours-lora  -- ``rk.LoRALinear(backend="composite")``, the same layer without DoRA (the overhead);
 * 1 GEMM     -- one ``torch.mm`` of the base shape ([M, K] x [K, N]), the yardstick: with dropout,
                 PEFT's formula needs x W^T and drop(x) W^T forward and dy W and ((g-1) dy) W
-                backward, 4 base GEMMs for PEFT and for us alike; without dropout 2.
+                backward, 4 base GEMMs for PEFT and for us alike; without dropout 2;
+* floor      -- those base GEMMs and the rank-r ones (x A^T, T B^T, dy B, dy^T T, U^T x, U A, and
+                W A^T for the norms), bare ``torch.mm`` into preallocated outputs: no elementwise
+                pass, no autograd. Any exact method that runs these products densely takes at
+                least this long, so ``peft-dora / floor`` bounds the speedup any rewrite can reach;
+* floor-sparse (p > 0) -- the same with the two dropout-only base GEMMs replaced by products over
+                the dropped elements alone (drop(x) = (x - x*D) / (1-p), D the dropped positions:
+                a CSR product (x*D) W^T and a sampled product D*(dy' W)), the CSR matrices built
+                outside the timing: a lower bound on the sparse-correction rewrite.
 
 x requires grad (a layer inside a network), the base is frozen; A, B (and the magnitude) train.
 "saved" counts the storages autograd still holds for backward after the forward (graphs that
@@ -29,8 +37,9 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from contextlib import redirect_stdout
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import torch
 from torch import nn
@@ -77,6 +86,56 @@ def _same_adapters(layers: Dict[str, nn.Module], seed: int) -> None:
                     layer.lora_magnitude_vector.weight.copy_(m)
 
 
+def floor_steps(x: torch.Tensor, W: torch.Tensor, r: int, p: float, seed: int) -> Dict[str, Callable[[], None]]:
+    """The bare products of one DoRA step (see the module docstring): "floor" and, with dropout,
+    "floor-sparse". Operands are fresh random tensors of the layer's shapes; outputs preallocated."""
+    g = torch.Generator().manual_seed(seed)
+    M, K = x.shape
+    N = W.shape[0]
+    A, B = torch.randn(r, K, generator=g), torch.randn(N, r, generator=g)
+    dy, T, U = torch.randn(M, N, generator=g), torch.randn(M, r, generator=g), torch.randn(M, r, generator=g)
+    outs = {"MN": torch.empty(M, N), "MK": torch.empty(M, K), "Mr": torch.empty(M, r), "Nr": torch.empty(N, r),
+            "rK": torch.empty(r, K)}
+    Wt = W.t()
+
+    def rank_and_norm():
+        torch.mm(x, A.t(), out=outs["Mr"])       # T = x A^T
+        torch.mm(T, B.t(), out=outs["MN"])       # T B^T
+        torch.mm(dy, B, out=outs["Mr"])          # U = dy B
+        torch.mm(dy.t(), T, out=outs["Nr"])      # dB
+        torch.mm(U.t(), x, out=outs["rK"])       # dA
+        torch.mm(U, A, out=outs["MK"])           # U A
+        torch.mm(W, A.t(), out=outs["Nr"])       # W A^T (row norms)
+
+    def dense_base():
+        torch.mm(x, Wt, out=outs["MN"])          # x W^T
+        torch.mm(dy, W, out=outs["MK"])          # dy W
+
+    def floor():
+        dense_base()
+        if p > 0.0:                              # drop(x) W^T, ((g-1) dy) W
+            torch.mm(x, Wt, out=outs["MN"])
+            torch.mm(dy, W, out=outs["MK"])
+        rank_and_norm()
+
+    steps = {"floor": floor}
+    if p > 0.0:
+        dropped = torch.rand(M, K, generator=g) < p
+        with warnings.catch_warnings():  # "sparse CSR tensor support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            x_dropped = (x.detach() * dropped).to_sparse_csr()
+            dropped_csr = dropped.float().to_sparse_csr()
+
+        def floor_sparse():
+            dense_base()
+            torch.sparse.mm(x_dropped, Wt)       # (x*D) W^T
+            torch.sparse.sampled_addmm(dropped_csr, dy, W, beta=0.0)  # D * (dy' W)
+            rank_and_norm()
+
+        steps["floor-sparse"] = floor_sparse
+    return steps
+
+
 def run(M: int, K: int, N: int, r: int, ps, repeats: int, warmup: int, seed: int = 0) -> List[Dict]:
     torch.manual_seed(seed)
     base = nn.Linear(K, N)
@@ -96,11 +155,18 @@ def run(M: int, K: int, N: int, r: int, ps, repeats: int, warmup: int, seed: int
         times = {name: [] for name in layers}
         times["1 GEMM"] = []
         Wt = base.weight.t()
+        floors = floor_steps(x.detach(), base.weight, r, p, seed + 2)
+        times.update({name: [] for name in floors})
         for i in range(warmup + repeats):
             t0 = time.perf_counter()
             torch.mm(x.detach(), Wt)
             if i >= warmup:
                 times["1 GEMM"].append(time.perf_counter() - t0)
+            for name, step in floors.items():
+                t0 = time.perf_counter()
+                step()
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - t0)
             for name, layer in layers.items():
                 t = providers.fwd_bwd_seconds(lambda: layer(x), dy, [x, *layer.parameters()])
                 if i >= warmup:
@@ -111,8 +177,9 @@ def run(M: int, K: int, N: int, r: int, ps, repeats: int, warmup: int, seed: int
             without_x = with_x - (x.untyped_storage().nbytes() if any(w.endswith("(x)") for w in shapes) else 0)
             rows.append({"p": p, "method": name, "ms": 1e3 * statistics.median(times[name]),
                          "saved": with_x, "saved_no_x": without_x, "what": shapes})
-        rows.append({"p": p, "method": "1 GEMM", "ms": 1e3 * statistics.median(times["1 GEMM"]),
-                     "saved": None, "saved_no_x": None, "what": []})
+        for name in ("1 GEMM", *floors):
+            rows.append({"p": p, "method": name, "ms": 1e3 * statistics.median(times[name]),
+                         "saved": None, "saved_no_x": None, "what": []})
     return rows
 
 
@@ -166,15 +233,17 @@ def report(args):
         gemm = group["1 GEMM"]["ms"]
         for name, row in group.items():
             if row["saved"] is None:
-                print(f"{p:>4} {name:<10} {row['ms']:>10.1f}")
+                bound = f"{peft['ms'] / row['ms']:>7.2f}x" if name.startswith("floor") else ""
+                print(f"{p:>4} {name:<10} {row['ms']:>10.1f} {bound:>8} {'':>12} {'':>8} {'':>12} {'':>8} "
+                      f"{row['ms'] / gemm:>6.2f}")
                 continue
             print(f"{p:>4} {name:<10} {row['ms']:>10.1f} {peft['ms'] / row['ms']:>7.2f}x {row['saved']:>12,d} "
                   f"{row['saved'] / peft['saved']:>7.3f}x {row['saved_no_x']:>12,d} "
                   f"{row['saved_no_x'] / peft['saved_no_x']:>7.3f}x {row['ms'] / gemm:>6.2f}")
         lora, dora = group["ours-lora"], group["ours-dora"]
         print(f"{p:>4} ours-dora / ours-lora time: {dora['ms'] / lora['ms']:.2f}x")
-    print("speedup: peft-dora time / method time; vs peft: method bytes / peft-dora bytes; "
-          "GEMMs: method time / time of one base GEMM")
+    print("speedup: peft-dora time / method time (for a floor: the most any rewrite of that kind can reach); "
+          "vs peft: method bytes / peft-dora bytes; GEMMs: method time / time of one base GEMM")
     for row in rows:
         if row["saved"] is None:
             continue

@@ -48,3 +48,30 @@ def test_tiny_sweep_writes_tables_and_plots(tmp_path):
         assert len(list(csv.DictReader(f))) == len(rows)
     assert "| r | eager | reference | peft | roofline |" in (out / "sweep.md").read_text()
     assert len(list(out.glob("*.png"))) == 2
+
+
+def test_dora_cpu_floor_rows_are_printed_and_the_sparse_rewrite_is_exact(capsys):
+    """benchmarks.dora_cpu runs on a tiny case and prints its floor rows; the dropout rewrite that
+    the floor-sparse row times is exact: drop(x) W^T = (x W^T - (x*D) W^T) / (1-p) and
+    keep/(1-p) * (dy W) = (dy W) / (1-p) - D * (dy W) / (1-p), D the dropped positions."""
+    pytest.importorskip("peft")
+    import torch
+
+    from benchmarks import dora_cpu
+
+    dora_cpu.main(["--M", "37", "--K", "40", "--N", "24", "--r", "4", "--repeats", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()]
+    floors = [row for row in rows if len(row) > 2 and row[1].startswith("floor")]
+    assert [(f[0], f[1]) for f in floors] == [("0.0", "floor"), ("0.1", "floor"), ("0.1", "floor-sparse")]
+    assert all(math.isfinite(float(f[2])) and float(f[2]) > 0 for f in floors)
+
+    g = torch.Generator().manual_seed(5)
+    M, K, N, p = 37, 40, 24, 0.1
+    x, W, dy = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((M, K), (N, K), (M, N)))
+    dropped = torch.rand(M, K, generator=g) < 0.3  # denser than p, so every row has some
+    x_drop = torch.where(dropped, 0.0, x) / (1 - p)
+    x_dropped_csr = (x * dropped).to_sparse_csr()
+    torch.testing.assert_close((x @ W.t() - torch.sparse.mm(x_dropped_csr, W.t())) / (1 - p), x_drop @ W.t())
+    sampled = torch.sparse.sampled_addmm(dropped.double().to_sparse_csr(), dy, W, beta=0.0).to_dense()
+    torch.testing.assert_close((dy @ W - sampled) / (1 - p), torch.where(dropped, 0.0, dy @ W) / (1 - p))
