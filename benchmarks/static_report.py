@@ -171,7 +171,8 @@ def _extremes(cands):
 
 def scenarios(modules, dtype, shape, r):
     """(label prefix, thunk) pairs that call the real launchers on meta tensors. A label prefix P
-    names the launches of one call P1, P2, ... in launch order (forward: F1 = shrink, F2 = dual GEMM)."""
+    names the launches of one call P1, P2, ... in launch order (forward: F1 = shrink, F2 = dual GEMM;
+    backward: B1 = shrink, B2 = dual GEMM, then B3's reductions)."""
     import torch
     M, K, N = shape["M"], shape["K"], shape["N"]
     meta = dict(device="meta", dtype=dtype)
@@ -189,6 +190,10 @@ def scenarios(modules, dtype, shape, r):
         for need_db in (True, False):
             out.append(("B", lambda p=p, need_db=need_db, bits=bits: backward(dy, x, W, A, B, T, 0.5, p, bits,
                                                                   True, True, True, need_db)))
+    # r beyond one rank tile, with dropout: F1 = the keep-bits pass, F2 = the shrink reading its
+    # bits (with one rank tile the shrink draws them itself), F3 = the dual GEMM
+    A2, B2 = torch.empty(2 * r, K, **meta), torch.empty(N, 2 * r, **meta)
+    out.append(("F", lambda: forward(x, W, A2, B2, b, 0.5, 0.1, seed)))
     return out
 
 

@@ -19,6 +19,40 @@ def test_keep_bits_are_the_stream_packed_32_columns_a_word(device):
     assert not unpacked[:, K:].any()  # columns past K read as dropped
 
 
+@pytest.mark.parametrize("r, draw_bits, passes_expected", [(6, True, 0), (6, False, 1), (100, True, 1)],
+                         ids=["one_rank_tile", "one_rank_tile_draw_off", "two_rank_tiles"])
+def test_forward_keep_bits_are_the_streams_whoever_draws_them(r, draw_bits, passes_expected, monkeypatch, device):
+    """With one rank tile covering r, F1 draws the mask itself (no keep-bits pass) unless its config
+    says DRAW_BITS=False; with more rank tiles it reads bits drawn by the pass first. Either way the
+    forward's mask state is bit-equal to the keep-bits pass's, ragged rows and columns included
+    (the interpreter's rank tile is 64)."""
+    import dataclasses
+
+    from rslora_kernels.dropout.kernels import keep_bits_triton
+    from rslora_kernels.ops import configs, tuning
+    from rslora_kernels.ops import triton_kernels as tk
+    inputs = make_inputs(37, 100, 23, r, torch.float32, device, seed=17)
+    seed, p = torch.tensor(2**40 + 3, device=device), 0.3
+    passes = []
+    monkeypatch.setattr(tk, "keep_bits_triton", lambda *a: passes.append(a) or keep_bits_triton(*a))
+
+    def choose(req):
+        if req.family != "shrink_masked":
+            return None
+        with tuning.rules_only():
+            rule = configs.shrink_masked_config(req.M, req.K, req.r, torch.float32, req.arch)
+        return dataclasses.asdict(dataclasses.replace(rule, DRAW_BITS=draw_bits))
+
+    with tuning.forced_configs(choose):
+        y, T, bits = tk.lora_forward(inputs["x"], inputs["weight"], inputs["lora_A"], inputs["lora_B"],
+                                     inputs["bias"], 0.8, p, seed)
+    assert len(passes) == passes_expected
+    assert torch.equal(bits, keep_bits_triton(seed, 37, 100, p))
+    mask = rk.dropout_mask(int(seed), (37, 100), p).to(device)
+    T64 = (inputs["x"].double() * mask / (1 - p)) @ inputs["lora_A"].double().t()
+    torch.testing.assert_close(T.double(), T64, rtol=1e-5, atol=1e-5)
+
+
 def test_triton_saves_keep_bits_not_the_seed(device):
     """The forward's mask state is the packed mask (M*K/8 bytes), and backward reads it."""
     inputs = make_inputs(40, 70, 20, 6, torch.float32, device, seed=5)

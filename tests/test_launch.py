@@ -145,6 +145,7 @@ def test_every_launch_site_passes_constexprs_as_the_signature_tail(monkeypatch, 
     B = torch.randn(N, r, generator=g).to(device).requires_grad_()
     rk.lora_linear(x, W, A, B, 0.5, bias=b, dropout_p=0.1, seed=7, backend="triton").sum().backward()
     dk.dropout_scale_triton(x.detach(), torch.tensor(7, device=device), 0.1, 2.0)  # the composite backend's on CUDA
+    dk.keep_bits_triton(torch.tensor(7, device=device), M, K, 0.1)  # the pass before F1 when r spans rank tiles
     from rslora_kernels import quant
     from rslora_kernels.ops import dequant_kernel
     monkeypatch.setattr(dequant_kernel, "launch", record)

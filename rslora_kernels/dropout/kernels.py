@@ -1,8 +1,9 @@
 """Triton implementation of the dropout stream (definition: :mod:`rslora_kernels.dropout.stream`).
 
-``philox_rounds``, ``load_seed`` and ``keep_mask_tile`` generate a tile of the mask; ``_keep_bits_kernel``
-(``keep_bits_triton``) runs them once per element of x and packs the result into the keep-bits that the
-LoRA kernels (``rslora_kernels.ops.triton_kernels``) read tile by tile with ``keep_from_bits``;
+``philox_rounds``, ``load_seed`` and ``keep_mask_tile`` generate a tile of the mask and ``store_keep_bits``
+packs a tile into the keep-bits, which the LoRA kernels (``rslora_kernels.ops.triton_kernels``) read
+tile by tile with ``keep_from_bits``. The LoRA forward's F1 generates and stores them itself when it
+visits each element of x once; otherwise ``_keep_bits_kernel`` (``keep_bits_triton``) does, first;
 ``_mask_kernel`` writes a whole bool mask (``keep_mask_triton``) and ``_dropout_scale_kernel`` drops and
 scales a tensor, or two under one mask (``dropout_scale_triton``, ``dropout_scale_pair_triton``: the
 composite backend's dropout on CUDA).
@@ -23,7 +24,8 @@ import triton.language as tl
 from .._launch import launch
 from .stream import PHILOX_M0, PHILOX_M1, PHILOX_ROUNDS, PHILOX_W0, PHILOX_W1, drop_threshold
 
-__all__ = ["philox_rounds", "load_seed", "keep_mask_tile", "keep_from_bits", "keep_bits_words", "keep_bits_triton",
+__all__ = ["philox_rounds", "load_seed", "keep_mask_tile", "keep_from_bits", "store_keep_bits", "keep_bits_words",
+           "keep_bits_triton",
            "keep_mask_triton", "dropout_scale_triton", "dropout_scale_pair_triton"]
 
 BITS_PER_WORD = 32
@@ -108,21 +110,30 @@ def keep_from_bits(bits_ptr, rows, row_ok, col0, n_words, stride_bm,
 
 
 @triton.jit
+def store_keep_bits(bits_ptr, keep, rows, row_ok, col0, n_cols, n_words, stride_bm,
+                    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Pack the keep-mask tile ``keep`` [BLOCK_ROWS, BLOCK_COLS] of ``rows`` (int64) and columns
+    col0 + arange(BLOCK_COLS) into its words of the keep-bits and store them (rows ``row_ok`` only);
+    columns from ``n_cols`` on are stored as dropped. BLOCK_COLS and col0 are multiples of 32."""
+    WORDS: tl.constexpr = BLOCK_COLS // 32
+    keep = keep & ((col0 + tl.arange(0, BLOCK_COLS)) < n_cols)[None, :]
+    bit = tl.reshape(keep.to(tl.int32), (BLOCK_ROWS, WORDS, 32)) << tl.arange(0, 32)[None, None, :]
+    words = tl.sum(bit, axis=2)  # distinct bits: the sum is their OR (bit 31 wraps to the sign bit)
+    word = col0 // 32 + tl.arange(0, WORDS)
+    tl.store(bits_ptr + rows[:, None] * stride_bm + word[None, :], words,
+             mask=row_ok[:, None] & (word < n_words)[None, :])
+
+
+@triton.jit
 def _keep_bits_kernel(seed_ptr, bits_ptr, M, K, n_words, stride_bm, threshold,
                       BLOCK_M: tl.constexpr, BLOCK_WORDS: tl.constexpr):
     """bits[M, n_words] = the stream's keep-mask of x [M, K], packed 32 columns to an int32 word."""
     BLOCK_K: tl.constexpr = BLOCK_WORDS * 32
     seed_lo, seed_hi = load_seed(seed_ptr)
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    word0 = tl.program_id(1) * BLOCK_WORDS
-    cols = word0 * 32 + tl.arange(0, BLOCK_K)
-    keep = keep_mask_tile(seed_lo, seed_hi, rows, word0 * 32, threshold, BLOCK_M, BLOCK_K)
-    keep = keep & (cols < K)[None, :]
-    bit = tl.reshape(keep.to(tl.int32), (BLOCK_M, BLOCK_WORDS, 32)) << tl.arange(0, 32)[None, None, :]
-    words = tl.sum(bit, axis=2)  # distinct bits: the sum is their OR (bit 31 wraps to the sign bit)
-    word = word0 + tl.arange(0, BLOCK_WORDS)
-    tl.store(bits_ptr + rows[:, None] * stride_bm + word[None, :], words,
-             mask=(rows < M)[:, None] & (word < n_words)[None, :])
+    col0 = tl.program_id(1) * BLOCK_K
+    keep = keep_mask_tile(seed_lo, seed_hi, rows, col0, threshold, BLOCK_M, BLOCK_K)
+    store_keep_bits(bits_ptr, keep, rows, rows < M, col0, K, n_words, stride_bm, BLOCK_M, BLOCK_K)
 
 
 @triton.jit

@@ -18,7 +18,7 @@ Triton 3.6 and 3.9: ``python -m benchmarks.static_report --arch 90``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -41,6 +41,10 @@ class TileConfig:
     GROUP_M: int = 8  # grouped program ordering for L2 reuse (dual GEMMs)
     num_warps: int = 4
     num_stages: int = 3
+    # F1 with dropout (shrink_masked): F1 draws the mask itself when one rank tile covers r and
+    # BLOCK_RED is whole 32-bit words; off, a keep-bits pass draws it first. The rules always
+    # allow it; the off variants are candidates for the tuner to measure against
+    DRAW_BITS: bool = True
 
     def launch_kwargs(self):
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
@@ -132,7 +136,8 @@ def split_m_for(M: int, tiles: int, block_m: int, sms: int) -> int:
 def candidate_configs(dtype: torch.dtype, arch: int):
     """Every (kernel family, config) the dispatcher can return for ``dtype`` on ``arch``; families:
     "dual_gemm", "shrink", "shrink_masked" (F1 with dropout), "grads"; family ``f`` is what
-    ``f_config`` returns."""
+    ``f_config`` returns: the rules' configs, and each shrink_masked one that lets F1 draw the mask
+    also with ``DRAW_BITS`` off (a tuned table may pick either)."""
     out = set()
     with rules_only():  # the rules' set: a committed table only ever picks among these
         for M in (512, 8192):
@@ -140,6 +145,9 @@ def candidate_configs(dtype: torch.dtype, arch: int):
                 for r in (1, 16, 32, 64, 128, 256, 4096):
                     out.add(("dual_gemm", dual_gemm_config(M, N, N, r, dtype, arch)))
                     out.add(("shrink", shrink_config(M, N, r, dtype, arch)))
-                    out.add(("shrink_masked", shrink_masked_config(M, N, r, dtype, arch)))
+                    masked = shrink_masked_config(M, N, r, dtype, arch)
+                    out.add(("shrink_masked", masked))
+                    if masked.BLOCK_RED % 32 == 0:
+                        out.add(("shrink_masked", replace(masked, DRAW_BITS=False)))
                     out.add(("grads", grads_config(M, N, N, r, dtype, arch)))
     return sorted(out, key=lambda kc: (kc[0], str(kc[1])))

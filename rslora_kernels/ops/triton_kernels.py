@@ -3,8 +3,9 @@
 Reading order: the three kernels, then the host launchers. The dropout stream's Triton functions
 (Philox4x32-10, the keep-bits pass and their unpacking) live in :mod:`rslora_kernels.dropout.kernels`.
 
-    forward   bits  keep-bits of x (with dropout)           dropout.kernels._keep_bits_kernel
-              F1  T  = drop(x) A^T                          _shrink_kernel
+    forward   F1  T  = drop(x) A^T, keep-bits of x          _shrink_kernel (draws the bits when one
+                                                            rank tile covers r; else a pass first:
+                                                            dropout.kernels._keep_bits_kernel)
               F2  y  = x W^T + s T B^T + b                  _dual_gemm_kernel
     backward  B1  U  = dy B                                 _shrink_kernel
               B2  dx = dy W + s/(1-p) * mask * (U A)        _dual_gemm_kernel (mask on)
@@ -12,7 +13,7 @@ Reading order: the three kernels, then the host launchers. The dropout stream's 
                   dB = s dy^T T,  db = sum_M dy             _m_reduce_kernel (column sums on)
                   (split over M: partials summed in order)  _sum_splits_kernel
 
-Philox runs once per element of x per step, in the bits pass; F1, B2 and B3 read the bits.
+Philox runs once per element of x per step, in F1 or the bits pass; B2 and B3 read the bits.
 
 Every kernel takes full strides (only the pointer arithmetic cares) and works for any sizes (no
 size needs to be a multiple of a tile), loops over the rank in tiles (any r) and accumulates in
@@ -33,7 +34,9 @@ import triton.language as tl
 
 from .._launch import launch
 from .._runtime import cuda_arch, interpreting, num_sms
-from ..dropout.kernels import keep_bits_triton, keep_bits_words, keep_from_bits
+from ..dropout.kernels import (keep_bits_triton, keep_bits_words, keep_from_bits, keep_mask_tile, load_seed,
+                               store_keep_bits)
+from ..dropout.stream import drop_threshold
 from .configs import dual_gemm_config, grads_config, shrink_config, shrink_masked_config, split_m_for
 
 
@@ -43,19 +46,24 @@ from .configs import dual_gemm_config, grads_config, shrink_config, shrink_maske
 @triton.jit
 def _shrink_kernel(
     # pointers: in [M, RED] is x (F1) or dy (B1); w [RED, R] is A^T (F1) or B (B1); out is T or U.
-    # keep_bits [M, n_words] (F1 with dropout) may be None
-    in_ptr, w_ptr, out_ptr, keep_bits_ptr,
+    # keep_bits [M, n_words] (F1 with dropout: read, or written with GEN_BITS) and seed (GEN_BITS)
+    # may be None
+    in_ptr, w_ptr, out_ptr, keep_bits_ptr, seed_ptr,
     # sizes
     M, RED, R, n_words,
     # strides
     stride_im, stride_ired, stride_wred, stride_wr, stride_om, stride_or, stride_bm,
-    # dropout: kept inputs scaled by out_scale = 1/(1-p) in fp32
-    out_scale,
+    # dropout: the stream's threshold (GEN_BITS); kept inputs scaled by out_scale = 1/(1-p) in fp32
+    threshold, out_scale,
     # meta
+    # GEN_BITS: draw the mask here (Philox) and store it as keep-bits for backward, instead of reading
+    # bits drawn by a pass before; the launcher sets it only when one rank tile covers r, so that
+    # every element of `in` is visited, and drawn, once
     # RANK_MAJOR: accumulate out^T = w^T keep(in)^T, so that the masked tile is the MMA's B operand,
     # which goes through shared memory (a masked A operand is fed from registers, and ptxas then
     # serializes the wgmma, C7515); the rank tile is the MMA's M side then (>= 64 for wgmma)
-    HAS_DROPOUT: tl.constexpr, RANK_MAJOR: tl.constexpr, EVEN_RED: tl.constexpr, OFFSET_DTYPE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, GEN_BITS: tl.constexpr, RANK_MAJOR: tl.constexpr, EVEN_RED: tl.constexpr,
+    OFFSET_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -72,6 +80,8 @@ def _shrink_kernel(
     w_ptrs = w_ptr + (reds.to(OFFSET_DTYPE)[:, None] * stride_wred + (ranks % R).to(OFFSET_DTYPE)[None, :] * stride_wr)
     in_step = tl.cast(BLOCK_RED * stride_ired, OFFSET_DTYPE)
     w_step = tl.cast(BLOCK_RED * stride_wred, OFFSET_DTYPE)
+    if GEN_BITS:
+        seed_lo, seed_hi = load_seed(seed_ptr)
 
     if RANK_MAJOR:
         acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
@@ -85,8 +95,13 @@ def _shrink_kernel(
             a = tl.load(in_ptrs, mask=reds[None, :] < RED - red0, other=0.0)
             w = tl.load(w_ptrs, mask=reds[:, None] < RED - red0, other=0.0)
         if HAS_DROPOUT:
-            keep = keep_from_bits(keep_bits_ptr, rows.to(tl.int64), rows < M, red0, n_words, stride_bm,
-                                  BLOCK_M, BLOCK_RED)
+            if GEN_BITS:
+                keep = keep_mask_tile(seed_lo, seed_hi, rows.to(tl.int64), red0, threshold, BLOCK_M, BLOCK_RED)
+                store_keep_bits(keep_bits_ptr, keep, rows.to(tl.int64), rows < M, red0, RED, n_words, stride_bm,
+                                BLOCK_M, BLOCK_RED)
+            else:
+                keep = keep_from_bits(keep_bits_ptr, rows.to(tl.int64), rows < M, red0, n_words, stride_bm,
+                                      BLOCK_M, BLOCK_RED)
             a = tl.where(keep, a, 0.0)
         if RANK_MAJOR:
             acc = tl.dot(tl.trans(w.to(DOT_DTYPE)), tl.trans(a.to(DOT_DTYPE)), acc, input_precision=INPUT_PRECISION)
@@ -343,23 +358,34 @@ def _offset_dtype(*tensors):
     return tl.int32
 
 
-def _shrink(inp: torch.Tensor, w_strides, w: torch.Tensor, R: int, out_dtype, *, keep_bits=None, p=0.0):
-    """out[M, R] = keep?(inp)[M, RED] @ w_view[RED, R] / (1-p)."""
+def _shrink(inp: torch.Tensor, w_strides, w: torch.Tensor, R: int, out_dtype, *, seed=None, p=0.0):
+    """out[M, R] = keep?(inp)[M, RED] @ w_view[RED, R] / (1-p), with dropout when ``seed`` is given
+    (F1). Returns (out, keep-bits of inp | None).
+
+    The keep-bits are drawn by this launch, while it holds the tiles of inp, when one rank tile
+    covers r and the reduction tile is whole words (then each element is visited once) unless the
+    config says ``DRAW_BITS=False``; otherwise by the keep-bits pass first, and read here."""
     M, RED = inp.shape
-    config = shrink_masked_config if keep_bits is not None else shrink_config
-    cfg = config(M, RED, R, inp.dtype, cuda_arch(inp.device))
+    dropout = seed is not None
+    cfg = (shrink_masked_config if dropout else shrink_config)(M, RED, R, inp.dtype, cuda_arch(inp.device))
+    gen_bits = dropout and cfg.DRAW_BITS and R <= cfg.BLOCK_R and cfg.BLOCK_RED % 32 == 0
+    keep_bits = None
+    if gen_bits:
+        keep_bits = torch.empty((M, keep_bits_words(RED)), dtype=torch.int32, device=inp.device)
+    elif dropout:
+        keep_bits = keep_bits_triton(seed, M, RED, p)
     out = torch.empty((M, R), dtype=out_dtype, device=inp.device)
     n_words, stride_bm = _bits_strides(keep_bits)
     launch(_shrink_kernel, (_cdiv(M, cfg.BLOCK_M) * _cdiv(R, cfg.BLOCK_R),),
-           (inp, w, out, keep_bits,
+           (inp, w, out, keep_bits, seed if gen_bits else None,
             M, RED, R, n_words,
             inp.stride(0), inp.stride(1), w_strides[0], w_strides[1], out.stride(0), out.stride(1), stride_bm,
-            1.0 / (1.0 - p)),
-           dict(HAS_DROPOUT=keep_bits is not None, RANK_MAJOR=keep_bits is not None, EVEN_RED=RED % cfg.BLOCK_RED == 0,
+            drop_threshold(p) if gen_bits else 0, 1.0 / (1.0 - p)),
+           dict(HAS_DROPOUT=dropout, GEN_BITS=gen_bits, RANK_MAJOR=dropout, EVEN_RED=RED % cfg.BLOCK_RED == 0,
                 OFFSET_DTYPE=_offset_dtype(inp, w, out), **_meta(inp.dtype),
                 BLOCK_M=cfg.BLOCK_M, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R),
            cfg.launch_kwargs())
-    return out
+    return out, keep_bits
 
 
 def _dual_gemm(t, bt, bt_strides, inp, w, w_strides, F: int, adapter_scale: float, out_dtype,
@@ -465,20 +491,22 @@ def _lora_grads(U, x2d, dy, T, scaling: float, p: float, mask_state, a_dtype, ne
 
 
 def lora_forward(x2d, weight, lora_A, lora_B, bias, scaling: float, p: float, seed):
-    """F1 + F2 (and, with dropout, the keep-bits pass before them). x2d [M, K], weight [N, K],
-    lora_A [r, K], lora_B [N, r], bias [N] | None, seed: 0-dim int64 tensor on x's device.
+    """F1 + F2 (with dropout F1 draws the keep-bits, or a keep-bits pass before it does; see
+    :func:`_shrink`). x2d [M, K], weight [N, K], lora_A [r, K], lora_B [N, r], bias [N] | None,
+    seed: 0-dim int64 tensor on x's device.
 
     Returns (y [M, N], T [M, r]) in x's dtype and the mask state for :func:`lora_backward`: the
     keep-bits int32 [M, ceil(K/32)] (M*K/8 bytes; Philox ran once per element of x, here) with
     dropout, an empty int32 tensor without."""
     M, K = x2d.shape
     N, R = weight.shape[0], lora_A.shape[0]
-    keep_bits = keep_bits_triton(seed, M, K, p) if p > 0.0 else None
-    mask_state = keep_bits if keep_bits is not None else x2d.new_empty((0,), dtype=torch.int32)
     if M == 0:
+        mask_state = keep_bits_triton(seed, 0, K, p) if p > 0.0 else x2d.new_empty((0,), dtype=torch.int32)
         return x2d.new_empty((0, N)), x2d.new_empty((0, R)), mask_state
     # F1: w_view[k, r] = A[r, k]
-    T = _shrink(x2d, (lora_A.stride(1), lora_A.stride(0)), lora_A, R, x2d.dtype, keep_bits=keep_bits, p=p)
+    T, keep_bits = _shrink(x2d, (lora_A.stride(1), lora_A.stride(0)), lora_A, R, x2d.dtype,
+                           seed=seed if p > 0.0 else None, p=p)
+    mask_state = keep_bits if keep_bits is not None else x2d.new_empty((0,), dtype=torch.int32)
     # F2: bt_view[r, n] = B[n, r]; w_view[k, n] = W[n, k]
     y = _dual_gemm(T, lora_B, (lora_B.stride(1), lora_B.stride(0)), x2d, weight, (weight.stride(1), weight.stride(0)),
                    N, scaling, x2d.dtype, bias=bias)
@@ -498,7 +526,7 @@ def lora_backward(dy, x2d, weight, lora_A, lora_B, T, scaling: float, p: float, 
                 zeros(N, R) if need_dB else None, zeros(N, dt=torch.float32) if need_db else None)
     keep_bits = _as_keep_bits(mask_state, M, K, p)
     # B1: w_view[n, r] = B[n, r]
-    U = _shrink(dy, (lora_B.stride(0), lora_B.stride(1)), lora_B, R, x2d.dtype) if (need_dx or need_dA) else None
+    U = _shrink(dy, (lora_B.stride(0), lora_B.stride(1)), lora_B, R, x2d.dtype)[0] if (need_dx or need_dA) else None
     dx = None
     if need_dx:
         # B2: bt_view[r, k] = A[r, k]; w_view[n, k] = W[n, k]
