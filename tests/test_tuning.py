@@ -3,6 +3,7 @@
 A small fake table for a fake GPU is written in each test; the CUDA device name is faked by
 patching rslora_kernels._runtime.gpu_name, so everything runs on the CPU.
 """
+import dataclasses
 import importlib
 import inspect
 import json
@@ -317,6 +318,30 @@ def test_auto_backend_under_torch_compile_with_tensor_device_and_dtype(fake_gpu,
 # Committed tables
 # ----------------------------------------------------------------------------------------------
 COMMITTED = sorted(tuning.TUNED_DIR.glob("*.json"))
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_candidates_include_the_measured_alternatives(dtype, arch, monkeypatch):
+    """At most 8 candidates a family (what the tuner can afford to time); every config the rules
+    give F1 with dropout that draws the mask has its twin that leaves it to the bits pass; on sm_90 in 16 bits
+    the small-rank shrinks also come with deeper / narrower tiles."""
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    cands = configs.candidate_configs(dtype, arch)
+    families = {f for f, _ in cands}
+    assert all(sum(f == fam for f, _ in cands) <= 8 for fam in families)
+    masked = {c for f, c in cands if f == "shrink_masked"}
+    with tuning.rules_only():
+        rules = {shrink_masked_config(M, 4096, r, dtype, arch) for M in (512, 8192) for r in (16, 64, 128, 4096)}
+    assert rules <= masked
+    for c in rules:
+        if c.DRAW_BITS and c.BLOCK_RED % 32 == 0:
+            assert dataclasses.replace(c, DRAW_BITS=False) in masked
+    streaming = {(f, c.BLOCK_M, c.BLOCK_RED, c.num_stages) for f, c in cands if c.num_stages == 4}
+    if arch == 90 and dtype != torch.float32:
+        assert {("shrink", 64, 128, 4), ("shrink_masked", 32, 64, 4), ("shrink_masked", 32, 128, 4)} <= streaming
+    else:
+        assert not streaming
 
 
 @pytest.mark.skipif(not COMMITTED, reason="no tuning table is committed yet (none made on a GPU)")

@@ -105,8 +105,9 @@ def _shrink_rule(M: int, r: int, dtype: torch.dtype, arch: int, masked: bool) ->
         return TileConfig(64, 0, 16, max(_rank_tile(r, 64), 64 if masked else 16), num_warps=4, num_stages=2)
     rank_tile = max(_rank_tile(r, 128), 64 if masked else 16)
     if rank_tile == 128 and _fills(arch, -(-M // 128) * -(-r // 128)):
-        # large ranks: 128x128 tiles, 8 warps, 32 KiB a stage (two CTAs per SM)
-        return TileConfig(128, 0, 64, 128, num_warps=8, num_stages=3)
+        # large ranks: 128x128 tiles, 8 warps, 32 KiB a stage (two CTAs per SM). On sm_80, drawing
+        # the mask here on top of the mma.sync operands spills (255 registers): the bits pass draws it
+        return TileConfig(128, 0, 64, 128, num_warps=8, num_stages=3, DRAW_BITS=arch >= 90)
     # a 64 x 128 fp32 accumulator on 4 warps leaves ptxas too few registers to pipeline the wgmma
     return TileConfig(64, 0, 64, rank_tile, num_warps=8 if rank_tile == 128 else 4, num_stages=3)
 
@@ -133,11 +134,31 @@ def split_m_for(M: int, tiles: int, block_m: int, sms: int) -> int:
     return max(1, min(want, m_tiles // 2))
 
 
+def _measured_alternatives(family: str, cfg: TileConfig, dtype: torch.dtype, arch: int):
+    """Configs the rules never return but the tuner times against the rules' ``cfg`` (so a tuned
+    table may pick them): F1 leaving the mask to the keep-bits pass (``DRAW_BITS`` off); and, for
+    the small-rank shrinks on sm_90 in 16-bit, tiles that keep more bytes of x (dy) in flight. At
+    small r those launches have M/64 programs, about one per SM with 3 stages of 8 KiB: too few
+    loads in flight to stream x at the memory's bandwidth (on the H200, F1 + B1 moved 128 MiB in
+    0.073 ms, about 40 % of it: benchmarks/results/2026-11-27_h200_step_profile.md). Deeper
+    reduction tiles with 4 stages (B1, F1 without dropout) and narrower row tiles (F1 with
+    dropout, twice the programs) are the candidates."""
+    out = []
+    if family == "shrink_masked" and cfg.BLOCK_RED % 32 == 0 and cfg.DRAW_BITS:
+        out.append(replace(cfg, DRAW_BITS=False))
+    small_16bit_sm90 = arch >= 90 and dtype != torch.float32 and cfg.BLOCK_M == 64 and cfg.BLOCK_R <= 64
+    if small_16bit_sm90 and family == "shrink":
+        out.append(replace(cfg, BLOCK_RED=128, num_stages=4))
+    if small_16bit_sm90 and family == "shrink_masked" and cfg.DRAW_BITS:
+        out += [replace(cfg, BLOCK_M=32, num_stages=4), replace(cfg, BLOCK_M=32, BLOCK_RED=128, num_stages=4)]
+    return out
+
+
 def candidate_configs(dtype: torch.dtype, arch: int):
     """Every (kernel family, config) the dispatcher can return for ``dtype`` on ``arch``; families:
     "dual_gemm", "shrink", "shrink_masked" (F1 with dropout), "grads"; family ``f`` is what
-    ``f_config`` returns: the rules' configs, and each shrink_masked one that lets F1 draw the mask
-    also with ``DRAW_BITS`` off (a tuned table may pick either)."""
+    ``f_config`` returns: the rules' configs and the alternatives a tuned table may pick
+    (:func:`_measured_alternatives`)."""
     out = set()
     with rules_only():  # the rules' set: a committed table only ever picks among these
         for M in (512, 8192):
@@ -145,9 +166,7 @@ def candidate_configs(dtype: torch.dtype, arch: int):
                 for r in (1, 16, 32, 64, 128, 256, 4096):
                     out.add(("dual_gemm", dual_gemm_config(M, N, N, r, dtype, arch)))
                     out.add(("shrink", shrink_config(M, N, r, dtype, arch)))
-                    masked = shrink_masked_config(M, N, r, dtype, arch)
-                    out.add(("shrink_masked", masked))
-                    if masked.BLOCK_RED % 32 == 0:
-                        out.add(("shrink_masked", replace(masked, DRAW_BITS=False)))
+                    out.add(("shrink_masked", shrink_masked_config(M, N, r, dtype, arch)))
                     out.add(("grads", grads_config(M, N, N, r, dtype, arch)))
+    out |= {(family, alt) for family, cfg in out for alt in _measured_alternatives(family, cfg, dtype, arch)}
     return sorted(out, key=lambda kc: (kc[0], str(kc[1])))
