@@ -137,12 +137,14 @@ def split_m_for(M: int, tiles: int, block_m: int, sms: int) -> int:
 def _measured_alternatives(family: str, cfg: TileConfig, dtype: torch.dtype, arch: int):
     """Configs the rules never return but the tuner times against the rules' ``cfg`` (so a tuned
     table may pick them): F1 leaving the mask to the keep-bits pass (``DRAW_BITS`` off); and, for
-    the small-rank shrinks on sm_90 in 16-bit, tiles that keep more bytes of x (dy) in flight. At
+    the small-rank shrinks and B3's reductions on sm_90 in 16-bit, tiles that keep more bytes of
+    x (dy) in flight. At
     small r those launches have M/64 programs, about one per SM with 3 stages of 8 KiB: too few
     loads in flight to stream x at the memory's bandwidth (on the H200, F1 + B1 moved 128 MiB in
     0.073 ms, about 40 % of it: benchmarks/results/2026-11-27_h200_step_profile.md). Deeper
-    reduction tiles with 4 stages (B1, F1 without dropout) and narrower row tiles (F1 with
-    dropout, twice the programs) are the candidates."""
+    reduction tiles with 4 stages (B1, F1 without dropout), narrower row tiles (F1 with dropout,
+    twice the programs), and for B3 (dA, dB: 128 MiB in 0.052 ms there, about half the bandwidth)
+    a fourth stage or 128-row steps are the candidates."""
     out = []
     if family == "shrink_masked" and cfg.BLOCK_RED % 32 == 0 and cfg.DRAW_BITS:
         out.append(replace(cfg, DRAW_BITS=False))
@@ -151,6 +153,10 @@ def _measured_alternatives(family: str, cfg: TileConfig, dtype: torch.dtype, arc
         out.append(replace(cfg, BLOCK_RED=128, num_stages=4))
     if small_16bit_sm90 and family == "shrink_masked" and cfg.DRAW_BITS:
         out += [replace(cfg, BLOCK_M=32, num_stages=4), replace(cfg, BLOCK_M=32, BLOCK_RED=128, num_stages=4)]
+    if family == "grads" and arch >= 90 and dtype != torch.float32:
+        out.append(replace(cfg, num_stages=4))
+        if cfg.BLOCK_R <= 64:  # with the 128-wide rank tile, 128-row steps spill
+            out.append(replace(cfg, BLOCK_M=128))
     return out
 
 
