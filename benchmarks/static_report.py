@@ -172,7 +172,7 @@ def _extremes(cands):
 def scenarios(modules, dtype, shape, r):
     """(label prefix, thunk) pairs that call the real launchers on meta tensors. A label prefix P
     names the launches of one call P1, P2, ... in launch order (forward: F1 = shrink, F2 = dual GEMM;
-    backward: B1 = shrink, B2 = dual GEMM, then B3's reductions)."""
+    backward: B1 = shrink, B2 = dual GEMM, then B3's reductions; DoRA with dropout: DF, DB)."""
     import torch
     M, K, N = shape["M"], shape["K"], shape["N"]
     meta = dict(device="meta", dtype=dtype)
@@ -194,6 +194,13 @@ def scenarios(modules, dtype, shape, r):
     # bits (with one rank tile the shrink draws them itself), F3 = the dual GEMM
     A2, B2 = torch.empty(2 * r, K, **meta), torch.empty(N, 2 * r, **meta)
     out.append(("F", lambda: forward(x, W, A2, B2, b, 0.5, 0.1, seed)))
+    # DoRA with dropout: DF1 = F1, DF2 = y and z; DB1 = B1, DB2 = dx, then B3's reductions
+    dora_fwd, dora_bwd = _find(modules, "dora_forward_dropout"), _find(modules, "dora_backward_dropout")
+    g = torch.empty(N, device="meta", dtype=torch.float32)
+    bits = torch.empty((M, -(-K // 32)), dtype=torch.int32, device="meta")
+    for bias in (b, None):
+        out.append(("DF", lambda bias=bias: dora_fwd(x, W, A, B, bias, g, 0.5, 0.1, seed)))
+    out.append(("DB", lambda: dora_bwd(dy, x, W, A, B, T, g, 0.5, 0.1, bits, True, True, True, True)))
     return out
 
 
@@ -261,7 +268,7 @@ def record_launches(dtype_name: str, arch: int, quick: bool = False):
                                        "triton.heuristics: the static report compiles shipped configs only; "
                                        "launch the plain triton.jit kernel with a config from ops/configs.py"))
                 continue
-            calls.append((f"{prefix}{i}" if prefix in ("F", "B") else prefix, fn, args, kwargs))
+            calls.append((f"{prefix}{i}" if prefix in ("F", "B", "DF", "DB") else prefix, fn, args, kwargs))
 
     cands = configs.candidate_configs(dtype, arch)
     if quick:
@@ -940,7 +947,7 @@ def main(argv=None):
         print(f"  {r['arch']} {r['dtype']} {r['kernel']} {r['role']} [{r['flags']}] {r['tiles']} "
               f"w{r['warps']}/s{r['stages']}: {'; '.join(check_row(r))}")
     philox_bwd = sorted({f"{r['kernel']} {r['role']}" for r in rows if "error" not in r and r["philox"]
-                         and any(x.startswith("B") for x in r["role"].split("/"))})
+                         and any(x.startswith(("B", "DB")) for x in r["role"].split("/"))})
     print(f"Backward launches that run Philox (issue 9 wants none): {', '.join(philox_bwd) or 'none'}")
     if args.json:
         with open(args.json, "w") as f:

@@ -85,6 +85,37 @@ def test_triton_matches_oracle(M, K, N, r, p, dtype, device):
     check_against_oracle(inputs, scaling=1.3, p=p, seed=13, backend="triton")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M, K, N, r", [(64, 128, 64, 70), (33, 97, 130, 16)], ids=["even_r70", "ragged"])
+def test_triton_dropout_launches(M, K, N, r, dtype, monkeypatch, device):
+    """With dropout the Triton backend runs both base GEMMs of a direction in one launch over the
+    same W tiles (forward: F1, DF2; backward: B1, DB2, B3) and forms neither drop(x) nor g * dy:
+    no composite dropout pass, no torch GEMM of the base's size. Sizes that divide the
+    interpreter's tiles (EVEN_* paths; r spanning two F1 rank tiles: a keep-bits pass first) and
+    ragged ones; against the oracle."""
+    from rslora_kernels.dropout import kernels as dk
+    from rslora_kernels.ops import triton_kernels as tk
+    launched = []
+    real = tk.launch
+
+    def record(kernel, *args):
+        launched.append(kernel.fn.__name__)
+        return real(kernel, *args)
+
+    monkeypatch.setattr(tk, "launch", record)
+    monkeypatch.setattr(dk, "launch", record)
+    mms = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b, **k: mms.append((tuple(a.shape), tuple(b.shape))) or real_mm(a, b, **k))
+    inputs = make_inputs(M, K, N, r, dtype, device, seed=M + r)
+    check_against_oracle(inputs, scaling=0.7, p=0.1, seed=23, backend="triton")
+    ours = launched[:launched.index("_m_reduce_kernel") + 2]  # one forward and backward of ours
+    bits = ["_keep_bits_kernel"] if r > 64 else []
+    assert ours == bits + ["_shrink_kernel", "_dora_fwd_kernel", "_shrink_kernel", "_dora_dx_kernel",
+                           "_m_reduce_kernel", "_m_reduce_kernel"], ours
+    assert not any(a[1] == K and b == (K, N) or b == (N, K) for a, b in mms), mms  # no x W^T nor dy W in torch
+
+
 @pytest.mark.parametrize("backend", ["composite", "triton"])
 def test_3d_x_fp32_adapters_no_bias(backend, device):
     """bf16 x with PEFT's fp32 adapters and magnitude, 3-D x, no bias."""

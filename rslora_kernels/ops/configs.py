@@ -25,8 +25,8 @@ import torch
 from .._runtime import interpreting
 from .tuning import rules_only, tuned_config
 
-__all__ = ["TileConfig", "dual_gemm_config", "shrink_config", "shrink_masked_config", "grads_config", "split_m_for",
-           "candidate_configs"]
+__all__ = ["TileConfig", "dual_gemm_config", "dora_gemm_config", "shrink_config", "shrink_masked_config",
+           "grads_config", "split_m_for", "candidate_configs"]
 
 # SMs of the GPU each arch's rules are sized for (A100, H100 SXM)
 _SMS = {80: 108, 90: 132}
@@ -83,6 +83,19 @@ def dual_gemm_config(M: int, N: int, K: int, r: int, dtype: torch.dtype, arch: i
         # 48 KiB a stage: 3 stages = 144 KiB, one CTA per SM by design (the tile is the reuse)
         return TileConfig(128, 256, 64, rank_tile, GROUP_M=8, num_warps=8, num_stages=3)
     return TileConfig(128, 128, 64, rank_tile, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def dora_gemm_config(M: int, N: int, K: int, r: int, dtype: torch.dtype, arch: int) -> TileConfig:
+    """DoRA with dropout, forward (y and z, tiles [BLOCK_F of N, BLOCK_M]) and dx (tiles [BLOCK_M,
+    BLOCK_F of K]): two fp32 accumulators a tile, so sm_90 takes 128x128 where F2/B2 take 128x256
+    (the same registers), and sm_80, whose mma.sync operands need more registers, 128x64 (128x128
+    spills there). Called with (M, F, RED, r)."""
+    if (tuned := tuned_config("dora_gemm", M, N, K, r, dtype, arch)) is not None: return TileConfig(**tuned)  # noqa: E701
+    if interpreting():
+        return TileConfig(64, 64, 64, _rank_tile(r, 64), GROUP_M=4)
+    if _is_fp32(dtype):  # 64 on the MMA's M side of both accumulators (TF32 warpgroup MMA); 8 warps: IEEE FMAs
+        return TileConfig(64, 64, 16, 16, GROUP_M=8, num_warps=8, num_stages=3)
+    return TileConfig(128, 128 if arch >= 90 else 64, 64, _rank_tile(r, 64), GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def shrink_config(M: int, red: int, r: int, dtype: torch.dtype, arch: int) -> TileConfig:
@@ -162,7 +175,7 @@ def _measured_alternatives(family: str, cfg: TileConfig, dtype: torch.dtype, arc
 
 def candidate_configs(dtype: torch.dtype, arch: int):
     """Every (kernel family, config) the dispatcher can return for ``dtype`` on ``arch``; families:
-    "dual_gemm", "shrink", "shrink_masked" (F1 with dropout), "grads"; family ``f`` is what
+    "dual_gemm", "shrink", "shrink_masked" (F1 with dropout), "grads", "dora_gemm"; family ``f`` is what
     ``f_config`` returns: the rules' configs and the alternatives a tuned table may pick
     (:func:`_measured_alternatives`)."""
     out = set()
@@ -174,5 +187,6 @@ def candidate_configs(dtype: torch.dtype, arch: int):
                     out.add(("shrink", shrink_config(M, N, r, dtype, arch)))
                     out.add(("shrink_masked", shrink_masked_config(M, N, r, dtype, arch)))
                     out.add(("grads", grads_config(M, N, N, r, dtype, arch)))
+                    out.add(("dora_gemm", dora_gemm_config(M, N, N, r, dtype, arch)))
     out |= {(family, alt) for family, cfg in out for alt in _measured_alternatives(family, cfg, dtype, arch)}
     return sorted(out, key=lambda kc: (kc[0], str(kc[1])))

@@ -126,6 +126,10 @@ def dora_forward(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, ma
         gx = g.to(x2d.dtype)
         y = torch.addcmul(bias, z, gx) if bias is not None else z * gx
         return y, z, T, w, state
+    if backend == "triton":  # both base GEMMs in one launch, over the same W tiles
+        from .triton_kernels import dora_forward_dropout
+        y, z, T, state = dora_forward_dropout(x2d, weight, lora_A, lora_B, bias, g.float(), scaling, p, seed)
+        return y, z, T, w, state
     # the LoRA op on x itself (its dropout, its saved state), then the second base GEMM on drop(x)
     y, T, state = lora_linear_fwd(x2d, weight, lora_A, lora_B, bias, scaling, p, seed, backend)  # x W^T + b + s T B^T
     z = torch.mm(dropout_scale(x2d, seed, p, 1.0 / (1.0 - p)), weight.t())  # the dropped x dies here
@@ -139,8 +143,15 @@ def dora_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_
                   need_dx: bool, need_dA: bool, need_dB: bool, need_dm: bool, need_db: bool):
     """Returns (dx, dA, dB, dm, db), None where not needed; dm in the magnitude's dtype, db at least fp32."""
     g = magnitude.to(w.dtype) / w
-    dy_g = dy * g.to(dy.dtype)
     dx = dA = dB = dm = db = None
+    if need_dm:  # products in x's dtype (one M x N temporary), summed in fp32 (fp64)
+        dm = ((dy * z).sum(0, dtype=w.dtype) / w).to(magnitude.dtype)
+    if p > 0.0 and backend == "triton":  # g * dy is never formed; both base GEMMs of dx in one launch
+        from .triton_kernels import dora_backward_dropout
+        dx, dA, dB, db = dora_backward_dropout(dy, x2d, weight, lora_A, lora_B, T, g.float(), scaling, p, state,
+                                               need_dx, need_dA, need_dB, need_db)
+        return dx, dA, dB, dm, db
+    dy_g = dy * g.to(dy.dtype)
     if need_dx or need_dA or need_dB:
         dx, dA, dB, _ = lora_linear_bwd(
             dy_g, x2d, weight, lora_A, lora_B, T, scaling, p, state, [need_dx, need_dA, need_dB, False], backend)
@@ -149,8 +160,6 @@ def dora_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_
         # g dy W (unmasked) + mask/(1-p) * s U A; the difference is (1 - mask/(1-p)) * ((1 - g) dy W)
         rest = torch.mm(dy * (1 - g).to(dy.dtype), weight)
         dx.add_(rest).sub_(dropout_scale(rest, seed, p, 1.0 / (1.0 - p)))
-    if need_dm:  # products in x's dtype (one M x N temporary), summed in fp32 (fp64)
-        dm = ((dy * z).sum(0, dtype=w.dtype) / w).to(magnitude.dtype)
     if need_db:
         db = dy.sum(0, dtype=torch.promote_types(dy.dtype, torch.float32))
     return (dx if need_dx else None, dA if need_dA else None, dB if need_dB else None, dm, db)

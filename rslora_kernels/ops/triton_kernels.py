@@ -37,7 +37,8 @@ from .._runtime import cuda_arch, interpreting, num_sms
 from ..dropout.kernels import (keep_bits_triton, keep_bits_words, keep_from_bits, keep_mask_tile, load_seed,
                                store_keep_bits)
 from ..dropout.stream import drop_threshold
-from .configs import dual_gemm_config, grads_config, shrink_config, shrink_masked_config, split_m_for
+from .configs import (dora_gemm_config, dual_gemm_config, grads_config, shrink_config, shrink_masked_config,
+                      split_m_for)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,6 +316,169 @@ def _sum_splits_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# DoRA with dropout: two fp32 accumulators over the same W tiles (rslora_kernels.ops.dora)
+#   DF2: y = x W^T + b + (g-1) * z,  z = drop(x) W^T + s T B^T       _dora_fwd_kernel
+#   DB2: dx = dy W + mask/(1-p) * (s U A + dy diag(g-1) W)           _dora_dx_kernel
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _dora_fwd_kernel(
+    # pointers: T [M, R], B [N, R], x [M, K], W [N, K], bias [N] (None without), g [N] fp32,
+    # keep_bits [M, n_words]; outputs y and z [M, N]
+    t_ptr, b_ptr, x_ptr, w_ptr, bias_ptr, g_ptr, keep_bits_ptr, y_ptr, z_ptr,
+    # sizes
+    M, N, K, R, n_words,
+    # strides
+    stride_tm, stride_tr, stride_bn, stride_br, stride_xm, stride_xk, stride_wn, stride_wk, stride_bm,
+    stride_ym, stride_yn, stride_zm, stride_zn,
+    # s, and the scale of kept elements of x, 1/(1-p)
+    adapter_scale, keep_scale,
+    # meta. Both accumulators are transposed ([N, M] tiles: W is the MMA's A operand, x and drop(x)
+    # its B operand), so that the x tile masked in registers goes through shared memory (a masked A
+    # operand is fed from registers and ptxas serializes the wgmma, C7515)
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_R: tl.constexpr, OFFSET_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # grouped ordering, as in _dual_gemm_kernel
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_F)
+    pids_per_group = GROUP_M * num_pid_n
+    first_m = (pid // pids_per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % pids_per_group) % group_rows)
+    pid_n = (pid % pids_per_group) // group_rows
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    feats = pid_n * BLOCK_F + tl.arange(0, BLOCK_F)
+    rows_in = (rows % M).to(OFFSET_DTYPE)
+    feats_in = (feats % N).to(OFFSET_DTYPE)
+
+    # the rank term s B T^T, which y and z share
+    zt = tl.zeros((BLOCK_F, BLOCK_M), dtype=tl.float32)
+    ranks = tl.arange(0, BLOCK_R)
+    b_ptrs = b_ptr + (feats_in[:, None] * stride_bn + ranks.to(OFFSET_DTYPE)[None, :] * stride_br)
+    t_ptrs = t_ptr + (ranks.to(OFFSET_DTYPE)[:, None] * stride_tr + rows_in[None, :] * stride_tm)
+    for r0 in range(0, R, BLOCK_R):
+        if EVEN_R:
+            b = tl.load(b_ptrs)
+            t = tl.load(t_ptrs)
+        else:
+            b = tl.load(b_ptrs, mask=ranks[None, :] < R - r0, other=0.0)
+            t = tl.load(t_ptrs, mask=ranks[:, None] < R - r0, other=0.0)
+        zt = tl.dot(b.to(DOT_DTYPE), t.to(DOT_DTYPE), zt, input_precision=INPUT_PRECISION)
+        b_ptrs += tl.cast(BLOCK_R * stride_br, OFFSET_DTYPE)
+        t_ptrs += tl.cast(BLOCK_R * stride_tr, OFFSET_DTYPE)
+    zt = zt * adapter_scale
+    yt = zt
+
+    # x W^T into y, drop(x) W^T into z: each W tile loaded once for both (the hot loop)
+    reds = tl.arange(0, BLOCK_RED)
+    w_ptrs = w_ptr + (feats_in[:, None] * stride_wn + reds.to(OFFSET_DTYPE)[None, :] * stride_wk)
+    x_ptrs = x_ptr + (rows_in[:, None] * stride_xm + reds.to(OFFSET_DTYPE)[None, :] * stride_xk)
+    for k0 in range(0, K, BLOCK_RED):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=reds[None, :] < K - k0, other=0.0)
+            x = tl.load(x_ptrs, mask=reds[None, :] < K - k0, other=0.0)
+        keep = keep_from_bits(keep_bits_ptr, rows.to(tl.int64), rows < M, k0, n_words, stride_bm, BLOCK_M, BLOCK_RED)
+        dropped = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0)
+        yt = tl.dot(w.to(DOT_DTYPE), tl.trans(x.to(DOT_DTYPE)), yt, input_precision=INPUT_PRECISION)
+        zt = tl.dot(w.to(DOT_DTYPE), tl.trans(dropped.to(DOT_DTYPE)), zt, input_precision=INPUT_PRECISION)
+        w_ptrs += tl.cast(BLOCK_RED * stride_wk, OFFSET_DTYPE)
+        x_ptrs += tl.cast(BLOCK_RED * stride_xk, OFFSET_DTYPE)
+
+    # epilogue: y = (x W^T + s T B^T) + (g - 1) z + b
+    feat_ok = feats < N
+    g = tl.load(g_ptr + feats, mask=feat_ok, other=1.0)
+    yt += (g - 1.0)[:, None] * zt
+    if HAS_BIAS:
+        yt += tl.load(bias_ptr + feats, mask=feat_ok, other=0.0).to(tl.float32)[:, None]
+    inside = feat_ok[:, None] & (rows < M)[None, :]
+    rows_out = rows.to(OFFSET_DTYPE)[None, :]
+    feats_out = feats.to(OFFSET_DTYPE)[:, None]
+    tl.store(z_ptr + (rows_out * stride_zm + feats_out * stride_zn), zt.to(z_ptr.dtype.element_ty), mask=inside)
+    tl.store(y_ptr + (rows_out * stride_ym + feats_out * stride_yn), yt.to(y_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _dora_dx_kernel(
+    # pointers: U [M, R] (of g * dy), A [R, K], dy [M, N], W [N, K], c [N] fp32 (g - 1),
+    # keep_bits [M, n_words]; output dx [M, K]
+    u_ptr, a_ptr, dy_ptr, w_ptr, c_ptr, keep_bits_ptr, dx_ptr,
+    # sizes
+    M, K, N, R, n_words,
+    # strides
+    stride_um, stride_ur, stride_ar, stride_ak, stride_dym, stride_dyn, stride_wn, stride_wk, stride_bm,
+    stride_dxm, stride_dxk,
+    # s, and the scale of kept elements, 1/(1-p)
+    adapter_scale, keep_scale,
+    # meta. The rows of W scaled by c in registers are the MMA's B operand (through shared memory)
+    EVEN_N: tl.constexpr, EVEN_R: tl.constexpr, OFFSET_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_k = tl.cdiv(K, BLOCK_F)
+    pids_per_group = GROUP_M * num_pid_k
+    first_m = (pid // pids_per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % pids_per_group) % group_rows)
+    pid_k = (pid % pids_per_group) // group_rows
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_k * BLOCK_F + tl.arange(0, BLOCK_F)
+    rows_in = (rows % M).to(OFFSET_DTYPE)
+    cols_in = (cols % K).to(OFFSET_DTYPE)
+
+    # the masked accumulator starts with the rank term s U A
+    masked = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
+    ranks = tl.arange(0, BLOCK_R)
+    u_ptrs = u_ptr + (rows_in[:, None] * stride_um + ranks.to(OFFSET_DTYPE)[None, :] * stride_ur)
+    a_ptrs = a_ptr + (ranks.to(OFFSET_DTYPE)[:, None] * stride_ar + cols_in[None, :] * stride_ak)
+    for r0 in range(0, R, BLOCK_R):
+        if EVEN_R:
+            u = tl.load(u_ptrs)
+            a = tl.load(a_ptrs)
+        else:
+            u = tl.load(u_ptrs, mask=ranks[None, :] < R - r0, other=0.0)
+            a = tl.load(a_ptrs, mask=ranks[:, None] < R - r0, other=0.0)
+        masked = tl.dot(u.to(DOT_DTYPE), a.to(DOT_DTYPE), masked, input_precision=INPUT_PRECISION)
+        u_ptrs += tl.cast(BLOCK_R * stride_ur, OFFSET_DTYPE)
+        a_ptrs += tl.cast(BLOCK_R * stride_ar, OFFSET_DTYPE)
+    masked = masked * adapter_scale
+
+    # dy W (unmasked) and dy diag(g - 1) W (masked): each dy and W tile loaded once for both
+    plain = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
+    reds = tl.arange(0, BLOCK_RED)
+    dy_ptrs = dy_ptr + (rows_in[:, None] * stride_dym + reds.to(OFFSET_DTYPE)[None, :] * stride_dyn)
+    w_ptrs = w_ptr + (reds.to(OFFSET_DTYPE)[:, None] * stride_wn + cols_in[None, :] * stride_wk)
+    for n0 in range(0, N, BLOCK_RED):
+        if EVEN_N:
+            dy = tl.load(dy_ptrs)
+            w = tl.load(w_ptrs)
+            c = tl.load(c_ptr + n0 + reds)
+        else:
+            dy = tl.load(dy_ptrs, mask=reds[None, :] < N - n0, other=0.0)
+            w = tl.load(w_ptrs, mask=reds[:, None] < N - n0, other=0.0)
+            c = tl.load(c_ptr + n0 + reds, mask=reds < N - n0, other=0.0)
+        plain = tl.dot(dy.to(DOT_DTYPE), w.to(DOT_DTYPE), plain, input_precision=INPUT_PRECISION)
+        scaled = (w.to(tl.float32) * c[:, None]).to(DOT_DTYPE)
+        masked = tl.dot(dy.to(DOT_DTYPE), scaled, masked, input_precision=INPUT_PRECISION)
+        dy_ptrs += tl.cast(BLOCK_RED * stride_dyn, OFFSET_DTYPE)
+        w_ptrs += tl.cast(BLOCK_RED * stride_wn, OFFSET_DTYPE)
+
+    keep = keep_from_bits(keep_bits_ptr, rows.to(tl.int64), rows < M, pid_k * BLOCK_F, n_words, stride_bm,
+                          BLOCK_M, BLOCK_F)
+    dx = plain + tl.where(keep, masked * keep_scale, 0.0)
+    out_ptrs = dx_ptr + (rows.to(OFFSET_DTYPE)[:, None] * stride_dxm + cols.to(OFFSET_DTYPE)[None, :] * stride_dxk)
+    tl.store(out_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < K)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
 def _cdiv(a: int, b: int) -> int:
@@ -472,10 +636,11 @@ def _sum_splits(part: torch.Tensor, out_dtype) -> torch.Tensor:
 
 
 def _lora_grads(U, x2d, dy, T, scaling: float, p: float, mask_state, a_dtype, need_dA: bool, need_dB: bool,
-                num_splits: Optional[int] = None, need_db: bool = False):
+                num_splits: Optional[int] = None, need_db: bool = False, dB_row_scale: Optional[torch.Tensor] = None):
     """B3: dA = s/(1-p) U^T drop(x) [r, K] and dB = s dy^T T [N, r], one launch each; with
     ``need_db`` (and dB) also db = sum_M dy, summed while dB reads dy. ``mask_state``: the forward's
-    keep-bits, or a 0-dim seed (see :func:`_as_keep_bits`).
+    keep-bits, or a 0-dim seed (see :func:`_as_keep_bits`). ``dB_row_scale`` [N] fp32 (DoRA's g):
+    dB's rows are scaled by it in fp32 before the one rounding to the adapter's dtype.
     Returns (dA | None, dB | None), and db | None third with ``need_db``."""
     M, K = x2d.shape
     N, R = dy.shape[1], T.shape[1]
@@ -485,8 +650,10 @@ def _lora_grads(U, x2d, dy, T, scaling: float, p: float, mask_state, a_dtype, ne
         dA, _ = _m_reduce(U, x2d, scaling / (1.0 - p), a_dtype, cfg.BLOCK_M, cfg.BLOCK_R, cfg.BLOCK_F, 0,
                           cfg.launch_kwargs(), num_splits, keep_bits=_as_keep_bits(mask_state, M, K, p))
     if need_dB:
-        dB, db = _m_reduce(dy, T, scaling, a_dtype, cfg.BLOCK_M, cfg.BLOCK_F, cfg.BLOCK_R, 1,
-                           cfg.launch_kwargs(), num_splits, colsum=need_db)
+        dB, db = _m_reduce(dy, T, scaling, a_dtype if dB_row_scale is None else torch.float32, cfg.BLOCK_M,
+                           cfg.BLOCK_F, cfg.BLOCK_R, 1, cfg.launch_kwargs(), num_splits, colsum=need_db)
+        if dB_row_scale is not None:
+            dB = (dB * dB_row_scale[:, None]).to(a_dtype)
     return (dA, dB, db) if need_db else (dA, dB)
 
 
@@ -536,6 +703,83 @@ def lora_backward(dy, x2d, weight, lora_A, lora_B, T, scaling: float, p: float, 
     if need_dA or need_dB:
         # B3; db is summed by dB's launch, which reads dy anyway
         grads = _lora_grads(U, x2d, dy, T, scaling, p, keep_bits, lora_A.dtype, need_dA, need_dB, need_db=need_db)
+        dA, dB = grads[:2]
+        db = grads[2] if need_db else None
+    if need_db and db is None:
+        db = dy.sum(0, dtype=torch.float32)
+    return dx, dA, dB, db
+
+
+# ----------------------------------------------------------------------------------------------
+# DoRA with dropout (rslora_kernels.ops.dora): F1, DF2; B1, DB2, B3
+# ----------------------------------------------------------------------------------------------
+def dora_forward_dropout(x2d, weight, lora_A, lora_B, bias, g, scaling: float, p: float, seed):
+    """DoRA's forward with dropout (p > 0): F1 (T = drop(x) A^T, and the keep-bits), then one launch
+    for y = x W^T + b + (g-1) z and z = drop(x) W^T + s T B^T. ``g`` [N] fp32 = m / w.
+    Returns (y, z, T, keep-bits)."""
+    M, K = x2d.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    if M == 0:
+        empty = x2d.new_empty((0, N))
+        return empty, empty.clone(), x2d.new_empty((0, R)), keep_bits_triton(seed, 0, K, p)
+    T, keep_bits = _shrink(x2d, (lora_A.stride(1), lora_A.stride(0)), lora_A, R, x2d.dtype, seed=seed, p=p)
+    y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
+    z = torch.empty_like(y)
+    if y.numel() == 0:
+        return y, z, T, keep_bits
+    cfg = dora_gemm_config(M, N, K, R, x2d.dtype, cuda_arch(x2d.device))
+    n_words, stride_bm = _bits_strides(keep_bits)
+    launch(_dora_fwd_kernel, (_cdiv(M, cfg.BLOCK_M) * _cdiv(N, cfg.BLOCK_F),),
+           (T, lora_B, x2d, weight, bias, g, keep_bits, y, z,
+            M, N, K, R, n_words,
+            T.stride(0), T.stride(1), lora_B.stride(0), lora_B.stride(1), x2d.stride(0), x2d.stride(1),
+            weight.stride(0), weight.stride(1), stride_bm, y.stride(0), y.stride(1), z.stride(0), z.stride(1),
+            scaling, 1.0 / (1.0 - p)),
+           dict(HAS_BIAS=bias is not None, EVEN_K=K % cfg.BLOCK_RED == 0, EVEN_R=R % cfg.BLOCK_R == 0,
+                OFFSET_DTYPE=_offset_dtype(T, lora_B, x2d, weight, y), **_meta(x2d.dtype),
+                BLOCK_M=cfg.BLOCK_M, BLOCK_F=cfg.BLOCK_F, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R,
+                GROUP_M=cfg.GROUP_M),
+           cfg.launch_kwargs())
+    return y, z, T, keep_bits
+
+
+def dora_backward_dropout(dy, x2d, weight, lora_A, lora_B, T, g, scaling: float, p: float, keep_bits,
+                          need_dx: bool, need_dA: bool, need_dB: bool, need_db: bool):
+    """DoRA's backward with dropout, without forming g * dy: B1 on dy with B's rows scaled by g
+    (U = (g dy) B), DB2 for dx = dy W + mask/(1-p) * (s U A + dy diag(g-1) W), B3 with dB's rows
+    scaled by g (and db = sum_M dy). Returns (dx, dA, dB, db), None where not needed."""
+    M, K = x2d.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    if M == 0:
+        return lora_backward(dy, x2d, weight, lora_A, lora_B, T, scaling, p, keep_bits,
+                             need_dx, need_dA, need_dB, need_db)
+    keep_bits = _as_keep_bits(keep_bits, M, K, p)
+    U = None
+    if need_dx or need_dA:
+        B_g = lora_B.to(torch.float32) * g[:, None]  # [N, r]: F1's operand, rounded to x's dtype there
+        U = _shrink(dy, (B_g.stride(0), B_g.stride(1)), B_g, R, x2d.dtype)[0]
+    dx = None
+    if need_dx:
+        dx = torch.empty((M, K), dtype=x2d.dtype, device=x2d.device)
+        if dx.numel() > 0:
+            c = (g - 1.0).contiguous()
+            cfg = dora_gemm_config(M, K, N, R, x2d.dtype, cuda_arch(x2d.device))
+            n_words, stride_bm = _bits_strides(keep_bits)
+            launch(_dora_dx_kernel, (_cdiv(M, cfg.BLOCK_M) * _cdiv(K, cfg.BLOCK_F),),
+                   (U, lora_A, dy, weight, c, keep_bits, dx,
+                    M, K, N, R, n_words,
+                    U.stride(0), U.stride(1), lora_A.stride(0), lora_A.stride(1), dy.stride(0), dy.stride(1),
+                    weight.stride(0), weight.stride(1), stride_bm, dx.stride(0), dx.stride(1),
+                    scaling, 1.0 / (1.0 - p)),
+                   dict(EVEN_N=N % cfg.BLOCK_RED == 0, EVEN_R=R % cfg.BLOCK_R == 0,
+                        OFFSET_DTYPE=_offset_dtype(U, lora_A, dy, weight, dx), **_meta(x2d.dtype),
+                        BLOCK_M=cfg.BLOCK_M, BLOCK_F=cfg.BLOCK_F, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R,
+                        GROUP_M=cfg.GROUP_M),
+                   cfg.launch_kwargs())
+    dA = dB = db = None
+    if need_dA or need_dB:
+        grads = _lora_grads(U, x2d, dy, T, scaling, p, keep_bits, lora_A.dtype, need_dA, need_dB,
+                            need_db=need_db, dB_row_scale=g)
         dA, dB = grads[:2]
         db = grads[2] if need_db else None
     if need_db and db is None:
