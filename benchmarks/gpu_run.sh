@@ -32,8 +32,8 @@
 #   e  determinism, bf16 (backward twice, bit-equal)          30
 #   f  compute-sanitizer memcheck, one ragged case per kernel 60
 #   g  wider sweep (the headline in GPU time first --         what is left
-#      --timing graph --, then other shapes, p=0 and more ranks, fwd/bwd apart, eager_fp32, peft,
-#      compiled, DoRA, QLoRA)
+#      --timing graph --, DoRA in GPU time, then other shapes, p=0 and more ranks, fwd/bwd apart,
+#      eager_fp32, peft, compiled, QLoRA)
 # Expected compiles, counted by `python -m benchmarks.precompile --list` (Triton 3.9, sm_90, 132 SMs,
 # on a CPU machine): 209 distinct variants -- b 20, c 147, e 28, f 20, g-wide-graph 29,
 # g-wide-shapes 22, g-wide-ranks 29, g-wide-modes 19, g-wide-dora 21 (steps share some) -- all

@@ -95,7 +95,8 @@ PRESETS = {
     "wide-compiled": ["--shapes", "7b-attn", "--m", "8192", "--ranks", "16", "256", "--dropout", "0.1",
                       "--modes", "fwd+bwd", "--dtype", "bf16", "--providers", "eager", "compiled"],
     "wide-dora": ["--dora", "--shapes", "7b-attn", "--m", "8192", "--ranks", "16", "256", "--dropout", "0.0", "0.1",
-                  "--modes", "fwd+bwd", "--dtype", "bf16", "--providers", "triton", "composite", "peft-dora"],
+                  "--modes", "fwd+bwd", "--dtype", "bf16", "--timing", "graph",
+                  "--providers", "triton", "composite", "peft-dora"],
     "wide-qlora": ["--quant", "nf4", "--shapes", "7b-attn", "--m", "8192", "--ranks", "16", "256", "--dropout", "0.1",
                    "--modes", "fwd+bwd", "--dtype", "bf16", "--providers", "eager"],  # + peft-qlora and ours (bitsandbytes)
     # the same plumbing on the CPU: tiny ragged shapes, Triton through the interpreter
@@ -106,7 +107,7 @@ PRESETS = {
                  "--modes", "fwd+bwd", "--dtype", "fp32", "--providers", "composite", "eager",
                  "--min-time", "0.01", "--rounds", "1", "--rotate", "2", "--no-plots"],
 }
-WIDE_PRESETS = ("wide-graph", "wide-shapes", "wide-ranks", "wide-modes", "wide-compiled", "wide-dora", "wide-qlora")
+WIDE_PRESETS = ("wide-graph", "wide-dora", "wide-shapes", "wide-ranks", "wide-modes", "wide-compiled", "wide-qlora")
 
 
 class Stopped(BaseException):
