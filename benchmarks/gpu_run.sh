@@ -21,12 +21,12 @@
 # Time plan (seconds; each step is time-boxed, and no step starts after RUN_BUDGET=420 s of the run;
 # the lease's own start, 30-40 s on the H200s of 2026-11-27, comes on top; there a full run took 284 s):
 #   a  environment                                            20
-#   p  precompile: every variant of b, c, e, f, g, all cores  90   (cold: 209 x ~2 s / 16 cores)
+#   p  precompile: every variant of b, c, e, f, g, all cores  90   (cold: 268 x ~2 s / 16 cores)
 #   b  headline sweep (bf16, M=8192, K=N=4096, p=0.1,         75
 #      r 16 64 256 2048, triton/composite/eager, fwd+bwd)
 #   b-profile  step profile: step / CUDA-graph / host time    60   (benchmarks.profile_step,
 #      and kernels, r 16 and 2048, p=0.1                           profile.md)
-#   c  CUDA numerics: bf16/fp16 op tests + mask parity        90   (87 tests, 8 pytest-xdist workers;
+#   c  CUDA numerics: bf16/fp16 op tests + mask parity        90   (118 tests, 8 pytest-xdist workers;
 #      selection: benchmarks.precompile.NUMERICS_TESTS)
 #   d  tuner, 7b-attn at r 16, 256, 64 (benchmarks/tune.py)   75   (CUDA-graph timing: ~10 s a case)
 #   e  determinism, bf16 (backward twice, bit-equal)          30
@@ -35,8 +35,8 @@
 #      --timing graph --, DoRA in GPU time, then other shapes, p=0 and more ranks, fwd/bwd apart,
 #      eager_fp32, peft, compiled, QLoRA)
 # Expected compiles, counted by `python -m benchmarks.precompile --list` (Triton 3.9, sm_90, 132 SMs,
-# on a CPU machine): 209 distinct variants -- b 20, c 147, e 28, f 20, g-wide-graph 29,
-# g-wide-shapes 22, g-wide-ranks 29, g-wide-modes 19, g-wide-dora 21 (steps share some) -- all
+# on a CPU machine): 268 distinct variants -- b 21, c 198, e 28, f 20, g-wide-graph 30,
+# g-wide-dora 27, g-wide-shapes 23, g-wide-ranks 29, g-wide-modes 20 (steps share some) -- all
 # compiled in step p (201 variants took 16-19 s on the 16 cores of an H200 lease). Step c's count comes from running its tests on meta tensors; a test
 # that launches a kernel after its first check is missed and compiles during c. Step d compiles
 # the tuner's candidate configs itself. summary.md reports, per step, the compiles Triton still

@@ -190,9 +190,10 @@ def _sweep_scenario(preset: str):
     def run():
         import torch
         from torch import nn
-        from . import providers as prov
+        from . import dora_providers, providers
         from . import sweep
         args = sweep.parse_args(["--preset", preset, "--device", "cuda"])
+        prov = dora_providers if args.dora else providers  # as the sweep picks its layers
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
         fused = [p for p in args.providers if p in _registry()]
         backward = any(m != "fwd" for m in args.modes)
@@ -233,7 +234,7 @@ def _ragged_scenario(dtype_name, small):
 
 # Step c's selection (gpu_run.sh reads these): the bf16/fp16 op tests and the mask-parity tests.
 NUMERICS_TESTS = ["tests/test_lora_linear.py", "tests/test_dropout.py", "tests/test_composite.py", "tests/test_layers.py",
-                  "tests/test_cuda_graphs.py",
+                  "tests/test_cuda_graphs.py", "tests/test_dora.py",
                   "-k", "float16 or mask"]
 DRY_NUMERICS_TESTS = ["tests/test_dropout.py", "-k", "kernels_use_dropout_mask"]
 
