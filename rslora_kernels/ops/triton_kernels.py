@@ -1,7 +1,8 @@
 """Triton kernels of the fused LoRA linear op and their launchers.
 
-Reading order: the three kernels, then the host launchers. The dropout stream's Triton functions
-(Philox4x32-10, the keep-bits pass and their unpacking) live in :mod:`rslora_kernels.dropout.kernels`.
+Reading order: the kernels (two helpers shared by the GEMM kernels first), then the host
+launchers. The dropout stream's Triton functions (Philox4x32-10, the keep-bits pass, packing and
+unpacking) live in :mod:`rslora_kernels.dropout.kernels`.
 
     forward   F1  T  = drop(x) A^T, keep-bits of x          _shrink_kernel (draws the bits when one
                                                             rank tile covers r; else a pass first:
@@ -12,6 +13,11 @@ Reading order: the three kernels, then the host launchers. The dropout stream's 
               B3  dA = s/(1-p) U^T (x*mask)                 _m_reduce_kernel (mask on)
                   dB = s dy^T T,  db = sum_M dy             _m_reduce_kernel (column sums on)
                   (split over M: partials summed in order)  _sum_splits_kernel
+    DoRA, dropout on (F1, B1, B3 as above):
+              DF2 z = s T B^T + drop(x) W^T,            _dora_fwd_kernel (two accumulators over
+                  y = s T B^T + x W^T + (g-1) z + b      the same W tiles)
+              DB2 dx = dy W + mask/(1-p) *              _dora_dx_kernel (likewise)
+                       (s U A + dy diag(g-1) W)
 
 Philox runs once per element of x per step, in F1 or the bits pass; B2 and B3 read the bits.
 
@@ -121,6 +127,44 @@ def _shrink_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# Shared by the GEMM kernels below (F2/B2, DF2, DB2)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _grouped_tile(M, F, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of this program in grouped order: GROUP_M row tiles sweep the column
+    tiles together, so that the column tiles' operand (W) stays in L2 while they share it."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_f = tl.cdiv(F, BLOCK_F)
+    pids_per_group = GROUP_M * num_pid_f
+    first_m = (pid // pids_per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_m, GROUP_M)
+    return first_m + ((pid % pids_per_group) % group_rows), (pid % pids_per_group) // group_rows
+
+
+@triton.jit
+def _rank_term(acc, a_ptr, stride_ax, stride_ar, xs, b_ptr, stride_br, stride_by, ys, R,
+               OFFSET_DTYPE: tl.constexpr, EVEN_R: tl.constexpr, DOT_DTYPE: tl.constexpr,
+               INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc + a[xs, :R] @ b[:R, ys], over the rank in BLOCK_R tiles (ranks past R read as 0); xs, ys:
+    in-matrix row / column indices (OFFSET_DTYPE) of a [X, R] and b [R, Y]."""
+    ranks = tl.arange(0, BLOCK_R)
+    a_ptrs = a_ptr + (xs[:, None] * stride_ax + ranks.to(OFFSET_DTYPE)[None, :] * stride_ar)
+    b_ptrs = b_ptr + (ranks.to(OFFSET_DTYPE)[:, None] * stride_br + ys[None, :] * stride_by)
+    for r0 in range(0, R, BLOCK_R):
+        if EVEN_R:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=ranks[None, :] < R - r0, other=0.0)
+            b = tl.load(b_ptrs, mask=ranks[:, None] < R - r0, other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        a_ptrs += tl.cast(BLOCK_R * stride_ar, OFFSET_DTYPE)
+        b_ptrs += tl.cast(BLOCK_R * stride_br, OFFSET_DTYPE)
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------
 # F2 / B2: out[M, F] = adapter_scale * keep?(t[M, R] @ bt[R, F]) + in[M, RED] @ w[RED, F] + bias
 # ----------------------------------------------------------------------------------------------
 @triton.jit
@@ -142,16 +186,7 @@ def _dual_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # grouped ordering: GROUP_M row-tiles sweep the F-tiles together so W tiles stay in L2
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_f = tl.cdiv(F, BLOCK_F)
-    pids_per_group = GROUP_M * num_pid_f
-    first_m = (pid // pids_per_group) * GROUP_M
-    group_rows = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % pids_per_group) % group_rows)
-    pid_f = (pid % pids_per_group) // group_rows
-
+    pid_m, pid_f = _grouped_tile(M, F, BLOCK_M, BLOCK_F, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     feats = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     # wrapped inside the matrix: loads need no row or feature mask (those lanes are never stored)
@@ -159,23 +194,9 @@ def _dual_gemm_kernel(
     feats_in = (feats % F).to(OFFSET_DTYPE)
 
     # adapter term first, so the scale and the dropout mask touch one fp32 tile
-    acc = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
-    ranks = tl.arange(0, BLOCK_R)
-    t_ptrs = t_ptr + (rows_in[:, None] * stride_tm + ranks.to(OFFSET_DTYPE)[None, :] * stride_tr)
-    bt_ptrs = bt_ptr + (ranks.to(OFFSET_DTYPE)[:, None] * stride_btr + feats_in[None, :] * stride_btf)
-    t_step = tl.cast(BLOCK_R * stride_tr, OFFSET_DTYPE)
-    bt_step = tl.cast(BLOCK_R * stride_btr, OFFSET_DTYPE)
-    for r0 in range(0, R, BLOCK_R):
-        if EVEN_R:
-            t = tl.load(t_ptrs)
-            bt = tl.load(bt_ptrs)
-        else:
-            t = tl.load(t_ptrs, mask=ranks[None, :] < R - r0, other=0.0)
-            bt = tl.load(bt_ptrs, mask=ranks[:, None] < R - r0, other=0.0)
-        acc = tl.dot(t.to(DOT_DTYPE), bt.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
-        t_ptrs += t_step
-        bt_ptrs += bt_step
-    acc = acc * adapter_scale
+    acc = _rank_term(tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32), t_ptr, stride_tm, stride_tr, rows_in,
+                     bt_ptr, stride_btr, stride_btf, feats_in, R,
+                     OFFSET_DTYPE, EVEN_R, DOT_DTYPE, INPUT_PRECISION, BLOCK_R) * adapter_scale
     if HAS_DROPOUT:
         keep = keep_from_bits(keep_bits_ptr, rows.to(tl.int64), rows < M, pid_f * BLOCK_F, n_words, stride_bm,
                               BLOCK_M, BLOCK_F)
@@ -340,36 +361,16 @@ def _dora_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # grouped ordering, as in _dual_gemm_kernel
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_F)
-    pids_per_group = GROUP_M * num_pid_n
-    first_m = (pid // pids_per_group) * GROUP_M
-    group_rows = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % pids_per_group) % group_rows)
-    pid_n = (pid % pids_per_group) // group_rows
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_F, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     feats = pid_n * BLOCK_F + tl.arange(0, BLOCK_F)
     rows_in = (rows % M).to(OFFSET_DTYPE)
     feats_in = (feats % N).to(OFFSET_DTYPE)
 
     # the rank term s B T^T, which y and z share
-    zt = tl.zeros((BLOCK_F, BLOCK_M), dtype=tl.float32)
-    ranks = tl.arange(0, BLOCK_R)
-    b_ptrs = b_ptr + (feats_in[:, None] * stride_bn + ranks.to(OFFSET_DTYPE)[None, :] * stride_br)
-    t_ptrs = t_ptr + (ranks.to(OFFSET_DTYPE)[:, None] * stride_tr + rows_in[None, :] * stride_tm)
-    for r0 in range(0, R, BLOCK_R):
-        if EVEN_R:
-            b = tl.load(b_ptrs)
-            t = tl.load(t_ptrs)
-        else:
-            b = tl.load(b_ptrs, mask=ranks[None, :] < R - r0, other=0.0)
-            t = tl.load(t_ptrs, mask=ranks[:, None] < R - r0, other=0.0)
-        zt = tl.dot(b.to(DOT_DTYPE), t.to(DOT_DTYPE), zt, input_precision=INPUT_PRECISION)
-        b_ptrs += tl.cast(BLOCK_R * stride_br, OFFSET_DTYPE)
-        t_ptrs += tl.cast(BLOCK_R * stride_tr, OFFSET_DTYPE)
-    zt = zt * adapter_scale
+    zt = _rank_term(tl.zeros((BLOCK_F, BLOCK_M), dtype=tl.float32), b_ptr, stride_bn, stride_br, feats_in,
+                    t_ptr, stride_tr, stride_tm, rows_in, R,
+                    OFFSET_DTYPE, EVEN_R, DOT_DTYPE, INPUT_PRECISION, BLOCK_R) * adapter_scale
     yt = zt
 
     # x W^T into y, drop(x) W^T into z: each W tile loaded once for both (the hot loop)
@@ -421,35 +422,16 @@ def _dora_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_k = tl.cdiv(K, BLOCK_F)
-    pids_per_group = GROUP_M * num_pid_k
-    first_m = (pid // pids_per_group) * GROUP_M
-    group_rows = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % pids_per_group) % group_rows)
-    pid_k = (pid % pids_per_group) // group_rows
+    pid_m, pid_k = _grouped_tile(M, K, BLOCK_M, BLOCK_F, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_k * BLOCK_F + tl.arange(0, BLOCK_F)
     rows_in = (rows % M).to(OFFSET_DTYPE)
     cols_in = (cols % K).to(OFFSET_DTYPE)
 
     # the masked accumulator starts with the rank term s U A
-    masked = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
-    ranks = tl.arange(0, BLOCK_R)
-    u_ptrs = u_ptr + (rows_in[:, None] * stride_um + ranks.to(OFFSET_DTYPE)[None, :] * stride_ur)
-    a_ptrs = a_ptr + (ranks.to(OFFSET_DTYPE)[:, None] * stride_ar + cols_in[None, :] * stride_ak)
-    for r0 in range(0, R, BLOCK_R):
-        if EVEN_R:
-            u = tl.load(u_ptrs)
-            a = tl.load(a_ptrs)
-        else:
-            u = tl.load(u_ptrs, mask=ranks[None, :] < R - r0, other=0.0)
-            a = tl.load(a_ptrs, mask=ranks[:, None] < R - r0, other=0.0)
-        masked = tl.dot(u.to(DOT_DTYPE), a.to(DOT_DTYPE), masked, input_precision=INPUT_PRECISION)
-        u_ptrs += tl.cast(BLOCK_R * stride_ur, OFFSET_DTYPE)
-        a_ptrs += tl.cast(BLOCK_R * stride_ar, OFFSET_DTYPE)
-    masked = masked * adapter_scale
+    masked = _rank_term(tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32), u_ptr, stride_um, stride_ur, rows_in,
+                        a_ptr, stride_ar, stride_ak, cols_in, R,
+                        OFFSET_DTYPE, EVEN_R, DOT_DTYPE, INPUT_PRECISION, BLOCK_R) * adapter_scale
 
     # dy W (unmasked) and dy diag(g - 1) W (masked): each dy and W tile loaded once for both
     plain = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
