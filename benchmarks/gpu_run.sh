@@ -21,7 +21,7 @@
 # Time plan (seconds; each step is time-boxed, and no step starts after RUN_BUDGET=420 s of the run;
 # the lease's own start, 30-40 s on the H200s of 2026-11-27, comes on top; there a full run took 284 s):
 #   a  environment                                            20
-#   p  precompile: every variant of b, c, e, f, g, all cores  90   (cold: 268 x ~2 s / 16 cores)
+#   p  precompile: every variant of b-g, all cores            90   (cold: ~300 x ~2 s / 16 cores)
 #   b  headline sweep (bf16, M=8192, K=N=4096, p=0.1,         75
 #      r 16 64 256 2048, triton/composite/eager, fwd+bwd)
 #   b-profile  step profile: step / CUDA-graph / host time    60   (benchmarks.profile_step,
@@ -35,11 +35,12 @@
 #      --timing graph --, DoRA in GPU time, then other shapes, p=0 and more ranks, fwd/bwd apart,
 #      eager_fp32, peft, compiled, QLoRA)
 # Expected compiles, counted by `python -m benchmarks.precompile --list` (Triton 3.9, sm_90, 132 SMs,
-# on a CPU machine): 268 distinct variants -- b 21, c 198, e 28, f 20, g-wide-graph 30,
+# on a CPU machine): 299 distinct variants -- b 21, c 198, d 52, e 28, f 20, g-wide-graph 30,
 # g-wide-dora 27, g-wide-shapes 23, g-wide-ranks 29, g-wide-modes 20 (steps share some) -- all
-# compiled in step p (201 variants took 16-19 s on the 16 cores of an H200 lease). Step c's count comes from running its tests on meta tensors; a test
-# that launches a kernel after its first check is missed and compiles during c. Step d compiles
-# the tuner's candidate configs itself. summary.md reports, per step, the compiles Triton still
+# compiled in step p (201 variants took 16-19 s on the 16 cores of an H200 lease). Step c's count
+# comes from running its tests on meta tensors; a test that launches a kernel after its first check
+# is missed and compiles during c. Step d's comes from forcing every candidate config the tuner
+# forces (benchmarks.precompile.TUNE_ARGS). summary.md reports, per step, the compiles Triton still
 # had to do (0 where the enumeration was complete).
 #
 # Compile cache: TRITON_CACHE_DIR, default .triton-cache-sm90 if the checkout has it (a cache built
@@ -51,7 +52,7 @@
 # is installed into a temporary folder on PYTHONPATH first, so the QLoRA providers run.
 #
 # Variables: RESULTS_ROOT, RUN_BUDGET (420), PYTHON, COMMIT (wins over git), TUNE_ARGS
-# (--quick --ranks 16 256 64 --time-budget 50), NUMERICS_WORKERS (8), and per step <STEP>_LIMIT (ENV, PRECOMPILE, SWEEP, NUMERICS, TUNE,
+# (default: benchmarks.precompile.TUNE_ARGS, whose launches step p compiles), NUMERICS_WORKERS (8), and per step <STEP>_LIMIT (ENV, PRECOMPILE, SWEEP, NUMERICS, TUNE,
 # DETERMINISM, SANITIZER) in seconds.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -225,7 +226,9 @@ else
   WIDE_PRESETS=""  # benchmarks.sweep.WIDE_PRESETS, read in step g (importing the sweep loads torch)
   mapfile -t NUMERICS < <("$PY" -c "from benchmarks.precompile import NUMERICS_TESTS as t; print(*t, sep=chr(10))")
   DET_ARGS=(--dtypes bf16) RAGGED_ARGS=()
-  read -r -a TUNE <<< "${TUNE_ARGS:---quick --ranks 16 256 64 --time-budget 50}"; PRECOMPILE_EXTRA=()  # stops itself before the 75 s limit
+  if [ -n "${TUNE_ARGS:-}" ]; then read -r -a TUNE <<< "$TUNE_ARGS"
+  else mapfile -t TUNE < <("$PY" -c "from benchmarks.precompile import TUNE_ARGS as t; print(*t, sep=chr(10))"); fi
+  PRECOMPILE_EXTRA=()  # the tuner stops itself (--time-budget) before its step's limit
   NUMERICS_WORKERS=${NUMERICS_WORKERS:-8}
   PROFILE_ARGS=(--ranks 16 2048 --dropout 0.1)
 fi

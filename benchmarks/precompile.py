@@ -237,6 +237,8 @@ NUMERICS_TESTS = ["tests/test_lora_linear.py", "tests/test_dropout.py", "tests/t
                   "tests/test_cuda_graphs.py", "tests/test_dora.py",
                   "-k", "float16 or mask"]
 DRY_NUMERICS_TESTS = ["tests/test_dropout.py", "-k", "kernels_use_dropout_mask"]
+# Step d's arguments (gpu_run.sh reads these unless TUNE_ARGS is set): 7b-attn at M = 8192, three ranks
+TUNE_ARGS = ["--quick", "--ranks", "16", "256", "64", "--time-budget", "50"]
 
 
 class _MetaDevice:
@@ -272,6 +274,31 @@ def _pytest_scenario(selection):
     return run
 
 
+def _tune_scenario(argv):
+    """The tuner's launches (benchmarks.tune with ``argv``): every candidate config of every
+    request of every case, forced in turn as the tuner forces it (the timer only calls the step)."""
+    def run():
+        import torch
+        from rslora_kernels._runtime import cuda_arch
+        from rslora_kernels.ops import configs
+        from rslora_kernels.ops.tuning import rules_only
+        from . import tune
+        args = tune.parse_args([*argv, "--out", os.devnull])
+        meta = torch.device("meta")
+        for dtype, M, _, K, N, r in tune.cases(args):
+            with rules_only():
+                cands = {}
+                for family, cfg in configs.candidate_configs(dtype, cuda_arch(meta)):
+                    cands.setdefault(family, []).append(cfg)
+            x = torch.empty(M, K, device=meta, dtype=dtype, requires_grad=True)
+            A = torch.empty(r, K, device=meta, dtype=dtype, requires_grad=True)
+            B = torch.empty(N, r, device=meta, dtype=dtype, requires_grad=True)
+            inputs = (x, torch.empty(N, K, device=meta, dtype=dtype), A, B, torch.empty(M, N, device=meta, dtype=dtype))
+            tune.tune_case(tune.op_runner(inputs, r), [x, A, B], lambda fn, grads: fn() or 0.0, cands,
+                           log=lambda *a: None)
+    return run
+
+
 def plan(name: str):
     """{step: scenario} of a run, in gpu_run.sh's step order. 'gpu': the real run; 'dry': --dry-run's
     tiny shapes (compiled for the GPU all the same: a rehearsal of this tool)."""
@@ -279,6 +306,7 @@ def plan(name: str):
     if name == "gpu":
         steps = {"b-sweep": _sweep_scenario("headline"),
                  "c-numerics": _pytest_scenario(NUMERICS_TESTS),
+                 "d-tune": _tune_scenario(TUNE_ARGS),
                  "e-determinism": _determinism_scenario(["bf16"], 1),
                  "f-sanitizer": _ragged_scenario("bf16", False)}
         steps.update({f"g-{p}": _sweep_scenario(p) for p in WIDE_PRESETS})

@@ -100,3 +100,23 @@ assert after == before, "the JIT computed another cache key than precompile"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "entries before 1 after 1" in proc.stdout
+
+
+def test_precompile_covers_the_tuners_candidates():
+    """Step p compiles what step d will launch: every candidate config the tuner forces, the
+    alternatives only a tuned table can pick included (F1 leaving the mask to the bits pass, the
+    4-stage shrink and B3 tiles), so that the tuner's time goes to timing, not compiling."""
+    code = """
+from benchmarks import precompile as pc
+variants = pc.enumerate_variants("gpu", 90, 132, steps=["d-tune"])
+names = {v.qualname for v in variants}
+deep = {v.qualname for v in variants if v.options.get("num_stages") == 4}
+print(len(variants), sorted(names), sorted(deep))
+assert {"_keep_bits_kernel", "_shrink_kernel", "_dual_gemm_kernel", "_m_reduce_kernel"} <= names, names
+assert {"_shrink_kernel", "_m_reduce_kernel"} <= deep, deep
+assert all(v.steps == ["d-tune"] for v in variants)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
