@@ -31,10 +31,14 @@ Backward with ``dy_g = dy * g`` (the LoRA backward run on ``dy_g``)::
     dropout on   dx += (1 - mask/(1-p)) * ((dy - dy_g) W)     the x W^T and (g-1) xd W^T terms
     dm = sum_M(dy * z) / w,   db = sum_M dy
 
+The Triton backend with dropout runs each direction's two base GEMMs in one launch instead, two
+accumulators over the same W tiles (``triton_kernels.dora_forward_dropout`` / ``dora_backward_dropout``:
+y and z from x and drop(x) in registers; dx from dy, with W's rows scaled by g - 1 in registers
+for the masked term and U = dy (g B), so that neither drop(x) nor g * dy is formed).
+
 Saved for backward: x (a view), T [M, r], z [M, N], w [N], the seed and the LoRA op's mask state;
-never an [N, K] tensor nor a second copy of x. The column scales (``* g``, ``(g - 1) *``), the
-dropout-on extra GEMMs and the ``dm`` reduction are torch ops on every backend ("triton" runs the
-LoRA op's Triton kernels and torch for the rest): no fused column-scale epilogue is built.
+never an [N, K] tensor nor a second copy of x. Elsewhere the column scales (``* g``, ``(g - 1) *``),
+the dropout-on extra GEMMs and the ``dm`` reduction are torch ops; ``dm`` is one on every backend.
 """
 from __future__ import annotations
 
