@@ -28,7 +28,7 @@ from ._runtime import interpreting
 
 __all__ = ["launch", "direct_launch_enabled", "clear_launch_cache", "MAX_CACHED"]
 
-_COMPILED: Dict[tuple, object] = {}
+_COMPILED: Dict[tuple, tuple] = {}  # key -> (kernel, its compiled kernel)
 # Keys hold exact integer values (sizes, strides), so workloads whose sizes change every call (ragged
 # batches) would add entries without end: past this many the cache starts over (the JIT path
 # refills it; only host time is at stake).
@@ -65,10 +65,11 @@ def clear_launch_cache() -> None:
 
 
 def _arg_key(args: Sequence) -> tuple:
-    # a tensor: (dtype, 16-byte aligned); an int: itself; a float: its type (Triton does not
-    # specialize on float values); anything else (None, a bool): its type and value
-    return tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
-                  else a if type(a) is int else float if type(a) is float else (type(a), a)
+    # an int: itself; a float: its type (Triton does not specialize on float values); a tensor:
+    # (dtype, 16-byte aligned); anything else (None, a bool): its type and value. Ints first: most
+    # arguments are sizes and strides
+    return tuple([a if type(a) is int else float if type(a) is float
+                  else (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (type(a), a)
                   for a in args])
 
 
@@ -83,9 +84,11 @@ def launch(kernel, grid: Tuple[int, ...], args: Sequence, constexprs: Dict[str, 
         return
     driver = _triton[1].active  # what the JIT launches on: the current device, its current stream
     device = driver.get_current_device()
-    key = (kernel, device, _arg_key(args), tuple(constexprs.values()), tuple(options.values()))
-    compiled = _COMPILED.get(key)
-    if compiled is not None:
+    # id(kernel), not the kernel: hashing a JITFunction hashes its source-derived cache key on every
+    # call. The entry holds the kernel too, so an id reused by another kernel object never matches
+    key = (id(kernel), device, _arg_key(args), tuple(constexprs.values()), tuple(options.values()))
+    held, compiled = _COMPILED.get(key, (None, None))
+    if held is kernel:
         grid = tuple(grid) + (1,) * (3 - len(grid))
         compiled.run(grid[0], grid[1], grid[2], driver.get_current_stream(device), compiled.function,
                      compiled.packed_metadata, None, None, None, *args, *constexprs.values())
@@ -94,7 +97,7 @@ def launch(kernel, grid: Tuple[int, ...], args: Sequence, constexprs: Dict[str, 
     if _launchable(kernel, compiled, len(args), constexprs):
         if len(_COMPILED) >= MAX_CACHED:
             _COMPILED.clear()
-        _COMPILED[key] = compiled
+        _COMPILED[key] = (kernel, compiled)
 
 
 def _launchable(kernel, compiled, n_args: int, constexprs) -> bool:
