@@ -105,3 +105,20 @@ def test_64_bit_offsets_give_the_same_bits(monkeypatch, device):
     for a, b in zip(narrow, wide):
         assert torch.equal(a, b)
     check_against_oracle(inputs, scaling=0.9, p=0.1, seed=3)  # and the 64-bit path is right
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_strided_bias(dora, device):
+    """A bias that is a strided view (every other element of a buffer) is read as such."""
+    inputs = make_inputs(9, 20, 12, 4, torch.float32, device, seed=83)
+    buffer = torch.randn(24, generator=torch.Generator().manual_seed(84)).to(device)
+    bias = buffer[::2]
+    x, W, A, B = inputs["x"], inputs["weight"], inputs["lora_A"], inputs["lora_B"]
+    if dora:
+        m = torch.linalg.norm(W, dim=1) * 1.1
+        run = lambda b, backend: rk.dora_linear(x, W, A, B, m, 0.5, bias=b, dropout_p=0.1, seed=3,  # noqa: E731
+                                                backend=backend)
+    else:
+        run = lambda b, backend: rk.lora_linear(x, W, A, B, 0.5, bias=b, dropout_p=0.1, seed=3,  # noqa: E731
+                                                backend=backend)
+    torch.testing.assert_close(run(bias, "triton"), run(bias.contiguous(), "reference"), rtol=1e-5, atol=1e-5)

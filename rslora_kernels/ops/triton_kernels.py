@@ -656,7 +656,8 @@ def lora_forward(x2d, weight, lora_A, lora_B, bias, scaling: float, p: float, se
     T, keep_bits = _shrink(x2d, (lora_A.stride(1), lora_A.stride(0)), lora_A, R, x2d.dtype,
                            seed=seed if p > 0.0 else None, p=p)
     mask_state = keep_bits if keep_bits is not None else x2d.new_empty((0,), dtype=torch.int32)
-    # F2: bt_view[r, n] = B[n, r]; w_view[k, n] = W[n, k]
+    # F2: bt_view[r, n] = B[n, r]; w_view[k, n] = W[n, k]; the bias is read with unit stride
+    bias = bias.contiguous() if bias is not None else None
     y = _dual_gemm(T, lora_B, (lora_B.stride(1), lora_B.stride(0)), x2d, weight, (weight.stride(1), weight.stride(0)),
                    N, scaling, x2d.dtype, bias=bias)
     return y, T, mask_state
@@ -709,6 +710,8 @@ def dora_forward_dropout(x2d, weight, lora_A, lora_B, bias, g, scaling: float, p
     z = torch.empty_like(y)
     if y.numel() == 0:
         return y, z, T, keep_bits
+    g = g.to(torch.float32).contiguous()  # g and the bias are read with unit stride
+    bias = bias.contiguous() if bias is not None else None
     cfg = dora_gemm_config(M, N, K, R, x2d.dtype, cuda_arch(x2d.device))
     n_words, stride_bm = _bits_strides(keep_bits)
     launch(_dora_fwd_kernel, (_cdiv(M, cfg.BLOCK_M) * _cdiv(N, cfg.BLOCK_F),),
@@ -744,7 +747,7 @@ def dora_backward_dropout(dy, x2d, weight, lora_A, lora_B, T, g, scaling: float,
     if need_dx:
         dx = torch.empty((M, K), dtype=x2d.dtype, device=x2d.device)
         if dx.numel() > 0:
-            c = (g - 1.0).contiguous()
+            c = (g.to(torch.float32) - 1.0).contiguous()  # read with unit stride
             cfg = dora_gemm_config(M, K, N, R, x2d.dtype, cuda_arch(x2d.device))
             n_words, stride_bm = _bits_strides(keep_bits)
             launch(_dora_dx_kernel, (_cdiv(M, cfg.BLOCK_M) * _cdiv(K, cfg.BLOCK_F),),
