@@ -21,7 +21,8 @@
 # Time plan (seconds; each step is time-boxed, and no step starts after RUN_BUDGET=420 s of the run;
 # the lease's own start, 30-40 s on the H200s of 2026-11-27, comes on top; there a full run took 284 s):
 #   a  environment                                            20
-#   p  precompile: every variant of b-g, all cores            90   (cold: ~300 x ~2 s / 16 cores)
+#   p  precompile: every variant of b-g, all cores           120   (cold: ~300 x ~2 s / 16 cores, plus
+#      enumeration: ~65 s expected on an H200 lease)
 #   b  headline sweep (bf16, M=8192, K=N=4096, p=0.1,         75
 #      r 16 64 256 2048, triton/composite/eager, fwd+bwd)
 #   b-profile  step profile: step / CUDA-graph / host time    60   (benchmarks.profile_step,
@@ -261,7 +262,7 @@ export -f env_report
 export PY COMMIT DIRTY TRITON_CACHE_DIR CACHE_AT_START WHEELS
 step a-env "${ENV_LIMIT:-20}" "" -- bash -c env_report
 
-step p-precompile "${PRECOMPILE_LIMIT:-90}" "plan $PLAN" -- \
+step p-precompile "${PRECOMPILE_LIMIT:-120}" "plan $PLAN" -- \
   "$PY" -m benchmarks.precompile --plan "$PLAN" "${PRECOMPILE_EXTRA[@]}" $( [ "$DRY" = 1 ] && echo --arch 90 )
 
 step b-sweep "${SWEEP_LIMIT:-75}" "rows in sweep.csv" -- \
