@@ -25,8 +25,8 @@
 #      enumeration: ~65 s expected on an H200 lease)
 #   b  headline sweep (bf16, M=8192, K=N=4096, p=0.1,         75
 #      r 16 64 256 2048, triton/composite/eager, fwd+bwd)
-#   b-profile  step profile: step / CUDA-graph / host time    60   (benchmarks.profile_step,
-#      and kernels, r 16 and 2048, p=0.1                           profile.md)
+#   b-profile  step profile: step / CUDA-graph / host time    90   (benchmarks.profile_step,
+#      and kernels, r 16 and 2048, p=0.1; DoRA at r 16            profile.md)
 #   c  CUDA numerics: bf16/fp16 op tests + mask parity        90   (118 tests, 8 pytest-xdist workers;
 #      selection: benchmarks.precompile.NUMERICS_TESTS)
 #   d  tuner, 7b-attn at r 16, 256, 64 (benchmarks/tune.py)   75   (CUDA-graph timing: ~10 s a case)
@@ -221,7 +221,7 @@ if [ "$DRY" = 1 ]; then
   mapfile -t NUMERICS < <("$PY" -c "from benchmarks.precompile import DRY_NUMERICS_TESTS as t; print(*t, sep=chr(10))")
   DET_ARGS=(--device cpu --backend triton --dtypes bf16 --scale 32) RAGGED_ARGS=(--device cpu --small)
   TUNE=(--dry-run) PRECOMPILE_EXTRA=(--limit 1 --workers 1) NUMERICS_WORKERS=0
-  PROFILE_ARGS=(--shape 72x40 --m 33 --ranks 3 --dropout 0.1 --dtype fp32)
+  PROFILE_ARGS=(--shape 72x40 --m 33 --ranks 3 --dropout 0.1 --dtype fp32 --dora-providers composite)
 else
   PLAN=gpu SWEEP_PRESET=headline DEVICE_ARGS=""
   WIDE_PRESETS=""  # benchmarks.sweep.WIDE_PRESETS, read in step g (importing the sweep loads torch)
@@ -231,7 +231,7 @@ else
   else mapfile -t TUNE < <("$PY" -c "from benchmarks.precompile import TUNE_ARGS as t; print(*t, sep=chr(10))"); fi
   PRECOMPILE_EXTRA=()  # the tuner stops itself (--time-budget) before its step's limit
   NUMERICS_WORKERS=${NUMERICS_WORKERS:-8}
-  PROFILE_ARGS=(--ranks 16 2048 --dropout 0.1)
+  PROFILE_ARGS=(--ranks 16 2048 --dropout 0.1 --dora-providers triton composite peft-dora)
 fi
 
 env_report() {
@@ -268,7 +268,7 @@ step p-precompile "${PRECOMPILE_LIMIT:-120}" "plan $PLAN" -- \
 step b-sweep "${SWEEP_LIMIT:-75}" "rows in sweep.csv" -- \
   "$PY" -m benchmarks.sweep --preset "$SWEEP_PRESET" $DEVICE_ARGS --out "$STAGE/sweep" --csv "$ROOT/sweep.csv"
 
-step b-profile "${PROFILE_LIMIT:-60}" "profile.md" -- \
+step b-profile "${PROFILE_LIMIT:-90}" "profile.md" -- \
   "$PY" -m benchmarks.profile_step --out "$ROOT" "${PROFILE_ARGS[@]}"
 
 XDIST=()

@@ -59,6 +59,8 @@ def test_dry_run_files_fit_what_a_lease_brings_back(dry_run):
     assert {"summary.md", "logs.tar.gz", "sweep.csv", "sweep_wide.csv", "profile.md"} <= names
     if (ROOT / "benchmarks" / "tune.py").exists():
         assert "tuned_configs.json" in names
+    profile = (out / "profile.md").read_text()
+    assert "| 3 | 0.1 | triton |" in profile and "| 3 | 0.1 | dora:composite |" in profile, profile[:2000]
 
 
 def test_dry_run_sweep_rows_arrive_in_the_csv(dry_run):
