@@ -25,8 +25,7 @@ from .._launch import launch
 from .stream import PHILOX_M0, PHILOX_M1, PHILOX_ROUNDS, PHILOX_W0, PHILOX_W1, drop_threshold
 
 __all__ = ["philox_rounds", "load_seed", "keep_mask_tile", "keep_from_bits", "store_keep_bits", "keep_bits_words",
-           "keep_bits_triton",
-           "keep_mask_triton", "dropout_scale_triton", "dropout_scale_pair_triton"]
+           "keep_bits_triton", "keep_mask_triton", "dropout_scale_triton", "dropout_scale_pair_triton"]
 
 BITS_PER_WORD = 32
 

@@ -151,10 +151,9 @@ def _measured_alternatives(family: str, cfg: TileConfig, dtype: torch.dtype, arc
     """Configs the rules never return but the tuner times against the rules' ``cfg`` (so a tuned
     table may pick them): F1 leaving the mask to the keep-bits pass (``DRAW_BITS`` off); and, for
     the small-rank shrinks and B3's reductions on sm_90 in 16-bit, tiles that keep more bytes of
-    x (dy) in flight. At
-    small r those launches have M/64 programs, about one per SM with 3 stages of 8 KiB: too few
-    loads in flight to stream x at the memory's bandwidth (on the H200, F1 + B1 moved 128 MiB in
-    0.073 ms, about 40 % of it: benchmarks/results/2026-11-27_h200_step_profile.md). Deeper
+    x (dy) in flight. At small r those launches have M/64 programs, about one per SM with 3 stages
+    of 8 KiB: too few loads in flight to stream x at the memory's bandwidth (on the H200, F1 + B1
+    moved 128 MiB in 0.073 ms, about 40 % of it: benchmarks/results/2026-11-27_h200_step_profile.md). Deeper
     reduction tiles with 4 stages (B1, F1 without dropout), narrower row tiles (F1 with dropout,
     twice the programs), and for B3 (dA, dB: 128 MiB in 0.052 ms there, about half the bandwidth)
     a fourth stage or 128-row steps are the candidates."""

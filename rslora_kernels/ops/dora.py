@@ -132,7 +132,7 @@ def dora_forward(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, ma
         return y, z, T, w, state
     if backend == "triton":  # both base GEMMs in one launch, over the same W tiles
         from .triton_kernels import dora_forward_dropout
-        y, z, T, state = dora_forward_dropout(x2d, weight, lora_A, lora_B, bias, g.float(), scaling, p, seed)
+        y, z, T, state = dora_forward_dropout(x2d, weight, lora_A, lora_B, bias, g, scaling, p, seed)
         return y, z, T, w, state
     # the LoRA op on x itself (its dropout, its saved state), then the second base GEMM on drop(x)
     y, T, state = lora_linear_fwd(x2d, weight, lora_A, lora_B, bias, scaling, p, seed, backend)  # x W^T + b + s T B^T
@@ -152,7 +152,7 @@ def dora_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_
         dm = ((dy * z).sum(0, dtype=w.dtype) / w).to(magnitude.dtype)
     if p > 0.0 and backend == "triton":  # g * dy is never formed; both base GEMMs of dx in one launch
         from .triton_kernels import dora_backward_dropout
-        dx, dA, dB, db = dora_backward_dropout(dy, x2d, weight, lora_A, lora_B, T, g.float(), scaling, p, state,
+        dx, dA, dB, db = dora_backward_dropout(dy, x2d, weight, lora_A, lora_B, T, g, scaling, p, state,
                                                need_dx, need_dA, need_dB, need_db)
         return dx, dA, dB, dm, db
     dy_g = dy * g.to(dy.dtype)

@@ -544,6 +544,7 @@ def _dual_gemm(t, bt, bt_strides, inp, w, w_strides, F: int, adapter_scale: floa
         return out
     cfg = dual_gemm_config(M, F, RED, R, inp.dtype, cuda_arch(inp.device))
     n_words, stride_bm = _bits_strides(keep_bits)
+    bias = bias.contiguous() if bias is not None else None  # the kernel reads it with unit stride
     launch(_dual_gemm_kernel, (_cdiv(M, cfg.BLOCK_M) * _cdiv(F, cfg.BLOCK_F),),
            (t, bt, inp, w, bias, keep_bits, out,
             M, F, RED, R, n_words,
@@ -656,8 +657,7 @@ def lora_forward(x2d, weight, lora_A, lora_B, bias, scaling: float, p: float, se
     T, keep_bits = _shrink(x2d, (lora_A.stride(1), lora_A.stride(0)), lora_A, R, x2d.dtype,
                            seed=seed if p > 0.0 else None, p=p)
     mask_state = keep_bits if keep_bits is not None else x2d.new_empty((0,), dtype=torch.int32)
-    # F2: bt_view[r, n] = B[n, r]; w_view[k, n] = W[n, k]; the bias is read with unit stride
-    bias = bias.contiguous() if bias is not None else None
+    # F2: bt_view[r, n] = B[n, r]; w_view[k, n] = W[n, k]
     y = _dual_gemm(T, lora_B, (lora_B.stride(1), lora_B.stride(0)), x2d, weight, (weight.stride(1), weight.stride(0)),
                    N, scaling, x2d.dtype, bias=bias)
     return y, T, mask_state
