@@ -14,7 +14,7 @@
 #                        the headline table, the numerics, determinism and sanitizer verdicts
 #   sweep.csv            headline sweep rows, appended as each case finishes
 #   sweep_wide.csv       wider-sweep rows, likewise
-#   tuned_configs.json   the tuner's table (when benchmarks/tune.py exists)
+#   tuned_configs.json   the tuner's table
 #   profile.md           the step profile: host vs GPU time and the kernels of a step
 #   logs.tar.gz          every step's full output, sweep JSON/Markdown/plots; rebuilt after each step
 #
@@ -276,12 +276,8 @@ if [ "$NUMERICS_WORKERS" -gt 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XD
 step c-numerics "${NUMERICS_LIMIT:-90}" "${XDIST[*]:-one process}" -- \
   "$PY" -m pytest -q -p no:cacheprovider --durations=5 "${XDIST[@]}" "${NUMERICS[@]}"
 
-if [ -f benchmarks/tune.py ]; then
-  step d-tune "${TUNE_LIMIT:-75}" "table in tuned_configs.json" -- \
-    "$PY" -m benchmarks.tune --out "$ROOT/tuned_configs.json" "${TUNE[@]}"
-else
-  skip d-tune "benchmarks/tune.py not present"
-fi
+step d-tune "${TUNE_LIMIT:-75}" "table in tuned_configs.json" -- \
+  "$PY" -m benchmarks.tune --out "$ROOT/tuned_configs.json" "${TUNE[@]}"
 
 step e-determinism "${DETERMINISM_LIMIT:-30}" "" -- "$PY" -m benchmarks.determinism "${DET_ARGS[@]}"
 

@@ -1,8 +1,7 @@
 """The GPU run script cannot rot between GPU leases: its --dry-run does every step on the CPU.
 
 ``RESULTS_ROOT=DIR bash benchmarks/gpu_run.sh --dry-run`` must exit 0, write DIR/summary.md with
-every step PASS (the tuner step SKIPPED only while benchmarks/tune.py does not exist), and leave at
-most 8 files in DIR, none more than two folder levels down (what a GPU lease brings back).
+every step PASS, and leave at most 8 files in DIR, none more than two folder levels down (what a GPU lease brings back).
 
 Also here: the compile cache the run fills ahead (``benchmarks.precompile``) holds exactly what
 Triton's JIT looks up -- one variant compiled by precompile, then the JIT, pointed at the same
@@ -43,10 +42,7 @@ def test_dry_run_exits_0_and_every_step_passes(dry_run):
     rows = dict(re.findall(r"^\| ([a-g p]-[\w-]+) \| ([^|]+) \|", summary, flags=re.M))
     assert list(rows) == STEPS, summary
     for name, status in rows.items():
-        if name == "d-tune" and not (ROOT / "benchmarks" / "tune.py").exists():
-            assert status.strip() == "SKIPPED: benchmarks/tune.py not present"
-        else:
-            assert status.strip() == "PASS", f"{name}: {status}\n{summary}"
+        assert status.strip() == "PASS", f"{name}: {status}\n{summary}"
     assert "compute-sanitizer absent: ran without it" in summary
 
 
@@ -56,9 +52,7 @@ def test_dry_run_files_fit_what_a_lease_brings_back(dry_run):
     assert len(files) <= 8, files
     assert all(len(p.relative_to(out).parts) <= 3 for p in files), files  # DIR/a/b/file at most
     names = {p.name for p in files}
-    assert {"summary.md", "logs.tar.gz", "sweep.csv", "sweep_wide.csv", "profile.md"} <= names
-    if (ROOT / "benchmarks" / "tune.py").exists():
-        assert "tuned_configs.json" in names
+    assert {"summary.md", "logs.tar.gz", "sweep.csv", "sweep_wide.csv", "profile.md", "tuned_configs.json"} <= names
     profile = (out / "profile.md").read_text()
     assert "| 3 | 0.1 | triton |" in profile and "| 3 | 0.1 | dora:composite |" in profile, profile[:2000]
 
