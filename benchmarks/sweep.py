@@ -73,6 +73,7 @@ SHAPES = {
 # CPU defaults: the 7B attention projection scaled down 4x, so the sweep takes minutes on 2 cores.
 CPU_SHAPES = {"7b-attn/4": (1024, 1024)}
 DEFAULT_RANKS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+CPU_RANKS = (4, 16, 64, 256, 1024)
 MODES = ("fwd", "bwd", "fwd+bwd")
 ALPHA = 16.0
 
@@ -494,7 +495,7 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shapes", nargs="+", help=f"names ({', '.join(list(SHAPES) + list(CPU_SHAPES))}) or KxN")
     ap.add_argument("--m", type=int, nargs="+", help="token counts M (default: GPU 8192, CPU 512)")
-    ap.add_argument("--ranks", type=int, nargs="+", help=f"default {' '.join(map(str, DEFAULT_RANKS))}")
+    ap.add_argument("--ranks", type=int, nargs="+", help=f"default: GPU {' '.join(map(str, DEFAULT_RANKS))}; CPU {' '.join(map(str, CPU_RANKS))}")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--providers", nargs="+", choices=sorted(set(providers.ALL_PROVIDERS + dora_providers.ALL_PROVIDERS)),
                     help="default: all of the mode's (LoRA, or DoRA with --dora)")
@@ -530,7 +531,7 @@ def parse_args(argv=None):
     except ValueError as e:
         ap.error(str(e))
     args.m = args.m or ([8192] if gpu else [512])
-    args.ranks = args.ranks or ([4, 16, 64, 256, 1024] if not gpu else list(DEFAULT_RANKS))
+    args.ranks = args.ranks or list(DEFAULT_RANKS if gpu else CPU_RANKS)
     args.min_time = args.min_time or (0.1 if gpu else 0.6)
     args.rounds = args.rounds or (1 if gpu else 3)
     if args.threads:

@@ -4,7 +4,7 @@
     pytest benchmarks --benchmark-only --benchmark-autosave  # store, then compare with --benchmark-compare
 
 CI runs ``pytest`` on ``tests/`` only, so these are never part of CI. On a GPU the shape is the
-7B attention projection (K=N=4096, M=4096, bf16); on the CPU a 4x smaller one in fp32. Providers
+7B attention projection (K=N=4096, M=4096, bf16); on the CPU M=256, K=N=1024 in fp32. Providers
 that cannot run here (e.g. triton without a GPU) are skipped with the reason.
 For the full sweep with roofline, memory and plots use ``python -m benchmarks.sweep``.
 """
