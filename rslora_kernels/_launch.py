@@ -1,9 +1,10 @@
 """Launching a Triton kernel with less host work than ``kernel[grid](...)``.
 
-Why: one fwd+bwd step of the Triton backend launches 5 to 7 kernels, and on the GPU machines we
-measured (benchmarks/results/2026-11-27_h200_step_profile.md) Triton's generic launch path (bind
-the arguments, specialize each one, hash a cache key, check globals) plus our config lookups cost
-more host time per step than the kernels take on the GPU: the step was host-bound.
+Why: one fwd+bwd step of the Triton backend makes several launches (counted in docs/kernels.md,
+Launches per step), and on the GPU machines we measured
+(benchmarks/results/2026-11-27_h200_step_profile.md) Triton's generic launch path (bind the
+arguments, specialize each one, hash a cache key, check globals) plus our config lookups cost more
+host time per step than the kernels take on the GPU: the step was host-bound.
 
 How: the first launch of a kernel for a given *specialization key* goes through Triton's JIT
 (compiling if needed) and returns the compiled kernel; later launches with the same key call that

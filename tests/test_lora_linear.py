@@ -205,8 +205,9 @@ def test_reference_gradcheck_float64():
         lambda x, w, a, b, bias: rk.reference.lora_linear(x, w, a, b, 0.7, bias, 0.3, mask), leaves)
 
 
-def test_saved_tensors_are_x_T_and_seed(device):
-    """Backward state: x (a view, no copy), T [M, r] and the seed -- no dropped copy of x, no mask."""
+def test_saved_tensors_are_x_T_and_keep_bits(device):
+    """Backward state: x (a view, no copy), T [M, r] and the keep-bits (too small to count here) -- no
+    dropped copy of x, no x-sized mask."""
     inputs = make_inputs(40, 30, 20, 6, torch.float32, device, seed=71)
     x = inputs["x"].requires_grad_()
     A = inputs["lora_A"].requires_grad_()
