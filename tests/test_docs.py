@@ -1,0 +1,418 @@
+"""The docs say what the code does: every count or rule the code can answer is checked here.
+
+Facts that a test reads from a page are marked there with an HTML comment, ``<!-- fact-table: NAME -->``,
+followed by a Markdown table; the test parses that table and compares each row with the code:
+
+* docs/kernels.md, ``launches-per-step``: the Triton launches of one forward and backward, counted
+  by wrapping the ``run`` of Triton's kernel objects (every ``kernel[grid](...)`` goes through it; on
+  a GPU, direct launches are switched off for the count);
+* docs/tuning.md, ``auto-h200``: what ``backend="auto"`` runs at given shapes, asked of
+  ``tuning.auto_backend`` with a fake GPU and a table holding the entries the page names (and the
+  committed H200 table holds exactly those);
+* docs/design.md, ``saved-for-backward``: what each backend keeps for backward, seen through
+  ``saved_tensors_hooks``.
+
+And across README.md and docs/: the set-up facts (extras, versions) against pyproject.toml, every
+relative link and anchor, every ``python -m benchmarks.X`` command with its flags, every other
+``--flag`` named, and the README's usage block, run on the CPU.
+"""
+import argparse
+import importlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import rslora_kernels as rk
+from rslora_kernels import _runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _page(name: str) -> str:
+    return (ROOT / name).read_text()
+
+
+def fact_table(page: str, name: str):
+    """The rows (dicts keyed by the header cells) of the Markdown table after ``<!-- fact-table: name -->``."""
+    text = _page(page)
+    marker = f"<!-- fact-table: {name} -->"
+    assert text.count(marker) == 1, f"{page} must hold the marker {marker!r} once, above its table"
+    lines = text.split(marker, 1)[1].lstrip("\n").splitlines()
+    table = []
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        table.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    assert len(table) >= 3 and set("".join(table[1])) <= set("-: "), f"{page}: no table after {marker}"
+    header = [h.replace("`", "") for h in table[0]]
+    return [dict(zip(header, row)) for row in table[2:]]
+
+
+def _without_code_blocks(text: str) -> str:
+    return re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+
+
+# ----------------------------------------------------------------------------------------------
+# docs/kernels.md: launches per step
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def launches(monkeypatch):
+    """A list that records the name of every Triton kernel launched while the test runs."""
+    from rslora_kernels import _launch
+    from rslora_kernels.ops import triton_kernels
+
+    names = []
+    kernel_class = type(triton_kernels._shrink_kernel)  # JITFunction, or InterpretedFunction under the interpreter
+    run = kernel_class.run
+
+    def counting_run(self, *args, **kwargs):
+        if not kwargs.get("warmup", False):
+            names.append(self.fn.__name__)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_class, "run", counting_run)
+    monkeypatch.setenv("RSLORA_KERNELS_DIRECT_LAUNCH", "0")  # a direct launch would bypass run
+    _launch.clear_launch_cache()
+    yield names
+    monkeypatch.undo()
+    _launch.clear_launch_cache()
+
+
+# case of the table -> (M, K, N, r, p, bias, DoRA). On the GPU in bf16, in the interpreter in fp32;
+# at these sizes B3 splits M at M = 300 and not at M = 100 on both (4 nominal SMs in the
+# interpreter, >= 100 on a GPU), and r = 200 is beyond F1's rank tile on both.
+LAUNCH_CASES = {
+    "p = 0": (100, 96, 80, 16, 0.0, True, False),
+    "p > 0, F1 draws the mask": (100, 96, 80, 16, 0.1, True, False),
+    "p > 0, keep-bits pass before F1": (100, 96, 80, 200, 0.1, True, False),
+    "B3 split over M, bias": (300, 96, 80, 16, 0.0, True, False),
+    "B3 split over M, no bias": (300, 96, 80, 16, 0.0, False, False),
+    "DoRA, p > 0": (100, 96, 80, 16, 0.1, True, True),
+}
+
+
+def test_launch_table_lists_the_cases_counted_here():
+    assert [row["case"] for row in fact_table("docs/kernels.md", "launches-per-step")] == list(LAUNCH_CASES)
+
+
+@pytest.mark.parametrize("row", fact_table("docs/kernels.md", "launches-per-step"), ids=lambda row: row["case"])
+def test_launches_per_step_match_kernels_md(row, launches):
+    M, K, N, r, p, with_bias, dora = LAUNCH_CASES[row["case"]]
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(11)
+    make = lambda *shape: (torch.randn(*shape, generator=g) / shape[-1] ** 0.5).to(DEVICE, dtype)  # noqa: E731
+    x, W, A, B = make(M, K).requires_grad_(), make(N, K), make(r, K).requires_grad_(), make(N, r).requires_grad_()
+    bias = make(N).requires_grad_() if with_bias else None
+    if dora:
+        magnitude = (torch.rand(N, generator=g) + 0.5).to(DEVICE, dtype).requires_grad_()
+        y = rk.dora_linear(x, W, A, B, magnitude, 0.5, bias=bias, dropout_p=p, seed=5, backend="triton")
+    else:
+        y = rk.lora_linear(x, W, A, B, 0.5, bias=bias, dropout_p=p, seed=5, backend="triton")
+    forward = list(launches)
+    y.float().square().sum().backward()
+    backward = launches[len(forward):]
+
+    # each row's condition holds, so the row is counted where it claims to be
+    assert ("_keep_bits_kernel" in forward) == ("keep-bits pass" in row["case"]), forward
+    assert ("_sum_splits_kernel" in backward) == ("split over M" in row["case"]), backward
+    got = {"forward": len(forward), "backward": len(backward), "step": len(forward) + len(backward)}
+    stated = {k: int(row[k]) for k in got}
+    assert got == stated, (f"docs/kernels.md, Launches per step, '{row['case']}': the page says {stated}, "
+                           f"the code launches {got}: forward {forward}, backward {backward}")
+
+
+# ----------------------------------------------------------------------------------------------
+# docs/tuning.md: what backend="auto" runs
+# ----------------------------------------------------------------------------------------------
+H200_ENTRIES = [(8192, 4096, 4096, 16), (8192, 4096, 4096, 256)]  # (M, N, K, r), bf16, triton faster
+
+
+def _values(cell: str):
+    """'8192' -> [8192]; '5 to 32' -> 5..32 (every integer)."""
+    m = re.fullmatch(r"(\d+)(?: to (\d+))?", cell.strip())
+    assert m, f"docs/tuning.md, auto table: cannot read {cell!r} (a number or 'A to B')"
+    lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+    return range(lo, hi + 1)
+
+
+@pytest.fixture
+def fake_h200(monkeypatch, tmp_path):
+    import json
+
+    from rslora_kernels.ops import tuning
+
+    table = {"format": tuning.FORMAT_VERSION, "dry_run": False, "gpu": "NVIDIA H200", "arch": 90, "configs": [],
+             "backends": [{"dtype": "bfloat16", "M": M, "N": N, "K": K, "r": r, "backend": "triton",
+                           "ms": {"triton": 1.0, "composite": 1.1}} for M, N, K, r in H200_ENTRIES]}
+    (tmp_path / "nvidia-h200.json").write_text(json.dumps(table))
+    monkeypatch.setattr(tuning, "TUNED_DIR", tmp_path)
+    monkeypatch.delenv(tuning.TABLE_ENV, raising=False)
+    monkeypatch.setattr(_runtime, "gpu_name", lambda device=None: "NVIDIA H200")
+    tuning.reload_tables()
+    yield tuning
+    monkeypatch.undo()
+    tuning.reload_tables()
+
+
+def test_auto_backend_matches_tuning_md(fake_h200):
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    rows = fact_table("docs/tuning.md", "auto-h200")
+    assert rows
+    for row in rows:
+        want = row["auto runs"]
+        for M in _values(row["M"]):
+            for KN in _values(row["K = N"]):
+                for r in _values(row["r"]):
+                    got = fake_h200.auto_backend(cuda, torch.bfloat16, M, KN, KN, r)
+                    assert got == want, f"docs/tuning.md says auto runs {want} at M={M}, K=N={KN}, r={r}; the rule gives {got}"
+    # "fp16 and fp32 calls run composite there"
+    for dtype in (torch.float16, torch.float32):
+        assert fake_h200.auto_backend(cuda, dtype, 8192, 4096, 4096, 16) == "composite"
+
+
+def test_the_committed_h200_table_holds_the_entries_tuning_md_names():
+    import json
+
+    from rslora_kernels.ops import tuning
+
+    table = json.loads((tuning.TUNED_DIR / "nvidia-h200.json").read_text())
+    got = sorted((e["M"], e["N"], e["K"], e["r"], e["dtype"], e["backend"]) for e in table["backends"])
+    assert got == sorted((*e, "bfloat16", "triton") for e in H200_ENTRIES)
+    text = _page("docs/tuning.md")
+    assert "M = 8192, r = 16 and 256" in text and "7b-attn" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# docs/design.md: what each backend saves for backward
+# ----------------------------------------------------------------------------------------------
+SAVED_WORDS = {  # phrase in the "saves" cell -> the kind of tensor the hook classifies
+    "x (a view": "x", "T [M, r]": "T", ", T": "T", "keep-bits": "keep-bits", "the seed": "seed",
+    "dropped copy of x": "dropped x", "the mask": "mask",
+}
+
+
+def _stated_saves(cell: str):
+    return {kind for phrase, kind in SAVED_WORDS.items() if phrase in cell.replace("`", "")}
+
+
+@pytest.mark.parametrize("backend", ["triton", "composite", "reference"])
+def test_saved_for_backward_matches_design_md(backend):
+    rows = {row["path"].strip("`"): row for row in fact_table("docs/design.md", "saved-for-backward")}
+    row = rows[backend]
+    M, K, N, r, p = 40, 70, 20, 6, 0.25
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(M, K, generator=g).to(DEVICE).requires_grad_()
+    W, A, B = (torch.randn(*s, generator=g).to(DEVICE) for s in ((N, K), (r, K), (N, r)))
+    A.requires_grad_(), B.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        rk.lora_linear(x, W, A, B, 0.5, dropout_p=p, seed=9, backend=backend)
+    mask = rk.dropout_mask(9, (M, K), p, device=DEVICE)
+    kinds, x_sized = set(), set()
+    for t in saved:
+        if any(t.untyped_storage().data_ptr() == q.untyped_storage().data_ptr() for q in (W, A, B)):
+            continue  # parameters and views of them (W^T): references, no memory
+        if t.dtype.is_floating_point and t.numel() == M * K:
+            x_sized.add(t.data_ptr())
+        if t.data_ptr() == x.data_ptr() and t.shape == x.shape:
+            kinds.add("x")
+        elif t.dtype == torch.int32 and tuple(t.shape) == (M, -(-K // 32)):
+            kinds.add("keep-bits")
+        elif t.dtype == torch.int64 and t.dim() == 0:
+            kinds.add("seed")
+        elif tuple(t.shape) == (M, r):
+            kinds.add("T")
+        elif tuple(t.shape) == (M, K) and torch.equal(t, mask.to(t.dtype)):
+            kinds.add("mask")
+        elif tuple(t.shape) == (M, K) and torch.allclose(t, x.detach() * mask / (1 - p)):
+            kinds.add("dropped x")
+        else:
+            kinds.add(f"unexpected {t.dtype} {tuple(t.shape)}")
+    assert kinds == _stated_saves(row["saves"]), f"docs/design.md, Memory, {backend}: says {row['saves']!r}"
+    stated_x_sized = int(re.match(r"\d+", row["[M, K]-sized tensors"]).group())
+    assert len(x_sized) == stated_x_sized
+
+
+# ----------------------------------------------------------------------------------------------
+# README set-up: extras and versions against pyproject.toml
+# ----------------------------------------------------------------------------------------------
+def _pyproject():
+    tomllib = pytest.importorskip("tomllib")
+    return tomllib.loads(_page("pyproject.toml"))
+
+
+def _requirement_name(req: str) -> str:
+    return re.match(r"[A-Za-z0-9_.-]+", req).group()
+
+
+def test_readme_extras_match_pyproject():
+    extras = _pyproject()["project"]["optional-dependencies"]
+    setup = _page("README.md").split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    sentence = " ".join(setup.split("Extras:", 1)[1].split(";", 1)[0].split())
+    stated = dict(re.findall(r"`([\w-]+)` \(([^)]*)\)", sentence))
+    assert set(stated) == set(extras), f"README's extras {sorted(stated)}, pyproject's {sorted(extras)}"
+    all_of = re.fullmatch(r"rslora-kernels\[([\w,-]+)\]", extras["all"][0]).group(1).split(",")
+    assert len(extras["all"]) == 1 and set(all_of) == set(extras) - {"all"}, "the `all` extra is every other extra"
+    for name, reqs in extras.items():
+        if name == "all":
+            continue
+        items = [item.strip() for item in stated[name].split(",")]
+        assert {i for i in items if re.fullmatch(r"[\w.-]+", i)} == {_requirement_name(q) for q in reqs}, name
+        needs_310 = any("python_version >= '3.10'" in q for q in reqs)
+        assert needs_310 == ("Python 3.10+" in stated[name]), name
+
+
+def test_readme_versions_match_pyproject():
+    project = _pyproject()["project"]
+    readme = " ".join(_page("README.md").split())
+    deps = {_requirement_name(d): d for d in project["dependencies"]}
+    assert f"Python {project['requires-python'].lstrip('>=')}+" in readme
+    assert re.search(r"torch>=(\d+\.\d+)", deps["torch"]).group(1) == re.search(r"torch (\d+\.\d+)\+", readme).group(1)
+    lo, hi = re.search(r"Triton (\d+\.\d+) to (\d+\.\d+)", readme).groups()
+    assert f"triton>={lo},<3.{int(hi.split('.')[1]) + 1}" in deps["triton"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Links
+# ----------------------------------------------------------------------------------------------
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: markup dropped, lower case, punctuation removed, spaces -> '-'."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading).replace("`", "").replace("*", "")
+    return re.sub(r"[^\w\- ]", "", text.strip().lower()).replace(" ", "-")
+
+
+def _anchors(path: Path):
+    text = _without_code_blocks(path.read_text())
+    slugs, seen = set(), {}
+    for heading in re.findall(r"^#{1,6} (.+)$", text, flags=re.M):
+        slug = _slug(heading)
+        slugs.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return slugs
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(page):
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", _without_code_blocks(page.read_text())):
+        if re.match(r"[a-z]+:", target):
+            continue  # http(s), mailto
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        if not dest.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+            broken.append(f"{target}: no heading with that anchor in {dest.relative_to(ROOT)}")
+    assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands and flags
+# ----------------------------------------------------------------------------------------------
+class _Parser(Exception):
+    def __init__(self, parser):
+        self.parser = parser
+
+
+def _flags_of_module(module: str):
+    """The option strings of ``python -m <module>``'s argparse parser: its ``main`` is called with
+    ``parse_args`` replaced by a trap that hands back the parser (nothing runs); modules without
+    ``main`` are asked for ``--help`` in a subprocess."""
+    mod = importlib.import_module(module)
+    if hasattr(mod, "main"):
+        def trap(self, *args, **kwargs):
+            raise _Parser(self)
+
+        original = argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args
+        argparse.ArgumentParser.parse_args = argparse.ArgumentParser.parse_known_args = trap
+        try:
+            mod.main([])
+        except _Parser as caught:
+            return set(caught.parser._option_string_actions)
+        finally:
+            argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args = original
+    out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return set(re.findall(r"(?<![\w-])--?[\w-]+", out.stdout))
+
+
+def _doc_lines():
+    """(page, line) for every line of README and docs/, backslash continuations joined."""
+    for page in PAGES:
+        text = page.read_text().replace("\\\n", " ")
+        for line in text.splitlines():
+            yield page.relative_to(ROOT), line
+
+
+# flags of tools other than this project's: pytest-benchmark, compute-sanitizer, ptxas
+EXTERNAL_FLAGS = {"--benchmark-only", "--benchmark-autosave", "--benchmark-compare", "--tool", "--error-exitcode",
+                  "--gpu-name"}
+
+
+def _named_commands():
+    """{command: {flags given with it}} for `python -m benchmarks.X`, `python examples/X.py` and
+    `bash benchmarks/X.sh` in README and docs/ (the flags up to the end of the code span or comment)."""
+    commands = {}
+    pattern = r"(?:python -m (benchmarks\.\w+)|python (examples/\w+\.py)|bash (benchmarks/\w+\.sh))([^`#|]*)"
+    for page, line in _doc_lines():
+        for module, script, shell, rest in re.findall(pattern, line):
+            flags = {f.split("=")[0] for f in re.findall(r"(?<![\w-])--[\w-]+(?:=\S*)?", rest)}
+            commands.setdefault(module or script or shell, set()).update(flags)
+    return commands
+
+
+def test_every_named_command_and_its_flags_exist():
+    missing = []
+    for command, flags in sorted(_named_commands().items()):
+        if command.endswith(".sh"):
+            text = (ROOT / command).read_text()
+            missing += [f"{command} {f}" for f in flags if f not in text]
+            continue
+        if command.endswith(".py"):
+            module = command[:-3].replace("/", ".")
+        else:
+            module = command
+            assert (ROOT / (module.replace(".", "/") + ".py")).exists(), f"{command}: no such module"
+        known = _flags_of_module(module)
+        missing += [f"{command} {f}" for f in flags if f not in known]
+    assert not missing, "flags named in the docs that the command does not take: " + ", ".join(missing)
+
+
+def test_every_flag_named_in_the_docs_exists():
+    """Flags named in prose (`--timing graph`) belong to one of the project's commands (or to a tool
+    the docs name: pytest-benchmark, compute-sanitizer, ptxas)."""
+    known = set(EXTERNAL_FLAGS)
+    for command in _named_commands():
+        if command.endswith(".sh"):
+            known |= set(re.findall(r"--[\w-]+", (ROOT / command).read_text()))
+        else:
+            known |= _flags_of_module(command[:-3].replace("/", ".") if command.endswith(".py") else command)
+    unknown = sorted({f"{page}: {flag}" for page, line in _doc_lines() for span in re.findall(r"`([^`]+)`", line)
+                      + ([line] if line.startswith("    ") else [])
+                      for flag in re.findall(r"(?<![\w-])--[A-Za-z][\w-]*", span) if flag not in known})
+    assert not unknown, unknown
+
+
+# ----------------------------------------------------------------------------------------------
+# The README's usage block
+# ----------------------------------------------------------------------------------------------
+def test_readme_usage_block_runs_on_the_cpu():
+    """The first Python block of README's Usage, with device="cuda" replaced by device="cpu" (the
+    only change), runs on the CPU (``auto`` picks the composite backend there) and gives what its
+    comments say: y bf16 [M, N], x.grad bf16, A.grad and B.grad fp32."""
+    usage = _page("README.md").split("## Usage", 1)[1]
+    block = re.search(r"```python\n(.*?)```", usage, flags=re.S).group(1)
+    assert 'device="cuda"' in block
+    namespace = {}
+    exec(compile(block.replace('device="cuda"', 'device="cpu"'), "README.md usage", "exec"), namespace)
+    y, x, A, B = (namespace[k] for k in ("y", "x", "A", "B"))
+    M, N = namespace["M"], namespace["N"]
+    assert y.dtype == torch.bfloat16 and tuple(y.shape) == (M, N)
+    assert x.grad.dtype == torch.bfloat16 and A.grad.dtype == B.grad.dtype == torch.float32
+    assert torch.isfinite(y.float()).all() and B.grad.abs().sum() > 0
