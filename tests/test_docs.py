@@ -12,7 +12,9 @@ followed by a Markdown table; the test parses that table and compares each row w
 * docs/design.md, ``saved-for-backward``: what each backend keeps for backward, seen through
   ``saved_tensors_hooks``.
 
-And across README.md and docs/: the set-up facts (extras, versions) against pyproject.toml, every
+Single values are marked ``<!-- fact: NAME = VALUE -->`` (docs/kernels.md: the most candidate configs
+a kernel family has). And across README.md and docs/: the README's API table against the
+signatures, the set-up facts (extras, versions) against pyproject.toml, every
 relative link and anchor, every ``python -m benchmarks.X`` command with its flags, every other
 ``--flag`` named, and the README's usage block, run on the CPU.
 """
@@ -416,3 +418,69 @@ def test_readme_usage_block_runs_on_the_cpu():
     assert y.dtype == torch.bfloat16 and tuple(y.shape) == (M, N)
     assert x.grad.dtype == torch.bfloat16 and A.grad.dtype == B.grad.dtype == torch.float32
     assert torch.isfinite(y.float()).all() and B.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The README's API table
+# ----------------------------------------------------------------------------------------------
+def _api_signatures():
+    """(call, [argument texts]) for every `rk.name(...)` in the first column of README's API table."""
+    api = _page("README.md").split("## API", 1)[1].split("\n## ", 1)[0]
+    calls = []
+    for line in api.splitlines():
+        if line.startswith("| `rk."):
+            first = line.split(" | ", 1)[0]
+            calls += [(name, [a.strip() for a in args.split(",") if a.strip()])
+                      for name, args in re.findall(r"`(rk\.[\w.]+)\(([^)]*)\)`", first)]
+    return calls
+
+
+def test_readme_api_table_matches_the_signatures():
+    """Each parameter the table names exists, in the stated order, with the stated default."""
+    import ast
+    import inspect
+
+    calls = _api_signatures()
+    assert len(calls) >= 10
+    for call, args in calls:
+        obj = rk
+        for part in call.split(".")[1:]:
+            obj = getattr(obj, part)
+        params = inspect.signature(obj).parameters
+        names = list(params)
+        at = -1
+        for arg in args:
+            if arg in ("...", "*"):
+                continue
+            name, _, default = arg.partition("=")
+            assert name in params, f"README API: {call} has no parameter {name!r} ({names})"
+            assert names.index(name) > at, f"README API: {call}'s {name!r} is out of order ({names})"
+            at = names.index(name)
+            stated = ast.literal_eval(default) if default and default != "..." else inspect.Parameter.empty
+            if default != "...":
+                assert params[name].default == stated, f"README API: {call}({name}={params[name].default!r}), not {default}"
+
+
+def fact(page: str, name: str) -> str:
+    """The value of ``<!-- fact: name = value -->`` on ``page``."""
+    found = re.findall(rf"<!--\s*fact:\s*{re.escape(name)}\s*=\s*(.+?)\s*-->", _page(page), flags=re.S)
+    assert len(found) == 1, f"{page} must hold <!-- fact: {name} = ... --> once"
+    return found[0].strip()
+
+
+def test_candidate_configs_per_family_as_kernels_md_says(monkeypatch):
+    import collections
+
+    from rslora_kernels.ops import configs
+
+    monkeypatch.setattr(configs, "interpreting", lambda: False)  # the GPU's configs, not the interpreter's
+    stated = int(fact("docs/kernels.md", "candidate-configs-per-family-at-most"))
+    families, most = set(), 0
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for arch in (80, 90):
+            counts = collections.Counter(family for family, _ in configs.candidate_configs(dtype, arch))
+            families |= set(counts)
+            most = max(most, *counts.values())
+    assert most == stated, f"docs/kernels.md: at most {stated} configs a family; the most is {most}"
+    text = _page("docs/kernels.md").split("`candidate_configs(dtype, arch)` lists", 1)[1].split("\n\n", 1)[0]
+    assert all(f"`{family}`" in text for family in families), f"docs/kernels.md names the families {sorted(families)}"

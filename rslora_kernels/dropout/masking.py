@@ -5,8 +5,9 @@ implementation that produces the stream's exact bits.
                    once by :func:`~rslora_kernels.dropout.csrc.csrc_ops` -- the PyTorch implementation
     CUDA tensors   the Triton kernels of :mod:`rslora_kernels.dropout.kernels`
 
-The fused Triton LoRA kernels regenerate masks tile by tile instead (``keep_mask_tile``); these are
-for everything else: ``rk.dropout_mask``, the composite backend and the tests.
+The fused Triton LoRA kernels draw the mask tile by tile instead (``keep_mask_tile``, in F1 or the
+keep-bits pass) and keep it as packed bits; these are for everything else: ``rk.dropout_mask``, the
+composite backend and the tests.
 """
 from __future__ import annotations
 
