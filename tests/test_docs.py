@@ -12,11 +12,12 @@ followed by a Markdown table; the test parses that table and compares each row w
 * docs/design.md, ``saved-for-backward``: what each backend keeps for backward, seen through
   ``saved_tensors_hooks``.
 
-Single values are marked ``<!-- fact: NAME = VALUE -->`` (docs/kernels.md: the most candidate configs
-a kernel family has). And across README.md and docs/: the README's API table against the
-signatures, the set-up facts (extras, versions) against pyproject.toml, every
-relative link and anchor, every ``python -m benchmarks.X`` command with its flags, every other
-``--flag`` named, and the README's usage block, run on the CPU.
+Single values are marked ``<!-- fact: NAME = VALUE -->`` (docs/kernels.md: the most candidate
+configs a kernel family has). And across README.md and docs/: the README's API table against the
+signatures, the set-up facts (extras, versions) against pyproject.toml, every repository path,
+module and test named (and a row in docs/testing.md for every test file), every relative link and
+anchor, every ``python -m benchmarks.X`` command with its flags, every other ``--flag`` named, and
+the README's usage block, run on the CPU.
 """
 import argparse
 import importlib
@@ -484,3 +485,48 @@ def test_candidate_configs_per_family_as_kernels_md_says(monkeypatch):
     assert most == stated, f"docs/kernels.md: at most {stated} configs a family; the most is {most}"
     text = _page("docs/kernels.md").split("`candidate_configs(dtype, arch)` lists", 1)[1].split("\n\n", 1)[0]
     assert all(f"`{family}`" in text for family in families), f"docs/kernels.md names the families {sorted(families)}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Names: files, folders, modules and tests the docs name
+# ----------------------------------------------------------------------------------------------
+REPO_DIRS = ("rslora_kernels/", "benchmarks/", "tests/", "csrc/", "examples/", ".ci/")
+
+
+def _code_spans():
+    for page in PAGES:
+        for span in re.findall(r"`([^`\n]+)`", _without_code_blocks(page.read_text())):
+            yield page.relative_to(ROOT), span.strip()
+
+
+def test_named_paths_and_modules_exist():
+    """Every repository path (`benchmarks/timing.py`, `tests/test_x.py::test_y`) and every dotted
+    name under `rslora_kernels.` in a code span of README or docs/ exists."""
+    missing = []
+    for page, span in _code_spans():
+        if span.startswith(REPO_DIRS) and re.fullmatch(r"[\w./-]+(::\w+)?", span):
+            path, _, test = span.partition("::")
+            if not (ROOT / path).exists():
+                missing.append(f"{page}: {span}")
+            elif test and not re.search(rf"^def {test}\(", (ROOT / path).read_text(), flags=re.M):
+                missing.append(f"{page}: {span} (no such test)")
+        elif re.fullmatch(r"rslora_kernels(\.\w+)+", span):
+            parts = span.split(".")
+            for i in range(len(parts), 0, -1):  # the longest importable prefix, then attributes
+                try:
+                    obj = importlib.import_module(".".join(parts[:i]))
+                except ImportError:
+                    continue
+                try:
+                    for attr in parts[i:]:
+                        obj = getattr(obj, attr)
+                except AttributeError:
+                    missing.append(f"{page}: {span}")
+                break
+    assert not missing, missing
+
+
+def test_testing_md_has_a_row_for_every_test_file():
+    rows = re.findall(r"^\| `(tests/test_\w+\.py)` \|", _page("docs/testing.md"), flags=re.M)
+    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py"))
+    assert sorted(rows) == files, f"docs/testing.md's per-file table: rows {sorted(set(rows) ^ set(files))} differ"
