@@ -10,12 +10,14 @@ from .inject import inject
 from .layers import LoRALinear
 from .ops import composite  # noqa: F401  (registers the "composite" backend; CPU "auto" picks it)
 from .ops.dora import DoRALinearFunction, dora_linear
+from .ops.group import LoRALinearGroupFunction, lora_linear_group
 from .ops.lora_linear import LoRALinearFunction, lora_linear, register_backend, registered_backends, unregister_backend
 from .scaling import lora_scaling, rslora_scaling
 
 __version__ = "0.1.0"
 
-__all__ = ["lora_linear", "LoRALinearFunction", "dora_linear", "DoRALinearFunction", "LoRALinear", "inject",
+__all__ = ["lora_linear", "LoRALinearFunction", "dora_linear", "DoRALinearFunction", "lora_linear_group",
+           "LoRALinearGroupFunction", "LoRALinear", "inject",
            "dropout_mask", "reference", "quant",
            "register_backend", "unregister_backend", "registered_backends",
            "rslora_scaling", "lora_scaling", "peft", "__version__"]
