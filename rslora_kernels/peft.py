@@ -50,6 +50,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from ._siblings import SiblingGroup
 from .ops.dora import dora_linear
 from .ops.lora_linear import check_backend_name, lora_linear
 from .quant import is_quantized_weight
@@ -60,6 +61,7 @@ __all__ = ["patch", "unpatch", "is_patched", "to_peft_state_dict", "from_peft_st
 # backend registry (float64 runs on "auto" -> composite/reference, and is a TypeError for "triton")
 _FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ATTR = "_rslora_kernels_patch"  # (adapter name, backend) on a patched layer
+_SIBLINGS = "_rslora_kernels_siblings"  # the SiblingGroup of a layer patched with fuse_siblings=True
 
 
 def _lora_module():
@@ -160,8 +162,34 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if dora:
         return dora_linear(x, weight, A, self.lora_B[adapter].weight, m, self.scaling[adapter], bias=bias,
                            dropout_p=p, training=p > 0.0, backend=backend)
-    return lora_linear(x, weight, A, self.lora_B[adapter].weight, self.scaling[adapter], bias=bias,
-                       dropout_p=p, training=p > 0.0, backend=backend)
+    member = (weight, A, self.lora_B[adapter].weight, self.scaling[adapter], bias, p)
+    siblings = getattr(self, _SIBLINGS, None)
+    if siblings is not None and not quantized:  # fuse_siblings: the group's output, when it has one for x
+        y = siblings.output(self, x, member)
+        if y is not None:
+            return y
+    return lora_linear(x, weight, A, member[2], member[3], bias=bias, dropout_p=p, training=p > 0.0, backend=backend)
+
+
+def _sibling_member(layer, x: torch.Tensor):
+    """(weight, lora_A, lora_B, scaling, bias, p) of ``layer`` for a plain fused LoRA call on x, or
+    None when the layer would take another path (PEFT's forward, DoRA, a 4-bit base): such a
+    member is left out of its sibling group and runs alone."""
+    adapter, _ = getattr(layer, _ATTR)
+    base = layer.get_base_layer()
+    if (layer.disable_adapters or layer.merged or adapter not in layer.lora_A or list(layer.active_adapters) != [adapter]
+            or is_quantized_weight(base.weight) or _is_dora(layer, adapter)):
+        return None
+    A = layer.lora_A[adapter].weight
+    dev = x.device.type
+    if not (x.dtype == base.weight.dtype or torch.is_autocast_enabled(dev)):
+        return None
+    if not torch.is_autocast_enabled(dev) and torch.finfo(A.dtype).bits < torch.finfo(x.dtype).bits:
+        return None
+    drop = layer.lora_dropout[adapter]
+    p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+    weight = base.weight.t() if layer.fan_in_fan_out else base.weight
+    return weight, A, layer.lora_B[adapter].weight, layer.scaling[adapter], base.bias, p
 
 
 def is_patched(layer: nn.Module) -> bool:
@@ -169,13 +197,17 @@ def is_patched(layer: nn.Module) -> bool:
     return hasattr(layer, _ATTR) and "forward" in vars(layer)
 
 
-def patch(peft_model: nn.Module, backend: str = "auto") -> int:
+def patch(peft_model: nn.Module, backend: str = "auto", fuse_siblings: bool = False) -> int:
     """Switch every supported PEFT LoRA ``Linear`` layer in ``peft_model`` to the fused op.
 
     Args:
         peft_model: a ``PeftModel`` or any module holding peft LoRA layers.
         backend: op backend for the patched layers: "auto" or a registered name (see
             :func:`rslora_kernels.register_backend`).
+        fuse_siblings: the layers patched by this call that share a parent module (q/k/v_proj,
+            gate/up_proj) run as one :func:`rslora_kernels.lora_linear_group` when they are called
+            with the same input tensor (found at run time, no per-model code; see
+            :mod:`rslora_kernels._siblings` and docs/group.md). Off by default.
 
     Returns:
         The number of layers switched by this call (already patched layers are left as they are
@@ -186,6 +218,7 @@ def patch(peft_model: nn.Module, backend: str = "auto") -> int:
     lora_layer = _lora_module()
     patched = 0
     skipped: Dict[str, List[str]] = defaultdict(list)
+    by_parent: Dict[str, List[nn.Module]] = defaultdict(list)  # fuse_siblings: parent name -> its patched layers
     for name, module in peft_model.named_modules():
         if not isinstance(module, lora_layer.LoraLayer) or is_patched(module):
             continue
@@ -197,6 +230,13 @@ def patch(peft_model: nn.Module, backend: str = "auto") -> int:
         setattr(module, _ATTR, (adapter, backend))
         module.forward = functools.partial(_fused_forward, module)  # picklable, unlike a bound method
         patched += 1
+        if fuse_siblings:
+            by_parent[name.rpartition(".")[0]].append(module)
+    for parent, layers in by_parent.items():
+        if len(layers) > 1:
+            group = SiblingGroup(peft_model.get_submodule(parent), layers, _sibling_member, backend)
+            for layer in layers:
+                setattr(layer, _SIBLINGS, group)
     if skipped:
         lines = [f"  {reason}: {len(names)} layer(s), e.g. {', '.join(names[:3])}" for reason, names in skipped.items()]
         warnings.warn("rslora_kernels.peft.patch: these LoRA layers keep PEFT's forward:\n" + "\n".join(lines),
@@ -211,6 +251,9 @@ def unpatch(peft_model: nn.Module) -> int:
         if is_patched(module):
             del module.forward
             delattr(module, _ATTR)
+            group = vars(module).pop(_SIBLINGS, None)
+            if group is not None:
+                group.remove()  # the parent's hooks (idempotent: once per group is enough)
             restored += 1
     return restored
 
