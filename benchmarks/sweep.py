@@ -515,6 +515,10 @@ def parse_args(argv=None):
                     help="eager: each call issued from Python, host work included (what an eager training loop "
                          "sees); graph: replays of the call captured in a CUDA graph, the GPU's time alone")
     ap.add_argument("--time-budget", type=float, help="seconds; start no new case after this (results so far are kept)")
+    ap.add_argument("--group", choices=("qkv", "gate-up"),
+                    help="sibling projections: rk.lora_linear_group vs its members separately vs PEFT "
+                         "(benchmarks/group_sweep.py; uses --m --ranks --dropout --dtype --rounds --min-time)")
+    ap.add_argument("--group-k", type=int, help="--group: K (every N scaled with it; default GPU 4096, CPU 1024)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: few ranks, one dropout, short timing")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots (matplotlib takes seconds to load)")
     ap.add_argument("--force-triton", action="store_true",
@@ -571,6 +575,10 @@ def csv_fields(device: torch.device):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.group:
+        from . import group_sweep
+
+        return group_sweep.run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)

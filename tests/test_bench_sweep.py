@@ -50,6 +50,23 @@ def test_tiny_sweep_writes_tables_and_plots(tmp_path):
     assert len(list(out.glob("*.png"))) == 2
 
 
+def test_group_sweep_rows(tmp_path):
+    """--group: the group, its members separately and PEFT's layers, each with a finite time and the
+    bytes saved for backward; PEFT's speedup and bytes ratio exactly 1."""
+    pytest.importorskip("peft")
+    out = tmp_path / "group"
+    rc = sweep.main(["--group", "qkv", "--group-k", "64", "--m", "33", "--ranks", "3", "--dropout", "0.1",
+                     "--min-time", "0.02", "--rounds", "1", "--rotate", "2", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads((out / "group.json").read_text())["rows"]
+    assert [x["provider"] for x in rows] == ["peft", "separate:composite", "group:composite"]
+    assert rows[0]["Ns"] == [64, 16, 16] and rows[0]["K"] == 64
+    for x in rows:
+        assert math.isfinite(x["ms"]) and x["ms"] > 0 and x["saved_bytes"] > 0
+    assert rows[0]["speedup_vs_peft"] == 1.0 and rows[0]["saved_vs_peft"] == 1.0
+    assert "| 33 | 3 | 0.1 | group:composite |" in (out / "group.md").read_text()
+
+
 def test_dora_cpu_floor_rows_are_printed_and_the_sparse_rewrite_is_exact(capsys):
     """benchmarks.dora_cpu runs on a tiny case and prints its floor rows; the dropout rewrite that
     the floor-sparse row times is exact: drop(x) W^T = (x W^T - (x*D) W^T) / (1-p) and
