@@ -245,3 +245,29 @@ def test_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weight_grads_when_requested(dtype):
+    """dW_i = dy_i^T x for the members whose weight requires grad (the others get none)."""
+    a = make_group(*CASES["qkv"], dtype)
+    g = torch.Generator().manual_seed(2)
+    dys = [torch.randn(*a["x"].shape[:-1], W.shape[0], generator=g, dtype=torch.float64) for W in a["weights"]]
+    runs = []
+    for dt, fn in ((None, "group"), (torch.float64, "ref"), (None, "ref")):
+        Ws = [(W.to(dt) if dt else W).detach().clone().requires_grad_(i != 1) for i, W in enumerate(a["weights"])]
+        x = a["x"].to(dt) if dt else a["x"]
+        As = [t.to(dt) if dt else t for t in a["lora_As"]]
+        Bs = [t.to(dt) if dt else t for t in a["lora_Bs"]]
+        bs = [(t.to(dt) if dt else t) if t is not None else None for t in a["biases"]]
+        if fn == "group":
+            ys = rk.lora_linear_group(x, Ws, As, Bs, a["scalings"], bs, 0.0)
+        else:
+            ys = [rk.reference.lora_linear(x, Ws[i], As[i], Bs[i], a["scalings"][i], bs[i]) for i in range(3)]
+        pairs = [(y, dy.to(y.dtype)) for y, dy in zip(ys, dys) if y.requires_grad]  # the reference's y_1 has no graph
+        torch.autograd.backward(*zip(*pairs))
+        runs.append(Ws)
+    got, oracle, same = runs
+    assert got[1].grad is None
+    for i in (0, 2):
+        assert_close_to_oracle(f"dW[{i}]", got[i].grad, oracle[i].grad, same[i].grad)
