@@ -235,3 +235,21 @@ def test_default_is_off(group_calls):
     _step(model)
     _step(model)
     assert group_calls == [] and not list(_groups(model))
+
+
+def test_compiled_model_gives_the_unfused_result():
+    """Under torch.compile a grouped model computes what the unfused patch computes (whether the
+    group runs inside the compiled graph or not)."""
+    torch._dynamo.reset()
+    model = _peft_model()
+    unfused = copy.deepcopy(model)
+    rk.peft.patch(model, backend=BACKEND, fuse_siblings=True)
+    rk.peft.patch(unfused, backend=BACKEND)
+    compiled = torch.compile(model, backend="aot_eager")
+    try:
+        for _ in range(2):
+            got = _step(compiled)
+    finally:
+        torch._dynamo.reset()
+    got = (got[0], {n.removeprefix("_orig_mod."): g for n, g in got[1].items()})
+    _assert_close_models(got, _step(unfused))
