@@ -122,13 +122,14 @@ def composite_group_backward(dys: List[Tensor], x2d: Tensor, weights: List[Tenso
                 dropped = dropout_scale(x2d, seed, ps[i], scale)
             dAs[i] = torch.mm(U[i].t(), dropped).to(lora_As[i].dtype)
     plain = [i for i in range(n) if ps[i] == 0.0 and U[i] is not None]
-    if plain and need_dx:  # the rank terms of every member without dropout: one GEMM, s_i on A's rows
-        U_plain = _stacked([U[i] for i in plain], 1)
+    U_plain = _stacked([U[i] for i in plain], 1) if plain else None  # [M, sum r] of the members without dropout
+    if plain and need_dx:  # their rank terms: one GEMM, s_i on A's rows
         A_scaled = _stacked([(lora_As[i] * scalings[i]).to(dtype) for i in plain], 0)
         dx = torch.mm(U_plain, A_scaled) if dx is None else dx.addmm_(U_plain, A_scaled)
     plain_dA = [i for i in plain if need_dAs[i]]
     if plain_dA:  # one read of x for these members' dA; cast before scaling, as the single op does
-        dA_all = torch.mm(_stacked([U[i] for i in plain_dA], 1).t(), x2d)
+        U_dA = U_plain if len(plain_dA) == len(plain) else _stacked([U[i] for i in plain_dA], 1)
+        dA_all = torch.mm(U_dA.t(), x2d)
         offs = _offsets([lora_As[i].shape[0] for i in plain_dA])
         for j, i in enumerate(plain_dA):
             dAs[i] = dA_all[offs[j]:offs[j + 1]].to(lora_As[i].dtype, copy=True).mul_(scalings[i])
