@@ -5,10 +5,11 @@ What a particular backend accepts (device, dtypes) is checked by the backend reg
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
-from .dropout import check_dropout_p
+from .dropout import SEED_BOUND, as_seed_int, check_dropout_p
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -20,6 +21,65 @@ def _need_tensor(name: str, t) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def need_tensors(*named) -> None:
+    """``TypeError`` naming the first of ``(name, value)`` that is not a floating tensor (None
+    skipped): run before anything reads ``.device`` or ``.dtype`` (autocast, 4-bit dispatch)."""
+    for name, t in named:
+        if t is not None:
+            _need_tensor(name, t)
+
+
+def check_seed(seed, device: torch.device) -> None:
+    """The op's ``seed``: None, an int in [0, 2^63), or a one-element int64 tensor on ``device``
+    holding such a value; checked whatever ``dropout_p`` and ``training`` are. A tensor's value is
+    read only on the CPU and outside ``torch.compile``: on a GPU reading it would synchronize."""
+    if seed is None:
+        return
+    if not isinstance(seed, torch.Tensor):
+        as_seed_int(seed)
+        return
+    if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != device:
+        raise TypeError(f"seed tensor must be a one-element int64 tensor on {device}, "
+                        f"got {seed.dtype} of shape {tuple(seed.shape)} on {seed.device}")
+    if seed.device.type == "cpu" and not torch.compiler.is_compiling():
+        value = int(seed.item())
+        if not 0 <= value < SEED_BOUND:
+            raise ValueError(f"seed must be in [0, 2^63), got tensor({value})")
+
+
+def check_device(device, name: str = "device") -> torch.device:
+    """``device`` as a ``torch.device``; ``ValueError`` naming it when it is malformed or a CUDA
+    device on a machine without CUDA (instead of torch's AssertionError deep inside a factory)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{name} must be a torch.device or a device string such as 'cpu' or 'cuda', "
+                         f"got {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}={str(dev)!r} but CUDA is not available here (torch.cuda.is_available() "
+                         "is False); use 'cpu'")
+    return dev
+
+
+def check_real(name: str, value) -> float:
+    """A finite real number (int, float, numpy scalar; not bool, str, None or a tensor) as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def check_backend_output(backend: str, what: str, t, shape) -> None:
+    """``ValueError`` naming a registered backend whose ``what`` is not a tensor of ``shape``
+    (a wrong shape would otherwise surface as a bare ``view`` error, or not at all)."""
+    shape = tuple(shape)
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+        got = _shape(t) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"backend {backend!r} returned {what} of shape {got}; expected "
+                         f"[{', '.join(str(s) for s in shape)}]")
 
 
 def validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p) -> None:

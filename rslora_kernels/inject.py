@@ -6,8 +6,7 @@ from typing import List, Sequence, Union
 
 from torch import nn
 
-from .layers import LoRALinear
-from .ops.lora_linear import check_backend_name
+from .layers import LoRALinear, check_adapter_args, check_base
 from .quant import is_quantized_weight
 
 __all__ = ["inject", "matches_target"]
@@ -39,7 +38,10 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int, 
     ``nn.Linear`` (or a quantized bitsandbytes ``Linear4bit``, whose 4-bit weight the adapter layer
     dequantizes per call: QLoRA) raises ``TypeError``; no match at all raises ``ValueError``.
     """
-    check_backend_name(backend)  # before the model is changed
+    # every check before the model is changed: a bad argument leaves the caller's model as it was
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_adapter_args(r, alpha, dropout, rank_stabilized, backend)
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
         if not target_modules or not all(isinstance(t, str) for t in target_modules):
@@ -56,6 +58,7 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int, 
         if type(module) is not nn.Linear and not is_quantized_weight(getattr(module, "weight", None)):
             raise TypeError(f"target module {name!r} is a {type(module).__name__}; "
                             "inject() replaces nn.Linear and bitsandbytes Linear4bit only")
+        check_base(module, use_dora, f"target module {name!r}")
     if not targets:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
         raise ValueError(f"no module of the model matches target_modules={target_modules!r}; "

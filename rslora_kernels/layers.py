@@ -9,13 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._validate import check_device
 from .ops.dora import dora_linear, dora_merge_, dora_row_norms
 from .ops.lora_linear import check_backend_name, lora_linear
 from .ops.merge import merge_lora_
 from .quant import is_quantized_weight
 from .scaling import lora_scaling, rslora_scaling
 
-__all__ = ["LoRALinear"]
+__all__ = ["LoRALinear", "check_adapter_args"]
 
 
 def _compute_dtype(base: nn.Module) -> torch.dtype:
@@ -26,6 +27,28 @@ def _compute_dtype(base: nn.Module) -> torch.dtype:
         qs = getattr(w, "quant_state", None)
         return getattr(base, "compute_dtype", None) or (qs.dtype if qs is not None else torch.float32)
     return w.dtype
+
+
+def check_adapter_args(r, alpha, dropout, rank_stabilized: bool, backend) -> float:
+    """Check the adapter's arguments (shared by :class:`LoRALinear` and :func:`~rslora_kernels.inject`,
+    which checks them before it touches the model); returns the scaling they give."""
+    scaling = rslora_scaling(alpha, r) if rank_stabilized else lora_scaling(alpha, r)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    check_backend_name(backend)  # device and dtypes are checked per call, once "auto" is resolved
+    return scaling
+
+
+def check_base(base: nn.Module, use_dora: bool, name: str = "base_layer") -> None:
+    """A base the adapter can wrap: a float ``nn.Linear`` or a 4-bit one (not with DoRA)."""
+    w = getattr(base, "weight", None)
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"{name} must be an nn.Linear, got {type(base).__name__}")
+    if not (w.is_floating_point() or is_quantized_weight(w)):
+        raise TypeError(f"{name} must be a float nn.Linear or a bitsandbytes Linear4bit; "
+                        f"{type(base).__name__} has a {w.dtype} weight")
+    if use_dora and is_quantized_weight(w):
+        raise TypeError("use_dora=True needs a 16/32-bit base weight; DoRA on a 4-bit base is not supported")
 
 
 class LoRALinear(nn.Module):
@@ -68,10 +91,18 @@ class LoRALinear(nn.Module):
                  device=None, dtype=None, adapter_dtype=None, base_layer: Optional[nn.Linear] = None,
                  use_dora: bool = False):
         super().__init__()
-        self.scaling = rslora_scaling(alpha, r) if rank_stabilized else lora_scaling(alpha, r)
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-        check_backend_name(backend)  # device and dtypes are checked per call, once "auto" is resolved
+        # every check before anything is created or the caller's base_layer is frozen
+        self.scaling = check_adapter_args(r, alpha, dropout, rank_stabilized, backend)
+        for what, n in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"{what} must be an integer >= 0, got {n!r}")
+        if device is not None:
+            check_device(device)
+        if base_layer is not None:
+            check_base(base_layer, use_dora)
+            if (base_layer.in_features, base_layer.out_features) != (in_features, out_features):
+                raise ValueError(f"base_layer is {base_layer.in_features} -> {base_layer.out_features} but "
+                                 f"in_features, out_features = {in_features}, {out_features}")
         self.in_features, self.out_features = in_features, out_features
         self.r, self.alpha, self.dropout = r, alpha, float(dropout)
         self.rank_stabilized, self.backend = rank_stabilized, backend
@@ -84,8 +115,6 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(in_features, r, bias=False, device=w.device, dtype=adapter_dtype)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=w.device, dtype=adapter_dtype)
         self.use_dora = bool(use_dora)
-        if self.use_dora and is_quantized_weight(w):
-            raise TypeError("use_dora=True needs a 16/32-bit base weight; DoRA on a 4-bit base is not supported")
         if self.use_dora:  # a module with .weight, so state_dict keys read PEFT's "lora_magnitude_vector.weight"
             self.lora_magnitude_vector = nn.Module()
             self.lora_magnitude_vector.weight = nn.Parameter(torch.empty(out_features, device=w.device, dtype=adapter_dtype))
@@ -99,11 +128,7 @@ class LoRALinear(nn.Module):
         fresh adapter on the linear's device, in its dtype unless ``adapter_dtype`` is given.
         A bitsandbytes ``Linear4bit`` (quantized, e.g. after ``.to(device)``) is accepted: the
         adapters then default to its compute dtype (else the dtype it was quantized from)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
-        if not (linear.weight.is_floating_point() or is_quantized_weight(linear.weight)):
-            raise TypeError(f"from_linear needs a float nn.Linear or a bitsandbytes Linear4bit; "
-                            f"{type(linear).__name__} has a {linear.weight.dtype} weight")
+        check_base(linear, use_dora, "linear")
         return cls(linear.in_features, linear.out_features, r, alpha, dropout, linear.bias is not None,
                    rank_stabilized, backend, adapter_dtype=adapter_dtype, base_layer=linear, use_dora=use_dora)
 

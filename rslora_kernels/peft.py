@@ -192,6 +192,11 @@ def _sibling_member(layer, x: torch.Tensor):
     return weight, A, layer.lora_B[adapter].weight, layer.scaling[adapter], base.bias, p
 
 
+def _need_module(peft_model) -> None:
+    if not isinstance(peft_model, nn.Module):
+        raise TypeError(f"peft_model must be an nn.Module (a PeftModel), got {type(peft_model).__name__}")
+
+
 def is_patched(layer: nn.Module) -> bool:
     """Whether ``layer`` currently runs the fused forward installed by :func:`patch`."""
     return hasattr(layer, _ATTR) and "forward" in vars(layer)
@@ -212,15 +217,19 @@ def patch(peft_model: nn.Module, backend: str = "auto", fuse_siblings: bool = Fa
     Returns:
         The number of layers switched by this call (already patched layers are left as they are
         and not counted). Unsupported layers keep PEFT's forward; one ``UserWarning`` lists the
-        reasons and the layers affected.
+        reasons and the layers affected. A model without any PEFT LoRA layer also warns.
     """
+    _need_module(peft_model)
     check_backend_name(backend)
     lora_layer = _lora_module()
-    patched = 0
+    patched = found = 0
     skipped: Dict[str, List[str]] = defaultdict(list)
     by_parent: Dict[str, List[nn.Module]] = defaultdict(list)  # fuse_siblings: parent name -> its patched layers
     for name, module in peft_model.named_modules():
-        if not isinstance(module, lora_layer.LoraLayer) or is_patched(module):
+        if not isinstance(module, lora_layer.LoraLayer):
+            continue
+        found += 1
+        if is_patched(module):
             continue
         reason = _unsupported_reason(module, lora_layer)
         if reason is not None:
@@ -241,11 +250,16 @@ def patch(peft_model: nn.Module, backend: str = "auto", fuse_siblings: bool = Fa
         lines = [f"  {reason}: {len(names)} layer(s), e.g. {', '.join(names[:3])}" for reason, names in skipped.items()]
         warnings.warn("rslora_kernels.peft.patch: these LoRA layers keep PEFT's forward:\n" + "\n".join(lines),
                       stacklevel=2)
+    if not found:
+        warnings.warn(f"rslora_kernels.peft.patch: no PEFT LoRA layers found in the {type(peft_model).__name__} "
+                      "passed as peft_model (patch a model returned by peft.get_peft_model); nothing patched",
+                      stacklevel=2)
     return patched
 
 
 def unpatch(peft_model: nn.Module) -> int:
     """Restore PEFT's forward on every layer :func:`patch` switched; returns how many."""
+    _need_module(peft_model)
     restored = 0
     for module in peft_model.modules():
         if is_patched(module):

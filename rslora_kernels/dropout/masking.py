@@ -44,6 +44,9 @@ def dropout_mask(seed: Union[int, Tensor], shape: Sequence[int], p: float,
     if len(shape) < 1 or any(s < 0 for s in shape):
         raise ValueError(f"shape must be a non-empty sequence of sizes >= 0, got {shape}")
     device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        raise ValueError(f"device must be 'cpu' or an available 'cuda' device (the mask holds data), "
+                         f"got {str(device)!r}")
     cols = shape[-1]
     rows = math.prod(shape[:-1])
     if device.type == "cpu" or rows * cols == 0:

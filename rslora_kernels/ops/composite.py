@@ -26,7 +26,15 @@ from torch import Tensor
 from ..dropout import dropout_scale, dropout_scale_, dropout_scale_pair_
 from .lora_linear import FLOAT_DTYPES, register_backend
 
-__all__ = ["composite_forward", "composite_backward"]
+__all__ = ["composite_forward", "composite_backward", "addmm_scaled_"]
+
+
+def addmm_scaled_(out: Tensor, a: Tensor, b: Tensor, alpha: float) -> Tensor:
+    """``out += alpha * (a @ b)`` in place. BLAS skips the product when alpha is 0, which would hide
+    a NaN/Inf of ``a`` or ``b`` that the reference propagates (0 * NaN = NaN): at 0 it is formed."""
+    if alpha == 0.0:
+        return out.add_(torch.mm(a, b).mul_(0.0))
+    return out.addmm_(a, b, alpha=alpha)
 
 
 def composite_forward(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
@@ -41,7 +49,7 @@ def composite_forward(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tenso
         T = torch.mm(dropout_scale(x2d, seed, p, 1.0 / (1.0 - p)), A.t())  # the dropped x dies here
     else:
         T = torch.mm(x2d, A.t())
-    y.addmm_(T, B.t(), alpha=scaling)
+    addmm_scaled_(y, T, B.t(), scaling)
     return y, T, seed.clone()
 
 
@@ -63,6 +71,8 @@ def composite_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, 
             else:
                 dropout_scale_(dx, seed, p, scaling / (1.0 - p))
             dx.addmm_(dy, weight)
+        elif scaling == 0.0:  # beta = 0 would drop dx's NaN/Inf (BLAS ignores C): scale it explicitly
+            dx.mul_(0.0).addmm_(dy, weight)
         else:
             dx.addmm_(dy, weight, alpha=1.0, beta=scaling)
     if need_dA:

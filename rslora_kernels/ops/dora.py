@@ -51,9 +51,11 @@ from torch import Tensor
 
 from .. import reference
 from .._validate import validate_inputs, validate_magnitude
-from ..dropout import as_seed_int, draw_seed, dropout_scale, keep_mask_torch
+from ..dropout import dropout_scale, keep_mask_torch
 from .custom_op import custom_op
-from .lora_linear import lora_linear_bwd, lora_linear_fwd, registered_backends, resolve_backend
+from .first_order import first_order_only
+from .composite import addmm_scaled_
+from .lora_linear import lora_linear_bwd, lora_linear_fwd, registered_backends, resolve_backend, seed_tensor
 
 __all__ = ["dora_linear", "DoRALinearFunction", "dora_row_norms", "dora_merge_", "clear_norm_cache"]
 
@@ -111,7 +113,10 @@ def dora_row_norms(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: floa
         for n0 in range(0, N, rows):  # W A^T with W upcast a chunk at a time (a view when W is in acc)
             torch.mm(weight[n0:n0 + rows].to(acc), A.t(), out=WA[n0:n0 + rows])
         # B_n . (2 s (W A^T)_n + s^2 (B A A^T)_n): one [N, r] tensor, one row-wise dot
-        cross = torch.addmm(WA, B, A @ A.t(), beta=2.0 * scaling, alpha=scaling * scaling)
+        if scaling == 0.0:  # BLAS would ignore WA and the product: keep the NaN/Inf of the reference's 0 * B A
+            cross = torch.addmm(WA, B, A @ A.t()).mul_(0.0)
+        else:
+            cross = torch.addmm(WA, B, A @ A.t(), beta=2.0 * scaling, alpha=scaling * scaling)
         sq = torch.linalg.vecdot(B, cross, dim=1).add_(_weight_sq_norms(weight, acc))
         return sq.clamp_min_(0.0).sqrt_()
 
@@ -137,7 +142,7 @@ def dora_forward(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, ma
     # the LoRA op on x itself (its dropout, its saved state), then the second base GEMM on drop(x)
     y, T, state = lora_linear_fwd(x2d, weight, lora_A, lora_B, bias, scaling, p, seed, backend)  # x W^T + b + s T B^T
     z = torch.mm(dropout_scale(x2d, seed, p, 1.0 / (1.0 - p)), weight.t())  # the dropped x dies here
-    z.addmm_(T, lora_B.to(x2d.dtype).t(), alpha=scaling)                     # z = xd W^T + s T B^T
+    addmm_scaled_(z, T, lora_B.to(x2d.dtype).t(), scaling)                   # z = xd W^T + s T B^T
     y.addcmul_(z, (g - 1).to(x2d.dtype))
     return y, z, T, w, state
 
@@ -224,6 +229,7 @@ class DoRALinearFunction(torch.autograd.Function):
         return y2d.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @first_order_only  # no double backward: a second derivative raises instead of coming back wrong
     def backward(ctx, dy):
         x2d, weight, lora_A, lora_B, magnitude, T, z, w, seed, state = ctx.saved_tensors
         need_x, need_w, need_a, need_b, need_m, need_bias = ctx.needs_input_grad[:6]
@@ -268,22 +274,14 @@ def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magni
     scaling = float(scaling)
     p = float(dropout_p) if training else 0.0
     backend = resolve_backend(backend, x.device, x.dtype, lora_A.dtype)
-    if p > 0.0:
-        if seed is None:
-            seed = draw_seed(x.device)
-        elif not isinstance(seed, Tensor):
-            seed = torch.tensor(as_seed_int(seed), dtype=torch.int64, device=x.device)
-        elif seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device:
-            raise TypeError(f"seed tensor must be a one-element int64 tensor on {x.device}, got {seed.dtype} on {seed.device}")
+    seed = seed_tensor(seed, p, x.device)  # checked even when p == 0
     if backend == "reference":
         mask = keep_mask_torch(seed, math.prod(x.shape[:-1]), x.shape[-1], p).reshape(x.shape) if p > 0.0 else None
         return reference.dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias, p, mask)
     if registered_backends()[backend].backward is None:
         raise ValueError(f"backend={backend!r} is an autograd backend of the LoRA op; DoRA runs on its fused "
                          "backends (with a backward) or on 'reference'")
-    if p == 0.0:
-        seed = torch.zeros((), dtype=torch.int64, device=x.device)
-    return DoRALinearFunction.apply(x, weight, lora_A, lora_B, magnitude, bias, scaling, p, seed.reshape(()), backend)
+    return DoRALinearFunction.apply(x, weight, lora_A, lora_B, magnitude, bias, scaling, p, seed, backend)
 
 
 # ----------------------------------------------------------------------------------------------

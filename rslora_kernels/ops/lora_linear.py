@@ -25,9 +25,10 @@ from torch import Tensor
 
 from .. import reference
 from .._runtime import triton_available_for
-from .._validate import validate_inputs
+from .._validate import check_backend_output, check_seed, need_tensors, validate_inputs
 from ..dropout import as_seed_int, draw_seed, keep_mask_torch
 from .custom_op import custom_op
+from .first_order import first_order_only
 from .tuning import auto_backend
 from ..quant import is_quantized_weight
 
@@ -95,7 +96,8 @@ def register_backend(name: str, forward: Callable, backward: Optional[Callable] 
             ``(x2d, seed, p) -> empty tensor`` shaped like the state (see :class:`Backend`).
         replace: allow re-registering an existing name.
 
-    Returns the registered :class:`Backend`.
+    Returns the registered :class:`Backend`. A y, T or grad of the wrong shape from it is a
+    ``ValueError`` naming the backend and the expected shape, at the call that returned it.
     """
     if not isinstance(name, str) or not name or name == "auto":
         raise ValueError(f"backend name must be a non-empty string other than 'auto', got {name!r}")
@@ -211,7 +213,10 @@ register_backend("reference", _reference_forward, None, devices=_any_device, dty
 def lora_linear_fwd(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
                     scaling: float, dropout_p: float, seed: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (y, T, mask_state): the mask state is what the backward op needs of the dropout mask."""
-    return _REGISTRY[backend].forward(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+    y, T, mask_state = _REGISTRY[backend].forward(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+    check_backend_output(backend, "y", y, (x2d.shape[0], weight.shape[0]))
+    check_backend_output(backend, "T", T, (x2d.shape[0], lora_A.shape[0]))
+    return y, T, mask_state
 
 
 @lora_linear_fwd.register_fake
@@ -227,6 +232,10 @@ def lora_linear_bwd(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lor
                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, dA, dB, db); a grad that is not needed comes back as an empty tensor."""
     outs = _REGISTRY[backend].backward(dy, x2d, weight, lora_A, lora_B, T, scaling, dropout_p, mask_state, *needs)
+    for what, out, shape, need in zip(("dx", "dA", "dB", "db"), outs,
+                                      (x2d.shape, lora_A.shape, lora_B.shape, weight.shape[:1]), needs):
+        if need:
+            check_backend_output(backend, what, out, shape)
     return tuple(o if o is not None else x2d.new_empty((0,)) for o in outs)
 
 
@@ -263,6 +272,7 @@ class LoRALinearFunction(torch.autograd.Function):
         return y2d.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @first_order_only  # no double backward: a second derivative raises instead of coming back wrong
     def backward(ctx, dy):
         x2d, weight, lora_A, lora_B, T, mask_state = ctx.saved_tensors
         has_bias = ctx.bias_dtype is not None
@@ -302,15 +312,15 @@ def autocast_inputs(x, weight, lora_A, lora_B, bias):
 
 def seed_tensor(seed: Union[int, Tensor, None], p: float, device: torch.device) -> Tensor:
     """The dropout seed as the 0-dim int64 tensor on ``device`` the backends take: zero when
-    ``p == 0``; drawn from torch's default generator when None."""
+    ``p == 0``; drawn from torch's default generator when None. ``seed`` is checked first, even
+    when ``p == 0``, so a bad seed never passes unnoticed in eval mode."""
+    check_seed(seed, device)
     if p == 0.0:
         seed = torch.zeros((), dtype=torch.int64, device=device)
     elif seed is None:
         seed = draw_seed(device)
     elif not isinstance(seed, Tensor):
         seed = torch.tensor(as_seed_int(seed), dtype=torch.int64, device=device)
-    elif seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != device:
-        raise TypeError(f"seed tensor must be a one-element int64 tensor on {device}, got {seed.dtype} on {seed.device}")
     return seed.reshape(())
 
 
@@ -338,6 +348,8 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     Returns:
         ``[..., N]`` in x's dtype (the autocast dtype under ``torch.autocast``).
     """
+    # before autocast or the 4-bit dispatch read .device/.dtype: a list or an array is a named TypeError
+    need_tensors(("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias))
     if is_quantized_weight(weight):
         from .qlora import qlora_linear
 
@@ -353,5 +365,6 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     if spec.backward is None:  # an autograd backend: plain PyTorch, differentiated by autograd
         M, K = math.prod(x.shape[:-1]), x.shape[-1]
         y2d = spec.forward(x.reshape(M, K), weight, lora_A, lora_B, bias, scaling, p, seed)
+        check_backend_output(backend, "y", y2d, (M, weight.shape[0]))
         return y2d.view(*x.shape[:-1], weight.shape[0])
     return LoRALinearFunction.apply(x, weight, lora_A, lora_B, bias, scaling, p, seed, backend)

@@ -32,9 +32,10 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .._validate import validate_inputs
+from .._validate import check_backend_output, validate_inputs
 from ..quant import Weight4bit, as_weight4bit, dequantize_4bit
 from .custom_op import custom_op
+from .first_order import first_order_only
 from .lora_linear import autocast_inputs, registered_backends, resolve_backend, seed_tensor
 
 __all__ = ["qlora_linear", "QLoRALinearFunction"]
@@ -58,7 +59,10 @@ def qlora_linear_fwd(x2d: Tensor, qtensors: List[Tensor], qmeta: List[int], quan
                      backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (y, T, mask_state), as the dense op does."""
     weight = _dense_weight(qtensors, qmeta, quant_type, x2d.dtype, backend)
-    return registered_backends()[backend].forward(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+    y, T, mask_state = registered_backends()[backend].forward(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+    check_backend_output(backend, "y", y, (x2d.shape[0], qmeta[0]))
+    check_backend_output(backend, "T", T, (x2d.shape[0], lora_A.shape[0]))
+    return y, T, mask_state
 
 
 @qlora_linear_fwd.register_fake
@@ -110,6 +114,7 @@ class QLoRALinearFunction(torch.autograd.Function):
         return y2d.view(*x.shape[:-1], qmeta[0])
 
     @staticmethod
+    @first_order_only  # no double backward: a second derivative raises instead of coming back wrong
     def backward(ctx, dy):
         x2d, lora_A, lora_B, T, mask_state, *qtensors = ctx.saved_tensors
         need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
