@@ -16,7 +16,7 @@ from .ops.merge import merge_lora_
 from .quant import is_quantized_weight
 from .scaling import lora_scaling, rslora_scaling
 
-__all__ = ["LoRALinear", "check_adapter_args"]
+__all__ = ["LoRALinear"]
 
 
 def _compute_dtype(base: nn.Module) -> torch.dtype:
@@ -41,9 +41,9 @@ def check_adapter_args(r, alpha, dropout, rank_stabilized: bool, backend) -> flo
 
 def check_base(base: nn.Module, use_dora: bool, name: str = "base_layer") -> None:
     """A base the adapter can wrap: a float ``nn.Linear`` or a 4-bit one (not with DoRA)."""
-    w = getattr(base, "weight", None)
     if not isinstance(base, nn.Linear):
         raise TypeError(f"{name} must be an nn.Linear, got {type(base).__name__}")
+    w = base.weight
     if not (w.is_floating_point() or is_quantized_weight(w)):
         raise TypeError(f"{name} must be a float nn.Linear or a bitsandbytes Linear4bit; "
                         f"{type(base).__name__} has a {w.dtype} weight")

@@ -52,9 +52,9 @@ from torch import Tensor
 from .. import reference
 from .._validate import validate_inputs, validate_magnitude
 from ..dropout import dropout_scale, keep_mask_torch
+from .composite import addmm_scaled_
 from .custom_op import custom_op
 from .first_order import first_order_only
-from .composite import addmm_scaled_
 from .lora_linear import lora_linear_bwd, lora_linear_fwd, registered_backends, resolve_backend, seed_tensor
 
 __all__ = ["dora_linear", "DoRALinearFunction", "dora_row_norms", "dora_merge_", "clear_norm_cache"]
