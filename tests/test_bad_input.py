@@ -108,6 +108,23 @@ def test_nan_at_alpha_zero_layer(backend):
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("p", [0.0, 0.3])
+def test_group_nan_at_scaling_zero(backend, p):
+    """The group op at s = 0 with a NaN in one member's lora_B: that member's column is NaN, as in
+    the reference run member by member."""
+    t = make()
+    B2 = torch.randn(N - 1, R, device=DEV)
+    B2[2, 1] = math.nan
+    Ws, As, Bs = [t["weight"], t["weight"][1:]], [t["lora_A"], t["lora_A"]], [t["lora_B"], B2]
+    ys = rk.lora_linear_group(t["x"], Ws, As, Bs, 0.0, [t["bias"], None], p, seeds=[6, 7], backend=backend)
+    for i, y in enumerate(ys):
+        want = rk.lora_linear(t["x"].double(), Ws[i].double(), As[i].double(), Bs[i].double(), 0.0,
+                              None if i else t["bias"].double(), p, seed=6 + i, backend="reference")
+        assert_same_values(f"y[{i}]", y, want)
+    assert y_col_nan(ys[1], 2)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("p", [0.0, 0.3])
 def test_dora_nan_at_scaling_zero(backend, p):
     """DoRA at s = 0 with a NaN in lora_B: its row norm is NaN (0 * NaN), so is that column of y."""
     t = make()
@@ -214,6 +231,12 @@ def _op(kind, backend, t, **kw):
     if kind == "dora":
         return rk.dora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], 0.5, bias=t["bias"],
                               backend=backend, **kw)
+    if kind == "group":  # two members on the same x, their outputs side by side
+        seed = kw.pop("seed", None)
+        ys = rk.lora_linear_group(t["x"], [t["weight"], t["weight"][1:]], [t["lora_A"], t["lora_A"][1:]],
+                                  [t["lora_B"], t["lora_B"][1:, 1:]], 0.5, [t["bias"], None], kw.pop("dropout_p", 0.0),
+                                  seeds=None if seed is None else [seed, seed + 1], backend=backend, **kw)
+        return torch.cat(ys, -1)
     BF = pytest.importorskip("bitsandbytes.functional")  # "qlora": a 4-bit base
     packed, qs = BF.quantize_4bit(t["weight"], blocksize=64, quant_type="nf4")
     return rk.lora_linear(t["x"], Weight4bit.from_bnb(packed, qs), t["lora_A"], t["lora_B"], 0.5, bias=t["bias"],
@@ -228,7 +251,7 @@ def _leaves(kind):
     return t
 
 
-KINDS = ["lora", "dora", "qlora"]
+KINDS = ["lora", "dora", "qlora", "group"]
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -322,6 +345,10 @@ MISUSE = [
      r"x must be a torch.Tensor, got ndarray"),
     ("x a list under autocast", lambda: _under_autocast(lambda: rk.lora_linear(_x_W_A_B()[0].tolist(), *_x_W_A_B()[1:], 1.0)),
      TypeError, r"x must be a torch.Tensor"),
+    ("group: x a list", lambda: rk.lora_linear_group(_x_W_A_B()[0].tolist(), *([t] for t in _x_W_A_B()[1:]), 1.0),
+     TypeError, r"x must be a torch.Tensor, got list"),
+    ("group: lora_A a list", lambda: rk.lora_linear_group(_x_W_A_B()[0], [_x_W_A_B()[1]], [[[0.0] * K] * R],
+                                                          [_x_W_A_B()[3]], 1.0), TypeError, r"lora_As\[0\] must be a torch.Tensor"),
     ("bias a list", lambda: rk.lora_linear(*_x_W_A_B(), 1.0, bias=[0.0] * N), TypeError, r"bias must be a torch.Tensor"),
     ("rslora_scaling alpha str", lambda: rk.rslora_scaling("16", 4), TypeError, r"alpha must be a real number, got str"),
     ("lora_scaling alpha None", lambda: rk.lora_scaling(None, 4), TypeError, r"alpha must be a real number, got NoneType"),

@@ -1,4 +1,4 @@
-"""First-order-only backward for the fused autograd Functions (LoRA, DoRA, QLoRA).
+"""First-order-only backward for the fused autograd Functions (LoRA, DoRA, QLoRA, the group op).
 
 Their backward runs custom ops that autograd cannot see through, so it has no derivative of its
 own. ``torch.autograd.function.once_differentiable`` is not enough: it ties its error to the
@@ -16,7 +16,7 @@ import torch
 
 __all__ = ["first_order_only", "DOUBLE_BACKWARD_ERROR"]
 
-DOUBLE_BACKWARD_ERROR = ("rslora_kernels: the fused LoRA/DoRA/QLoRA backward is first-order only (no double "
+DOUBLE_BACKWARD_ERROR = ("rslora_kernels: the fused LoRA/DoRA/QLoRA/group backward is first-order only (no double "
                          "backward); for second derivatives use backend='reference'")
 
 

@@ -40,12 +40,13 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from .._validate import validate_inputs
+from .._validate import need_tensors, validate_inputs
 from ..dropout import dropout_scale, dropout_scale_, dropout_scale_pair_
 from ..quant import is_quantized_weight
+from .composite import addmm_scaled_
 from .custom_op import custom_op
+from .first_order import first_order_only
 from .lora_linear import autocast_inputs, lora_linear, registered_backends, resolve_backend, seed_tensor
 
 __all__ = ["lora_linear_group", "LoRALinearGroupFunction", "lora_linear_group_fwd", "lora_linear_group_bwd",
@@ -90,7 +91,7 @@ def composite_group_forward(x2d: Tensor, weights: List[Tensor], lora_As: List[Te
         T = _stacked(Ts, 1)
     offs = _offsets([A.shape[0] for A in lora_As])
     for i in range(n):
-        ys[i].addmm_(T[:, offs[i]:offs[i + 1]], lora_Bs[i].to(dtype).t(), alpha=scalings[i])
+        addmm_scaled_(ys[i], T[:, offs[i]:offs[i + 1]], lora_Bs[i].to(dtype).t(), scalings[i])  # NaN kept at s = 0
     return ys, T, [seeds[i].clone() for i in range(n)]
 
 
@@ -241,7 +242,7 @@ class LoRALinearGroupFunction(torch.autograd.Function):
         db_i = sum over rows of dy_i
         dW_i = dy_i^T x                                            (only when W_i requires grad)
 
-    Double backward is not supported (``once_differentiable``): it raises."""
+    Double backward is not supported (:func:`~rslora_kernels.ops.first_order.first_order_only`): it raises."""
 
     @staticmethod
     def forward(ctx, x, meta, *tensors):
@@ -259,7 +260,7 @@ class LoRALinearGroupFunction(torch.autograd.Function):
         return tuple(y.view(*x.shape[:-1], y.shape[1]) for y in ys)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, *dys):
         n = ctx.n
         x2d, T, *rest = ctx.saved_tensors
@@ -349,6 +350,7 @@ def lora_linear_group(x: Tensor, weights: Sequence[Tensor], lora_As: Sequence[Te
     for name, seq in (("lora_As", lora_As), ("lora_Bs", lora_Bs)):
         if len(seq) != n:
             raise ValueError(f"{name} must have one entry per member ({n}, the length of weights), got {len(seq)}")
+    need_tensors(("x", x))  # before autocast reads x.device
     biases = _per_member("biases", biases, n)
     scalings = _per_member("scalings", scalings, n)
     dropout_ps = _per_member("dropout_ps", dropout_ps, n)
@@ -358,8 +360,9 @@ def lora_linear_group(x: Tensor, weights: Sequence[Tensor], lora_As: Sequence[Te
         if is_quantized_weight(weights[i]):
             raise TypeError(f"weights[{i}] is a 4-bit weight; lora_linear_group takes float weights "
                             "(run a 4-bit member with rk.lora_linear)")
-        xi, W, A, B, b = autocast_inputs(x, weights[i], lora_As[i], lora_Bs[i], biases[i])
         try:
+            need_tensors(("weight", weights[i]), ("lora_A", lora_As[i]), ("lora_B", lora_Bs[i]), ("bias", biases[i]))
+            xi, W, A, B, b = autocast_inputs(x, weights[i], lora_As[i], lora_Bs[i], biases[i])
             validate_inputs(xi, W, A, B, b, scalings[i], dropout_ps[i])
         except (TypeError, ValueError) as e:
             raise _member_error(e, i) from None
