@@ -16,7 +16,8 @@
 #   sweep_wide.csv       wider-sweep rows, likewise
 #   tuned_configs.json   the tuner's table
 #   profile.md           the step profile: host vs GPU time and the kernels of a step
-#   logs.tar.gz          every step's full output, sweep JSON/Markdown/plots; rebuilt after each step
+#   logs.tar.gz          every step's full output, sweep and train-step JSON/Markdown/CSV/plots; rebuilt
+#                        after each step (the train-step table is in summary.md)
 #
 # Time plan (seconds; each step is time-boxed, and no step starts after RUN_BUDGET=420 s of the run;
 # the lease's own start, 30-40 s on the H200s of 2026-11-27, comes on top; there a full run took 284 s):
@@ -25,6 +26,9 @@
 #      enumeration: ~65 s expected on an H200 lease)
 #   b  headline sweep (bf16, M=8192, K=N=4096, p=0.1,         75
 #      r 16 64 256 2048, triton/composite/eager, fwd+bwd)
+#   b-train-step  a training step of a Llama-3-8B-shaped     120   (benchmarks.train_step --preset gpu:
+#      model (4 layers, 8192 tokens, bf16): peft, peft-bf16,       r 16 and 256, p 0.1 and 0, loss curve
+#      auto/triton/composite patched                                vs fp32; no new case after 90 s)
 #   b-profile  step profile: step / CUDA-graph / host time    90   (benchmarks.profile_step,
 #      and kernels, r 16 and 2048, p=0.1; DoRA at r 16            profile.md)
 #   c  CUDA numerics: bf16/fp16 op tests + mask parity        90   (118 tests, 8 pytest-xdist workers;
@@ -36,7 +40,7 @@
 #      --timing graph --, DoRA in GPU time, then other shapes, p=0 and more ranks, fwd/bwd apart,
 #      eager_fp32, peft, compiled, QLoRA)
 # Expected compiles, counted by `python -m benchmarks.precompile --list` (Triton 3.9, sm_90, 132 SMs,
-# on a CPU machine): 299 distinct variants -- b 21, c 198, d 52, e 28, f 20, g-wide-graph 30,
+# on a CPU machine): 309 distinct variants -- b 21, b-train-step 21, c 198, d 52, e 28, f 20, g-wide-graph 30,
 # g-wide-dora 27, g-wide-shapes 23, g-wide-ranks 29, g-wide-modes 20 (steps share some) -- all
 # compiled in step p (201 variants took 16-19 s on the 16 cores of an H200 lease). Step c's count
 # comes from running its tests on meta tensors; a test that launches a kernel after its first check
@@ -54,7 +58,7 @@
 #
 # Variables: RESULTS_ROOT, RUN_BUDGET (420), PYTHON, COMMIT (wins over git), TUNE_ARGS
 # (default: benchmarks.precompile.TUNE_ARGS, whose launches step p compiles), NUMERICS_WORKERS (8), and per step <STEP>_LIMIT (ENV, PRECOMPILE, SWEEP, NUMERICS, TUNE,
-# DETERMINISM, SANITIZER) in seconds.
+# DETERMINISM, SANITIZER, TRAIN_STEP) in seconds.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -153,6 +157,10 @@ write_summary() {
       printf '\n## Headline sweep\n\n'
       sed -n '1,/^All rows:/p' "$STAGE/sweep/sweep.md" | sed '$d'
     fi
+    if [ -s "$STAGE/train_step/train_step.md" ]; then
+      printf '\n## Training step: Llama-shaped model, PEFT vs patched\n\n'
+      cat "$STAGE/train_step/train_step.md"
+    fi
     if [ -s "$ROOT/profile.md" ]; then
       printf '\n## Step profile (host vs GPU time)\n\n'
       sed -n '/^| r |/,/^$/p' "$ROOT/profile.md"
@@ -222,6 +230,8 @@ if [ "$DRY" = 1 ]; then
   DET_ARGS=(--device cpu --backend triton --dtypes bf16 --scale 32) RAGGED_ARGS=(--device cpu --small)
   TUNE=(--dry-run) PRECOMPILE_EXTRA=(--limit 1 --workers 1) NUMERICS_WORKERS=0
   PROFILE_ARGS=(--shape 72x40 --m 33 --ranks 3 --dropout 0.1 --dtype fp32 --dora-providers composite)
+  mapfile -t TRAIN_STEP_ARGS < <("$PY" -c "from benchmarks.precompile import DRY_TRAIN_STEP_ARGS as t; print(*t, sep=chr(10))")
+  TRAIN_STEP_ARGS+=(--device cpu)
 else
   PLAN=gpu SWEEP_PRESET=headline DEVICE_ARGS=""
   WIDE_PRESETS=""  # benchmarks.sweep.WIDE_PRESETS, read in step g (importing the sweep loads torch)
@@ -232,6 +242,7 @@ else
   PRECOMPILE_EXTRA=()  # the tuner stops itself (--time-budget) before its step's limit
   NUMERICS_WORKERS=${NUMERICS_WORKERS:-8}
   PROFILE_ARGS=(--ranks 16 2048 --dropout 0.1 --dora-providers triton composite peft-dora)
+  mapfile -t TRAIN_STEP_ARGS < <("$PY" -c "from benchmarks.precompile import TRAIN_STEP_ARGS as t; print(*t, sep=chr(10))")
 fi
 
 env_report() {
@@ -267,6 +278,9 @@ step p-precompile "${PRECOMPILE_LIMIT:-120}" "plan $PLAN" -- \
 
 step b-sweep "${SWEEP_LIMIT:-75}" "rows in sweep.csv" -- \
   "$PY" -m benchmarks.sweep --preset "$SWEEP_PRESET" $DEVICE_ARGS --out "$STAGE/sweep" --csv "$ROOT/sweep.csv"
+
+step b-train-step "${TRAIN_STEP_LIMIT:-120}" "table in summary.md; CSV, JSON, plot in logs.tar.gz" -- \
+  "$PY" -m benchmarks.train_step "${TRAIN_STEP_ARGS[@]}" --out "$STAGE/train_step"
 
 step b-profile "${PROFILE_LIMIT:-90}" "profile.md" -- \
   "$PY" -m benchmarks.profile_step --out "$ROOT" "${PROFILE_ARGS[@]}"

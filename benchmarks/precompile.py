@@ -232,6 +232,37 @@ def _ragged_scenario(dtype_name, small):
     return run
 
 
+def _train_step_scenario(argv):
+    """The Triton launches of ``benchmarks.train_step`` with ``argv`` (gpu_run.sh's step b-train-step):
+    its Llama-shaped PEFT model patched with backend "triton", each distinct projection run forward and
+    backward on meta tensors of the step's shape (x with and without grad: the first layer's q/k/v
+    inputs need none). The model itself cannot run on meta (transformers' mask code reads values);
+    the other providers launch no Triton kernel ("auto" picks among the same variants)."""
+    def run():
+        import torch
+        import rslora_kernels as rk
+        from . import train_step as ts
+        args = ts.parse_args([*argv, "--device", "cuda"])
+        preset, meta, dtype = args.preset_obj, torch.device("meta"), ts.DTYPES[args.preset_obj.dtype]
+        one_layer = dataclasses.replace(preset, layers=1)
+        for r in args.ranks:
+            for p in args.dropout:
+                model, _ = ts.build("triton", one_layer, r, p, meta, dtype, dora=args.dora)
+                for layer in [m for m in model.modules() if rk.peft.is_patched(m)]:
+                    base = layer.get_base_layer()
+                    for needs_dx in (True, False):
+                        x = torch.empty(preset.batch, preset.seq, base.in_features, device=meta, dtype=dtype,
+                                        requires_grad=needs_dx)
+                        layer(x).backward(torch.empty(preset.batch, preset.seq, base.out_features, device=meta,
+                                                      dtype=dtype))
+    return run
+
+
+# Step b-train-step's arguments (gpu_run.sh reads these): the GPU preset at two ranks, time-boxed
+TRAIN_STEP_ARGS = ["--preset", "gpu", "--ranks", "16", "256", "--dropout", "0.1", "0", "--time-budget", "90"]
+DRY_TRAIN_STEP_ARGS = ["--preset", "tiny", "--ranks", "4", "--dropout", "0.1", "0", "--loss-steps", "3", "--warmup", "1"]
+
+
 # Step c's selection (gpu_run.sh reads these): the bf16/fp16 op tests and the mask-parity tests.
 NUMERICS_TESTS = ["tests/test_lora_linear.py", "tests/test_dropout.py", "tests/test_composite.py", "tests/test_layers.py",
                   "tests/test_cuda_graphs.py", "tests/test_dora.py",
@@ -305,6 +336,7 @@ def plan(name: str):
     from .sweep import WIDE_PRESETS
     if name == "gpu":
         steps = {"b-sweep": _sweep_scenario("headline"),
+                 "b-train-step": _train_step_scenario(TRAIN_STEP_ARGS),
                  "c-numerics": _pytest_scenario(NUMERICS_TESTS),
                  "d-tune": _tune_scenario(TUNE_ARGS),
                  "e-determinism": _determinism_scenario(["bf16"], 1),
@@ -313,6 +345,7 @@ def plan(name: str):
         return steps
     if name == "dry":
         return {"b-sweep": _sweep_scenario("dry-headline"),
+                "b-train-step": _train_step_scenario(DRY_TRAIN_STEP_ARGS),
                 "c-numerics": _pytest_scenario(DRY_NUMERICS_TESTS),
                 "e-determinism": _determinism_scenario(["bf16"], 32),
                 "f-sanitizer": _ragged_scenario("bf16", True),

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["a-env", "p-precompile", "b-sweep", "b-profile", "c-numerics", "d-tune", "e-determinism", "f-sanitizer", "g-wide-sweep"]
+STEPS = ["a-env", "p-precompile", "b-sweep", "b-train-step", "b-profile", "c-numerics", "d-tune", "e-determinism", "f-sanitizer", "g-wide-sweep"]
 
 
 def _have_nvidia_toolchain():
@@ -44,6 +44,12 @@ def test_dry_run_exits_0_and_every_step_passes(dry_run):
     for name, status in rows.items():
         assert status.strip() == "PASS", f"{name}: {status}\n{summary}"
     assert "compute-sanitizer absent: ran without it" in summary
+    # the training step's own section: the tiny preset's table, PEFT and the patched model at both dropouts
+    section = summary.split("## Training step: Llama-shaped model, PEFT vs patched", 1)[1].split("\n## ", 1)[0]
+    for provider in ("peft", "auto"):
+        for p in ("0.0", "0.1"):
+            assert f"| 4 | {p} | {provider} |" in section, section
+    assert "| 4 | 0.0 | auto |" in section and "PASS (" in section, section
 
 
 def test_dry_run_files_fit_what_a_lease_brings_back(dry_run):
