@@ -123,9 +123,11 @@ def _quantize_linears(model, quant: str) -> None:
 
 
 def build(provider: str, preset: Preset, r: int, p: float, device: torch.device, dtype: torch.dtype, *,
-          dora=False, quant=None, checkpointing=False, compile=False, seed=0):
+          wide: Optional[torch.dtype] = None, dora=False, quant=None, checkpointing=False, compile=False, seed=0):
     """(callable model, AdamW) for ``provider``: the same base weights and initial adapters for
-    every provider (one seed), PEFT's initialisation (B = 0)."""
+    every provider (one seed; weights drawn in fp32, then rounded to ``dtype``), PEFT's
+    initialisation (B = 0). ``wide``: the whole model, adapters included, cast up to that dtype
+    before training (the loss curve's reference: the same values, wider arithmetic)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
@@ -145,6 +147,8 @@ def build(provider: str, preset: Preset, r: int, p: float, device: torch.device,
                      use_dora=dora, task_type="CAUSAL_LM")
     torch.manual_seed(seed + 1)
     model = get_peft_model(model, cfg, autocast_adapter_dtype=provider != "peft-bf16")
+    if wide is not None:
+        model.to(wide)
     if provider in PATCHED:
         n = rk.peft.patch(model, backend=provider)
         if n != len(TARGETS) * preset.layers:
@@ -236,8 +240,9 @@ def run(args, on_case=None) -> tuple:
             if device.type == "cuda":  # the last group's models are gone (patched layers hold cycles)
                 gc.collect()
                 torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
             runs = [Run(n, *build(n, preset, r, p, device, dtype, **opts), ids) for n in group]
+            if device.type == "cuda":  # from here: the model as trained (not its fp32 draft), its steps
+                torch.cuda.reset_peak_memory_stats(device)
             for _ in range(steps):
                 for rn in runs:
                     rn.step()
@@ -252,8 +257,8 @@ def run(args, on_case=None) -> tuple:
             del runs, rn
         ref = None
         if p == 0 and "peft" in results and not args.quant and not args.no_reference:
-            rd = _ref_dtype(dtype)
-            ref_run = Run("reference", *build("peft", preset, r, p, device, rd, **opts), ids)
+            ref_run = Run("reference", *build("peft", preset, r, p, device, dtype, wide=_ref_dtype(dtype), **opts),
+                          ids)
             for _ in range(steps):
                 ref_run.step()
             ref = ref_run.losses

@@ -27,16 +27,16 @@ PRESET = ts.PRESETS["tiny"]
 STEPS = 3
 
 
-def _losses(provider, p=0.0, r=4, dtype=torch.float32, **opts):
+def _losses(provider, p=0.0, r=4, **opts):
     ids = torch.randint(PRESET.vocab, (PRESET.batch, PRESET.seq), generator=torch.Generator().manual_seed(7))
-    run = ts.Run(provider, *ts.build(provider, PRESET, r, p, torch.device("cpu"), dtype, **opts), ids)
+    run = ts.Run(provider, *ts.build(provider, PRESET, r, p, torch.device("cpu"), torch.float32, **opts), ids)
     for _ in range(STEPS):
         run.step()
     return run.losses
 
 
 def _check_curves(providers, **opts):
-    ref = _losses("peft", dtype=torch.float64, **opts) if not opts.get("quant") else None
+    ref = _losses("peft", wide=torch.float64, **opts) if not opts.get("quant") else None
     peft = _losses("peft", **opts)
     for name in providers:
         got = _losses(name, **opts)
