@@ -27,8 +27,8 @@
 #   b  headline sweep (bf16, M=8192, K=N=4096, p=0.1,         75
 #      r 16 64 256 2048, triton/composite/eager, fwd+bwd)
 #   b-train-step  a training step of a Llama-3-8B-shaped     120   (benchmarks.train_step --preset gpu:
-#      model (4 layers, 8192 tokens, bf16): peft, peft-bf16,       r 16 and 256, p 0.1 and 0, loss curve
-#      auto/triton/composite patched                                vs fp32; no new case after 90 s)
+#      model (4 layers, 8192 tokens, bf16): peft, peft-bf16,       r 16 and 256, p 0.1 then 0, loss curve
+#      auto/triton/composite/siblings patched                       vs fp32; no new case after 90 s)
 #   b-profile  step profile: step / CUDA-graph / host time    90   (benchmarks.profile_step,
 #      and kernels, r 16 and 2048, p=0.1; DoRA at r 16            profile.md)
 #   c  CUDA numerics: bf16/fp16 op tests + mask parity        90   (118 tests, 8 pytest-xdist workers;

@@ -18,6 +18,8 @@ A step is ``zero_grad``, forward with the loss, backward, ``optimizer.step()``. 
                 in its interpreter, far too slow to time)
     composite   ``peft`` + ``rk.peft.patch(model, backend="composite")`` (not run where ``auto``
                 already means composite: every CPU)
+    siblings    ``peft`` + ``rk.peft.patch(model, fuse_siblings=True)``: q/k/v and gate/up, which read
+                one x, run as one ``rk.lora_linear_group`` each (docs/group.md)
 
 Per (rank, dropout, provider): step ms (median of the warm steps), tokens/s, speedup vs ``peft`` and
 vs ``peft-bf16``, memory (CUDA: ``max_memory_allocated`` over the provider's steps, the model,
@@ -63,8 +65,8 @@ from . import providers as prov
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALPHA = 16.0
 LR = 1e-3
-PROVIDERS = ("peft", "peft-bf16", "auto", "triton", "composite")
-PATCHED = ("auto", "triton", "composite")
+PROVIDERS = ("peft", "peft-bf16", "auto", "triton", "composite", "siblings")
+PATCHED = ("auto", "triton", "composite", "siblings")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -150,7 +152,8 @@ def build(provider: str, preset: Preset, r: int, p: float, device: torch.device,
     if wide is not None:
         model.to(wide)
     if provider in PATCHED:
-        n = rk.peft.patch(model, backend=provider)
+        n = (rk.peft.patch(model, fuse_siblings=True) if provider == "siblings"
+             else rk.peft.patch(model, backend=provider))
         if n != len(TARGETS) * preset.layers:
             raise RuntimeError(f"rk.peft.patch switched {n} layers, expected {len(TARGETS) * preset.layers}")
     model.train()
@@ -228,7 +231,7 @@ def run(args, on_case=None) -> tuple:
     bar = _progress(len(args.ranks) * len(args.dropout) * len(names))
     rows = []
     started = time.perf_counter()
-    cases = [(r, p) for r in args.ranks for p in args.dropout]
+    cases = [(r, p) for p in args.dropout for r in args.ranks]  # every rank at the first dropout first
     for done, (r, p) in enumerate(cases):
         if args.time_budget and time.perf_counter() - started > args.time_budget:
             notes.append(f"stopped at the time budget ({args.time_budget:.0f} s): {done} of {len(cases)} cases measured")

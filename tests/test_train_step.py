@@ -53,7 +53,7 @@ def _check_curves(providers, **opts):
 
 def test_providers_follow_peft_loss_curve():
     # triton runs in Triton's interpreter here: slow, so only this tiny case covers it
-    _check_curves(["auto", "composite", "triton", "peft-bf16"])
+    _check_curves(["auto", "composite", "triton", "siblings", "peft-bf16"])
 
 
 def test_dora_path():
@@ -91,7 +91,7 @@ def test_loss_check_rule_can_fail():
 def test_cli_table_columns_and_outputs(tmp_path, capsys):
     out = tmp_path / "ts"
     rc = ts.main(["--preset", "tiny", "--ranks", "4", "--dropout", "0", "0.1", "--loss-steps", "4", "--warmup", "1",
-                  "--providers", "peft", "peft-bf16", "auto", "triton", "composite", "--out", str(out)])
+                  "--out", str(out)])  # every provider by default
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "| " + " | ".join(ts.COLUMNS) + " |" in printed
@@ -99,16 +99,19 @@ def test_cli_table_columns_and_outputs(tmp_path, capsys):
     assert "triton: not run:" in printed and "interpreter" in printed
     assert "composite: not run:" in printed and "peft-bf16: not run:" in printed
     rows = json.loads((out / "train_step.json").read_text())["rows"]
-    assert {(x["provider"], x["dropout"]) for x in rows} == {(n, p) for n in ("peft", "auto") for p in (0.0, 0.1)}
+    assert {(x["provider"], x["dropout"]) for x in rows} == {(n, p) for n in ("peft", "auto", "siblings")
+                                                             for p in (0.0, 0.1)}
     for x in rows:
         assert x["step_ms"] > 0 and x["tokens_per_s"] > 0 and x["memory_bytes"] > 0
         assert x["memory_kind"] == "saved_for_backward"
         assert len(x["losses"]) == (4 if x["dropout"] == 0 else 0)
-    auto0 = next(x for x in rows if x["provider"] == "auto" and x["dropout"] == 0)
-    assert auto0["loss_check"] == "PASS", auto0
+    for name in ("auto", "siblings"):
+        row = next(x for x in rows if x["provider"] == name and x["dropout"] == 0)
+        assert row["loss_check"] == "PASS", row
     # dropout: PEFT saves x's dropped copy per adapter, the patched layers regenerate the mask
-    peft1, auto1 = (next(x for x in rows if x["provider"] == n and x["dropout"] == 0.1) for n in ("peft", "auto"))
-    assert auto1["memory_bytes"] < peft1["memory_bytes"], (auto1, peft1)
+    peft1, auto1, sib1 = (next(x for x in rows if x["provider"] == n and x["dropout"] == 0.1)
+                          for n in ("peft", "auto", "siblings"))
+    assert sib1["memory_bytes"] <= auto1["memory_bytes"] < peft1["memory_bytes"], (sib1, auto1, peft1)
     with open(out / "train_step.csv") as f:
         header = next(csv.reader(f))
     assert {"r", "dropout", "provider", "step_ms", "tokens_per_s", "speedup_vs_peft", "speedup_vs_peft_bf16",
