@@ -19,7 +19,8 @@ A step is ``zero_grad``, forward with the loss, backward, ``optimizer.step()``. 
     composite   ``peft`` + ``rk.peft.patch(model, backend="composite")`` (not run where ``auto``
                 already means composite: every CPU)
     siblings    ``peft`` + ``rk.peft.patch(model, fuse_siblings=True)``: q/k/v and gate/up, which read
-                one x, run as one ``rk.lora_linear_group`` each (docs/group.md)
+                one x, run as one ``rk.lora_linear_group`` each (docs/group.md); only when named in
+                ``--providers`` (off by default in ``patch``, so not what a user gets)
 
 Per (rank, dropout, provider): step ms (median of the warm steps), tokens/s, speedup vs ``peft`` and
 vs ``peft-bf16``, memory (CUDA: ``max_memory_allocated`` over the provider's steps, the model,
@@ -66,6 +67,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 ALPHA = 16.0
 LR = 1e-3
 PROVIDERS = ("peft", "peft-bf16", "auto", "triton", "composite", "siblings")
+DEFAULT_PROVIDERS = PROVIDERS[:-1]
 PATCHED = ("auto", "triton", "composite", "siblings")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -412,7 +414,8 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), help="default: gpu with CUDA, else cpu")
     ap.add_argument("--device", help="default: cuda if available, else cpu")
-    ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    ap.add_argument("--providers", nargs="+", default=list(DEFAULT_PROVIDERS), choices=PROVIDERS,
+                    help=f"default: {' '.join(DEFAULT_PROVIDERS)}")
     ap.add_argument("--ranks", nargs="+", type=int, help="default: the preset's (16 64 256 1024)")
     ap.add_argument("--dropout", nargs="+", type=float, default=[0.0, 0.1])
     ap.add_argument("--layers", type=int, help="decoder layers (default: the preset's)")

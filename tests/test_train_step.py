@@ -91,7 +91,7 @@ def test_loss_check_rule_can_fail():
 def test_cli_table_columns_and_outputs(tmp_path, capsys):
     out = tmp_path / "ts"
     rc = ts.main(["--preset", "tiny", "--ranks", "4", "--dropout", "0", "0.1", "--loss-steps", "4", "--warmup", "1",
-                  "--out", str(out)])  # every provider by default
+                  "--providers", *ts.PROVIDERS, "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "| " + " | ".join(ts.COLUMNS) + " |" in printed
