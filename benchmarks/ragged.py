@@ -60,7 +60,11 @@ def launch_all(device, dtype, small: bool = False):
         name = f"{backend} M={M} K={K} N={N} r={r} p={p}"
         out += [(f"{name} {what}", g_, w_) for what, g_, w_ in zip(("y", "dx", "dA", "dB", "db"), got, want)]
     M, K = (SMALL if small else CASES)[0][:2]
-    mask = rk.dropout_mask(SEED, (M, K), 0.3, device)
+    if device.type == "meta":  # precompile's enumeration: rk.dropout_mask wants a device that holds data,
+        from rslora_kernels.dropout.kernels import keep_mask_triton  # so launch the kernel it would call
+        mask = keep_mask_triton(SEED, M, K, 0.3, device)
+    else:
+        mask = rk.dropout_mask(SEED, (M, K), 0.3, device)
     out.append((f"dropout_mask {M}x{K}", mask.float(), None))
     N, K, r = 187 if not small else 29, K, 19 if not small else 3
     _, W, _, A, B, _ = _inputs(1, K, N, r, dtype, device)
