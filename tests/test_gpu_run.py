@@ -79,8 +79,8 @@ def test_precompiled_variant_is_what_the_jit_looks_up(tmp_path):
 import os, torch
 os.environ["TRITON_CACHE_DIR"] = {str(cache)!r}
 from benchmarks import precompile as pc
-import rslora_kernels as rk
-launch = lambda: rk.dropout_mask(7, (37, 45), 0.3, "meta")   # the mask kernel: the cheapest compile
+from rslora_kernels.dropout.kernels import keep_mask_triton
+launch = lambda: keep_mask_triton(7, 37, 45, 0.3, torch.device("meta"))   # the mask kernel: the cheapest compile
 variants = []
 with pc.target_gpu(90, 132, record=lambda jit, *spec: variants.append((jit, spec))):
     launch()
