@@ -111,6 +111,62 @@ def test_triton_matches_float64_oracle(dtype, p):
     check_against_oracle(make_group(*SMALL, dtype), [p, 0.1 if p == 0.0 else 0.0], "triton")
 
 
+# the fused Triton group kernels (rslora_kernels.ops.group_kernels): three members, ragged N_i (the first
+# spans two of the interpreter's 64-wide tiles, its last one partial), ragged K across two tiles, mixed ranks
+FUSED = ((3, 7), 70, [(70, 3, 0.7, True), (9, 16, 2.0, False), (13, 5, 1.3, True)])
+
+
+@pytest.mark.parametrize("ps", [(0.0, 0.0, 0.0), (0.1, 0.1, 0.1), (0.0, 0.1, 0.3)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_fused_matches_float64_oracle(dtype, ps):
+    check_against_oracle(make_group(*FUSED, dtype), list(ps), "triton")
+
+
+def _count_launches(monkeypatch):
+    """Names of the kernels the Triton launchers launch, in order."""
+    from rslora_kernels.ops import group_kernels, triton_kernels
+
+    names = []
+    for module in (group_kernels, triton_kernels):
+        def counting(kernel, *args, _launch=module.launch, **kwargs):
+            names.append(kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__)
+            return _launch(kernel, *args, **kwargs)
+        monkeypatch.setattr(module, "launch", counting)
+    return names
+
+
+@pytest.mark.parametrize("members", [2, 3, 4])
+def test_triton_group_launches_one_gemm_for_all_members(monkeypatch, members):
+    """Up to three members: ONE dual GEMM launch for every member's y and ONE dx launch (no per-member
+    F2 or B2); four members fall back to the single op's launchers member by member (one F2 and B2
+    each), and still match their members run alone."""
+    lead, K, spec = FUSED
+    spec = (spec * 2)[:members]
+    inputs = make_group(lead, K, spec, torch.float32)
+    names = _count_launches(monkeypatch)
+    ps = [0.1] * members
+    seeds = list(range(1, members + 1))
+    t = _leaves(inputs)
+    ys = rk.lora_linear_group(t["x"], t["weights"], t["lora_As"], t["lora_Bs"], inputs["scalings"], t["biases"],
+                              ps, seeds=seeds, backend="triton")
+    forward = list(names)
+    torch.autograd.backward(ys, [torch.ones_like(y) for y in ys])
+    backward = names[len(forward):]
+    fused = members <= 3
+    assert forward.count("_group_dual_gemm_kernel") == int(fused)
+    assert forward.count("_dual_gemm_kernel") == (0 if fused else members)
+    assert backward.count("_group_dx_kernel") == int(fused)
+    assert backward.count("_dual_gemm_kernel") == (0 if fused else members)
+    assert forward.count("_shrink_kernel") == members  # F1 stays per member
+    single = _leaves(inputs)
+    for i in range(members):
+        y = rk.lora_linear(single["x"], single["weights"][i], single["lora_As"][i], single["lora_Bs"][i],
+                           inputs["scalings"][i], single["biases"][i], ps[i], seed=seeds[i], backend="triton")
+        torch.testing.assert_close(ys[i], y, rtol=1e-5, atol=1e-5)
+        y.backward(torch.ones_like(y))
+    torch.testing.assert_close(t["x"].grad, single["x"].grad, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["composite", "reference"])
 def test_seeds_drawn_as_the_single_op_draws_them(backend):
     """seeds=None: each member with dropout draws its seed from torch's generator in member order,

@@ -146,32 +146,20 @@ def composite_group_backward(dys: List[Tensor], x2d: Tensor, weights: List[Tenso
 
 
 # ----------------------------------------------------------------------------------------------
-# "triton": the single op's launchers per member, dx summed into one buffer
+# "triton": the group kernels (rslora_kernels.ops.group_kernels)
 # ----------------------------------------------------------------------------------------------
 def triton_group_forward(x2d, weights, lora_As, lora_Bs, biases, scalings, ps, seeds):
-    from .triton_kernels import lora_forward
+    from .group_kernels import group_forward
 
-    outs = [lora_forward(x2d, weights[i], lora_As[i], lora_Bs[i], biases[i], scalings[i], ps[i], seeds[i])
-            for i in range(len(weights))]
-    return [o[0] for o in outs], _stacked([o[1] for o in outs], 1), [o[2] for o in outs]
+    return group_forward(x2d, weights, lora_As, lora_Bs, biases, scalings, ps, seeds)
 
 
 def triton_group_backward(dys, x2d, weights, lora_As, lora_Bs, T, scalings, ps, mask_states,
                           need_dx, need_dAs, need_dBs, need_dbs):
-    from .triton_kernels import lora_backward
+    from .group_kernels import group_backward
 
-    offs = _offsets([a.shape[0] for a in lora_As])
-    dx = None
-    dAs, dBs, dbs = [], [], []
-    for i in range(len(weights)):
-        dx_i, dA, dB, db = lora_backward(dys[i], x2d, weights[i], lora_As[i], lora_Bs[i], T[:, offs[i]:offs[i + 1]],
-                                         scalings[i], ps[i], mask_states[i], need_dx, need_dAs[i], need_dBs[i],
-                                         need_dbs[i])
-        dx = dx_i if dx is None else dx.add_(dx_i)
-        dAs.append(dA)
-        dBs.append(dB)
-        dbs.append(db)
-    return dx, dAs, dBs, dbs
+    return group_backward(dys, x2d, weights, lora_As, lora_Bs, T, scalings, ps, mask_states,
+                          need_dx, need_dAs, need_dBs, need_dbs)
 
 
 # name -> (forward, backward): the backends with a group implementation

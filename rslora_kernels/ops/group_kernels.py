@@ -1,0 +1,380 @@
+"""Triton kernels of the group op (:mod:`rslora_kernels.ops.group`): sibling projections that read
+the same x, fused across up to ``MAX_MEMBERS`` members.
+
+    forward   F1  T_i = drop_i(x) A_i^T, keep-bits        _shrink_kernel, per member
+              GF2 y_i = x W_i^T + s_i T_i B_i^T + b_i     _group_dual_gemm_kernel: ONE launch over the
+                                                          stacked N of the members
+    backward  B1  U_i = dy_i B_i                          _shrink_kernel, per member
+              GB2 dx = sum_i dy_i W_i                     _group_dx_kernel: ONE launch, its reduction
+                       + s_i/(1-p_i) m_i (U_i A_i)        runs across the members' N
+              B3  dA_i, dB_i, db_i                        _m_reduce_kernel, per member
+
+GF2's grid counts each member's N tiles separately (a tile never straddles two members, so a ragged
+N_i just masks its last tile); the program's member is chosen from its N-tile index with scalar
+branches, and each member's tensors are separate arguments (the weights are never concatenated or
+copied). The programs are ordered as one GEMM over the stacked N (``_grouped_tile``), so GROUP_M row
+tiles sweep every member's W tiles together. GB2 adds, per [M, K] tile, each member's masked rank
+term and then its base term ``dy_i W_i`` into one fp32 accumulator, member by member in a fixed
+order: deterministic, no atomics, and dx is written once instead of once per member plus autograd's
+sums. Launch plan and tiles: docs/kernels.md.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._launch import launch
+from .._runtime import cuda_arch
+from ..dropout.kernels import keep_from_bits
+from .configs import dora_gemm_config, dual_gemm_config
+from .triton_kernels import (_as_keep_bits, _bits_strides, _cdiv, _grouped_tile, _lora_grads, _meta, _offset_dtype,
+                             _rank_term, _shrink, lora_backward, lora_forward)
+
+__all__ = ["MAX_MEMBERS", "group_forward", "group_backward"]
+
+# members a fused launch takes (q/k/v); a larger group runs the single op's launchers member by member
+MAX_MEMBERS = 3
+
+
+# ----------------------------------------------------------------------------------------------
+# GF2: y_i = s_i T_i B_i^T + x W_i^T + b_i, one launch over the members' stacked N
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _member_output_tile(
+    x_ptr, t_ptr, b_ptr, w_ptr, bias_ptr, y_ptr,
+    pid_m, pid_n, M, N, K, R,
+    stride_xm, stride_xk, stride_tm, stride_tr, stride_bn, stride_br, stride_wn, stride_wk, stride_ym, stride_yn,
+    scaling,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_R: tl.constexpr, OFFSET_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_F] tile of one member's y: F2's tile (_dual_gemm_kernel) on that member's tensors."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    feats = pid_n * BLOCK_F + tl.arange(0, BLOCK_F)
+    # wrapped inside the matrix: loads need no row or feature mask (those lanes are never stored)
+    rows_in = (rows % M).to(OFFSET_DTYPE)
+    feats_in = (feats % N).to(OFFSET_DTYPE)
+    # adapter term first, scaled on one fp32 tile; bt_view[r, n] = B[n, r]
+    acc = _rank_term(tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32), t_ptr, stride_tm, stride_tr, rows_in,
+                     b_ptr, stride_br, stride_bn, feats_in, R,
+                     OFFSET_DTYPE, EVEN_R, DOT_DTYPE, INPUT_PRECISION, BLOCK_R) * scaling
+    # base term into the same accumulator: w_view[k, n] = W[n, k]
+    reds = tl.arange(0, BLOCK_RED)
+    x_ptrs = x_ptr + (rows_in[:, None] * stride_xm + reds.to(OFFSET_DTYPE)[None, :] * stride_xk)
+    w_ptrs = w_ptr + (reds.to(OFFSET_DTYPE)[:, None] * stride_wk + feats_in[None, :] * stride_wn)
+    for k0 in range(0, K, BLOCK_RED):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            a = tl.load(x_ptrs, mask=reds[None, :] < K - k0, other=0.0)
+            w = tl.load(w_ptrs, mask=reds[:, None] < K - k0, other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        x_ptrs += tl.cast(BLOCK_RED * stride_xk, OFFSET_DTYPE)
+        w_ptrs += tl.cast(BLOCK_RED * stride_wk, OFFSET_DTYPE)
+    feat_ok = feats < N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + feats, mask=feat_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + (rows.to(OFFSET_DTYPE)[:, None] * stride_ym + feats.to(OFFSET_DTYPE)[None, :] * stride_yn)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None] & feat_ok[None, :])
+
+
+@triton.jit
+def _group_dual_gemm_kernel(
+    # pointers: x [M, K] shared; per member i: T_i [M, R_i], B_i [N_i, R_i], W_i [N_i, K], bias_i [N_i]
+    # (None without, HAS_BIAS_i), y_i [M, N_i]. Members past NUM_MEMBERS are None and never touched
+    x_ptr,
+    t0_ptr, b0_ptr, w0_ptr, bias0_ptr, y0_ptr,
+    t1_ptr, b1_ptr, w1_ptr, bias1_ptr, y1_ptr,
+    t2_ptr, b2_ptr, w2_ptr, bias2_ptr, y2_ptr,
+    # sizes
+    M, K, N0, N1, N2, R0, R1, R2,
+    # strides: x; then per member T (m, r), B (n, r), W (n, k), y (m, n)
+    stride_xm, stride_xk,
+    stride_t0m, stride_t0r, stride_b0n, stride_b0r, stride_w0n, stride_w0k, stride_y0m, stride_y0n,
+    stride_t1m, stride_t1r, stride_b1n, stride_b1r, stride_w1n, stride_w1k, stride_y1m, stride_y1n,
+    stride_t2m, stride_t2r, stride_b2n, stride_b2r, stride_w2n, stride_w2k, stride_y2m, stride_y2n,
+    # scalings
+    s0, s1, s2,
+    # meta
+    NUM_MEMBERS: tl.constexpr,
+    HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr, HAS_BIAS2: tl.constexpr,
+    EVEN_R0: tl.constexpr, EVEN_R1: tl.constexpr, EVEN_R2: tl.constexpr, EVEN_K: tl.constexpr,
+    OFFSET_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # the members' N tiles side by side, ordered as one GEMM over the stacked N (a tile never straddles
+    # two members: each member's tiles are counted on their own)
+    tiles0 = tl.cdiv(N0, BLOCK_F)
+    tiles1 = tl.cdiv(N1, BLOCK_F)
+    tiles2 = tl.cdiv(N2, BLOCK_F)
+    pid_m, pid_f = _grouped_tile(M, (tiles0 + tiles1 + tiles2) * BLOCK_F, BLOCK_M, BLOCK_F, GROUP_M)
+    if pid_f < tiles0:
+        _member_output_tile(x_ptr, t0_ptr, b0_ptr, w0_ptr, bias0_ptr, y0_ptr, pid_m, pid_f, M, N0, K, R0,
+                            stride_xm, stride_xk, stride_t0m, stride_t0r, stride_b0n, stride_b0r,
+                            stride_w0n, stride_w0k, stride_y0m, stride_y0n, s0,
+                            HAS_BIAS0, EVEN_K, EVEN_R0, OFFSET_DTYPE, DOT_DTYPE, INPUT_PRECISION,
+                            BLOCK_M, BLOCK_F, BLOCK_RED, BLOCK_R)
+    else:
+        if NUM_MEMBERS == 2:
+            _member_output_tile(x_ptr, t1_ptr, b1_ptr, w1_ptr, bias1_ptr, y1_ptr, pid_m, pid_f - tiles0, M, N1, K,
+                                R1, stride_xm, stride_xk, stride_t1m, stride_t1r, stride_b1n, stride_b1r,
+                                stride_w1n, stride_w1k, stride_y1m, stride_y1n, s1,
+                                HAS_BIAS1, EVEN_K, EVEN_R1, OFFSET_DTYPE, DOT_DTYPE, INPUT_PRECISION,
+                                BLOCK_M, BLOCK_F, BLOCK_RED, BLOCK_R)
+        if NUM_MEMBERS == 3:
+            if pid_f < tiles0 + tiles1:
+                _member_output_tile(x_ptr, t1_ptr, b1_ptr, w1_ptr, bias1_ptr, y1_ptr, pid_m, pid_f - tiles0, M,
+                                    N1, K, R1, stride_xm, stride_xk, stride_t1m, stride_t1r, stride_b1n, stride_b1r,
+                                    stride_w1n, stride_w1k, stride_y1m, stride_y1n, s1,
+                                    HAS_BIAS1, EVEN_K, EVEN_R1, OFFSET_DTYPE, DOT_DTYPE, INPUT_PRECISION,
+                                    BLOCK_M, BLOCK_F, BLOCK_RED, BLOCK_R)
+            else:
+                _member_output_tile(x_ptr, t2_ptr, b2_ptr, w2_ptr, bias2_ptr, y2_ptr, pid_m,
+                                    pid_f - tiles0 - tiles1, M, N2, K, R2, stride_xm, stride_xk,
+                                    stride_t2m, stride_t2r, stride_b2n, stride_b2r,
+                                    stride_w2n, stride_w2k, stride_y2m, stride_y2n, s2,
+                                    HAS_BIAS2, EVEN_K, EVEN_R2, OFFSET_DTYPE, DOT_DTYPE, INPUT_PRECISION,
+                                    BLOCK_M, BLOCK_F, BLOCK_RED, BLOCK_R)
+
+
+# ----------------------------------------------------------------------------------------------
+# GB2: dx = sum_i dy_i W_i + s_i/(1-p_i) m_i (U_i A_i), one launch, reduced across the members' N
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _member_dx_terms(
+    acc, rows, rows_in, cols_in, col0,
+    u_ptr, a_ptr, dy_ptr, w_ptr, bits_ptr,
+    M, N, R, n_words,
+    stride_um, stride_ur, stride_ar, stride_ak, stride_dym, stride_dyn, stride_wn, stride_wk, stride_bm,
+    adapter_scale,
+    HAS_DROPOUT: tl.constexpr, EVEN_N: tl.constexpr, EVEN_R: tl.constexpr, OFFSET_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """acc + one member's dx terms on an [BLOCK_M, BLOCK_F] tile of dx: its rank term, scaled and
+    masked on its own fp32 tile (the member's mask touches only its term), then dy W over its N."""
+    rank = _rank_term(tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32), u_ptr, stride_um, stride_ur, rows_in,
+                      a_ptr, stride_ar, stride_ak, cols_in, R,
+                      OFFSET_DTYPE, EVEN_R, DOT_DTYPE, INPUT_PRECISION, BLOCK_R) * adapter_scale
+    if HAS_DROPOUT:
+        keep = keep_from_bits(bits_ptr, rows.to(tl.int64), rows < M, col0, n_words, stride_bm, BLOCK_M, BLOCK_F)
+        rank = tl.where(keep, rank, 0.0)
+    acc += rank
+    reds = tl.arange(0, BLOCK_RED)
+    dy_ptrs = dy_ptr + (rows_in[:, None] * stride_dym + reds.to(OFFSET_DTYPE)[None, :] * stride_dyn)
+    w_ptrs = w_ptr + (reds.to(OFFSET_DTYPE)[:, None] * stride_wn + cols_in[None, :] * stride_wk)
+    for n0 in range(0, N, BLOCK_RED):
+        if EVEN_N:
+            dy = tl.load(dy_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            dy = tl.load(dy_ptrs, mask=reds[None, :] < N - n0, other=0.0)
+            w = tl.load(w_ptrs, mask=reds[:, None] < N - n0, other=0.0)
+        acc = tl.dot(dy.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        dy_ptrs += tl.cast(BLOCK_RED * stride_dyn, OFFSET_DTYPE)
+        w_ptrs += tl.cast(BLOCK_RED * stride_wn, OFFSET_DTYPE)
+    return acc
+
+
+@triton.jit
+def _group_dx_kernel(
+    # pointers: per member i: U_i [M, R_i], A_i [R_i, K], dy_i [M, N_i], W_i [N_i, K], keep-bits_i
+    # [M, n_words_i] (None without dropout, HAS_DROPOUT_i); dx [M, K]. Members past NUM_MEMBERS are None
+    u0_ptr, a0_ptr, dy0_ptr, w0_ptr, bits0_ptr,
+    u1_ptr, a1_ptr, dy1_ptr, w1_ptr, bits1_ptr,
+    u2_ptr, a2_ptr, dy2_ptr, w2_ptr, bits2_ptr,
+    dx_ptr,
+    # sizes
+    M, K, N0, N1, N2, R0, R1, R2, n_words0, n_words1, n_words2,
+    # strides: per member U (m, r), A (r, k), dy (m, n), W (n, k), keep-bits row; then dx
+    stride_u0m, stride_u0r, stride_a0r, stride_a0k, stride_dy0m, stride_dy0n, stride_w0n, stride_w0k, stride_b0m,
+    stride_u1m, stride_u1r, stride_a1r, stride_a1k, stride_dy1m, stride_dy1n, stride_w1n, stride_w1k, stride_b1m,
+    stride_u2m, stride_u2r, stride_a2r, stride_a2k, stride_dy2m, stride_dy2n, stride_w2n, stride_w2k, stride_b2m,
+    stride_dxm, stride_dxk,
+    # adapter scales s_i/(1-p_i)
+    c0, c1, c2,
+    # meta
+    NUM_MEMBERS: tl.constexpr,
+    HAS_DROPOUT0: tl.constexpr, HAS_DROPOUT1: tl.constexpr, HAS_DROPOUT2: tl.constexpr,
+    EVEN_N0: tl.constexpr, EVEN_N1: tl.constexpr, EVEN_N2: tl.constexpr,
+    EVEN_R0: tl.constexpr, EVEN_R1: tl.constexpr, EVEN_R2: tl.constexpr,
+    OFFSET_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_k = _grouped_tile(M, K, BLOCK_M, BLOCK_F, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_k * BLOCK_F + tl.arange(0, BLOCK_F)
+    rows_in = (rows % M).to(OFFSET_DTYPE)
+    cols_in = (cols % K).to(OFFSET_DTYPE)
+    acc = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
+    # members in a fixed order: the same sums every run
+    acc = _member_dx_terms(acc, rows, rows_in, cols_in, pid_k * BLOCK_F, u0_ptr, a0_ptr, dy0_ptr, w0_ptr, bits0_ptr,
+                           M, N0, R0, n_words0, stride_u0m, stride_u0r, stride_a0r, stride_a0k,
+                           stride_dy0m, stride_dy0n, stride_w0n, stride_w0k, stride_b0m, c0,
+                           HAS_DROPOUT0, EVEN_N0, EVEN_R0, OFFSET_DTYPE, DOT_DTYPE, INPUT_PRECISION,
+                           BLOCK_M, BLOCK_F, BLOCK_RED, BLOCK_R)
+    if NUM_MEMBERS > 1:
+        acc = _member_dx_terms(acc, rows, rows_in, cols_in, pid_k * BLOCK_F, u1_ptr, a1_ptr, dy1_ptr, w1_ptr,
+                               bits1_ptr, M, N1, R1, n_words1, stride_u1m, stride_u1r, stride_a1r, stride_a1k,
+                               stride_dy1m, stride_dy1n, stride_w1n, stride_w1k, stride_b1m, c1,
+                               HAS_DROPOUT1, EVEN_N1, EVEN_R1, OFFSET_DTYPE, DOT_DTYPE, INPUT_PRECISION,
+                               BLOCK_M, BLOCK_F, BLOCK_RED, BLOCK_R)
+    if NUM_MEMBERS > 2:
+        acc = _member_dx_terms(acc, rows, rows_in, cols_in, pid_k * BLOCK_F, u2_ptr, a2_ptr, dy2_ptr, w2_ptr,
+                               bits2_ptr, M, N2, R2, n_words2, stride_u2m, stride_u2r, stride_a2r, stride_a2k,
+                               stride_dy2m, stride_dy2n, stride_w2n, stride_w2k, stride_b2m, c2,
+                               HAS_DROPOUT2, EVEN_N2, EVEN_R2, OFFSET_DTYPE, DOT_DTYPE, INPUT_PRECISION,
+                               BLOCK_M, BLOCK_F, BLOCK_RED, BLOCK_R)
+    out_ptrs = dx_ptr + (rows.to(OFFSET_DTYPE)[:, None] * stride_dxm + cols.to(OFFSET_DTYPE)[None, :] * stride_dxk)
+    tl.store(out_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < K)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def _padded(per_member: List[tuple], width: int) -> list:
+    """The members' argument tuples flattened, padded with Nones / zeros to MAX_MEMBERS members
+    (a padded member is never touched: NUM_MEMBERS prunes its code)."""
+    out = []
+    for i in range(MAX_MEMBERS):
+        out += list(per_member[i]) if i < len(per_member) else [None] * width
+    return out
+
+
+def _zeros_for_absent(values: List, n: int, fill=0) -> list:
+    return [values[i] if i < n else fill for i in range(MAX_MEMBERS)]
+
+
+def fuses(n: int, M: int) -> bool:
+    """Whether the fused launches take a group of n members on M rows (else: the single op's
+    launchers member by member)."""
+    return 1 <= n <= MAX_MEMBERS and M > 0
+
+
+def group_forward(x2d, weights, lora_As, lora_Bs, biases, scalings: List[float], ps: List[float], seeds):
+    """F1 per member, then GF2 for every member's y in one launch. Returns (ys [M, N_i], T [M, sum r_i]
+    in x's dtype, each member's mask state as :func:`lora_forward` returns it)."""
+    n = len(weights)
+    M, K = x2d.shape
+    if not fuses(n, M):
+        outs = [lora_forward(x2d, weights[i], lora_As[i], lora_Bs[i], biases[i], scalings[i], ps[i], seeds[i])
+                for i in range(n)]
+        return [o[0] for o in outs], _cat([o[1] for o in outs]), [o[2] for o in outs]
+    Ts, states = [], []
+    for i in range(n):  # F1: w_view[k, r] = A[r, k]
+        T, bits = _shrink(x2d, (lora_As[i].stride(1), lora_As[i].stride(0)), lora_As[i], lora_As[i].shape[0],
+                          x2d.dtype, seed=seeds[i] if ps[i] > 0.0 else None, p=ps[i])
+        Ts.append(T)
+        states.append(bits if bits is not None else x2d.new_empty((0,), dtype=torch.int32))
+    ys = [torch.empty((M, W.shape[0]), dtype=x2d.dtype, device=x2d.device) for W in weights]
+    Ns, Rs = [W.shape[0] for W in weights], [A.shape[0] for A in lora_As]
+    if sum(Ns) > 0:
+        cfg = dual_gemm_config(M, sum(Ns), K, max(Rs), x2d.dtype, cuda_arch(x2d.device))
+        biases = [b.contiguous() if b is not None else None for b in biases]  # read with unit stride
+        tiles = sum(_cdiv(N, cfg.BLOCK_F) for N in Ns)
+        pointers = _padded([(Ts[i], lora_Bs[i], weights[i], biases[i], ys[i]) for i in range(n)], 5)
+        strides = _padded([(Ts[i].stride(0), Ts[i].stride(1), lora_Bs[i].stride(0), lora_Bs[i].stride(1),
+                            weights[i].stride(0), weights[i].stride(1), ys[i].stride(0), ys[i].stride(1))
+                           for i in range(n)], 8)
+        strides = [0 if s is None else s for s in strides]
+        launch(_group_dual_gemm_kernel, (_cdiv(M, cfg.BLOCK_M) * tiles,),
+               (x2d, *pointers, M, K, *_zeros_for_absent(Ns, n), *_zeros_for_absent(Rs, n),
+                x2d.stride(0), x2d.stride(1), *strides, *_zeros_for_absent([float(s) for s in scalings], n, 0.0)),
+               dict(NUM_MEMBERS=n,
+                    **{f"HAS_BIAS{i}": i < n and biases[i] is not None for i in range(MAX_MEMBERS)},
+                    **{f"EVEN_R{i}": i >= n or Rs[i] % cfg.BLOCK_R == 0 for i in range(MAX_MEMBERS)},
+                    EVEN_K=K % cfg.BLOCK_RED == 0,
+                    OFFSET_DTYPE=_offset_dtype(x2d, *Ts, *lora_Bs, *weights, *ys), **_meta(x2d.dtype),
+                    BLOCK_M=cfg.BLOCK_M, BLOCK_F=cfg.BLOCK_F, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R,
+                    GROUP_M=cfg.GROUP_M),
+               cfg.launch_kwargs())
+    return ys, _cat(Ts), states
+
+
+def _cat(parts: List[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+def group_dx(dys, Us, lora_As, weights, scalings: List[float], ps: List[float], keep_bits: List[Optional[torch.Tensor]],
+             M: int, K: int, dtype):
+    """GB2: dx [M, K] = sum_i dy_i W_i + s_i/(1-p_i) m_i (U_i A_i) in one launch. Tiles: the DoRA dx
+    kernel's (``dora_gemm_config``), which is sized for two fp32 accumulators a tile, as here (dx and
+    one member's masked rank term)."""
+    n = len(weights)
+    dx = torch.empty((M, K), dtype=dtype, device=dys[0].device)
+    if dx.numel() == 0:
+        return dx
+    Ns, Rs = [W.shape[0] for W in weights], [A.shape[0] for A in lora_As]
+    cfg = dora_gemm_config(M, K, sum(Ns), max(Rs), dtype, cuda_arch(dx.device))
+    pointers = _padded([(Us[i], lora_As[i], dys[i], weights[i], keep_bits[i]) for i in range(n)], 5)
+    strides = []
+    for i in range(MAX_MEMBERS):
+        if i >= n:
+            strides += [0] * 9
+            continue
+        strides += [Us[i].stride(0), Us[i].stride(1), lora_As[i].stride(0), lora_As[i].stride(1),
+                    dys[i].stride(0), dys[i].stride(1), weights[i].stride(0), weights[i].stride(1),
+                    _bits_strides(keep_bits[i])[1]]
+    n_words = [_bits_strides(keep_bits[i])[0] for i in range(n)]
+    scales = [scalings[i] / (1.0 - ps[i]) for i in range(n)]
+    launch(_group_dx_kernel, (_cdiv(M, cfg.BLOCK_M) * _cdiv(K, cfg.BLOCK_F),),
+           (*pointers, dx, M, K, *_zeros_for_absent(Ns, n), *_zeros_for_absent(Rs, n),
+            *_zeros_for_absent(n_words, n), *strides, dx.stride(0), dx.stride(1),
+            *_zeros_for_absent(scales, n, 0.0)),
+           dict(NUM_MEMBERS=n,
+                **{f"HAS_DROPOUT{i}": i < n and keep_bits[i] is not None for i in range(MAX_MEMBERS)},
+                **{f"EVEN_N{i}": i >= n or Ns[i] % cfg.BLOCK_RED == 0 for i in range(MAX_MEMBERS)},
+                **{f"EVEN_R{i}": i >= n or Rs[i] % cfg.BLOCK_R == 0 for i in range(MAX_MEMBERS)},
+                OFFSET_DTYPE=_offset_dtype(*Us, *lora_As, *dys, *weights, dx), **_meta(dtype),
+                BLOCK_M=cfg.BLOCK_M, BLOCK_F=cfg.BLOCK_F, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R,
+                GROUP_M=cfg.GROUP_M),
+           cfg.launch_kwargs())
+    return dx
+
+
+def group_backward(dys, x2d, weights, lora_As, lora_Bs, T, scalings: List[float], ps: List[float], mask_states,
+                   need_dx: bool, need_dAs: List[bool], need_dBs: List[bool], need_dbs: List[bool]):
+    """B1 per member, GB2 for dx in one launch, B3 per member. Returns (dx | None, [dA_i | None],
+    [dB_i | None], [db_i fp32 | None])."""
+    n = len(weights)
+    M, K = x2d.shape
+    offs = [0]
+    for A in lora_As:
+        offs.append(offs[-1] + A.shape[0])
+    Ts = [T[:, offs[i]:offs[i + 1]] for i in range(n)]
+    if not fuses(n, M):
+        dx, dAs, dBs, dbs = None, [], [], []
+        for i in range(n):
+            dx_i, dA, dB, db = lora_backward(dys[i], x2d, weights[i], lora_As[i], lora_Bs[i], Ts[i], scalings[i],
+                                             ps[i], mask_states[i], need_dx, need_dAs[i], need_dBs[i], need_dbs[i])
+            dx = dx_i if dx is None else dx.add_(dx_i)
+            dAs.append(dA)
+            dBs.append(dB)
+            dbs.append(db)
+        return dx, dAs, dBs, dbs
+    keep_bits = [_as_keep_bits(mask_states[i], M, K, ps[i]) for i in range(n)]
+    # B1: w_view[n, r] = B[n, r]
+    Us = [_shrink(dys[i], (lora_Bs[i].stride(0), lora_Bs[i].stride(1)), lora_Bs[i], lora_As[i].shape[0],
+                  x2d.dtype)[0] if (need_dx or need_dAs[i]) else None for i in range(n)]
+    dx = group_dx(dys, Us, lora_As, weights, scalings, ps, keep_bits, M, K, x2d.dtype) if need_dx else None
+    dAs, dBs, dbs = [], [], []
+    for i in range(n):  # B3; db is summed by dB's launch, which reads dy anyway
+        dA = dB = db = None
+        if need_dAs[i] or need_dBs[i]:
+            grads = _lora_grads(Us[i], x2d, dys[i], Ts[i], scalings[i], ps[i], keep_bits[i], lora_As[i].dtype,
+                                need_dAs[i], need_dBs[i], need_db=need_dbs[i])
+            dA, dB = grads[:2]
+            db = grads[2] if need_dbs[i] else None
+        if need_dbs[i] and db is None:
+            db = dys[i].sum(0, dtype=torch.float32)
+        dAs.append(dA)
+        dBs.append(dB)
+        dbs.append(db)
+    return dx, dAs, dBs, dbs
