@@ -172,7 +172,8 @@ def _extremes(cands):
 def scenarios(modules, dtype, shape, r):
     """(label prefix, thunk) pairs that call the real launchers on meta tensors. A label prefix P
     names the launches of one call P1, P2, ... in launch order (forward: F1 = shrink, F2 = dual GEMM;
-    backward: B1 = shrink, B2 = dual GEMM, then B3's reductions; DoRA with dropout: DF, DB)."""
+    backward: B1 = shrink, B2 = dual GEMM, then B3's reductions; DoRA with dropout: DF, DB; the group
+    op: GF, GB)."""
     import torch
     M, K, N = shape["M"], shape["K"], shape["N"]
     meta = dict(device="meta", dtype=dtype)
@@ -201,6 +202,17 @@ def scenarios(modules, dtype, shape, r):
     for bias in (b, None):
         out.append(("DF", lambda bias=bias: dora_fwd(x, W, A, B, bias, g, 0.5, 0.1, seed)))
     out.append(("DB", lambda: dora_bwd(dy, x, W, A, B, T, g, 0.5, 0.1, bits, True, True, True, True)))
+    # the group op, q/k/v-like (N, N/4, N/4; bias on the first): GF1-3 = F1 per member, GF4 = the dual
+    # GEMM over the stacked N; GB1-3 = B1 per member, GB4 = dx across the members, then B3's reductions
+    group_fwd, group_bwd = _find(modules, "group_forward"), _find(modules, "group_backward")
+    Wk, Bk, dyk = torch.empty(N // 4, K, **meta), torch.empty(N // 4, r, **meta), torch.empty(M, N // 4, **meta)
+    Ws, As, Bs, dys = [W, Wk, Wk], [A, A, A], [B, Bk, Bk], [dy, dyk, dyk]
+    T3 = torch.empty(M, 3 * r, **meta)
+    for p in (0.0, 0.1):
+        bits = torch.empty((M, -(-K // 32)) if p else (0,), dtype=torch.int32, device="meta")
+        out.append(("GF", lambda p=p: group_fwd(x, Ws, As, Bs, [b, None, None], [0.5] * 3, [p] * 3, [seed] * 3)))
+        out.append(("GB", lambda p=p, bits=bits: group_bwd(dys, x, Ws, As, Bs, T3, [0.5] * 3, [p] * 3, [bits] * 3,
+                                                           True, [True] * 3, [True] * 3, [True, False, False])))
     return out
 
 
@@ -268,7 +280,7 @@ def record_launches(dtype_name: str, arch: int, quick: bool = False):
                                        "triton.heuristics: the static report compiles shipped configs only; "
                                        "launch the plain triton.jit kernel with a config from ops/configs.py"))
                 continue
-            calls.append((f"{prefix}{i}" if prefix in ("F", "B", "DF", "DB") else prefix, fn, args, kwargs))
+            calls.append((f"{prefix}{i}" if prefix in ("F", "B", "DF", "DB", "GF", "GB") else prefix, fn, args, kwargs))
 
     cands = configs.candidate_configs(dtype, arch)
     if quick:

@@ -43,67 +43,27 @@ MAX_MEMBERS = 3
 # GF2: y_i = s_i T_i B_i^T + x W_i^T + b_i, one launch over the members' stacked N
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _member_output_tile(
-    x_ptr, t_ptr, b_ptr, w_ptr, bias_ptr, y_ptr,
-    pid_m, pid_n, M, N, K, R,
-    stride_xm, stride_xk, stride_tm, stride_tr, stride_bn, stride_br, stride_wn, stride_wk, stride_ym, stride_yn,
-    scaling,
-    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_R: tl.constexpr, OFFSET_DTYPE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """One [BLOCK_M, BLOCK_F] tile of one member's y: F2's tile (_dual_gemm_kernel) on that member's tensors."""
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    feats = pid_n * BLOCK_F + tl.arange(0, BLOCK_F)
-    # wrapped inside the matrix: loads need no row or feature mask (those lanes are never stored)
-    rows_in = (rows % M).to(OFFSET_DTYPE)
-    feats_in = (feats % N).to(OFFSET_DTYPE)
-    # adapter term first, scaled on one fp32 tile; bt_view[r, n] = B[n, r]
-    acc = _rank_term(tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32), t_ptr, stride_tm, stride_tr, rows_in,
-                     b_ptr, stride_br, stride_bn, feats_in, R,
-                     OFFSET_DTYPE, EVEN_R, DOT_DTYPE, INPUT_PRECISION, BLOCK_R) * scaling
-    # base term into the same accumulator: w_view[k, n] = W[n, k]
-    reds = tl.arange(0, BLOCK_RED)
-    x_ptrs = x_ptr + (rows_in[:, None] * stride_xm + reds.to(OFFSET_DTYPE)[None, :] * stride_xk)
-    w_ptrs = w_ptr + (reds.to(OFFSET_DTYPE)[:, None] * stride_wk + feats_in[None, :] * stride_wn)
-    for k0 in range(0, K, BLOCK_RED):
-        if EVEN_K:
-            a = tl.load(x_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            a = tl.load(x_ptrs, mask=reds[None, :] < K - k0, other=0.0)
-            w = tl.load(w_ptrs, mask=reds[:, None] < K - k0, other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
-        x_ptrs += tl.cast(BLOCK_RED * stride_xk, OFFSET_DTYPE)
-        w_ptrs += tl.cast(BLOCK_RED * stride_wk, OFFSET_DTYPE)
-    feat_ok = feats < N
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + feats, mask=feat_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + (rows.to(OFFSET_DTYPE)[:, None] * stride_ym + feats.to(OFFSET_DTYPE)[None, :] * stride_yn)
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None] & feat_ok[None, :])
-
-
-@triton.jit
 def _group_dual_gemm_kernel(
     # pointers: x [M, K] shared; per member i: T_i [M, R_i], B_i [N_i, R_i], W_i [N_i, K], bias_i [N_i]
-    # (None without, HAS_BIAS_i), y_i [M, N_i]. Members past NUM_MEMBERS are None and never touched
+    # (None without, HAS_BIAS_i), y_i [M, N_i]. T, B, W and y have unit column stride (the launcher
+    # checks). Members past NUM_MEMBERS are None and never touched
     x_ptr,
     t0_ptr, b0_ptr, w0_ptr, bias0_ptr, y0_ptr,
     t1_ptr, b1_ptr, w1_ptr, bias1_ptr, y1_ptr,
     t2_ptr, b2_ptr, w2_ptr, bias2_ptr, y2_ptr,
     # sizes
     M, K, N0, N1, N2, R0, R1, R2,
-    # strides: x; then per member T (m, r), B (n, r), W (n, k), y (m, n)
+    # strides: x; then the row strides of each member's T, B, W, y
     stride_xm, stride_xk,
-    stride_t0m, stride_t0r, stride_b0n, stride_b0r, stride_w0n, stride_w0k, stride_y0m, stride_y0n,
-    stride_t1m, stride_t1r, stride_b1n, stride_b1r, stride_w1n, stride_w1k, stride_y1m, stride_y1n,
-    stride_t2m, stride_t2r, stride_b2n, stride_b2r, stride_w2n, stride_w2k, stride_y2m, stride_y2n,
+    stride_t0m, stride_b0n, stride_w0n, stride_y0m,
+    stride_t1m, stride_b1n, stride_w1n, stride_y1m,
+    stride_t2m, stride_b2n, stride_w2n, stride_y2m,
     # scalings
     s0, s1, s2,
-    # meta
+    # meta. EVEN_R: every member's rank divides BLOCK_R
     NUM_MEMBERS: tl.constexpr,
     HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr, HAS_BIAS2: tl.constexpr,
-    EVEN_R0: tl.constexpr, EVEN_R1: tl.constexpr, EVEN_R2: tl.constexpr, EVEN_K: tl.constexpr,
+    EVEN_R: tl.constexpr, EVEN_K: tl.constexpr,
     OFFSET_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -114,33 +74,69 @@ def _group_dual_gemm_kernel(
     tiles1 = tl.cdiv(N1, BLOCK_F)
     tiles2 = tl.cdiv(N2, BLOCK_F)
     pid_m, pid_f = _grouped_tile(M, (tiles0 + tiles1 + tiles2) * BLOCK_F, BLOCK_M, BLOCK_F, GROUP_M)
-    if pid_f < tiles0:
-        _member_output_tile(x_ptr, t0_ptr, b0_ptr, w0_ptr, bias0_ptr, y0_ptr, pid_m, pid_f, M, N0, K, R0,
-                            stride_xm, stride_xk, stride_t0m, stride_t0r, stride_b0n, stride_b0r,
-                            stride_w0n, stride_w0k, stride_y0m, stride_y0n, s0,
-                            HAS_BIAS0, EVEN_K, EVEN_R0, OFFSET_DTYPE, DOT_DTYPE, INPUT_PRECISION,
-                            BLOCK_M, BLOCK_F, BLOCK_RED, BLOCK_R)
-    else:
-        if NUM_MEMBERS == 2:
-            _member_output_tile(x_ptr, t1_ptr, b1_ptr, w1_ptr, bias1_ptr, y1_ptr, pid_m, pid_f - tiles0, M, N1, K,
-                                R1, stride_xm, stride_xk, stride_t1m, stride_t1r, stride_b1n, stride_b1r,
-                                stride_w1n, stride_w1k, stride_y1m, stride_y1n, s1,
-                                HAS_BIAS1, EVEN_K, EVEN_R1, OFFSET_DTYPE, DOT_DTYPE, INPUT_PRECISION,
-                                BLOCK_M, BLOCK_F, BLOCK_RED, BLOCK_R)
-        if NUM_MEMBERS == 3:
-            if pid_f < tiles0 + tiles1:
-                _member_output_tile(x_ptr, t1_ptr, b1_ptr, w1_ptr, bias1_ptr, y1_ptr, pid_m, pid_f - tiles0, M,
-                                    N1, K, R1, stride_xm, stride_xk, stride_t1m, stride_t1r, stride_b1n, stride_b1r,
-                                    stride_w1n, stride_w1k, stride_y1m, stride_y1n, s1,
-                                    HAS_BIAS1, EVEN_K, EVEN_R1, OFFSET_DTYPE, DOT_DTYPE, INPUT_PRECISION,
-                                    BLOCK_M, BLOCK_F, BLOCK_RED, BLOCK_R)
-            else:
-                _member_output_tile(x_ptr, t2_ptr, b2_ptr, w2_ptr, bias2_ptr, y2_ptr, pid_m,
-                                    pid_f - tiles0 - tiles1, M, N2, K, R2, stride_xm, stride_xk,
-                                    stride_t2m, stride_t2r, stride_b2n, stride_b2r,
-                                    stride_w2n, stride_w2k, stride_y2m, stride_y2n, s2,
-                                    HAS_BIAS2, EVEN_K, EVEN_R2, OFFSET_DTYPE, DOT_DTYPE, INPUT_PRECISION,
-                                    BLOCK_M, BLOCK_F, BLOCK_RED, BLOCK_R)
+    # this program's member: scalar branches pick its tensors, so that the GEMM below is one body (one
+    # set of pipeline buffers in shared memory, as F2's). Sizes and strides become run-time values
+    # (+ zero: an argument equal to 1 is a constexpr, which a branch cannot reassign)
+    zero = pid_f * 0
+    member = zero
+    pid_n = pid_f
+    t_ptr, b_ptr, w_ptr, y_ptr = t0_ptr, b0_ptr, w0_ptr, y0_ptr
+    N, R, scaling = N0 + zero, R0 + zero, s0
+    stride_tm, stride_bn, stride_wn, stride_ym = stride_t0m + zero, stride_b0n + zero, stride_w0n + zero, stride_y0m + zero
+    if NUM_MEMBERS > 1:
+        if pid_f >= tiles0:
+            member = zero + 1
+            pid_n = pid_f - tiles0
+            t_ptr, b_ptr, w_ptr, y_ptr = t1_ptr, b1_ptr, w1_ptr, y1_ptr
+            N, R, scaling = N1 + zero, R1 + zero, s1
+            stride_tm, stride_bn = stride_t1m + zero, stride_b1n + zero
+            stride_wn, stride_ym = stride_w1n + zero, stride_y1m + zero
+    if NUM_MEMBERS > 2:
+        if pid_f >= tiles0 + tiles1:
+            member = zero + 2
+            pid_n = pid_f - tiles0 - tiles1
+            t_ptr, b_ptr, w_ptr, y_ptr = t2_ptr, b2_ptr, w2_ptr, y2_ptr
+            N, R, scaling = N2 + zero, R2 + zero, s2
+            stride_tm, stride_bn = stride_t2m + zero, stride_b2n + zero
+            stride_wn, stride_ym = stride_w2n + zero, stride_y2m + zero
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    feats = pid_n * BLOCK_F + tl.arange(0, BLOCK_F)
+    # wrapped inside the matrix: loads need no row or feature mask (those lanes are never stored)
+    rows_in = (rows % M).to(OFFSET_DTYPE)
+    feats_in = (feats % N).to(OFFSET_DTYPE)
+    # adapter term first, scaled on one fp32 tile (F2's order); bt_view[r, n] = B[n, r]
+    acc = _rank_term(tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32), t_ptr, stride_tm, 1, rows_in,
+                     b_ptr, 1, stride_bn, feats_in, R,
+                     OFFSET_DTYPE, EVEN_R, DOT_DTYPE, INPUT_PRECISION, BLOCK_R) * scaling
+    # base term into the same accumulator: w_view[k, n] = W[n, k]
+    reds = tl.arange(0, BLOCK_RED)
+    x_ptrs = x_ptr + (rows_in[:, None] * stride_xm + reds.to(OFFSET_DTYPE)[None, :] * stride_xk)
+    w_ptrs = w_ptr + (reds.to(OFFSET_DTYPE)[:, None] + feats_in[None, :] * stride_wn)
+    for k0 in range(0, K, BLOCK_RED):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            a = tl.load(x_ptrs, mask=reds[None, :] < K - k0, other=0.0)
+            w = tl.load(w_ptrs, mask=reds[:, None] < K - k0, other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        x_ptrs += tl.cast(BLOCK_RED * stride_xk, OFFSET_DTYPE)
+        w_ptrs += BLOCK_RED
+
+    # epilogue: the member's bias (its own branch: the members' biases may differ in dtype or be absent)
+    feat_ok = feats < N
+    if HAS_BIAS0:
+        if member == 0:
+            acc += tl.load(bias0_ptr + feats, mask=feat_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS1:
+        if member == 1:
+            acc += tl.load(bias1_ptr + feats, mask=feat_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS2:
+        if member == 2:
+            acc += tl.load(bias2_ptr + feats, mask=feat_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + (rows.to(OFFSET_DTYPE)[:, None] * stride_ym + feats.to(OFFSET_DTYPE)[None, :])
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None] & feat_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,12 +254,20 @@ def fuses(n: int, M: int) -> bool:
     return 1 <= n <= MAX_MEMBERS and M > 0
 
 
+def _forward_fuses(weights, lora_Bs) -> bool:
+    """GF2 picks a member's tensors by scalar branches, so they must have one type across members
+    (one dtype of W, one of B) and unit column strides (the kernel assumes them)."""
+    return (len({W.dtype for W in weights}) == 1 and len({B.dtype for B in lora_Bs}) == 1
+            and all(W.stride(1) == 1 or W.shape[1] <= 1 for W in weights)
+            and all(B.stride(1) == 1 or B.shape[1] <= 1 for B in lora_Bs))
+
+
 def group_forward(x2d, weights, lora_As, lora_Bs, biases, scalings: List[float], ps: List[float], seeds):
     """F1 per member, then GF2 for every member's y in one launch. Returns (ys [M, N_i], T [M, sum r_i]
     in x's dtype, each member's mask state as :func:`lora_forward` returns it)."""
     n = len(weights)
     M, K = x2d.shape
-    if not fuses(n, M):
+    if not (fuses(n, M) and _forward_fuses(weights, lora_Bs)):
         outs = [lora_forward(x2d, weights[i], lora_As[i], lora_Bs[i], biases[i], scalings[i], ps[i], seeds[i])
                 for i in range(n)]
         return [o[0] for o in outs], _cat([o[1] for o in outs]), [o[2] for o in outs]
@@ -280,17 +284,15 @@ def group_forward(x2d, weights, lora_As, lora_Bs, biases, scalings: List[float],
         biases = [b.contiguous() if b is not None else None for b in biases]  # read with unit stride
         tiles = sum(_cdiv(N, cfg.BLOCK_F) for N in Ns)
         pointers = _padded([(Ts[i], lora_Bs[i], weights[i], biases[i], ys[i]) for i in range(n)], 5)
-        strides = _padded([(Ts[i].stride(0), Ts[i].stride(1), lora_Bs[i].stride(0), lora_Bs[i].stride(1),
-                            weights[i].stride(0), weights[i].stride(1), ys[i].stride(0), ys[i].stride(1))
-                           for i in range(n)], 8)
+        strides = _padded([(Ts[i].stride(0), lora_Bs[i].stride(0), weights[i].stride(0), ys[i].stride(0))
+                           for i in range(n)], 4)
         strides = [0 if s is None else s for s in strides]
         launch(_group_dual_gemm_kernel, (_cdiv(M, cfg.BLOCK_M) * tiles,),
                (x2d, *pointers, M, K, *_zeros_for_absent(Ns, n), *_zeros_for_absent(Rs, n),
                 x2d.stride(0), x2d.stride(1), *strides, *_zeros_for_absent([float(s) for s in scalings], n, 0.0)),
                dict(NUM_MEMBERS=n,
                     **{f"HAS_BIAS{i}": i < n and biases[i] is not None for i in range(MAX_MEMBERS)},
-                    **{f"EVEN_R{i}": i >= n or Rs[i] % cfg.BLOCK_R == 0 for i in range(MAX_MEMBERS)},
-                    EVEN_K=K % cfg.BLOCK_RED == 0,
+                    EVEN_R=all(R % cfg.BLOCK_R == 0 for R in Rs), EVEN_K=K % cfg.BLOCK_RED == 0,
                     OFFSET_DTYPE=_offset_dtype(x2d, *Ts, *lora_Bs, *weights, *ys), **_meta(x2d.dtype),
                     BLOCK_M=cfg.BLOCK_M, BLOCK_F=cfg.BLOCK_F, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R,
                     GROUP_M=cfg.GROUP_M),
