@@ -146,6 +146,11 @@ def test_every_launch_site_passes_constexprs_as_the_signature_tail(monkeypatch, 
     rk.lora_linear(x, W, A, B, 0.5, bias=b, dropout_p=0.1, seed=7, backend="triton").sum().backward()
     dk.dropout_scale_triton(x.detach(), torch.tensor(7, device=device), 0.1, 2.0)  # the composite backend's on CUDA
     dk.keep_bits_triton(torch.tensor(7, device=device), M, K, 0.1)  # the pass before F1 when r spans rank tiles
+    from rslora_kernels.ops import group_kernels
+    monkeypatch.setattr(group_kernels, "launch", record)
+    ys = rk.lora_linear_group(x, [W, W[:7]], [A, A[:3]], [B, B[:7, :3]], [0.5, 2.0], [b, None], [0.1, 0.0],
+                              seeds=[7, 8], backend="triton")  # the group's dual GEMM and dx launches
+    (ys[0].sum() + ys[1].sum()).backward()
     from rslora_kernels import quant
     from rslora_kernels.ops import dequant_kernel
     monkeypatch.setattr(dequant_kernel, "launch", record)
@@ -153,7 +158,7 @@ def test_every_launch_site_passes_constexprs_as_the_signature_tail(monkeypatch, 
     w4 = quant.Weight4bit(packed, torch.rand(24 * 64 // 64, generator=g).to(device), (24, 64), 64, "nf4")
     quant.dequantize_4bit(w4, torch.float32, impl="triton")
     assert {"_keep_bits_kernel", "_shrink_kernel", "_dual_gemm_kernel", "_m_reduce_kernel",
-            "_dropout_scale_kernel", "_dequant_4bit_kernel"} <= set(seen)
+            "_dropout_scale_kernel", "_dequant_4bit_kernel", "_group_dual_gemm_kernel", "_group_dx_kernel"} <= set(seen)
     for name, (signature_tail, passed) in seen.items():
         assert signature_tail == passed, f"{name}: signature tail {signature_tail}, launch passes {passed}"
 

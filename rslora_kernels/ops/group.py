@@ -23,9 +23,9 @@ What the "composite" backend shares across the members, with vendor GEMMs:
                dA_i = s_i/(1-p_i) U_i^T (m_i x)  members without dropout: ONE GEMM [U_i ...]^T x
                dB_i = s_i dy_i^T T_i,  db_i = sum_M dy_i
 
-The "triton" backend runs the single op's launchers member by member (F1+F2 per member forward;
-B1+B2+B3 per member backward) and adds each member's dx into one buffer: nothing is fused across
-members yet, so x is read once per member there. Other backends run each member through
+The "triton" backend (:mod:`rslora_kernels.ops.group_kernels`, up to three members): F1 per member,
+then ONE dual GEMM launch for every member's y; backward B1 per member, ONE dx launch reducing across
+the members' N (each member's masked rank term included), B3 per member. Other backends run each member through
 :func:`rslora_kernels.lora_linear` (the "reference" backend so: autograd over the oracle).
 
 Saved for backward: x once for the group (a view where possible), T of all members as one
