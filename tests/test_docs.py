@@ -87,16 +87,17 @@ def launches(monkeypatch):
     _launch.clear_launch_cache()
 
 
-# case of the table -> (M, K, N, r, p, bias, DoRA). On the GPU in bf16, in the interpreter in fp32;
+# case of the table -> (M, K, N, r, p, bias, op). On the GPU in bf16, in the interpreter in fp32;
 # at these sizes B3 splits M at M = 300 and not at M = 100 on both (4 nominal SMs in the
 # interpreter, >= 100 on a GPU), and r = 200 is beyond F1's rank tile on both.
 LAUNCH_CASES = {
-    "p = 0": (100, 96, 80, 16, 0.0, True, False),
-    "p > 0, F1 draws the mask": (100, 96, 80, 16, 0.1, True, False),
-    "p > 0, keep-bits pass before F1": (100, 96, 80, 200, 0.1, True, False),
-    "B3 split over M, bias": (300, 96, 80, 16, 0.0, True, False),
-    "B3 split over M, no bias": (300, 96, 80, 16, 0.0, False, False),
-    "DoRA, p > 0": (100, 96, 80, 16, 0.1, True, True),
+    "p = 0": (100, 96, 80, 16, 0.0, True, "lora"),
+    "p > 0, F1 draws the mask": (100, 96, 80, 16, 0.1, True, "lora"),
+    "p > 0, keep-bits pass before F1": (100, 96, 80, 200, 0.1, True, "lora"),
+    "B3 split over M, bias": (300, 96, 80, 16, 0.0, True, "lora"),
+    "B3 split over M, no bias": (300, 96, 80, 16, 0.0, False, "lora"),
+    "DoRA, p > 0": (100, 96, 80, 16, 0.1, True, "dora"),
+    "group of three members, p = 0": (100, 96, 80, 16, 0.0, True, "group"),
 }
 
 
@@ -106,15 +107,22 @@ def test_launch_table_lists_the_cases_counted_here():
 
 @pytest.mark.parametrize("row", fact_table("docs/kernels.md", "launches-per-step"), ids=lambda row: row["case"])
 def test_launches_per_step_match_kernels_md(row, launches):
-    M, K, N, r, p, with_bias, dora = LAUNCH_CASES[row["case"]]
+    M, K, N, r, p, with_bias, op = LAUNCH_CASES[row["case"]]
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
     g = torch.Generator().manual_seed(11)
     make = lambda *shape: (torch.randn(*shape, generator=g) / shape[-1] ** 0.5).to(DEVICE, dtype)  # noqa: E731
     x, W, A, B = make(M, K).requires_grad_(), make(N, K), make(r, K).requires_grad_(), make(N, r).requires_grad_()
     bias = make(N).requires_grad_() if with_bias else None
-    if dora:
+    if op == "dora":
         magnitude = (torch.rand(N, generator=g) + 0.5).to(DEVICE, dtype).requires_grad_()
         y = rk.dora_linear(x, W, A, B, magnitude, 0.5, bias=bias, dropout_p=p, seed=5, backend="triton")
+    elif op == "group":  # members of N, N/2 and N/4 features (q, k, v), one bias each
+        Ns = (N, N // 2, N // 4)
+        Ws = [W[:n] for n in Ns]
+        As = [make(r, K).requires_grad_() for _ in Ns]
+        Bs = [make(n, r).requires_grad_() for n in Ns]
+        biases = [make(n).requires_grad_() for n in Ns]
+        y = torch.cat(rk.lora_linear_group(x, Ws, As, Bs, 0.5, biases=biases, dropout_ps=p, backend="triton"), dim=1)
     else:
         y = rk.lora_linear(x, W, A, B, 0.5, bias=bias, dropout_p=p, seed=5, backend="triton")
     forward = list(launches)
