@@ -1,10 +1,14 @@
-// The project's dropout stream on the CPU: Philox4x32-10 keyed by (seed, row, col).
+// The project's dropout stream on the CPU, philox4x32-7-u16: Philox4x32-7 keyed by (seed, row, col),
+// 16 bits of output per element.
 //
-// The definition lives in rslora_kernels/dropout.py (docstring); the Triton kernels and the PyTorch
-// implementation there follow it too, so all three produce the same mask bit for bit:
+// The definition lives in docs/design.md ("Dropout stream specification") and its executable form in
+// rslora_kernels/dropout/stream.py; the Triton kernels follow it too, so all three produce the same
+// mask bit for bit:
 //   key     = (seed mod 2^32, seed >> 32)
-//   counter = (col >> 2, row mod 2^32, row >> 32, 0)
-//   element (row, col) takes output col & 3 and is kept iff output >= floor(p * 2^32).
+//   counter = (col >> 3, row mod 2^32, row >> 32, 0)
+//   element (row, col) takes 16-bit lane j = col & 7 of the call (bits 16*(j&1).. of output word j>>1)
+//   and is kept iff lane >= round(p * 2^16) (ties to even).
+// Dropping multiplies by 0 (x * keep * scale), so an Inf or NaN at a dropped position gives NaN.
 //
 // Ops (namespace rslora_kernels, registered as a fragment: Python custom ops share the namespace):
 //   philox_keep_mask(seed, rows, cols, p, row_offset)  -> bool [rows, cols]
@@ -27,19 +31,22 @@ namespace {
 
 constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;  // Philox multipliers
 constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;  // Weyl key increments
+constexpr int kRounds = 7;
+constexpr int64_t kLanes = 8;        // 16-bit lanes (elements) per Philox4x32 call
 constexpr int64_t kGroupBlock = 16;  // column groups per inner batch: a loop the compiler vectorizes
 
-// Ten Philox rounds on kGroupBlock counters (group0 + g, row lo, row hi, 0), g = 0 .. kGroupBlock-1.
-// Writes the four outputs of group g to out[4*g .. 4*g+3] (column order within the block).
+// kRounds Philox rounds on kGroupBlock counters (group0 + g, row lo, row hi, 0), g = 0 .. kGroupBlock-1.
+// Writes the eight 16-bit lanes of group g to out[8*g .. 8*g+7] (column order within the block): lane
+// 2w + h is half h (0 low, 1 high) of output word w.
 // The loop runs over independent counters with the rounds inside (fully unrolled), which is the
 // shape the auto-vectorizer turns into SIMD 32x32->64 multiplies (baseline x86-64 SSE2: an AVX2 clone
 // measured no faster, and -march=native is unsafe for a build cache shared by different CPUs).
 inline void philox_block(uint32_t group0, uint32_t row_lo, uint32_t row_hi, const uint32_t* k0, const uint32_t* k1,
-                         uint32_t* out) {
+                         uint16_t* out) {
   for (int64_t g = 0; g < kGroupBlock; ++g) {
     uint32_t c0 = group0 + static_cast<uint32_t>(g), c1 = row_lo, c2 = row_hi, c3 = 0u;
-#pragma GCC unroll 10
-    for (int round = 0; round < 10; ++round) {
+#pragma GCC unroll 7
+    for (int round = 0; round < kRounds; ++round) {
       const uint64_t p0 = static_cast<uint64_t>(c0) * kM0;
       const uint64_t p1 = static_cast<uint64_t>(c2) * kM1;
       const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0[round];
@@ -49,17 +56,23 @@ inline void philox_block(uint32_t group0, uint32_t row_lo, uint32_t row_hi, cons
       c0 = n0;
       c2 = n2;
     }
-    out[4 * g + 0] = c0;
-    out[4 * g + 1] = c1;
-    out[4 * g + 2] = c2;
-    out[4 * g + 3] = c3;
+    const uint32_t words[4] = {c0, c1, c2, c3};
+    for (int w = 0; w < 4; ++w) {
+      out[kLanes * g + 2 * w] = static_cast<uint16_t>(words[w]);
+      out[kLanes * g + 2 * w + 1] = static_cast<uint16_t>(words[w] >> 16);
+    }
   }
 }
 
+// round(p * 2^16), ties to even, in [0, 2^16]: p * 2^16 and its fractional part are exact in a double,
+// so this is the integer Python's round() gives (stream.drop_threshold), whatever the FPU rounding mode.
 uint32_t threshold_of(double p) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout p must be in [0, 1), got ", p);
-  const double t = std::floor(p * 4294967296.0);
-  return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
+  const double x = p * 65536.0;
+  double t = std::floor(x);
+  const double frac = x - t;
+  if (frac > 0.5 || (frac == 0.5 && std::fmod(t, 2.0) != 0.0)) t += 1.0;
+  return static_cast<uint32_t>(t);
 }
 
 void check_seed(int64_t seed) { TORCH_CHECK(seed >= 0, "seed must be in [0, 2^63), got ", seed); }
@@ -69,25 +82,25 @@ void check_seed(int64_t seed) { TORCH_CHECK(seed >= 0, "seed must be in [0, 2^63
 template <typename Body>
 void for_each_keep(int64_t seed, int64_t rows, int64_t cols, uint32_t threshold, uint64_t row_offset,
                    const Body& body) {
-  uint32_t k0[10], k1[10];  // the key of each round (bumped by the Weyl constants between rounds)
+  uint32_t k0[kRounds], k1[kRounds];  // the key of each round (bumped by the Weyl constants between rounds)
   k0[0] = static_cast<uint32_t>(static_cast<uint64_t>(seed));
   k1[0] = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
-  for (int round = 1; round < 10; ++round) {
+  for (int round = 1; round < kRounds; ++round) {
     k0[round] = k0[round - 1] + kW0;
     k1[round] = k1[round - 1] + kW1;
   }
-  const int64_t cols_per_block = 4 * kGroupBlock;
+  const int64_t cols_per_block = kLanes * kGroupBlock;
   // grain: about 16k elements per task so that small tensors stay on one thread
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    uint32_t draws[4 * kGroupBlock];
+    uint16_t lanes[kLanes * kGroupBlock];
     for (int64_t r = r0; r < r1; ++r) {
       const uint64_t row = row_offset + static_cast<uint64_t>(r);
       const uint32_t row_lo = static_cast<uint32_t>(row), row_hi = static_cast<uint32_t>(row >> 32);
       for (int64_t c0 = 0; c0 < cols; c0 += cols_per_block) {
-        philox_block(static_cast<uint32_t>(c0 / 4), row_lo, row_hi, k0, k1, draws);
+        philox_block(static_cast<uint32_t>(c0 / kLanes), row_lo, row_hi, k0, k1, lanes);
         const int64_t n = std::min(cols_per_block, cols - c0);
-        for (int64_t j = 0; j < n; ++j) body(r, c0 + j, draws[j] >= threshold);
+        for (int64_t j = 0; j < n; ++j) body(r, c0 + j, lanes[j] >= threshold);
       }
     }
   });
@@ -111,9 +124,9 @@ void check_2d_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_floating_point(), name, " must be floating point, got ", t.scalar_type());
 }
 
-// out[r, c] = keep(r, c) ? x[r, c] * scale : 0, computed in x's op-math type (float for 16-bit types),
-// and, when `g` is given, g[r, c] = keep(r, c) ? g[r, c] * g_scale : 0 in place in the same pass (one
-// mask generation for both). `out` may alias `x`: each element is read before it is written, by one thread.
+// out[r, c] = x[r, c] * (keep(r, c) ? scale : 0), computed in x's op-math type (float for 16-bit types),
+// and, when `g` is given, g[r, c] *= keep(r, c) ? g_scale : 0 in place in the same pass (one mask
+// generation for both). A multiply, not a select: Inf or NaN at a dropped position gives NaN. `out` may alias `x`: each element is read before it is written, by one thread.
 void dropout_scale_into(const at::Tensor& x, at::Tensor& out, double scale, const at::Tensor* g, double g_scale,
                         int64_t seed, double p) {
   check_seed(seed);
@@ -135,10 +148,10 @@ void dropout_scale_into(const at::Tensor& x, at::Tensor& out, double scale, cons
     scalar_t* gp = g ? g->data_ptr<scalar_t>() : nullptr;
     for_each_keep(seed, rows, cols, threshold, 0, [&](int64_t r, int64_t c, bool keep) {
       const opmath_t v = static_cast<opmath_t>(xp[r * xs0 + c * xs1]);
-      op[r * os0 + c * os1] = static_cast<scalar_t>(keep ? v * s : opmath_t(0));
+      op[r * os0 + c * os1] = static_cast<scalar_t>(v * (keep ? s : opmath_t(0)));
       if (gp != nullptr) {
         scalar_t& e = gp[r * gs0 + c * gs1];
-        e = static_cast<scalar_t>(keep ? static_cast<opmath_t>(e) * gs : opmath_t(0));
+        e = static_cast<scalar_t>(static_cast<opmath_t>(e) * (keep ? gs : opmath_t(0)));
       }
     });
   });

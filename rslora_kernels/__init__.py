@@ -5,6 +5,7 @@
 Importing the package never touches CUDA or compiles kernels; Triton is imported on first use.
 """
 from . import quant, reference  # quant: 4-bit (bitsandbytes) weights; bitsandbytes itself is not imported
+from .dropout import STREAM_VERSION as DROPOUT_STREAM  # the dropout stream's name: what a seed means
 from .dropout import dropout_mask
 from .inject import inject
 from .layers import LoRALinear
@@ -18,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = ["lora_linear", "LoRALinearFunction", "dora_linear", "DoRALinearFunction", "lora_linear_group",
            "LoRALinearGroupFunction", "LoRALinear", "inject",
-           "dropout_mask", "reference", "quant",
+           "dropout_mask", "DROPOUT_STREAM", "reference", "quant",
            "register_backend", "unregister_backend", "registered_backends",
            "rslora_scaling", "lora_scaling", "peft", "__version__"]
 

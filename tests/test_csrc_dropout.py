@@ -87,10 +87,10 @@ def test_row_counters_beyond_2_31(ops, device, row_offset):
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_keep_rate_within_binomial_bounds(ops, p):
-    rows, cols = 1000, 1003  # odd: every Philox output lane j = col & 3 is used
+    rows, cols = 1000, 1003  # odd: every 16-bit lane j = col & 7 of a Philox call is used
     mask = ops.philox_keep_mask(2**40 + 17, rows, cols, p, 0)
-    q = 1.0 - drop_threshold(p) / 2**32  # exact keep probability
-    for part in [mask] + [mask[:, j::4] for j in range(4)]:
+    q = 1.0 - drop_threshold(p) / 2**16  # exact keep probability
+    for part in [mask] + [mask[:, j::8] for j in range(8)]:
         n = part.numel()
         kept = int(part.sum())
         assert abs(kept - n * q) <= 5 * math.sqrt(n * q * (1 - q)), (p, kept, n * q)
@@ -98,6 +98,16 @@ def test_keep_rate_within_binomial_bounds(ops, p):
 
 def test_p_zero_keeps_everything(ops):
     assert bool(ops.philox_keep_mask(3, 20, 21, 0.0, 0).all())
+
+
+@pytest.mark.parametrize("p", [2**-17, 3 * 2**-17, 5 * 2**-17, 0.1, 1234.5 / 2**16, 1 - 2**-16, 1 - 2**-17, 1 - 2**-30])
+def test_threshold_rounding_matches_the_definition(ops, p):
+    """The C++ threshold is round(p * 2^16), ties to even, like stream.drop_threshold: on 2^20
+    elements about 16 lanes equal any given threshold, so thresholds one apart give different masks."""
+    mask = ops.philox_keep_mask(2**33 + 5, 1024, 1024, p, 0)
+    assert torch.equal(mask, keep_mask_torch(2**33 + 5, 1024, 1024, p))
+    if drop_threshold(p) == 2**16:  # p >= 1 - 2^-17 drops everything
+        assert not mask.any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -133,6 +143,36 @@ def test_triton_dropout_scale_matches_csrc(ops, device, dtype):
     g_dev = g.to(device)
     dropped = tk.dropout_scale_pair_triton(g_dev, 0.25, x.to(device), scale, seed_t, p)
     assert torch.equal(dropped.cpu(), dropped_cpu) and torch.equal(g_dev.cpu(), g_cpu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_scale_multiplies_nonfinite_values(ops, device, dtype):
+    """Dropping multiplies by 0: Inf or NaN at a dropped position gives NaN (x * mask / (1 - p), as
+    the reference and torch's dropout compute it), at a kept position Inf * scale and NaN; the C++ ops,
+    the Triton kernel (composite on CUDA) and the PyTorch fallback agree."""
+    seed, p, scale = 2**34 + 9, 0.5, 2.0
+    x = torch.randn(21, 40, dtype=dtype)
+    keep = keep_mask_torch(seed, 21, 40, p)
+    dropped, kept = (~keep).nonzero()[:3].tolist(), keep.nonzero()[:3].tolist()
+    for (r, c), v in zip(dropped + kept, [float("inf"), float("-inf"), float("nan")] * 2):
+        x[r, c] = v
+    expected = x.to(torch.float32) * keep * scale  # PyTorch: the fallback's and the reference's arithmetic
+    assert all(torch.isnan(expected[r, c]) for r, c in dropped)
+    seed_t = torch.tensor(seed, dtype=torch.int64, device=device)
+    g = torch.randn(21, 40, dtype=dtype)
+    g[tuple(zip(*(dropped + kept)))] = float("inf")
+    g_cpu, g_dev = g.clone(), g.clone().to(device)
+    results = {
+        "csrc": ops.philox_dropout_scale(x, seed, p, scale),
+        "csrc pair": ops.philox_dropout_scale_pair_(g_cpu, x, seed, p, 0.25, scale),
+        "triton": tk.dropout_scale_triton(x.to(device), seed_t, p, scale).cpu(),
+        "triton pair": tk.dropout_scale_pair_triton(g_dev, 0.25, x.to(device), scale, seed_t, p).cpu(),
+    }
+    for name, got in results.items():
+        torch.testing.assert_close(got, expected.to(dtype), rtol=0, atol=0, equal_nan=True, msg=name)
+    g_expected = (g.to(torch.float32) * keep * 0.25).to(dtype)
+    torch.testing.assert_close(g_cpu, g_expected, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(g_dev.cpu(), g_expected, rtol=0, atol=0, equal_nan=True)
 
 
 def test_dropout_mask_on_cpu_uses_the_extension(ops, monkeypatch):

@@ -2,7 +2,9 @@
 
 ``philox_rounds``, ``load_seed`` and ``keep_mask_tile`` generate a tile of the mask and ``store_keep_bits``
 packs a tile into the keep-bits, which the LoRA kernels (``rslora_kernels.ops.triton_kernels``) read
-tile by tile with ``keep_from_bits``. The LoRA forward's F1 generates and stores them itself when it
+tile by tile with ``keep_from_bits``; ``apply_keep`` and ``keep_factor`` apply a tile of the mask as
+a multiply, never a select, so that an Inf or NaN at a dropped position gives NaN, as the reference's
+``x * mask / (1 - p)`` does. The LoRA forward's F1 generates and stores them itself when it
 visits each element of x once; otherwise ``_keep_bits_kernel`` (``keep_bits_triton``) does, first;
 ``_mask_kernel`` writes a whole bool mask (``keep_mask_triton``) and ``_dropout_scale_kernel`` drops and
 scales a tensor, or two under one mask (``dropout_scale_triton``, ``dropout_scale_pair_triton``: the
@@ -22,10 +24,11 @@ import triton
 import triton.language as tl
 
 from .._launch import launch
-from .stream import PHILOX_M0, PHILOX_M1, PHILOX_ROUNDS, PHILOX_W0, PHILOX_W1, drop_threshold
+from .stream import LANE_BITS, LANES_PER_CALL, PHILOX_M0, PHILOX_M1, PHILOX_ROUNDS, PHILOX_W0, PHILOX_W1, drop_threshold
 
-__all__ = ["philox_rounds", "load_seed", "keep_mask_tile", "keep_from_bits", "store_keep_bits", "keep_bits_words",
-           "keep_bits_triton", "keep_mask_triton", "dropout_scale_triton", "dropout_scale_pair_triton"]
+__all__ = ["philox_rounds", "load_seed", "keep_mask_tile", "keep_from_bits", "store_keep_bits", "apply_keep",
+           "keep_factor", "keep_bits_words", "keep_bits_triton", "keep_mask_triton", "dropout_scale_triton",
+           "dropout_scale_pair_triton"]
 
 BITS_PER_WORD = 32
 
@@ -35,6 +38,8 @@ _M1 = tl.constexpr(PHILOX_M1)
 _W0 = tl.constexpr(PHILOX_W0)
 _W1 = tl.constexpr(PHILOX_W1)
 _ROUNDS = tl.constexpr(PHILOX_ROUNDS)
+_LANE_BITS = tl.constexpr(LANE_BITS)
+_LANES = tl.constexpr(LANES_PER_CALL)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,7 +47,7 @@ _ROUNDS = tl.constexpr(PHILOX_ROUNDS)
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def philox_rounds(c0, c1, c2, c3, k0, k1):
-    """Ten Philox rounds on uint32 counters (any shape) with a uint32 key."""
+    """The stream's Philox rounds (PHILOX_ROUNDS) on uint32 counters (any shape) with a uint32 key."""
     for i in tl.static_range(_ROUNDS):
         if i > 0:  # bump the key between rounds (Weyl sequence)
             k0 = k0 + _W0
@@ -67,19 +72,22 @@ def keep_mask_tile(seed_lo, seed_hi, rows, col0, threshold,
                    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """Keep-mask [BLOCK_ROWS, BLOCK_COLS] for int64 ``rows`` and columns col0 + arange(BLOCK_COLS).
 
-    ``col0`` is a multiple of 4: one Philox call yields the four draws of columns 4g .. 4g+3.
+    ``col0`` and BLOCK_COLS are multiples of 8: one Philox call yields the eight 16-bit lanes of
+    columns 8g .. 8g+7, kept iff lane >= ``threshold`` (in [0, 2^16]).
     """
-    GROUPS: tl.constexpr = BLOCK_COLS // 4
+    GROUPS: tl.constexpr = BLOCK_COLS // _LANES
     shape: tl.constexpr = (BLOCK_ROWS, GROUPS)
-    grp = (col0 // 4 + tl.arange(0, GROUPS)).to(tl.uint32)
+    grp = (tl.arange(0, GROUPS) + col0 // _LANES).to(tl.uint32)
     c0 = tl.broadcast_to(grp[None, :], shape)
     c1 = tl.broadcast_to((rows & 0xFFFFFFFF).to(tl.uint32)[:, None], shape)
     c2 = tl.broadcast_to((rows >> 32).to(tl.uint32)[:, None], shape)
     c3 = tl.zeros(shape, dtype=tl.uint32)
     o0, o1, o2, o3 = philox_rounds(c0, c1, c2, c3, seed_lo, seed_hi)
-    # interleave so that column 4g + j takes output j
-    draws = tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), (BLOCK_ROWS, BLOCK_COLS))
-    return draws.to(tl.int64) >= threshold
+    # interleave: word w of group g at position 4g + w, then its low and high halves at lanes
+    # 8g + 2w and 8g + 2w + 1 (the last join is the fastest-varying axis of the reshape)
+    words = tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), (BLOCK_ROWS, BLOCK_COLS // 2))
+    lanes = tl.reshape(tl.join(words & 0xFFFF, words >> _LANE_BITS), (BLOCK_ROWS, BLOCK_COLS))
+    return lanes.to(tl.int32) >= threshold  # lanes < 2^16: the cast is exact, the compare 32-bit
 
 
 @triton.jit
@@ -124,6 +132,21 @@ def store_keep_bits(bits_ptr, keep, rows, row_ok, col0, n_cols, n_words, stride_
 
 
 @triton.jit
+def apply_keep(x, keep):
+    """x with its dropped elements multiplied by 0 (x * keep, keep a bool tile of x's shape): an Inf
+    or NaN there becomes NaN, as in the reference's ``x * mask``; a select would hide it as 0."""
+    return x * keep.to(x.dtype)
+
+
+@triton.jit
+def keep_factor(keep, scale):
+    """The per-element dropout factor, ``scale`` where kept and 0 where dropped (fp32), to multiply
+    by (``x * keep_factor(keep, 1/(1-p))``): a select of constants and one multiply, like
+    ``apply_keep``, so non-finite values at dropped positions give NaN."""
+    return tl.where(keep, scale, 0.0)
+
+
+@triton.jit
 def _keep_bits_kernel(seed_ptr, bits_ptr, M, K, n_words, stride_bm, threshold,
                       BLOCK_M: tl.constexpr, BLOCK_WORDS: tl.constexpr):
     """bits[M, n_words] = the stream's keep-mask of x [M, K], packed 32 columns to an int32 word."""
@@ -150,7 +173,7 @@ def _mask_kernel(out_ptr, seed_ptr, M, K, stride_om, threshold,
 
 @triton.jit
 def _dropout_scale_kernel(
-    # pointers: out = keep ? x * scale : 0; with HAS_PAIR also out2 = keep ? x2 * scale2 : 0 from
+    # pointers: out = x * keep * scale; with HAS_PAIR also out2 = x2 * keep * scale2 from
     # the same mask (x2, out2 None otherwise). An output may alias its input.
     x_ptr, out_ptr, x2_ptr, out2_ptr, seed_ptr,
     # sizes
@@ -173,11 +196,11 @@ def _dropout_scale_kernel(
     inside = (rows < M)[:, None] & (cols < K)[None, :]
     keep = keep_mask_tile(seed_lo, seed_hi, rows, col0, threshold, BLOCK_M, BLOCK_K)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=inside, other=0.0)
-    out = tl.where(keep, x.to(COMPUTE_DTYPE) * scale, 0.0)
+    out = x.to(COMPUTE_DTYPE) * keep_factor(keep, scale).to(COMPUTE_DTYPE)
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_ok, out.to(out_ptr.dtype.element_ty), mask=inside)
     if HAS_PAIR:
         x2 = tl.load(x2_ptr + rows[:, None] * stride_x2m + cols[None, :] * stride_x2k, mask=inside, other=0.0)
-        out2 = tl.where(keep, x2.to(COMPUTE_DTYPE) * scale2, 0.0)
+        out2 = x2.to(COMPUTE_DTYPE) * keep_factor(keep, scale2).to(COMPUTE_DTYPE)
         tl.store(out2_ptr + rows[:, None] * stride_o2m + cols[None, :] * stride_o2k,
                  out2.to(out2_ptr.dtype.element_ty), mask=inside)
 
@@ -218,7 +241,7 @@ def keep_mask_triton(seed: int, rows: int, cols: int, p: float, device) -> torch
 
 def dropout_scale_triton(x2d: torch.Tensor, seed: torch.Tensor, p: float, scale: float,
                          out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """keep ? x2d * scale : 0 for x2d [M, K] (any strides), seed a 0-dim int64 tensor on x's device
+    """x2d * keep * scale for x2d [M, K] (any strides), seed a 0-dim int64 tensor on x's device
     (read by the kernel: no host sync). Writes into ``out`` (may be x2d itself) or a new tensor."""
     if out is None:
         out = torch.empty(x2d.shape, dtype=x2d.dtype, device=x2d.device)
@@ -228,7 +251,7 @@ def dropout_scale_triton(x2d: torch.Tensor, seed: torch.Tensor, p: float, scale:
 
 def dropout_scale_pair_triton(g: torch.Tensor, g_scale: float, x2d: torch.Tensor, x_scale: float,
                               seed: torch.Tensor, p: float) -> torch.Tensor:
-    """``g *= keep * g_scale`` in place and return ``keep ? x2d * x_scale : 0``, one launch and one
+    """``g *= keep * g_scale`` in place and return ``x2d * keep * x_scale``, one launch and one
     Philox pass for both (g and x2d [M, K], any strides)."""
     dropped = torch.empty(x2d.shape, dtype=x2d.dtype, device=x2d.device)
     _launch_dropout_scale(g, g, x2d, dropped, seed, p, g_scale, x_scale)

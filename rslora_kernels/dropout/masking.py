@@ -7,7 +7,9 @@ implementation that produces the stream's exact bits.
 
 The fused Triton LoRA kernels draw the mask tile by tile instead (``keep_mask_tile``, in F1 or the
 keep-bits pass) and keep it as packed bits; these are for everything else: ``rk.dropout_mask``, the
-composite backend and the tests.
+composite backend and the tests. Drop-and-scale
+is a multiply by keep (0 or 1) on every device, never a select: an Inf or NaN at a dropped position
+gives NaN, as the reference's ``x * mask / (1 - p)`` does.
 """
 from __future__ import annotations
 
@@ -67,7 +69,7 @@ def _on_cpu(t: Tensor, seed: Tensor, p: float, with_ops: Callable, with_mask: Ca
 
 
 def dropout_scale(x2d: Tensor, seed: Tensor, p: float, scale: float) -> Tensor:
-    """A new ``[M, K]`` tensor ``keep ? x2d * scale : 0`` (``x2d`` any strides; ``seed`` a 0-dim int64
+    """A new ``[M, K]`` tensor ``x2d * keep * scale`` (``x2d`` any strides; ``seed`` a 0-dim int64
     tensor on x's device)."""
     if x2d.device.type == "cpu":
         return _on_cpu(x2d, seed, p, lambda ops, s: ops.philox_dropout_scale(x2d, s, p, scale),
@@ -89,7 +91,7 @@ def dropout_scale_(g: Tensor, seed: Tensor, p: float, scale: float) -> None:
 
 
 def dropout_scale_pair_(g: Tensor, g_scale: float, x2d: Tensor, x_scale: float, seed: Tensor, p: float) -> Tensor:
-    """``g *= keep * g_scale`` in place and return ``keep ? x2d * x_scale : 0``: one mask for both
+    """``g *= keep * g_scale`` in place and return ``x2d * keep * x_scale``: one mask for both
     (the composite backward's two uses, on the CPU one generation of the mask)."""
     if x2d.device.type == "cpu":
         def with_mask(keep):

@@ -1,42 +1,52 @@
-"""The definition of the project's dropout stream, Philox4x32-10 keyed by (seed, row, col), and its
-PyTorch implementation (the executable form of the definition).
+"""The definition of the project's dropout stream, ``philox4x32-7-u16``, and its PyTorch implementation
+(the executable form of the definition).
 
-Definition (every implementation -- Triton (kernels.py), C++ (csrc/philox_dropout.cpp, loaded by
-csrc.py) and the PyTorch one below -- follows it bit for bit; the constants are defined here only):
+The normative text, with the reasons for each choice, is docs/design.md ("Dropout stream
+specification"); every implementation -- Triton (kernels.py), C++ (csrc/philox_dropout.cpp, loaded
+by csrc.py) and the PyTorch one below -- follows it bit for bit; the constants are defined here only:
 
 * x is viewed as ``[M, K]`` (``row`` runs over all leading dims in logical order).
 * key     = (seed mod 2^32, seed >> 32)                  with 0 <= seed < 2^63
-* counter = (col >> 2, row mod 2^32, row >> 32, 0)
-* the four 32-bit outputs of one Philox4x32-10 call serve columns ``4*(col>>2) + j``, j = 0..3;
-  element (row, col) takes output ``j = col & 3``.
-* the element is kept iff ``output >= threshold(p)`` with ``threshold(p) = floor(p * 2^32)``,
-  so ``P(keep) = 1 - threshold / 2^32`` and ``p = 0`` keeps everything.
+* counter = (col >> 3, row mod 2^32, row >> 32, 0)
+* one Philox4x32-7 call yields four 32-bit words, eight 16-bit lanes: element (row, col) takes lane
+  ``j = col & 7``, bits ``16*(j & 1)`` .. ``16*(j & 1) + 15`` of word ``j >> 1``.
+* the element is kept iff ``lane >= threshold(p)``, ``threshold(p) = round(p * 2^16)`` (nearest
+  integer, ties to even; 0 .. 65536), so ``P(drop) = threshold / 2^16``: p quantized to a multiple
+  of 2^-16, ``p = 0`` keeps everything and ``p >= 1 - 2^-17`` drops everything. Kept elements are
+  scaled by ``1 / (1 - p)`` of the caller's p (not the quantized one), as PEFT and the reference do.
 
 Counters are 64-bit rows and 32-bit column groups, so nothing overflows for M*K beyond 2^31.
 Philox is from Salmon et al., "Parallel random numbers: as easy as 1, 2, 3" (SC'11).
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence, Union
 
 import torch
 
-__all__ = ["PHILOX_M0", "PHILOX_M1", "PHILOX_W0", "PHILOX_W1", "PHILOX_ROUNDS", "SEED_BOUND",
-           "philox4x32_10", "drop_threshold", "draw_seed", "as_seed_int", "check_dropout_p", "keep_mask_torch"]
+__all__ = ["STREAM_VERSION", "PHILOX_M0", "PHILOX_M1", "PHILOX_W0", "PHILOX_W1", "PHILOX_ROUNDS", "LANE_BITS",
+           "LANES_PER_CALL", "SEED_BOUND", "philox4x32", "drop_threshold", "draw_seed", "as_seed_int",
+           "check_dropout_p", "keep_mask_torch"]
 
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
 PHILOX_W0 = 0x9E3779B9
 PHILOX_W1 = 0xBB67AE85
-PHILOX_ROUNDS = 10
+PHILOX_ROUNDS = 7
+LANE_BITS = 16  # bits of Philox output per keep decision
+LANES_PER_CALL = 4 * 32 // LANE_BITS  # elements served by one Philox4x32 call: columns 8g .. 8g+7
+# The stream's name: a seed means the same mask wherever this name is the same.
+STREAM_VERSION = f"philox4x32-{PHILOX_ROUNDS}-u{LANE_BITS}"
 SEED_BOUND = 2**63  # seeds are non-negative int64 values
 _U32 = 0xFFFFFFFF
 
 
 def drop_threshold(p: float) -> int:
-    """Integer threshold: an element is dropped iff its 32-bit draw is below it."""
-    return min(int(math.floor(float(p) * 2.0**32)), 2**32 - 1)
+    """Integer threshold in [0, 2^16]: an element is dropped iff its 16-bit lane is below it.
+
+    ``round(p * 2^16)``, ties to even: p * 2^16 is exact in a double and Python's round is exact,
+    so the C++ copy (which rounds the same way) gets the same integer for every p."""
+    return round(float(p) * 2.0**LANE_BITS)
 
 
 def draw_seed(device: Union[str, torch.device, None] = None) -> torch.Tensor:
@@ -58,14 +68,16 @@ def _mulhilo(a: torch.Tensor, b: int):
     return hi, lo
 
 
-def philox4x32_10(counter: Sequence[torch.Tensor], key: Sequence[Union[int, torch.Tensor]]):
-    """Philox4x32-10 on uint32 values stored in int64 tensors (broadcasting).
+def philox4x32(counter: Sequence[torch.Tensor], key: Sequence[Union[int, torch.Tensor]],
+               rounds: int = PHILOX_ROUNDS):
+    """Philox4x32-``rounds`` (the stream's 7 by default) on uint32 values stored in int64 tensors
+    (broadcasting).
 
     ``counter``: four tensors; ``key``: two ints or tensors. Returns four int64 tensors in [0, 2^32).
     """
     c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) & _U32 for c in counter)
     k0, k1 = (torch.as_tensor(k, dtype=torch.int64) & _U32 for k in key)
-    for i in range(PHILOX_ROUNDS):
+    for i in range(rounds):
         if i > 0:
             k0 = (k0 + PHILOX_W0) & _U32
             k1 = (k1 + PHILOX_W1) & _U32
@@ -101,10 +113,12 @@ def keep_mask_torch(seed: int, rows: int, cols: int, p: float, row_offset: int =
     with no host sync: this is what lets the reference backend's dropout trace under torch.compile).
     """
     device = seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu")
-    groups = (cols + 3) // 4
+    groups = (cols + LANES_PER_CALL - 1) // LANES_PER_CALL
     row = torch.arange(row_offset, row_offset + rows, dtype=torch.int64, device=device)[:, None]
     grp = torch.arange(groups, dtype=torch.int64, device=device)[None, :]
     zero = torch.zeros((), dtype=torch.int64, device=device)
-    out = philox4x32_10((grp, row & _U32, row >> 32, zero), (seed & _U32, seed >> 32))
-    draws = torch.stack(torch.broadcast_tensors(*out), dim=-1).reshape(rows, groups * 4)[:, :cols]
-    return draws >= drop_threshold(p)
+    out = philox4x32((grp, row & _U32, row >> 32, zero), (seed & _U32, seed >> 32))
+    words = torch.stack(torch.broadcast_tensors(*out), dim=-1)  # [rows, groups, 4]
+    lanes = torch.stack([words & 0xFFFF, words >> LANE_BITS], dim=-1)  # lane 2w + h: half h of word w
+    lanes = lanes.reshape(rows, groups * LANES_PER_CALL)[:, :cols]
+    return lanes >= drop_threshold(p)

@@ -1,8 +1,8 @@
 """Triton kernels of the fused LoRA linear op and their launchers.
 
 Reading order: the kernels (two helpers shared by the GEMM kernels first), then the host
-launchers. The dropout stream's Triton functions (Philox4x32-10, the keep-bits pass, packing and
-unpacking) live in :mod:`rslora_kernels.dropout.kernels`.
+launchers. The dropout stream's Triton functions (Philox, the keep-bits pass, packing and
+unpacking, applying the mask as a multiply) live in :mod:`rslora_kernels.dropout.kernels`.
 
     forward   F1  T  = drop(x) A^T, keep-bits of x          _shrink_kernel (draws the bits when one
                                                             rank tile covers r; else a pass first:
@@ -40,8 +40,8 @@ import triton.language as tl
 
 from .._launch import launch
 from .._runtime import cuda_arch, interpreting, num_sms
-from ..dropout.kernels import (keep_bits_triton, keep_bits_words, keep_from_bits, keep_mask_tile, load_seed,
-                               store_keep_bits)
+from ..dropout.kernels import (apply_keep, keep_bits_triton, keep_bits_words, keep_factor, keep_from_bits,
+                               keep_mask_tile, load_seed, store_keep_bits)
 from ..dropout.stream import drop_threshold
 from .configs import (dora_gemm_config, dual_gemm_config, grads_config, shrink_config, shrink_masked_config,
                       split_m_for)
@@ -109,7 +109,7 @@ def _shrink_kernel(
             else:
                 keep = keep_from_bits(keep_bits_ptr, rows.to(tl.int64), rows < M, red0, n_words, stride_bm,
                                       BLOCK_M, BLOCK_RED)
-            a = tl.where(keep, a, 0.0)
+            a = apply_keep(a, keep)
         if RANK_MAJOR:
             acc = tl.dot(tl.trans(w.to(DOT_DTYPE)), tl.trans(a.to(DOT_DTYPE)), acc, input_precision=INPUT_PRECISION)
         else:
@@ -200,7 +200,7 @@ def _dual_gemm_kernel(
     if HAS_DROPOUT:
         keep = keep_from_bits(keep_bits_ptr, rows.to(tl.int64), rows < M, pid_f * BLOCK_F, n_words, stride_bm,
                               BLOCK_M, BLOCK_F)
-        acc = tl.where(keep, acc, 0.0)
+        acc = apply_keep(acc, keep)
 
     # base term into the same accumulator: the hot loop
     reds = tl.arange(0, BLOCK_RED)
@@ -293,7 +293,7 @@ def _m_reduce_kernel(
             rows = (m_lo + m0 + ms).to(tl.int64)
             keep = keep_from_bits(keep_bits_ptr, rows, rows < m_hi, pid_q * BLOCK_Q, n_words, stride_bm,
                                   BLOCK_M, BLOCK_Q)
-            rm = tl.where(keep, rm, 0.0)
+            rm = apply_keep(rm, keep)
         if COLSUM:
             if COLSUM_MMA:
                 col_acc = tl.dot(lt.to(DOT_DTYPE), ones, col_acc)
@@ -385,7 +385,7 @@ def _dora_fwd_kernel(
             w = tl.load(w_ptrs, mask=reds[None, :] < K - k0, other=0.0)
             x = tl.load(x_ptrs, mask=reds[None, :] < K - k0, other=0.0)
         keep = keep_from_bits(keep_bits_ptr, rows.to(tl.int64), rows < M, k0, n_words, stride_bm, BLOCK_M, BLOCK_RED)
-        dropped = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0)
+        dropped = x.to(tl.float32) * keep_factor(keep, keep_scale)
         yt = tl.dot(w.to(DOT_DTYPE), tl.trans(x.to(DOT_DTYPE)), yt, input_precision=INPUT_PRECISION)
         zt = tl.dot(w.to(DOT_DTYPE), tl.trans(dropped.to(DOT_DTYPE)), zt, input_precision=INPUT_PRECISION)
         w_ptrs += tl.cast(BLOCK_RED * stride_wk, OFFSET_DTYPE)
@@ -455,7 +455,7 @@ def _dora_dx_kernel(
 
     keep = keep_from_bits(keep_bits_ptr, rows.to(tl.int64), rows < M, pid_k * BLOCK_F, n_words, stride_bm,
                           BLOCK_M, BLOCK_F)
-    dx = plain + tl.where(keep, masked * keep_scale, 0.0)
+    dx = plain + masked * keep_factor(keep, keep_scale)
     out_ptrs = dx_ptr + (rows.to(OFFSET_DTYPE)[:, None] * stride_dxm + cols.to(OFFSET_DTYPE)[None, :] * stride_dxk)
     tl.store(out_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < K)[None, :])
 
