@@ -12,8 +12,8 @@ composite backend's dropout on CUDA).
 
 Keep-bits: an int32 tensor [M, ceil(K/32)], bit j of word w of row m is the keep decision of element
 (m, 32*w + j) (bits past column K are 0). M*K/8 bytes, 1/16 of a bf16 x: the fused forward writes it
-once (Philox runs once per element per step), and backward reads it instead of regenerating the mask. This module imports Triton: the
-package imports it lazily, on first use.
+once (the mask is drawn once per step), and backward reads it instead of regenerating the mask. This
+module imports Triton: the package imports it lazily, on first use.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from .._launch import launch
-from .stream import LANE_BITS, LANES_PER_CALL, PHILOX_M0, PHILOX_M1, PHILOX_ROUNDS, PHILOX_W0, PHILOX_W1, drop_threshold
+from .stream import (LANE_BITS, LANES_PER_CALL, PHILOX_M0, PHILOX_M1, PHILOX_ROUNDS, PHILOX_W0, PHILOX_W1,
+                     drop_threshold)
 
 __all__ = ["philox_rounds", "load_seed", "keep_mask_tile", "keep_from_bits", "store_keep_bits", "apply_keep",
            "keep_factor", "keep_bits_words", "keep_bits_triton", "keep_mask_triton", "dropout_scale_triton",

@@ -19,7 +19,8 @@ unpacking, applying the mask as a multiply) live in :mod:`rslora_kernels.dropout
               DB2 dx = dy W + mask/(1-p) *              _dora_dx_kernel (likewise)
                        (s U A + dy diag(g-1) W)
 
-Philox runs once per element of x per step, in F1 or the bits pass; B2 and B3 read the bits.
+The mask is drawn once per step (one Philox call per 8 elements of x), in F1 or the bits pass; B2 and
+B3 read the bits.
 
 Every kernel takes full strides (only the pointer arithmetic cares) and works for any sizes (no
 size needs to be a multiple of a tile), loops over the rank in tiles (any r) and accumulates in
@@ -646,7 +647,7 @@ def lora_forward(x2d, weight, lora_A, lora_B, bias, scaling: float, p: float, se
     seed: 0-dim int64 tensor on x's device.
 
     Returns (y [M, N], T [M, r]) in x's dtype and the mask state for :func:`lora_backward`: the
-    keep-bits int32 [M, ceil(K/32)] (M*K/8 bytes; Philox ran once per element of x, here) with
+    keep-bits int32 [M, ceil(K/32)] (M*K/8 bytes; the mask was drawn once, here) with
     dropout, an empty int32 tensor without."""
     M, K = x2d.shape
     N, R = weight.shape[0], lora_A.shape[0]
