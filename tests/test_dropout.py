@@ -297,3 +297,42 @@ def test_nonfinite_values_propagate_like_the_reference_dora(backend, value, wher
     same = _grads(ref, inputs, dy)
     for name, gt, o, sd in zip(["y", "dx", "dA", "dB", "dm", "db"], got, oracle, same):
         _assert_same_nonfinite_and_close(f"{name} ({backend}, {where}={value})", gt, o, sd)
+
+
+@_numpy_nan_warnings_expected
+@pytest.mark.parametrize("backend", ["triton", "composite"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+@pytest.mark.parametrize("where", ["x@dropped", "dy@dropped"])
+def test_nonfinite_values_propagate_like_the_reference_group(backend, value, where, device):
+    """The sibling-projection group op (each member its own mask; the Triton dx launch masks each
+    member's rank term): the reference's NaN/Inf positions and finite values, member by member."""
+    M, K, ranks, Ns, s = 37, 45, (5, 3), (19, 11), 0.75
+    seeds = (NONFINITE_SEED, NONFINITE_SEED + 1)
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(M, K, generator=g)
+    Ws = [torch.randn(N, K, generator=g) for N in Ns]
+    As = [torch.randn(r, K, generator=g) for r in ranks]
+    Bs = [torch.randn(N, r, generator=g) for N, r in zip(Ns, ranks)]
+    dys = [torch.randn(M, N, generator=g) for N in Ns]
+    masks = [rk.dropout_mask(seed, (M, K), NONFINITE_P) for seed in seeds]
+    _, pos = _positions(M, K)  # dropped in member 0's mask
+    if where == "x@dropped":
+        x[pos["dropped"]] = value
+    else:
+        dys[0][pos["dropped"][0], 7] = value
+
+    def run(fn, dtype, dev):
+        leaves = [t.detach().to(dev, dtype).clone().requires_grad_() for t in [x, *As, *Bs]]
+        ys = fn(leaves[0], leaves[1:3], leaves[3:5])
+        torch.autograd.backward(ys, [d.to(dev, dtype) for d in dys])
+        return [*ys] + [t.grad for t in leaves]
+
+    fused = lambda x_, As_, Bs_: rk.lora_linear_group(  # noqa: E731
+        x_, [W.to(device) for W in Ws], As_, Bs_, s, dropout_ps=NONFINITE_P, seeds=seeds, backend=backend)
+    ref = lambda x_, As_, Bs_: [rk.reference.lora_linear(x_, W.to(x_.dtype), A, B, s, None, NONFINITE_P, m)  # noqa: E731
+                                for W, A, B, m in zip(Ws, As_, Bs_, masks)]
+    got = run(fused, torch.float32, device)
+    oracle = run(ref, torch.float64, "cpu")
+    same = run(ref, torch.float32, "cpu")
+    for name, gt, o, sd in zip(["y0", "y1", "dx", "dA0", "dA1", "dB0", "dB1"], got, oracle, same):
+        _assert_same_nonfinite_and_close(f"{name} ({backend}, {where}={value})", gt, o, sd)

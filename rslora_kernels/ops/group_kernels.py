@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .._launch import launch
 from .._runtime import cuda_arch
-from ..dropout.kernels import keep_from_bits
+from ..dropout.kernels import apply_keep, keep_from_bits
 from .configs import dora_gemm_config, dual_gemm_config
 from .triton_kernels import (_as_keep_bits, _bits_strides, _cdiv, _grouped_tile, _lora_grads, _meta, _offset_dtype,
                              _rank_term, _shrink, lora_backward, lora_forward)
@@ -160,7 +160,7 @@ def _member_dx_terms(
                       OFFSET_DTYPE, EVEN_R, DOT_DTYPE, INPUT_PRECISION, BLOCK_R) * adapter_scale
     if HAS_DROPOUT:
         keep = keep_from_bits(bits_ptr, rows.to(tl.int64), rows < M, col0, n_words, stride_bm, BLOCK_M, BLOCK_F)
-        rank = tl.where(keep, rank, 0.0)
+        rank = apply_keep(rank, keep)  # a multiply: Inf/NaN at a dropped position stays NaN, as in the reference
     acc += rank
     reds = tl.arange(0, BLOCK_RED)
     dy_ptrs = dy_ptr + (rows_in[:, None] * stride_dym + reds.to(OFFSET_DTYPE)[None, :] * stride_dyn)
