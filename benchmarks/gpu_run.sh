@@ -15,7 +15,8 @@
 #   sweep.csv            headline sweep rows, appended as each case finishes
 #   sweep_wide.csv       wider-sweep rows, likewise
 #   tuned_configs.json   the tuner's table
-#   profile.md           the step profile: host vs GPU time and the kernels of a step
+#   profile.md           the step profile: host vs GPU time and the kernels of a step; host us per
+#                        step at a tiny shape (benchmarks.host)
 #   logs.tar.gz          every step's full output, sweep and train-step JSON/Markdown/CSV/plots; rebuilt
 #                        after each step (the train-step table is in summary.md)
 #
@@ -29,8 +30,10 @@
 #   b-train-step  a training step of a Llama-3-8B-shaped     120   (benchmarks.train_step --preset gpu:
 #      model (4 layers, 8192 tokens, bf16): peft, peft-bf16,       r 16 and 256, p 0.1 then 0, loss curve
 #      auto/triton/composite/siblings patched                       vs fp32; no new case after 90 s)
-#   b-profile  step profile: step / CUDA-graph / host time    90   (benchmarks.profile_step,
-#      and kernels, r 16 and 2048, p=0.1; DoRA at r 16            profile.md)
+#   b-profile  step profile: step / CUDA-graph / host time   120   (benchmarks.profile_step,
+#      and kernels, r 16 and 2048, p=0.1; DoRA at r 16;           profile.md)
+#      then host us per step at the tiny shape, every row         (benchmarks.host, real launches;
+#      (LoRA, DoRA, QLoRA, PEFT), r 16, p 0 and 0.1                its table appended to profile.md)
 #   c  CUDA numerics: bf16/fp16 op tests + mask parity        90   (118 tests, 8 pytest-xdist workers;
 #      selection: benchmarks.precompile.NUMERICS_TESTS)
 #   d  tuner, 7b-attn at r 16, 256, 64 (benchmarks/tune.py)   75   (CUDA-graph timing: ~10 s a case)
@@ -232,6 +235,7 @@ if [ "$DRY" = 1 ]; then
   PROFILE_ARGS=(--shape 72x40 --m 33 --ranks 3 --dropout 0.1 --dtype fp32 --dora-providers composite)
   mapfile -t TRAIN_STEP_ARGS < <("$PY" -c "from benchmarks.precompile import DRY_TRAIN_STEP_ARGS as t; print(*t, sep=chr(10))")
   TRAIN_STEP_ARGS+=(--device cpu)
+  HOST_ARGS="--device cpu --ranks 3 --ps 0.1 --rounds 3 --steps 2 --top 5 --rows triton composite eager"
 else
   PLAN=gpu SWEEP_PRESET=headline DEVICE_ARGS=""
   WIDE_PRESETS=""  # benchmarks.sweep.WIDE_PRESETS, read in step g (importing the sweep loads torch)
@@ -243,6 +247,7 @@ else
   NUMERICS_WORKERS=${NUMERICS_WORKERS:-8}
   PROFILE_ARGS=(--ranks 16 2048 --dropout 0.1 --dora-providers triton composite peft-dora)
   mapfile -t TRAIN_STEP_ARGS < <("$PY" -c "from benchmarks.precompile import TRAIN_STEP_ARGS as t; print(*t, sep=chr(10))")
+  HOST_ARGS="--ranks 16 --ps 0 0.1 --rounds 15 --steps 10 --top 25"
 fi
 
 env_report() {
@@ -282,8 +287,19 @@ step b-sweep "${SWEEP_LIMIT:-75}" "rows in sweep.csv" -- \
 step b-train-step "${TRAIN_STEP_LIMIT:-120}" "table in summary.md; CSV, JSON, plot in logs.tar.gz" -- \
   "$PY" -m benchmarks.train_step "${TRAIN_STEP_ARGS[@]}" --out "$STAGE/train_step"
 
-step b-profile "${PROFILE_LIMIT:-90}" "profile.md" -- \
-  "$PY" -m benchmarks.profile_step --out "$ROOT" "${PROFILE_ARGS[@]}"
+profile_and_host() {  # the step profile into profile.md, then benchmarks.host's report appended to it
+  "$PY" -m benchmarks.profile_step --out "$ROOT" "$@"; local rc=$?
+  # shellcheck disable=SC2086  # HOST_ARGS: words
+  if "$PY" -m benchmarks.host $HOST_ARGS --out "$STAGE/host.md"; then
+    { echo; cat "$STAGE/host.md"; } >> "$ROOT/profile.md"
+  else
+    rc=1
+  fi
+  return $rc
+}
+export -f profile_and_host
+export HOST_ARGS STAGE ROOT
+step b-profile "${PROFILE_LIMIT:-120}" "profile.md" -- bash -c 'profile_and_host "$@"' _ "${PROFILE_ARGS[@]}"
 
 XDIST=()
 if [ "$NUMERICS_WORKERS" -gt 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n "$NUMERICS_WORKERS"); fi

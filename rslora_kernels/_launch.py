@@ -21,33 +21,38 @@ recorders), and for any Triton whose compiled kernels lack the launcher attribut
 from __future__ import annotations
 
 import os
-from typing import Dict, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from ._runtime import interpreting
 
-__all__ = ["launch", "direct_launch_enabled", "clear_launch_cache", "MAX_CACHED"]
+__all__ = ["launch", "direct_launch_enabled", "clear_launch_cache", "MAX_CACHED", "planned", "clear_plans", "MAX_PLANS"]
 
 _COMPILED: Dict[tuple, tuple] = {}  # key -> (kernel, its compiled kernel)
 # Keys hold exact integer values (sizes, strides), so workloads whose sizes change every call (ragged
 # batches) would add entries without end: past this many the cache starts over (the JIT path
 # refills it; only host time is at stake).
 MAX_CACHED = 1024
-_triton = None  # (triton.knobs, triton.runtime.driver, JITFunction) once direct launches were found allowed
+# (triton.knobs, triton.runtime.driver, JITFunction) once direct launches were found allowed, False
+# once found disallowed by the environment (read once: until clear_launch_cache), None before
+_triton = None
 
 
 def direct_launch_enabled() -> bool:
     """Whether launches may bypass Triton's JIT entry point (see the module docstring)."""
     global _triton
-    if _triton is None:  # the environment is read until direct launches are found allowed
+    if _triton is None:
         if os.environ.get("RSLORA_KERNELS_DIRECT_LAUNCH", "1") in ("0", "", "false") or interpreting():
+            _triton = False
             return False
         from triton import knobs
         from triton.runtime import driver
         from triton.runtime.jit import JITFunction
 
         _triton = knobs, driver, JITFunction
+    elif _triton is False:
+        return False
     hooks = _triton[0].runtime
     return not _has_hooks(hooks.launch_enter_hook) and not _has_hooks(hooks.launch_exit_hook)
 
@@ -59,10 +64,46 @@ def _has_hooks(hook) -> bool:
 
 def clear_launch_cache() -> None:
     """Forget every compiled kernel held for direct launches (the next launch of each goes through
-    the JIT) and read RSLORA_KERNELS_DIRECT_LAUNCH and TRITON_INTERPRET again."""
+    the JIT) and every launch plan, and read RSLORA_KERNELS_DIRECT_LAUNCH and TRITON_INTERPRET again."""
     global _triton
     _COMPILED.clear()
+    clear_plans()
     _triton = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch plans: what a launcher computes from its call's signature alone, once per signature
+# ----------------------------------------------------------------------------------------------
+_PLANS: Dict[tuple, object] = {}
+# Keys hold exact sizes and strides: ragged batches would add entries without end, so past this many
+# the cache starts over (plans are recomputed; only host time is at stake)
+MAX_PLANS = 512
+
+
+def clear_plans() -> None:
+    """Forget every launch plan (after anything they were computed from changed: the tuned tables)."""
+    _PLANS.clear()
+
+
+def planned(make: Callable[..., object], uncached_while: Optional[Callable[[], bool]] = None) -> Callable[..., object]:
+    """``make(*key)`` memoized in the plan cache: ``make`` must be a pure function of its arguments
+    (hashable: sizes, strides, dtypes, devices, flags) and of process state that only
+    :func:`clear_launch_cache` resets (the environment, the tuned tables). ``uncached_while()``
+    true: call ``make`` every time (the tuner forcing configs)."""
+    def plan(*key):
+        if uncached_while is not None and uncached_while():
+            return make(*key)
+        entry = _PLANS.get((make, key))
+        if entry is not None:
+            return entry
+        if len(_PLANS) >= MAX_PLANS:
+            _PLANS.clear()
+        entry = _PLANS[(make, key)] = make(*key)
+        return entry
+    plan.__wrapped__ = make  # the uncached computation (tests compare the two)
+    plan.__name__ = getattr(make, "__name__", "plan")
+    plan.__doc__ = make.__doc__
+    return plan
 
 
 def _arg_key(args: Sequence) -> tuple:

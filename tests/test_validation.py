@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import rslora_kernels as rk
+from rslora_kernels._launch import clear_launch_cache
 
 
 @pytest.fixture
@@ -76,6 +77,7 @@ def test_bad_input_is_rejected_before_launch(what, kwargs, exc, message, no_laun
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    clear_launch_cache()  # the environment is read once per call signature (a launch plan)
     with pytest.raises(ValueError, match=r"backend='triton' cannot run on cpu tensors.*TRITON_INTERPRET=1"):
         call(backend="triton")
 

@@ -12,7 +12,7 @@ tracing, fake tensors, meta tensors, tensor subclasses) goes through ``torch.ops
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -21,11 +21,14 @@ __all__ = ["custom_op", "DirectCustomOp"]
 
 
 class DirectCustomOp:
-    """A callable custom op; see the module docstring. ``register_fake`` as on torch's ops."""
+    """A callable custom op; see the module docstring. ``register_fake`` as on torch's ops.
+    ``direct``: what a direct call runs instead of ``impl`` (same arguments; it may return what the
+    op's schema cannot, such as None for an output nobody reads); default ``impl``."""
 
-    def __init__(self, qualname: str, impl: Callable):
+    def __init__(self, qualname: str, impl: Callable, direct: Optional[Callable] = None):
         self.qualname = qualname
         self.impl = impl
+        self.direct = direct if direct is not None else impl
         self.op_def = torch.library.custom_op(qualname, impl, mutates_args=())
         namespace, name = qualname.split("::")
         self._packet = getattr(getattr(torch.ops, namespace), name)
@@ -37,11 +40,11 @@ class DirectCustomOp:
     def __call__(self, *args):
         x = args[0]
         if type(x) is Tensor and x.device.type in ("cuda", "cpu") and not torch.compiler.is_compiling():
-            return self.impl(*args)
+            return self.direct(*args)
         return self._packet(*args)
 
 
-def custom_op(qualname: str) -> Callable[[Callable], DirectCustomOp]:
+def custom_op(qualname: str, direct: Optional[Callable] = None) -> Callable[[Callable], DirectCustomOp]:
     """Decorator: ``@custom_op("rslora_kernels::name")`` on a type-annotated function that mutates
-    none of its arguments."""
-    return lambda impl: DirectCustomOp(qualname, impl)
+    none of its arguments (``direct``: see :class:`DirectCustomOp`)."""
+    return lambda impl: DirectCustomOp(qualname, impl, direct)

@@ -55,7 +55,7 @@ from ..dropout import dropout_scale, keep_mask_torch
 from .composite import addmm_scaled_
 from .custom_op import custom_op
 from .first_order import first_order_only
-from .lora_linear import lora_linear_bwd, lora_linear_fwd, registered_backends, resolve_backend, seed_tensor
+from .lora_linear import lora_linear_bwd, lora_linear_fwd, registered_backends, resolve_backend_planned, seed_tensor
 
 __all__ = ["dora_linear", "DoRALinearFunction", "dora_row_norms", "dora_merge_", "clear_norm_cache"]
 
@@ -273,7 +273,7 @@ def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magni
     validate_magnitude(magnitude, weight, x)
     scaling = float(scaling)
     p = float(dropout_p) if training else 0.0
-    backend = resolve_backend(backend, x.device, x.dtype, lora_A.dtype)
+    backend = resolve_backend_planned(backend, x.device, x.dtype, lora_A.dtype, None)
     seed = seed_tensor(seed, p, x.device)  # checked even when p == 0
     if backend == "reference":
         mask = keep_mask_torch(seed, math.prod(x.shape[:-1]), x.shape[-1], p).reshape(x.shape) if p > 0.0 else None

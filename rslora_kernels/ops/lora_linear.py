@@ -27,6 +27,7 @@ from .. import reference
 from .._runtime import triton_available_for
 from .._validate import check_backend_output, check_seed, need_tensors, validate_inputs
 from ..dropout import as_seed_int, draw_seed, keep_mask_torch
+from .._launch import clear_plans, planned
 from .custom_op import custom_op
 from .first_order import first_order_only
 from .tuning import auto_backend
@@ -34,7 +35,8 @@ from ..quant import is_quantized_weight
 
 __all__ = ["lora_linear", "LoRALinearFunction", "Backend", "register_backend", "unregister_backend",
            "registered_backends", "check_backend_name", "choose_auto_backend", "resolve_backend",
-           "autocast_inputs", "seed_tensor", "lora_linear_fwd", "lora_linear_bwd"]
+           "resolve_backend_planned", "autocast_inputs", "zero_seed", "seed_tensor", "lora_linear_fwd",
+           "lora_linear_bwd"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,6 +116,7 @@ def register_backend(name: str, forward: Callable, backward: Optional[Callable] 
         raise TypeError(f"dtypes must be floating torch dtypes, got {dtypes!r}")
     spec = Backend(name, forward, backward, devices, dtypes, *([mask_state_like] if mask_state_like else []))
     _REGISTRY[name] = spec
+    clear_plans()  # resolved backends are plans
     return spec
 
 
@@ -122,7 +125,9 @@ def unregister_backend(name: str) -> Backend:
     check_backend_name(name)
     if name == "auto":
         raise ValueError("'auto' is not a registered backend")
-    return _REGISTRY.pop(name)
+    spec = _REGISTRY.pop(name)
+    clear_plans()  # resolved backends are plans
+    return spec
 
 
 def registered_backends() -> Mapping[str, Backend]:
@@ -173,6 +178,16 @@ def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dt
             names = ", ".join(str(d).replace("torch.", "") for d in spec.dtypes)
             raise TypeError(f"backend={name!r} needs {what} in {names}, got {dt}")
     return name
+
+
+def _resolve(backend, device, dtype, adapter_dtype, problem):
+    return resolve_backend(backend, device, dtype, adapter_dtype, problem)
+
+
+# :func:`resolve_backend` once per call signature (a launch plan, docs/kernels.md): it reads the
+# environment (TRITON_INTERPRET) and, for "auto" on CUDA, searches the tuned table. Errors are not
+# cached; under torch.compile's tracing it is called directly (sizes may be symbolic there)
+resolve_backend_planned = planned(_resolve, uncached_while=torch.compiler.is_compiling)
 
 
 def _triton_forward(*args):
@@ -226,16 +241,24 @@ def _(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
             _REGISTRY[backend].mask_state_like(x2d, seed, dropout_p))
 
 
-@custom_op("rslora_kernels::lora_linear_bwd")
-def lora_linear_bwd(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, T: Tensor,
-                    scaling: float, dropout_p: float, mask_state: Tensor, needs: List[bool], backend: str
-                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dx, dA, dB, db); a grad that is not needed comes back as an empty tensor."""
+def _lora_linear_bwd_direct(dy, x2d, weight, lora_A, lora_B, T, scaling, dropout_p, mask_state, needs, backend):
+    """The backward op called directly (eager): a grad that is not needed stays None (callers read
+    only the grads they asked for), with no empty tensor allocated for it."""
     outs = _REGISTRY[backend].backward(dy, x2d, weight, lora_A, lora_B, T, scaling, dropout_p, mask_state, *needs)
     for what, out, shape, need in zip(("dx", "dA", "dB", "db"), outs,
                                       (x2d.shape, lora_A.shape, lora_B.shape, weight.shape[:1]), needs):
         if need:
             check_backend_output(backend, what, out, shape)
+    return outs
+
+
+@custom_op("rslora_kernels::lora_linear_bwd", direct=_lora_linear_bwd_direct)
+def lora_linear_bwd(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, T: Tensor,
+                    scaling: float, dropout_p: float, mask_state: Tensor, needs: List[bool], backend: str
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dx, dA, dB, db); a grad that is not needed comes back as an empty tensor (None when
+    called directly in eager: see :func:`_lora_linear_bwd_direct`)."""
+    outs = _lora_linear_bwd_direct(dy, x2d, weight, lora_A, lora_B, T, scaling, dropout_p, mask_state, needs, backend)
     return tuple(o if o is not None else x2d.new_empty((0,)) for o in outs)
 
 
@@ -310,13 +333,30 @@ def autocast_inputs(x, weight, lora_A, lora_B, bias):
     return cast(x), cast(weight), cast(lora_A, True), cast(lora_B, True), cast(bias)
 
 
+_ZERO_SEEDS: Dict[torch.device, Tensor] = {}
+
+
+def zero_seed(device: torch.device) -> Tensor:
+    """The seed the backends take without dropout: one 0-dim int64 zero per device, shared by every
+    call (nothing writes it, and allocating one per call cost more than the rest of seed handling).
+    A fresh one under torch.compile's tracing and during CUDA-graph capture (whose memory pool must
+    not hand out a tensor that outlives the graph)."""
+    seed = _ZERO_SEEDS.get(device)
+    if seed is not None:
+        return seed
+    seed = torch.zeros((), dtype=torch.int64, device=device)
+    if not torch.compiler.is_compiling() and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _ZERO_SEEDS[device] = seed
+    return seed
+
+
 def seed_tensor(seed: Union[int, Tensor, None], p: float, device: torch.device) -> Tensor:
     """The dropout seed as the 0-dim int64 tensor on ``device`` the backends take: zero when
-    ``p == 0``; drawn from torch's default generator when None. ``seed`` is checked first, even
-    when ``p == 0``, so a bad seed never passes unnoticed in eval mode."""
+    ``p == 0`` (:func:`zero_seed`); drawn from torch's default generator when None. ``seed`` is
+    checked first, even when ``p == 0``, so a bad seed never passes unnoticed in eval mode."""
     check_seed(seed, device)
     if p == 0.0:
-        seed = torch.zeros((), dtype=torch.int64, device=device)
+        return zero_seed(device)
     elif seed is None:
         seed = draw_seed(device)
     elif not isinstance(seed, Tensor):
@@ -356,8 +396,8 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
         return qlora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training, seed, backend)
     x, weight, lora_A, lora_B, bias = autocast_inputs(x, weight, lora_A, lora_B, bias)
     validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p)
-    backend = resolve_backend(backend, x.device, x.dtype, lora_A.dtype,
-                              problem=(math.prod(x.shape[:-1]), weight.shape[0], x.shape[-1], lora_A.shape[0]))
+    backend = resolve_backend_planned(backend, x.device, x.dtype, lora_A.dtype,
+                                       (math.prod(x.shape[:-1]), weight.shape[0], x.shape[-1], lora_A.shape[0]))
     scaling = float(scaling)
     p = float(dropout_p) if training else 0.0
     seed = seed_tensor(seed, p, x.device)

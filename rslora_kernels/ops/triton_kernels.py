@@ -39,13 +39,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import launch
+from .._launch import launch, planned
 from .._runtime import cuda_arch, interpreting, num_sms
 from ..dropout.kernels import (apply_keep, keep_bits_triton, keep_bits_words, keep_factor, keep_from_bits,
                                keep_mask_tile, load_seed, store_keep_bits)
 from ..dropout.stream import drop_threshold
 from .configs import (dora_gemm_config, dual_gemm_config, grads_config, shrink_config, shrink_masked_config,
                       split_m_for)
+from .tuning import configs_forced
 
 
 # ----------------------------------------------------------------------------------------------
@@ -478,15 +479,16 @@ def _dot_dtype(dtype: torch.dtype):
     return tl.float32 if interpreting() else _TL_DTYPES[dtype]
 
 
-def _input_precision(dtype: torch.dtype) -> Optional[str]:
-    """fp32 follows torch's matmul precision setting (IEEE by default, TF32 when allowed)."""
-    if dtype != torch.float32:
-        return None
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+def _matmul_precision(dtype: torch.dtype) -> Optional[str]:
+    """torch's fp32 matmul precision setting for fp32 operands (part of a launch plan's key: it can
+    change between calls), None for 16-bit ones."""
+    return torch.get_float32_matmul_precision() if dtype == torch.float32 else None
 
 
-def _meta(dtype: torch.dtype):
-    return {"DOT_DTYPE": _dot_dtype(dtype), "INPUT_PRECISION": _input_precision(dtype)}
+def _meta(dtype: torch.dtype, precision: Optional[str]):
+    """DOT_DTYPE and INPUT_PRECISION: fp32 follows ``precision`` (IEEE for "highest", TF32 otherwise)."""
+    return {"DOT_DTYPE": _dot_dtype(dtype),
+            "INPUT_PRECISION": None if precision is None else "ieee" if precision == "highest" else "tf32"}
 
 
 def _bits_strides(keep_bits):
@@ -495,14 +497,40 @@ def _bits_strides(keep_bits):
 
 
 def _offset_dtype(*tensors):
-    """tl.int32 for in-tile offsets when every tensor spans fewer than 2^31 elements (its largest
-    offset, strides included), tl.int64 otherwise."""
-    for t in tensors:
-        if t is None or (t.numel() < 2**31 and t.is_contiguous()):  # a contiguous tensor spans its numel
+    """tl.int32 for in-tile offsets when every tensor (None: skipped) spans fewer than 2^31 elements
+    (its largest offset, strides included), tl.int64 otherwise."""
+    return _layouts_offset_dtype(*[_layout(t) for t in tensors if t is not None])
+
+
+def _layout(t: torch.Tensor):
+    """(shape, strides): what a launch plan knows of a tensor."""
+    return t.shape, t.stride()
+
+
+def _contiguous(*shape: int):
+    """The layout of ``torch.empty(shape)`` (row-major; a size-0 or size-1 dim does not stretch strides)."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(shape), tuple(reversed(strides))
+
+
+def _layouts_offset_dtype(*layouts):
+    """:func:`_offset_dtype` from (shape, strides) pairs."""
+    for shape, strides in layouts:
+        if 0 in shape:
             continue
-        if sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1 >= 2**31 and t.numel() > 0:
+        if sum((n - 1) * abs(st) for n, st in zip(shape, strides)) + 1 >= 2**31:
             return tl.int64
     return tl.int32
+
+
+# Launch plans (docs/kernels.md, "Host work per launch"): each launcher's work that depends only on its
+# call's signature -- the tile config, grid, constexprs and launch options -- is a pure function of
+# that signature, computed once per signature by the plan cache of rslora_kernels._launch
+def _plan(make):
+    return planned(make, uncached_while=configs_forced)
 
 
 def _shrink(inp: torch.Tensor, w_strides, w: torch.Tensor, R: int, out_dtype, *, seed=None, p=0.0):
@@ -514,8 +542,9 @@ def _shrink(inp: torch.Tensor, w_strides, w: torch.Tensor, R: int, out_dtype, *,
     config says ``DRAW_BITS=False``; otherwise by the keep-bits pass first, and read here."""
     M, RED = inp.shape
     dropout = seed is not None
-    cfg = (shrink_masked_config if dropout else shrink_config)(M, RED, R, inp.dtype, cuda_arch(inp.device))
-    gen_bits = dropout and cfg.DRAW_BITS and R <= cfg.BLOCK_R and cfg.BLOCK_RED % 32 == 0
+    dt = inp.dtype
+    grid, constexprs, options, gen_bits, threshold = _shrink_plan(
+        M, RED, R, dt, out_dtype, inp.device, dropout, p, _matmul_precision(dt), _layout(inp), _layout(w))
     keep_bits = None
     if gen_bits:
         keep_bits = torch.empty((M, keep_bits_words(RED)), dtype=torch.int32, device=inp.device)
@@ -523,16 +552,25 @@ def _shrink(inp: torch.Tensor, w_strides, w: torch.Tensor, R: int, out_dtype, *,
         keep_bits = keep_bits_triton(seed, M, RED, p)
     out = torch.empty((M, R), dtype=out_dtype, device=inp.device)
     n_words, stride_bm = _bits_strides(keep_bits)
-    launch(_shrink_kernel, (_cdiv(M, cfg.BLOCK_M) * _cdiv(R, cfg.BLOCK_R),),
+    launch(_shrink_kernel, grid,
            (inp, w, out, keep_bits, seed if gen_bits else None,
             M, RED, R, n_words,
             inp.stride(0), inp.stride(1), w_strides[0], w_strides[1], out.stride(0), out.stride(1), stride_bm,
-            drop_threshold(p) if gen_bits else 0, 1.0 / (1.0 - p)),
-           dict(HAS_DROPOUT=dropout, GEN_BITS=gen_bits, RANK_MAJOR=dropout, EVEN_RED=RED % cfg.BLOCK_RED == 0,
-                OFFSET_DTYPE=_offset_dtype(inp, w, out), **_meta(inp.dtype),
-                BLOCK_M=cfg.BLOCK_M, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R),
-           cfg.launch_kwargs())
+            threshold, 1.0 / (1.0 - p)),
+           constexprs, options)
     return out, keep_bits
+
+
+@_plan
+def _shrink_plan(M, RED, R, dtype, out_dtype, device, dropout, p, precision, inp_layout, w_layout):
+    """(grid, constexprs, launch options, whether F1 draws the keep-bits, the drop threshold it draws with)."""
+    cfg = (shrink_masked_config if dropout else shrink_config)(M, RED, R, dtype, cuda_arch(device))
+    gen_bits = dropout and cfg.DRAW_BITS and R <= cfg.BLOCK_R and cfg.BLOCK_RED % 32 == 0
+    constexprs = dict(HAS_DROPOUT=dropout, GEN_BITS=gen_bits, RANK_MAJOR=dropout, EVEN_RED=RED % cfg.BLOCK_RED == 0,
+                      OFFSET_DTYPE=_layouts_offset_dtype(inp_layout, w_layout, _contiguous(M, R)),
+                      **_meta(dtype, precision), BLOCK_M=cfg.BLOCK_M, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R)
+    return ((_cdiv(M, cfg.BLOCK_M) * _cdiv(R, cfg.BLOCK_R),), constexprs, cfg.launch_kwargs(), gen_bits,
+            drop_threshold(p) if gen_bits else 0)
 
 
 def _dual_gemm(t, bt, bt_strides, inp, w, w_strides, F: int, adapter_scale: float, out_dtype,
@@ -543,22 +581,33 @@ def _dual_gemm(t, bt, bt_strides, inp, w, w_strides, F: int, adapter_scale: floa
     out = torch.empty((M, F), dtype=out_dtype, device=inp.device)
     if out.numel() == 0:
         return out
-    cfg = dual_gemm_config(M, F, RED, R, inp.dtype, cuda_arch(inp.device))
+    dt = inp.dtype
+    grid, constexprs, options = _dual_gemm_plan(M, F, RED, R, dt, inp.device, bias is not None, keep_bits is not None,
+                                                _matmul_precision(dt), _layout(t), _layout(bt), _layout(inp), _layout(w))
     n_words, stride_bm = _bits_strides(keep_bits)
     bias = bias.contiguous() if bias is not None else None  # the kernel reads it with unit stride
-    launch(_dual_gemm_kernel, (_cdiv(M, cfg.BLOCK_M) * _cdiv(F, cfg.BLOCK_F),),
+    launch(_dual_gemm_kernel, grid,
            (t, bt, inp, w, bias, keep_bits, out,
             M, F, RED, R, n_words,
             t.stride(0), t.stride(1), bt_strides[0], bt_strides[1],
             inp.stride(0), inp.stride(1), w_strides[0], w_strides[1], stride_bm, out.stride(0), out.stride(1),
             adapter_scale),
-           dict(HAS_BIAS=bias is not None, HAS_DROPOUT=keep_bits is not None,
-                EVEN_RED=RED % cfg.BLOCK_RED == 0, EVEN_R=R % cfg.BLOCK_R == 0,
-                OFFSET_DTYPE=_offset_dtype(t, bt, inp, w, out), **_meta(inp.dtype),
-                BLOCK_M=cfg.BLOCK_M, BLOCK_F=cfg.BLOCK_F, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R,
-                GROUP_M=cfg.GROUP_M),
-           cfg.launch_kwargs())
+           constexprs, options)
     return out
+
+
+@_plan
+def _dual_gemm_plan(M, F, RED, R, dtype, device, has_bias, dropout, precision, t_layout, bt_layout, inp_layout,
+                    w_layout):
+    """(grid, constexprs, launch options) of a dual-GEMM launch."""
+    cfg = dual_gemm_config(M, F, RED, R, dtype, cuda_arch(device))
+    constexprs = dict(HAS_BIAS=has_bias, HAS_DROPOUT=dropout,
+                      EVEN_RED=RED % cfg.BLOCK_RED == 0, EVEN_R=R % cfg.BLOCK_R == 0,
+                      OFFSET_DTYPE=_layouts_offset_dtype(t_layout, bt_layout, inp_layout, w_layout, _contiguous(M, F)),
+                      **_meta(dtype, precision),
+                      BLOCK_M=cfg.BLOCK_M, BLOCK_F=cfg.BLOCK_F, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R,
+                      GROUP_M=cfg.GROUP_M)
+    return (_cdiv(M, cfg.BLOCK_M) * _cdiv(F, cfg.BLOCK_F),), constexprs, cfg.launch_kwargs()
 
 
 def _as_keep_bits(mask_state, M: int, K: int, p: float):
@@ -582,31 +631,43 @@ def _m_reduce(l, r, scale: float, out_dtype, block_m: int, block_p: int, block_q
     M, P = l.shape
     Q = r.shape[1]
     dev = l.device
-    tiles = _cdiv(P, block_p) * _cdiv(Q, block_q)
-    if num_splits is None:
-        num_splits = split_m_for(M, tiles, block_m, num_sms(dev))
-    m_chunk = _cdiv(_cdiv(M, num_splits), block_m) * block_m
-    num_splits = _cdiv(M, m_chunk)
+    dt = l.dtype
+    grid, constexprs, num_splits, m_chunk = _m_reduce_plan(
+        M, P, Q, dt, dev, block_m, block_p, block_q, rank_axis, num_splits, keep_bits is not None, colsum,
+        _matmul_precision(dt), _layout(l), _layout(r))
     out = torch.empty((P, Q) if num_splits == 1 else (num_splits, P, Q),
                       dtype=out_dtype if num_splits == 1 else torch.float32, device=dev)
     sums = torch.empty((num_splits, P), dtype=torch.float32, device=dev) if colsum else None
     n_words, stride_bm = _bits_strides(keep_bits)
-    launch(_m_reduce_kernel, (tiles * num_splits,),
+    launch(_m_reduce_kernel, grid,
            (l, r, keep_bits, out, sums,
             M, P, Q, n_words, m_chunk,
             l.stride(0), l.stride(1), r.stride(0), r.stride(1), stride_bm,
             out.stride(0) if num_splits > 1 else 0, out.stride(-2), out.stride(-1), sums.stride(0) if colsum else 0,
             scale),
-           dict(HAS_DROPOUT=keep_bits is not None, COLSUM=colsum, COLSUM_MMA=colsum and l.dtype != torch.float32,
-                EVEN_M=M % block_m == 0, RANK_AXIS=rank_axis,
-                OFFSET_DTYPE=_offset_dtype(l, r, out), **_meta(l.dtype),
-                BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q),
-           launch_kwargs)
+           constexprs, launch_kwargs)
     if num_splits > 1:
         out = _sum_splits(out.view(num_splits, P * Q), out_dtype).view(P, Q)
     if colsum:
         sums = sums[0] if num_splits == 1 else _sum_splits(sums, torch.float32)
     return out, sums
+
+
+@_plan
+def _m_reduce_plan(M, P, Q, dtype, device, block_m, block_p, block_q, rank_axis, num_splits, dropout, colsum,
+                   precision, l_layout, r_layout):
+    """(grid, constexprs, splits of M, rows per split) of an M-reduction launch."""
+    tiles = _cdiv(P, block_p) * _cdiv(Q, block_q)
+    if num_splits is None:
+        num_splits = split_m_for(M, tiles, block_m, num_sms(device))
+    m_chunk = _cdiv(_cdiv(M, num_splits), block_m) * block_m
+    num_splits = _cdiv(M, m_chunk)
+    out_layout = _contiguous(P, Q) if num_splits == 1 else _contiguous(num_splits, P, Q)
+    constexprs = dict(HAS_DROPOUT=dropout, COLSUM=colsum, COLSUM_MMA=colsum and dtype != torch.float32,
+                      EVEN_M=M % block_m == 0, RANK_AXIS=rank_axis,
+                      OFFSET_DTYPE=_layouts_offset_dtype(l_layout, r_layout, out_layout), **_meta(dtype, precision),
+                      BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q)
+    return (tiles * num_splits,), constexprs, num_splits, m_chunk
 
 
 def _sum_splits(part: torch.Tensor, out_dtype) -> torch.Tensor:
@@ -619,6 +680,12 @@ def _sum_splits(part: torch.Tensor, out_dtype) -> torch.Tensor:
     return out
 
 
+@_plan
+def _grads_config(M, N, K, R, dtype, device):
+    """B3's tile config (both launches take their tiles from it)."""
+    return grads_config(M, N, K, R, dtype, cuda_arch(device))
+
+
 def _lora_grads(U, x2d, dy, T, scaling: float, p: float, mask_state, a_dtype, need_dA: bool, need_dB: bool,
                 num_splits: Optional[int] = None, need_db: bool = False, dB_row_scale: Optional[torch.Tensor] = None):
     """B3: dA = s/(1-p) U^T drop(x) [r, K] and dB = s dy^T T [N, r], one launch each; with
@@ -628,7 +695,7 @@ def _lora_grads(U, x2d, dy, T, scaling: float, p: float, mask_state, a_dtype, ne
     Returns (dA | None, dB | None), and db | None third with ``need_db``."""
     M, K = x2d.shape
     N, R = dy.shape[1], T.shape[1]
-    cfg = grads_config(M, N, K, R, x2d.dtype, cuda_arch(x2d.device))
+    cfg = _grads_config(M, N, K, R, x2d.dtype, x2d.device)
     dA = dB = db = None
     if need_dA:
         dA, _ = _m_reduce(U, x2d, scaling / (1.0 - p), a_dtype, cfg.BLOCK_M, cfg.BLOCK_R, cfg.BLOCK_F, 0,
@@ -713,20 +780,42 @@ def dora_forward_dropout(x2d, weight, lora_A, lora_B, bias, g, scaling: float, p
         return y, z, T, keep_bits
     g = g.to(torch.float32).contiguous()  # g and the bias are read with unit stride
     bias = bias.contiguous() if bias is not None else None
-    cfg = dora_gemm_config(M, N, K, R, x2d.dtype, cuda_arch(x2d.device))
+    dt = x2d.dtype
+    grid, constexprs, options = _dora_fwd_plan(M, N, K, R, dt, x2d.device, bias is not None, _matmul_precision(dt),
+                                               _layout(T), _layout(lora_B), _layout(x2d), _layout(weight))
     n_words, stride_bm = _bits_strides(keep_bits)
-    launch(_dora_fwd_kernel, (_cdiv(M, cfg.BLOCK_M) * _cdiv(N, cfg.BLOCK_F),),
+    launch(_dora_fwd_kernel, grid,
            (T, lora_B, x2d, weight, bias, g, keep_bits, y, z,
             M, N, K, R, n_words,
             T.stride(0), T.stride(1), lora_B.stride(0), lora_B.stride(1), x2d.stride(0), x2d.stride(1),
             weight.stride(0), weight.stride(1), stride_bm, y.stride(0), y.stride(1), z.stride(0), z.stride(1),
             scaling, 1.0 / (1.0 - p)),
-           dict(HAS_BIAS=bias is not None, EVEN_K=K % cfg.BLOCK_RED == 0, EVEN_R=R % cfg.BLOCK_R == 0,
-                OFFSET_DTYPE=_offset_dtype(T, lora_B, x2d, weight, y), **_meta(x2d.dtype),
-                BLOCK_M=cfg.BLOCK_M, BLOCK_F=cfg.BLOCK_F, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R,
-                GROUP_M=cfg.GROUP_M),
-           cfg.launch_kwargs())
+           constexprs, options)
     return y, z, T, keep_bits
+
+
+@_plan
+def _dora_fwd_plan(M, N, K, R, dtype, device, has_bias, precision, t_layout, b_layout, x_layout, w_layout):
+    """(grid, constexprs, launch options) of DoRA's forward launch with dropout (y and z, both [M, N])."""
+    cfg = dora_gemm_config(M, N, K, R, dtype, cuda_arch(device))
+    constexprs = dict(HAS_BIAS=has_bias, EVEN_K=K % cfg.BLOCK_RED == 0, EVEN_R=R % cfg.BLOCK_R == 0,
+                      OFFSET_DTYPE=_layouts_offset_dtype(t_layout, b_layout, x_layout, w_layout, _contiguous(M, N)),
+                      **_meta(dtype, precision),
+                      BLOCK_M=cfg.BLOCK_M, BLOCK_F=cfg.BLOCK_F, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R,
+                      GROUP_M=cfg.GROUP_M)
+    return (_cdiv(M, cfg.BLOCK_M) * _cdiv(N, cfg.BLOCK_F),), constexprs, cfg.launch_kwargs()
+
+
+@_plan
+def _dora_dx_plan(M, K, N, R, dtype, device, precision, u_layout, a_layout, dy_layout, w_layout):
+    """(grid, constexprs, launch options) of DoRA's dx launch with dropout (dx [M, K])."""
+    cfg = dora_gemm_config(M, K, N, R, dtype, cuda_arch(device))
+    constexprs = dict(EVEN_N=N % cfg.BLOCK_RED == 0, EVEN_R=R % cfg.BLOCK_R == 0,
+                      OFFSET_DTYPE=_layouts_offset_dtype(u_layout, a_layout, dy_layout, w_layout, _contiguous(M, K)),
+                      **_meta(dtype, precision),
+                      BLOCK_M=cfg.BLOCK_M, BLOCK_F=cfg.BLOCK_F, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R,
+                      GROUP_M=cfg.GROUP_M)
+    return (_cdiv(M, cfg.BLOCK_M) * _cdiv(K, cfg.BLOCK_F),), constexprs, cfg.launch_kwargs()
 
 
 def dora_backward_dropout(dy, x2d, weight, lora_A, lora_B, T, g, scaling: float, p: float, keep_bits,
@@ -749,19 +838,17 @@ def dora_backward_dropout(dy, x2d, weight, lora_A, lora_B, T, g, scaling: float,
         dx = torch.empty((M, K), dtype=x2d.dtype, device=x2d.device)
         if dx.numel() > 0:
             c = (g.to(torch.float32) - 1.0).contiguous()  # read with unit stride
-            cfg = dora_gemm_config(M, K, N, R, x2d.dtype, cuda_arch(x2d.device))
+            dt = x2d.dtype
+            grid, constexprs, options = _dora_dx_plan(M, K, N, R, dt, x2d.device, _matmul_precision(dt),
+                                                      _layout(U), _layout(lora_A), _layout(dy), _layout(weight))
             n_words, stride_bm = _bits_strides(keep_bits)
-            launch(_dora_dx_kernel, (_cdiv(M, cfg.BLOCK_M) * _cdiv(K, cfg.BLOCK_F),),
+            launch(_dora_dx_kernel, grid,
                    (U, lora_A, dy, weight, c, keep_bits, dx,
                     M, K, N, R, n_words,
                     U.stride(0), U.stride(1), lora_A.stride(0), lora_A.stride(1), dy.stride(0), dy.stride(1),
                     weight.stride(0), weight.stride(1), stride_bm, dx.stride(0), dx.stride(1),
                     scaling, 1.0 / (1.0 - p)),
-                   dict(EVEN_N=N % cfg.BLOCK_RED == 0, EVEN_R=R % cfg.BLOCK_R == 0,
-                        OFFSET_DTYPE=_offset_dtype(U, lora_A, dy, weight, dx), **_meta(x2d.dtype),
-                        BLOCK_M=cfg.BLOCK_M, BLOCK_F=cfg.BLOCK_F, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R,
-                        GROUP_M=cfg.GROUP_M),
-                   cfg.launch_kwargs())
+                   constexprs, options)
     dA = dB = db = None
     if need_dA or need_dB:
         grads = _lora_grads(U, x2d, dy, T, scaling, p, keep_bits, lora_A.dtype, need_dA, need_dB,

@@ -39,10 +39,11 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional
 import torch
 
 from .. import _runtime
+from .._launch import clear_plans
 
 __all__ = ["TUNED_DIR", "TABLE_ENV", "FORMAT_VERSION", "ConfigRequest", "bucket", "dtype_name",
            "normalized_gpu_name", "load_table", "table_for_gpu", "reload_tables", "nearest_entries",
-           "tuned_config", "forced_configs", "rules_only", "auto_backend"]
+           "tuned_config", "forced_configs", "configs_forced", "rules_only", "auto_backend"]
 
 TUNED_DIR = Path(__file__).with_name("tuned")
 TABLE_ENV = "RSLORA_KERNELS_TUNED_TABLE"  # path of a table to use instead of the committed one
@@ -123,6 +124,7 @@ def reload_tables() -> None:
     """Forget every loaded table and looked-up entry (after writing or replacing a table)."""
     _tables.clear()
     _lookup_config.cache_clear()
+    clear_plans()  # launch plans hold configs and backend choices read from the tables
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,6 +179,11 @@ def forced_configs(choose: Callable[[ConfigRequest], Optional[dict]]) -> Iterato
         yield
     finally:
         _forced = previous
+
+
+def configs_forced() -> bool:
+    """Whether a :func:`forced_configs` block is active (launch plans are not cached then)."""
+    return _forced is not None
 
 
 def rules_only():
