@@ -35,7 +35,8 @@ Rows (those that cannot run here are listed with the reason):
 
 Providers take turns round after round (one round: ``--steps`` steps of each), so machine noise
 hits them alike; each figure is the median over the rounds of a round's mean. ``vs eager`` is the
-row's host time over the eager layer's at the same (r, p). Then a cProfile of the triton path
+median over the rounds of the row's time over the eager layer's in the same round (at the same
+r, p): a load that changes between rounds cancels out of it. Then a cProfile of the triton path
 (r and p the first of each), its top entries by own time.
 """
 from __future__ import annotations
@@ -145,7 +146,8 @@ def round_us(step: Callable[[], None], params: List[torch.Tensor], steps: int, d
 
 
 def measure(names, device, dtype, M, K, N, r, p, rounds, steps, seed=0):
-    """{row: median host us per step} at one (r, p), rows interleaved."""
+    """({row: median host us per step}, {row: median per-round ratio to eager, when eager is a
+    row}, layers, x, dy) at one (r, p), rows interleaved."""
     torch.manual_seed(seed)
     base = nn.Linear(K, N, device=device, dtype=dtype).requires_grad_(False)
     x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
@@ -161,7 +163,9 @@ def measure(names, device, dtype, M, K, N, r, p, rounds, steps, seed=0):
     for _ in range(rounds):
         for n in names:
             times[n].append(round_us(steps_of[n], params[n], steps, device))
-    return {n: statistics.median(ts) for n, ts in times.items()}, layers, x, dy
+    ratios = ({n: statistics.median(t / e for t, e in zip(ts, times["eager"])) for n, ts in times.items()}
+              if "eager" in times else {})
+    return {n: statistics.median(ts) for n, ts in times.items()}, ratios, layers, x, dy
 
 
 def profile_top(step, params, steps: int, top: int) -> str:
@@ -214,11 +218,11 @@ def main(argv=None) -> int:
     with stubbed_interpreter_launches() if stub else contextlib.nullcontext():
         for r in args.ranks:
             for p in args.ps:
-                us, layers, x, dy = measure(names, device, dtype, args.M, args.K, args.N, r, p,
-                                            args.rounds, args.steps)
+                us, ratios, layers, x, dy = measure(names, device, dtype, args.M, args.K, args.N, r, p,
+                                                    args.rounds, args.steps)
                 first = first or (layers, x, dy, r, p)
                 for n in names:
-                    ratio = f"{us[n] / us['eager']:.2f}" if "eager" in us else "-"
+                    ratio = f"{ratios[n]:.2f}" if ratios else "-"
                     line = f"| {r} | {p:g} | {n} | {us[n]:.1f} | {ratio} |"
                     lines.append(line)
                     print(line, flush=True)

@@ -281,18 +281,24 @@ class LoRALinearFunction(torch.autograd.Function):
     ``seed`` a 0-dim int64 tensor on x's device and ``backend`` a registered fused backend.
 
     Backward state: the tensors in ``ctx.saved_tensors``; ``ctx.scaling``, ``ctx.dropout_p``,
-    ``ctx.backend``, ``ctx.x_shape`` and ``ctx.bias_dtype`` (None when the op has no bias)."""
+    ``ctx.backend``, ``ctx.x_shape`` (None when x is 2-D) and ``ctx.bias_dtype`` (None when the op
+    has no bias)."""
 
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
-        M, K = math.prod(x.shape[:-1]), x.shape[-1]  # explicit M: reshape(-1, 0) is ambiguous when K = 0
-        x2d = x.reshape(M, K)  # a view unless the leading dims cannot be flattened by strides
-        y2d, T, mask_state = lora_linear_fwd(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend)
-        ctx.save_for_backward(x2d, weight, lora_A, lora_B, T, mask_state)
+        # a 2-D x is used as is: reshaping it to its own shape gives the same strides, for a view's
+        # host cost (here and for dy, y and dx below)
+        flat = x.dim() == 2
+        x_shape = x.shape
+        if not flat:
+            M, K = math.prod(x.shape[:-1]), x.shape[-1]  # explicit M: reshape(-1, 0) is ambiguous when K = 0
+            x = x.reshape(M, K)  # a view unless the leading dims cannot be flattened by strides
+        y2d, T, mask_state = lora_linear_fwd(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, T, mask_state)
         ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
-        ctx.x_shape = x.shape
+        ctx.x_shape = None if flat else x_shape
         ctx.bias_dtype = bias.dtype if bias is not None else None  # None: the op has no bias
-        return y2d.view(*x.shape[:-1], weight.shape[0])
+        return y2d if flat else y2d.view(*x_shape[:-1], weight.shape[0])
 
     @staticmethod
     @first_order_only  # no double backward: a second derivative raises instead of coming back wrong
@@ -301,11 +307,14 @@ class LoRALinearFunction(torch.autograd.Function):
         has_bias = ctx.bias_dtype is not None
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         need_bias = need_bias and has_bias
-        dy2d = dy.reshape(x2d.shape[0], weight.shape[0])
+        x_shape = ctx.x_shape  # None: x was 2-D
+        dy2d = dy if x_shape is None else dy.reshape(x2d.shape[0], weight.shape[0])
         dx, dA, dB, db = lora_linear_bwd(dy2d, x2d, weight, lora_A, lora_B, T, ctx.scaling, ctx.dropout_p, mask_state,
                                          [need_x, need_a, need_b, need_bias], ctx.backend)
         dW = dy2d.t() @ x2d if need_w else None  # W frozen in the fast path
-        return (dx.view(ctx.x_shape) if need_x else None, dW, dA if need_a else None, dB if need_b else None,
+        if need_x and x_shape is not None:
+            dx = dx.view(x_shape)
+        return (dx if need_x else None, dW, dA if need_a else None, dB if need_b else None,
                 db.to(ctx.bias_dtype) if need_bias else None, None, None, None, None)
 
 
