@@ -34,7 +34,8 @@ Rows (those that cannot run here are listed with the reason):
     peft-qlora                 PEFT's 4-bit LoRA layer
 
 Providers take turns round after round (one round: ``--steps`` steps of each), so machine noise
-hits them alike; each figure is the median over the rounds of a round's mean. ``vs eager`` is the
+hits them alike; each figure is the median over the rounds of a round's median step on the CPU
+(of its mean on CUDA, where steps are issued back to back). ``vs eager`` is the
 median over the rounds of the row's time over the eager layer's in the same round (at the same
 r, p): a load that changes between rounds cancels out of it. Then a cProfile of the triton path
 (r and p the first of each), its top entries by own time.
@@ -123,8 +124,9 @@ def _reset(params: List[torch.Tensor]) -> None:
 
 
 def round_us(step: Callable[[], None], params: List[torch.Tensor], steps: int, device: torch.device) -> float:
-    """Mean host microseconds of one step over ``steps`` steps, grads reset to None between them
-    (untimed). On CUDA the steps are issued back to back after a sync and never waited on."""
+    """Host microseconds of one step in a round of ``steps`` steps, grads reset to None between
+    them (untimed): on the CPU the median step (a step the OS preempted, on a loaded machine, does
+    not count), on CUDA the mean of steps issued back to back after a sync and never waited on."""
     if device.type == "cuda":
         _reset(params)
         torch.cuda.synchronize()
@@ -136,13 +138,13 @@ def round_us(step: Callable[[], None], params: List[torch.Tensor], steps: int, d
         total = time.perf_counter() - t0
         torch.cuda.synchronize()
         return total / steps * 1e6
-    total = 0.0
+    times = []
     for _ in range(steps):
         _reset(params)
         t0 = time.perf_counter()
         step()
-        total += time.perf_counter() - t0
-    return total / steps * 1e6
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
 
 
 def measure(names, device, dtype, M, K, N, r, p, rounds, steps, seed=0):
@@ -209,7 +211,8 @@ def main(argv=None) -> int:
     lines = [f"# Host us per fwd+bwd: M={args.M}, K={args.K}, N={args.N}, {str(dtype).replace('torch.', '')}, "
              f"{device.type}, {torch.get_num_threads()} thread(s)", "", f"`{command}`", "",
              (STUB_NOTE if stub else "real launches; host time to issue a step, the GPU never waited on") + ".",
-             f"Median over {args.rounds} rounds of the mean of {args.steps} steps; rows interleaved; "
+             f"Median over {args.rounds} rounds of a round's {'median' if stub else 'mean'} of {args.steps} steps; "
+             "rows interleaved; vs eager: median of per-round ratios; "
              f"1-min load average {os.getloadavg()[0]:.2f}.", ""]
     lines += [f"- {n}: not run ({why})" for n, why in skip.items() if n in args.rows]
     lines += ["", "| r | p | row | host us | vs eager |", "|---|---|---|---|---|"]
