@@ -485,8 +485,11 @@ def _matmul_precision(dtype: torch.dtype) -> Optional[str]:
     return torch.get_float32_matmul_precision() if dtype == torch.float32 else None
 
 
-def _meta(dtype: torch.dtype, precision: Optional[str]):
-    """DOT_DTYPE and INPUT_PRECISION: fp32 follows ``precision`` (IEEE for "highest", TF32 otherwise)."""
+def _meta(dtype: torch.dtype, precision: Optional[str] = None):
+    """DOT_DTYPE and INPUT_PRECISION: fp32 follows ``precision`` (IEEE for "highest", TF32 otherwise),
+    torch's setting read now when None (a launch plan passes the one its key holds)."""
+    if precision is None:
+        precision = _matmul_precision(dtype)
     return {"DOT_DTYPE": _dot_dtype(dtype),
             "INPUT_PRECISION": None if precision is None else "ieee" if precision == "highest" else "tf32"}
 
