@@ -122,6 +122,14 @@ def test_triton_fused_matches_float64_oracle(dtype, ps):
     check_against_oracle(make_group(*FUSED, dtype), list(ps), "triton")
 
 
+def test_triton_fused_rank_beyond_one_tile():
+    """A member whose rank spans two of the interpreter's rank tiles: F1 per member (the one-pass
+    shrink needs one rank tile a member), the dual GEMM and dx still fused."""
+    lead, K, spec = FUSED
+    spec = [(70, 70, 0.7, True)] + spec[1:]
+    check_against_oracle(make_group(lead, K, spec, torch.float32), [0.1, 0.0, 0.1], "triton")
+
+
 def _count_launches(monkeypatch):
     """Names of the kernels the Triton launchers launch, in order."""
     from rslora_kernels.ops import group_kernels, triton_kernels
@@ -137,8 +145,8 @@ def _count_launches(monkeypatch):
 
 @pytest.mark.parametrize("members", [2, 3, 4])
 def test_triton_group_launches_one_gemm_for_all_members(monkeypatch, members):
-    """Up to three members: ONE dual GEMM launch for every member's y and ONE dx launch (no per-member
-    F2 or B2); four members fall back to the single op's launchers member by member (one F2 and B2
+    """Up to three members: ONE shrink launch for every member's T, ONE dual GEMM launch for every
+    member's y and ONE dx launch (no per-member F1, F2 or B2); four members fall back to the single op's launchers member by member (one F2 and B2
     each), and still match their members run alone."""
     lead, K, spec = FUSED
     spec = (spec * 2)[:members]
@@ -157,7 +165,8 @@ def test_triton_group_launches_one_gemm_for_all_members(monkeypatch, members):
     assert forward.count("_dual_gemm_kernel") == (0 if fused else members)
     assert backward.count("_group_dx_kernel") == int(fused)
     assert backward.count("_dual_gemm_kernel") == (0 if fused else members)
-    assert forward.count("_shrink_kernel") == members  # F1 stays per member
+    assert forward.count("_group_shrink_kernel") == int(fused)  # one pass over x for every member's T
+    assert forward.count("_shrink_kernel") == (0 if fused else members)
     single = _leaves(inputs)
     for i in range(members):
         y = rk.lora_linear(single["x"], single["weights"][i], single["lora_As"][i], single["lora_Bs"][i],

@@ -23,8 +23,8 @@ What the "composite" backend shares across the members, with vendor GEMMs:
                dA_i = s_i/(1-p_i) U_i^T (m_i x)  members without dropout: ONE GEMM [U_i ...]^T x
                dB_i = s_i dy_i^T T_i,  db_i = sum_M dy_i
 
-The "triton" backend (:mod:`rslora_kernels.ops.group_kernels`, up to three members): F1 per member,
-then ONE dual GEMM launch for every member's y; backward B1 per member, ONE dx launch reducing across
+The "triton" backend (:mod:`rslora_kernels.ops.group_kernels`, up to three members): ONE pass over
+x for every member's T and mask (ranks up to 64), then ONE dual GEMM launch for every member's y; backward B1 per member, ONE dx launch reducing across
 the members' N (each member's masked rank term included), B3 per member. Other backends run each member through
 :func:`rslora_kernels.lora_linear` (the "reference" backend so: autograd over the oracle).
 

@@ -1,7 +1,10 @@
 """Triton kernels of the group op (:mod:`rslora_kernels.ops.group`): sibling projections that read
 the same x, fused across up to ``MAX_MEMBERS`` members.
 
-    forward   F1  T_i = drop_i(x) A_i^T, keep-bits        _shrink_kernel, per member
+    forward   GF1 T_i = drop_i(x) A_i^T, keep-bits_i      _group_shrink_kernel: ONE pass over x for every
+                                                          member (each x tile loaded once, each member's
+                                                          mask drawn on it), ranks up to 64; else
+                                                          _shrink_kernel per member
               GF2 y_i = x W_i^T + s_i T_i B_i^T + b_i     _group_dual_gemm_kernel: ONE launch over the
                                                           stacked N of the members
     backward  B1  U_i = dy_i B_i                          _shrink_kernel, per member
@@ -20,6 +23,7 @@ sums. Launch plan and tiles: docs/kernels.md.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import List, Optional
 
 import torch
@@ -28,8 +32,9 @@ import triton.language as tl
 
 from .._launch import launch
 from .._runtime import cuda_arch
-from ..dropout.kernels import apply_keep, keep_from_bits
-from .configs import dora_gemm_config, dual_gemm_config
+from ..dropout.kernels import apply_keep, keep_bits_words, keep_from_bits, keep_mask_tile, load_seed, store_keep_bits
+from ..dropout.stream import drop_threshold
+from .configs import dora_gemm_config, dual_gemm_config, shrink_masked_config
 from .triton_kernels import (_as_keep_bits, _bits_strides, _cdiv, _grouped_tile, _lora_grads, _meta, _offset_dtype,
                              _rank_term, _shrink, lora_backward, lora_forward)
 
@@ -37,6 +42,104 @@ __all__ = ["MAX_MEMBERS", "group_forward", "group_backward"]
 
 # members a fused launch takes (q/k/v); a larger group runs the single op's launchers member by member
 MAX_MEMBERS = 3
+
+
+# ----------------------------------------------------------------------------------------------
+# GF1: T_i = drop_i(x) A_i^T for every member, one pass over x
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _member_shrink_step(acc, x, a_ptrs, reds, k0, K, rows, row_ok, seed_ptr, bits_ptr, threshold, n_words, stride_bm,
+                        HAS_DROPOUT: tl.constexpr, EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                        INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_RED: tl.constexpr):
+    """acc^T [BLOCK_R, BLOCK_M] += A tile @ keep(x tile)^T for one member; with dropout its keep-mask is
+    drawn on this x tile (the stream's own functions) and stored as its keep-bits. The masked x tile
+    is the MMA's B operand (through shared memory; as A it would serialize the wgmma, C7515)."""
+    if EVEN_K:
+        a = tl.load(a_ptrs)
+    else:
+        a = tl.load(a_ptrs, mask=reds[None, :] < K - k0, other=0.0)
+    if HAS_DROPOUT:
+        seed_lo, seed_hi = load_seed(seed_ptr)
+        keep = keep_mask_tile(seed_lo, seed_hi, rows, k0, threshold, BLOCK_M, BLOCK_RED)
+        store_keep_bits(bits_ptr, keep, rows, row_ok, k0, K, n_words, stride_bm, BLOCK_M, BLOCK_RED)
+        x = apply_keep(x, keep)
+    return tl.dot(a.to(DOT_DTYPE), tl.trans(x.to(DOT_DTYPE)), acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _store_member_t(acc, t_ptr, ranks, rows, M, R, stride_tm, out_scale, HAS_DROPOUT: tl.constexpr,
+                    OFFSET_DTYPE: tl.constexpr):
+    if HAS_DROPOUT:
+        acc = acc * out_scale
+    t_ptrs = t_ptr + (ranks.to(OFFSET_DTYPE)[:, None] + rows.to(OFFSET_DTYPE)[None, :] * stride_tm)
+    tl.store(t_ptrs, acc.to(t_ptr.dtype.element_ty), mask=(ranks < R)[:, None] & (rows < M)[None, :])
+
+
+@triton.jit
+def _group_shrink_kernel(
+    # pointers: x [M, K]; per member i: A_i [R_i, K], T_i [M, R_i] (unit column stride: a column block of
+    # the group's stacked T), seed_i and keep-bits_i [M, n_words] (None without dropout, HAS_DROPOUT_i).
+    # Members past NUM_MEMBERS are None and never touched
+    x_ptr,
+    a0_ptr, t0_ptr, seed0_ptr, bits0_ptr,
+    a1_ptr, t1_ptr, seed1_ptr, bits1_ptr,
+    a2_ptr, t2_ptr, seed2_ptr, bits2_ptr,
+    # sizes (every R_i <= BLOCK_R: one rank tile a member, so each x element is visited, and drawn, once)
+    M, K, R0, R1, R2, n_words,
+    # strides: x; A_i (r, k); T's rows (shared: one stacked tensor); keep-bits rows (shared: one shape)
+    stride_xm, stride_xk, stride_a0r, stride_a0k, stride_a1r, stride_a1k, stride_a2r, stride_a2k,
+    stride_tm, stride_bm,
+    # dropout: each member's stream threshold and the scale of its kept elements, 1/(1-p_i)
+    threshold0, threshold1, threshold2, out_scale0, out_scale1, out_scale2,
+    # meta
+    NUM_MEMBERS: tl.constexpr,
+    HAS_DROPOUT0: tl.constexpr, HAS_DROPOUT1: tl.constexpr, HAS_DROPOUT2: tl.constexpr,
+    EVEN_K: tl.constexpr, OFFSET_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)
+    row_ok = rows < M
+    reds = tl.arange(0, BLOCK_RED)
+    ranks = tl.arange(0, BLOCK_R)
+    # wrapped inside the matrix: loads need no row or rank mask (those lanes are never stored)
+    x_ptrs = x_ptr + ((rows % M).to(OFFSET_DTYPE)[:, None] * stride_xm + reds.to(OFFSET_DTYPE)[None, :] * stride_xk)
+    a0_ptrs = a0_ptr + ((ranks % R0).to(OFFSET_DTYPE)[:, None] * stride_a0r + reds.to(OFFSET_DTYPE)[None, :] * stride_a0k)
+    acc0 = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+    if NUM_MEMBERS > 1:
+        a1_ptrs = a1_ptr + ((ranks % R1).to(OFFSET_DTYPE)[:, None] * stride_a1r
+                            + reds.to(OFFSET_DTYPE)[None, :] * stride_a1k)
+        acc1 = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+    if NUM_MEMBERS > 2:
+        a2_ptrs = a2_ptr + ((ranks % R2).to(OFFSET_DTYPE)[:, None] * stride_a2r
+                            + reds.to(OFFSET_DTYPE)[None, :] * stride_a2k)
+        acc2 = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_RED):
+        if EVEN_K:  # the x tile, loaded once for every member
+            x = tl.load(x_ptrs)
+        else:
+            x = tl.load(x_ptrs, mask=reds[None, :] < K - k0, other=0.0)
+        acc0 = _member_shrink_step(acc0, x, a0_ptrs, reds, k0, K, rows64, row_ok, seed0_ptr, bits0_ptr,
+                                   threshold0, n_words, stride_bm, HAS_DROPOUT0, EVEN_K, DOT_DTYPE,
+                                   INPUT_PRECISION, BLOCK_M, BLOCK_RED)
+        a0_ptrs += tl.cast(BLOCK_RED * stride_a0k, OFFSET_DTYPE)
+        if NUM_MEMBERS > 1:
+            acc1 = _member_shrink_step(acc1, x, a1_ptrs, reds, k0, K, rows64, row_ok, seed1_ptr, bits1_ptr,
+                                       threshold1, n_words, stride_bm, HAS_DROPOUT1, EVEN_K, DOT_DTYPE,
+                                       INPUT_PRECISION, BLOCK_M, BLOCK_RED)
+            a1_ptrs += tl.cast(BLOCK_RED * stride_a1k, OFFSET_DTYPE)
+        if NUM_MEMBERS > 2:
+            acc2 = _member_shrink_step(acc2, x, a2_ptrs, reds, k0, K, rows64, row_ok, seed2_ptr, bits2_ptr,
+                                       threshold2, n_words, stride_bm, HAS_DROPOUT2, EVEN_K, DOT_DTYPE,
+                                       INPUT_PRECISION, BLOCK_M, BLOCK_RED)
+            a2_ptrs += tl.cast(BLOCK_RED * stride_a2k, OFFSET_DTYPE)
+        x_ptrs += tl.cast(BLOCK_RED * stride_xk, OFFSET_DTYPE)
+    _store_member_t(acc0, t0_ptr, ranks, rows, M, R0, stride_tm, out_scale0, HAS_DROPOUT0, OFFSET_DTYPE)
+    if NUM_MEMBERS > 1:
+        _store_member_t(acc1, t1_ptr, ranks, rows, M, R1, stride_tm, out_scale1, HAS_DROPOUT1, OFFSET_DTYPE)
+    if NUM_MEMBERS > 2:
+        _store_member_t(acc2, t2_ptr, ranks, rows, M, R2, stride_tm, out_scale2, HAS_DROPOUT2, OFFSET_DTYPE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,12 +374,7 @@ def group_forward(x2d, weights, lora_As, lora_Bs, biases, scalings: List[float],
         outs = [lora_forward(x2d, weights[i], lora_As[i], lora_Bs[i], biases[i], scalings[i], ps[i], seeds[i])
                 for i in range(n)]
         return [o[0] for o in outs], _cat([o[1] for o in outs]), [o[2] for o in outs]
-    Ts, states = [], []
-    for i in range(n):  # F1: w_view[k, r] = A[r, k]
-        T, bits = _shrink(x2d, (lora_As[i].stride(1), lora_As[i].stride(0)), lora_As[i], lora_As[i].shape[0],
-                          x2d.dtype, seed=seeds[i] if ps[i] > 0.0 else None, p=ps[i])
-        Ts.append(T)
-        states.append(bits if bits is not None else x2d.new_empty((0,), dtype=torch.int32))
+    T, Ts, states = _group_shrink(x2d, lora_As, ps, seeds)
     ys = [torch.empty((M, W.shape[0]), dtype=x2d.dtype, device=x2d.device) for W in weights]
     Ns, Rs = [W.shape[0] for W in weights], [A.shape[0] for A in lora_As]
     if sum(Ns) > 0:
@@ -297,7 +395,55 @@ def group_forward(x2d, weights, lora_As, lora_Bs, biases, scalings: List[float],
                     BLOCK_M=cfg.BLOCK_M, BLOCK_F=cfg.BLOCK_F, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R,
                     GROUP_M=cfg.GROUP_M),
                cfg.launch_kwargs())
-    return ys, _cat(Ts), states
+    return ys, T, states
+
+
+def _group_shrink(x2d, lora_As, ps: List[float], seeds):
+    """GF1: every member's T (column blocks of one stacked [M, sum r_i] tensor, returned as views) and
+    mask state, in one pass over x where every member's rank fits one rank tile (and the config lets
+    F1 draw the mask); otherwise F1 per member. Returns (T [M, sum r_i], [T_i], [mask state_i])."""
+    n = len(lora_As)
+    M, K = x2d.shape
+    Rs = [A.shape[0] for A in lora_As]
+    dropout = [p > 0.0 for p in ps]
+    cfg = shrink_masked_config(M, K, max(Rs), x2d.dtype, cuda_arch(x2d.device))
+    # one rank tile a member (each x element visited, and drawn, once), at most 64 wide: three 128-wide
+    # accumulators and three members' Philox spill on sm_80; with dropout the reduction tile must be
+    # whole keep-bits words, and the config must let F1 draw the mask
+    one_pass = (max(Rs) <= cfg.BLOCK_R <= 64 and K > 0
+                and (not any(dropout) or (cfg.BLOCK_RED % 32 == 0 and cfg.DRAW_BITS)))
+    if not one_pass:
+        Ts, states = [], []
+        for i in range(n):  # F1: w_view[k, r] = A[r, k]
+            T, bits = _shrink(x2d, (lora_As[i].stride(1), lora_As[i].stride(0)), lora_As[i], Rs[i], x2d.dtype,
+                              seed=seeds[i] if dropout[i] else None, p=ps[i])
+            Ts.append(T)
+            states.append(bits if bits is not None else x2d.new_empty((0,), dtype=torch.int32))
+        return _cat(Ts), Ts, states
+    # three members' accumulators and Philox draws in one program: twice F1's warps keep them in
+    # registers (4 warps spill on sm_80 and sm_90)
+    cfg = replace(cfg, num_warps=max(cfg.num_warps, 8))
+    T = torch.empty((M, sum(Rs)), dtype=x2d.dtype, device=x2d.device)
+    offs = [0]
+    for R in Rs:
+        offs.append(offs[-1] + R)
+    Ts = [T[:, offs[i]:offs[i + 1]] for i in range(n)]
+    n_words = keep_bits_words(K)
+    bits = [torch.empty((M, n_words), dtype=torch.int32, device=x2d.device) if dropout[i] else None for i in range(n)]
+    stride_bm = next((b.stride(0) for b in bits if b is not None), 0)
+    pointers = _padded([(lora_As[i], Ts[i], seeds[i] if dropout[i] else None, bits[i]) for i in range(n)], 4)
+    a_strides = [s for i in range(MAX_MEMBERS) for s in ((lora_As[i].stride(0), lora_As[i].stride(1)) if i < n
+                                                         else (0, 0))]
+    launch(_group_shrink_kernel, (_cdiv(M, cfg.BLOCK_M),),
+           (x2d, *pointers, M, K, *_zeros_for_absent(Rs, n), n_words,
+            x2d.stride(0), x2d.stride(1), *a_strides, T.stride(0), stride_bm,
+            *_zeros_for_absent([drop_threshold(p) if p > 0.0 else 0 for p in ps], n),
+            *_zeros_for_absent([1.0 / (1.0 - p) for p in ps], n, 1.0)),
+           dict(NUM_MEMBERS=n, **{f"HAS_DROPOUT{i}": i < n and dropout[i] for i in range(MAX_MEMBERS)},
+                EVEN_K=K % cfg.BLOCK_RED == 0, OFFSET_DTYPE=_offset_dtype(x2d, *lora_As, T), **_meta(x2d.dtype),
+                BLOCK_M=cfg.BLOCK_M, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R),
+           cfg.launch_kwargs())
+    return T, Ts, [b if b is not None else x2d.new_empty((0,), dtype=torch.int32) for b in bits]
 
 
 def _cat(parts: List[torch.Tensor]) -> torch.Tensor:
