@@ -351,7 +351,7 @@ def _zeros_for_absent(values: List, n: int, fill=0) -> list:
     return [values[i] if i < n else fill for i in range(MAX_MEMBERS)]
 
 
-def fuses(n: int, M: int) -> bool:
+def _fuses(n: int, M: int) -> bool:
     """Whether the fused launches take a group of n members on M rows (else: the single op's
     launchers member by member)."""
     return 1 <= n <= MAX_MEMBERS and M > 0
@@ -363,39 +363,6 @@ def _forward_fuses(weights, lora_Bs) -> bool:
     return (len({W.dtype for W in weights}) == 1 and len({B.dtype for B in lora_Bs}) == 1
             and all(W.stride(1) == 1 or W.shape[1] <= 1 for W in weights)
             and all(B.stride(1) == 1 or B.shape[1] <= 1 for B in lora_Bs))
-
-
-def group_forward(x2d, weights, lora_As, lora_Bs, biases, scalings: List[float], ps: List[float], seeds):
-    """F1 per member, then GF2 for every member's y in one launch. Returns (ys [M, N_i], T [M, sum r_i]
-    in x's dtype, each member's mask state as :func:`lora_forward` returns it)."""
-    n = len(weights)
-    M, K = x2d.shape
-    if not (fuses(n, M) and _forward_fuses(weights, lora_Bs)):
-        outs = [lora_forward(x2d, weights[i], lora_As[i], lora_Bs[i], biases[i], scalings[i], ps[i], seeds[i])
-                for i in range(n)]
-        return [o[0] for o in outs], _cat([o[1] for o in outs]), [o[2] for o in outs]
-    T, Ts, states = _group_shrink(x2d, lora_As, ps, seeds)
-    ys = [torch.empty((M, W.shape[0]), dtype=x2d.dtype, device=x2d.device) for W in weights]
-    Ns, Rs = [W.shape[0] for W in weights], [A.shape[0] for A in lora_As]
-    if sum(Ns) > 0:
-        cfg = dual_gemm_config(M, sum(Ns), K, max(Rs), x2d.dtype, cuda_arch(x2d.device))
-        biases = [b.contiguous() if b is not None else None for b in biases]  # read with unit stride
-        tiles = sum(_cdiv(N, cfg.BLOCK_F) for N in Ns)
-        pointers = _padded([(Ts[i], lora_Bs[i], weights[i], biases[i], ys[i]) for i in range(n)], 5)
-        strides = _padded([(Ts[i].stride(0), lora_Bs[i].stride(0), weights[i].stride(0), ys[i].stride(0))
-                           for i in range(n)], 4)
-        strides = [0 if s is None else s for s in strides]
-        launch(_group_dual_gemm_kernel, (_cdiv(M, cfg.BLOCK_M) * tiles,),
-               (x2d, *pointers, M, K, *_zeros_for_absent(Ns, n), *_zeros_for_absent(Rs, n),
-                x2d.stride(0), x2d.stride(1), *strides, *_zeros_for_absent([float(s) for s in scalings], n, 0.0)),
-               dict(NUM_MEMBERS=n,
-                    **{f"HAS_BIAS{i}": i < n and biases[i] is not None for i in range(MAX_MEMBERS)},
-                    EVEN_R=all(R % cfg.BLOCK_R == 0 for R in Rs), EVEN_K=K % cfg.BLOCK_RED == 0,
-                    OFFSET_DTYPE=_offset_dtype(x2d, *Ts, *lora_Bs, *weights, *ys), **_meta(x2d.dtype),
-                    BLOCK_M=cfg.BLOCK_M, BLOCK_F=cfg.BLOCK_F, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R,
-                    GROUP_M=cfg.GROUP_M),
-               cfg.launch_kwargs())
-    return ys, T, states
 
 
 def _group_shrink(x2d, lora_As, ps: List[float], seeds):
@@ -450,7 +417,41 @@ def _cat(parts: List[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
-def group_dx(dys, Us, lora_As, weights, scalings: List[float], ps: List[float], keep_bits: List[Optional[torch.Tensor]],
+def group_forward(x2d, weights, lora_As, lora_Bs, biases, scalings: List[float], ps: List[float], seeds):
+    """GF1 (every member's T in one pass over x, see :func:`_group_shrink`), then GF2 for every
+    member's y in one launch. Returns (ys [M, N_i], T [M, sum r_i]
+    in x's dtype, each member's mask state as :func:`lora_forward` returns it)."""
+    n = len(weights)
+    M, K = x2d.shape
+    if not (_fuses(n, M) and _forward_fuses(weights, lora_Bs)):
+        outs = [lora_forward(x2d, weights[i], lora_As[i], lora_Bs[i], biases[i], scalings[i], ps[i], seeds[i])
+                for i in range(n)]
+        return [o[0] for o in outs], _cat([o[1] for o in outs]), [o[2] for o in outs]
+    T, Ts, states = _group_shrink(x2d, lora_As, ps, seeds)
+    ys = [torch.empty((M, W.shape[0]), dtype=x2d.dtype, device=x2d.device) for W in weights]
+    Ns, Rs = [W.shape[0] for W in weights], [A.shape[0] for A in lora_As]
+    if sum(Ns) > 0:
+        cfg = dual_gemm_config(M, sum(Ns), K, max(Rs), x2d.dtype, cuda_arch(x2d.device))
+        biases = [b.contiguous() if b is not None else None for b in biases]  # read with unit stride
+        tiles = sum(_cdiv(N, cfg.BLOCK_F) for N in Ns)
+        pointers = _padded([(Ts[i], lora_Bs[i], weights[i], biases[i], ys[i]) for i in range(n)], 5)
+        strides = _padded([(Ts[i].stride(0), lora_Bs[i].stride(0), weights[i].stride(0), ys[i].stride(0))
+                           for i in range(n)], 4)
+        strides = [0 if s is None else s for s in strides]
+        launch(_group_dual_gemm_kernel, (_cdiv(M, cfg.BLOCK_M) * tiles,),
+               (x2d, *pointers, M, K, *_zeros_for_absent(Ns, n), *_zeros_for_absent(Rs, n),
+                x2d.stride(0), x2d.stride(1), *strides, *_zeros_for_absent([float(s) for s in scalings], n, 0.0)),
+               dict(NUM_MEMBERS=n,
+                    **{f"HAS_BIAS{i}": i < n and biases[i] is not None for i in range(MAX_MEMBERS)},
+                    EVEN_R=all(R % cfg.BLOCK_R == 0 for R in Rs), EVEN_K=K % cfg.BLOCK_RED == 0,
+                    OFFSET_DTYPE=_offset_dtype(x2d, *Ts, *lora_Bs, *weights, *ys), **_meta(x2d.dtype),
+                    BLOCK_M=cfg.BLOCK_M, BLOCK_F=cfg.BLOCK_F, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R,
+                    GROUP_M=cfg.GROUP_M),
+               cfg.launch_kwargs())
+    return ys, T, states
+
+
+def _group_dx(dys, Us, lora_As, weights, scalings: List[float], ps: List[float], keep_bits: List[Optional[torch.Tensor]],
              M: int, K: int, dtype):
     """GB2: dx [M, K] = sum_i dy_i W_i + s_i/(1-p_i) m_i (U_i A_i) in one launch. Tiles: the DoRA dx
     kernel's (``dora_gemm_config``), which is sized for two fp32 accumulators a tile, as here (dx and
@@ -497,7 +498,7 @@ def group_backward(dys, x2d, weights, lora_As, lora_Bs, T, scalings: List[float]
     for A in lora_As:
         offs.append(offs[-1] + A.shape[0])
     Ts = [T[:, offs[i]:offs[i + 1]] for i in range(n)]
-    if not fuses(n, M):
+    if not _fuses(n, M):
         dx, dAs, dBs, dbs = None, [], [], []
         for i in range(n):
             dx_i, dA, dB, db = lora_backward(dys[i], x2d, weights[i], lora_As[i], lora_Bs[i], Ts[i], scalings[i],
@@ -511,7 +512,7 @@ def group_backward(dys, x2d, weights, lora_As, lora_Bs, T, scalings: List[float]
     # B1: w_view[n, r] = B[n, r]
     Us = [_shrink(dys[i], (lora_Bs[i].stride(0), lora_Bs[i].stride(1)), lora_Bs[i], lora_As[i].shape[0],
                   x2d.dtype)[0] if (need_dx or need_dAs[i]) else None for i in range(n)]
-    dx = group_dx(dys, Us, lora_As, weights, scalings, ps, keep_bits, M, K, x2d.dtype) if need_dx else None
+    dx = _group_dx(dys, Us, lora_As, weights, scalings, ps, keep_bits, M, K, x2d.dtype) if need_dx else None
     dAs, dBs, dbs = [], [], []
     for i in range(n):  # B3; db is summed by dB's launch, which reads dy anyway
         dA = dB = db = None
