@@ -204,7 +204,7 @@ def scenarios(modules, dtype, shape, r):
     out.append(("DB", lambda: dora_bwd(dy, x, W, A, B, T, g, 0.5, 0.1, bits, True, True, True, True)))
     # the group op, q/k/v-like (N, N/4, N/4; bias on the first): GF1 = the one-pass shrink of every
     # member (F1 per member, GF1-3, where the rank tile is over 64), then the dual GEMM over the stacked
-    # N; GB1-3 = B1 per member, GB4 = dx across the members, then B3's reductions
+    # N; GB1-3 = B1 per member, GB4 = dx across the members, GB5 = every dA in one pass over x, then dB per member
     group_fwd, group_bwd = _find(modules, "group_forward"), _find(modules, "group_backward")
     Wk, Bk, dyk = torch.empty(N // 4, K, **meta), torch.empty(N // 4, r, **meta), torch.empty(M, N // 4, **meta)
     Ws, As, Bs, dys = [W, Wk, Wk], [A, A, A], [B, Bk, Bk], [dy, dyk, dyk]

@@ -130,6 +130,19 @@ def test_triton_fused_rank_beyond_one_tile():
     check_against_oracle(make_group(lead, K, spec, torch.float32), [0.1, 0.0, 0.1], "triton")
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_triton_fused_dA_split_over_m(monkeypatch, p):
+    """The one-pass dA with its M reduction split (fp32 partials summed in order): a GPU's SM count
+    makes the few column tiles split M."""
+    from rslora_kernels.ops import group_kernels
+
+    monkeypatch.setattr(group_kernels, "num_sms", lambda device: 132)
+    names = _count_launches(monkeypatch)
+    check_against_oracle(make_group((200,), 40, [(21, 3, 0.7, True), (9, 16, 2.0, False), (13, 5, 1.3, True)],
+                                    torch.float32), [p, 0.1, 0.0], "triton")
+    assert names.count("_group_da_kernel") == 1 and names.count("_sum_splits_kernel") >= 1
+
+
 def _count_launches(monkeypatch):
     """Names of the kernels the Triton launchers launch, in order."""
     from rslora_kernels.ops import group_kernels, triton_kernels
@@ -165,6 +178,8 @@ def test_triton_group_launches_one_gemm_for_all_members(monkeypatch, members):
     assert forward.count("_dual_gemm_kernel") == (0 if fused else members)
     assert backward.count("_group_dx_kernel") == int(fused)
     assert backward.count("_dual_gemm_kernel") == (0 if fused else members)
+    assert backward.count("_group_da_kernel") == int(fused)  # one pass over x for every dA
+    assert backward.count("_m_reduce_kernel") == (members if fused else 2 * members)  # dB per member
     assert forward.count("_group_shrink_kernel") == int(fused)  # one pass over x for every member's T
     assert forward.count("_shrink_kernel") == (0 if fused else members)
     single = _leaves(inputs)

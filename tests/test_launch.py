@@ -158,7 +158,8 @@ def test_every_launch_site_passes_constexprs_as_the_signature_tail(monkeypatch, 
     w4 = quant.Weight4bit(packed, torch.rand(24 * 64 // 64, generator=g).to(device), (24, 64), 64, "nf4")
     quant.dequantize_4bit(w4, torch.float32, impl="triton")
     assert {"_keep_bits_kernel", "_shrink_kernel", "_dual_gemm_kernel", "_m_reduce_kernel",
-            "_dropout_scale_kernel", "_dequant_4bit_kernel", "_group_dual_gemm_kernel", "_group_dx_kernel"} <= set(seen)
+            "_dropout_scale_kernel", "_dequant_4bit_kernel", "_group_dual_gemm_kernel", "_group_dx_kernel",
+            "_group_shrink_kernel", "_group_da_kernel"} <= set(seen)
     for name, (signature_tail, passed) in seen.items():
         assert signature_tail == passed, f"{name}: signature tail {signature_tail}, launch passes {passed}"
 

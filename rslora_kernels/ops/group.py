@@ -25,7 +25,8 @@ What the "composite" backend shares across the members, with vendor GEMMs:
 
 The "triton" backend (:mod:`rslora_kernels.ops.group_kernels`, up to three members): ONE pass over
 x for every member's T and mask (ranks up to 64), then ONE dual GEMM launch for every member's y; backward B1 per member, ONE dx launch reducing across
-the members' N (each member's masked rank term included), B3 per member. Other backends run each member through
+the members' N (each member's masked rank term included), ONE pass over x for every member's dA,
+dB and db per member. Other backends run each member through
 :func:`rslora_kernels.lora_linear` (the "reference" backend so: autograd over the oracle).
 
 Saved for backward: x once for the group (a view where possible), T of all members as one

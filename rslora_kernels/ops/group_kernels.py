@@ -10,7 +10,9 @@ the same x, fused across up to ``MAX_MEMBERS`` members.
     backward  B1  U_i = dy_i B_i                          _shrink_kernel, per member
               GB2 dx = sum_i dy_i W_i                     _group_dx_kernel: ONE launch, its reduction
                        + s_i/(1-p_i) m_i (U_i A_i)        runs across the members' N
-              B3  dA_i, dB_i, db_i                        _m_reduce_kernel, per member
+              GB3a dA_i = s_i/(1-p_i) U_i^T (m_i x)       _group_da_kernel: ONE pass over x for every
+                                                          member (ranks up to 64; else in B3 per member)
+              B3  dB_i, db_i                              _m_reduce_kernel, per member
 
 GF2's grid counts each member's N tiles separately (a tile never straddles two members, so a ragged
 N_i just masks its last tile); the program's member is chosen from its N-tile index with scalar
@@ -31,12 +33,12 @@ import triton
 import triton.language as tl
 
 from .._launch import launch
-from .._runtime import cuda_arch
+from .._runtime import cuda_arch, num_sms
 from ..dropout.kernels import apply_keep, keep_bits_words, keep_from_bits, keep_mask_tile, load_seed, store_keep_bits
 from ..dropout.stream import drop_threshold
-from .configs import dora_gemm_config, dual_gemm_config, shrink_masked_config
+from .configs import dora_gemm_config, dual_gemm_config, grads_config, shrink_masked_config, split_m_for
 from .triton_kernels import (_as_keep_bits, _bits_strides, _cdiv, _grouped_tile, _lora_grads, _meta, _offset_dtype,
-                             _rank_term, _shrink, lora_backward, lora_forward)
+                             _rank_term, _shrink, _sum_splits, lora_backward, lora_forward)
 
 __all__ = ["MAX_MEMBERS", "group_forward", "group_backward"]
 
@@ -336,6 +338,95 @@ def _group_dx_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# GB3a: dA_i = s_i/(1-p_i) U_i^T (m_i x) for every member, one pass over x
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _member_da_step(acc, x, u_ptrs, ms, m_left, rows, row_ok, col0, bits_ptr, n_words, stride_bm,
+                    HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """acc [BLOCK_P, BLOCK_Q] += U tile^T @ keep(x tile) for one member (its mask read from its
+    keep-bits; the masked x tile is the MMA's B operand, as in B3)."""
+    if EVEN_M:
+        ut = tl.load(u_ptrs)
+    else:
+        ut = tl.load(u_ptrs, mask=(ms < m_left)[None, :], other=0.0)
+    if HAS_DROPOUT:
+        x = apply_keep(x, keep_from_bits(bits_ptr, rows, row_ok, col0, n_words, stride_bm, BLOCK_M, BLOCK_Q))
+    return tl.dot(ut.to(DOT_DTYPE), x.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _group_da_kernel(
+    # pointers: x [M, K]; per member i: U_i [M, R_i], keep-bits_i (None without dropout, HAS_DROPOUT_i),
+    # out_i [SPLITS?, R_i, K] (row stride and column stride shared). Members past NUM_MEMBERS are None
+    x_ptr, u0_ptr, bits0_ptr, out0_ptr, u1_ptr, bits1_ptr, out1_ptr, u2_ptr, bits2_ptr, out2_ptr,
+    # sizes (every R_i <= BLOCK_P: one rank tile a member); M split into chunks of m_chunk rows
+    M, K, R0, R1, R2, n_words, m_chunk,
+    # strides
+    stride_xm, stride_xk, stride_u0m, stride_u0r, stride_u1m, stride_u1r, stride_u2m, stride_u2r, stride_bm,
+    stride_o0s, stride_o1s, stride_o2s, stride_or, stride_ok,
+    # s_i/(1-p_i)
+    c0, c1, c2,
+    # meta
+    NUM_MEMBERS: tl.constexpr,
+    HAS_DROPOUT0: tl.constexpr, HAS_DROPOUT1: tl.constexpr, HAS_DROPOUT2: tl.constexpr, EVEN_M: tl.constexpr,
+    OFFSET_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_q = tl.cdiv(K, BLOCK_Q)
+    split = pid // num_pid_q
+    pid_q = pid % num_pid_q
+    cols = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    ranks = tl.arange(0, BLOCK_P)
+    ms = tl.arange(0, BLOCK_M)
+    m_lo = split * m_chunk
+    m_hi = min(m_lo + m_chunk, M)
+    # U is read transposed ([P, M] tiles); ranks and columns wrapped inside (never stored)
+    x_ptrs = x_ptr + ((m_lo + ms).to(OFFSET_DTYPE)[:, None] * stride_xm + (cols % K).to(OFFSET_DTYPE)[None, :] * stride_xk)
+    u0_ptrs = u0_ptr + ((ranks % R0).to(OFFSET_DTYPE)[:, None] * stride_u0r + (m_lo + ms).to(OFFSET_DTYPE)[None, :] * stride_u0m)
+    acc0 = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    if NUM_MEMBERS > 1:
+        u1_ptrs = u1_ptr + ((ranks % R1).to(OFFSET_DTYPE)[:, None] * stride_u1r
+                            + (m_lo + ms).to(OFFSET_DTYPE)[None, :] * stride_u1m)
+        acc1 = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    if NUM_MEMBERS > 2:
+        u2_ptrs = u2_ptr + ((ranks % R2).to(OFFSET_DTYPE)[:, None] * stride_u2r
+                            + (m_lo + ms).to(OFFSET_DTYPE)[None, :] * stride_u2m)
+        acc2 = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for m0 in range(0, m_hi - m_lo, BLOCK_M):
+        m_left = m_hi - m_lo - m0
+        if EVEN_M:  # the x tile, loaded once for every member
+            x = tl.load(x_ptrs)
+        else:
+            x = tl.load(x_ptrs, mask=(ms < m_left)[:, None], other=0.0)
+        rows = (m_lo + m0 + ms).to(tl.int64)
+        row_ok = rows < m_hi
+        acc0 = _member_da_step(acc0, x, u0_ptrs, ms, m_left, rows, row_ok, pid_q * BLOCK_Q, bits0_ptr, n_words,
+                               stride_bm, HAS_DROPOUT0, EVEN_M, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_Q)
+        u0_ptrs += tl.cast(BLOCK_M * stride_u0m, OFFSET_DTYPE)
+        if NUM_MEMBERS > 1:
+            acc1 = _member_da_step(acc1, x, u1_ptrs, ms, m_left, rows, row_ok, pid_q * BLOCK_Q, bits1_ptr, n_words,
+                                   stride_bm, HAS_DROPOUT1, EVEN_M, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_Q)
+            u1_ptrs += tl.cast(BLOCK_M * stride_u1m, OFFSET_DTYPE)
+        if NUM_MEMBERS > 2:
+            acc2 = _member_da_step(acc2, x, u2_ptrs, ms, m_left, rows, row_ok, pid_q * BLOCK_Q, bits2_ptr, n_words,
+                                   stride_bm, HAS_DROPOUT2, EVEN_M, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_Q)
+            u2_ptrs += tl.cast(BLOCK_M * stride_u2m, OFFSET_DTYPE)
+        x_ptrs += tl.cast(BLOCK_M * stride_xm, OFFSET_DTYPE)
+    col_ok = (cols < K)[None, :]
+    offs = ranks.to(OFFSET_DTYPE)[:, None] * stride_or + cols.to(OFFSET_DTYPE)[None, :] * stride_ok
+    tl.store(out0_ptr + split.to(tl.int64) * stride_o0s + offs, (acc0 * c0).to(out0_ptr.dtype.element_ty),
+             mask=(ranks < R0)[:, None] & col_ok)
+    if NUM_MEMBERS > 1:
+        tl.store(out1_ptr + split.to(tl.int64) * stride_o1s + offs, (acc1 * c1).to(out1_ptr.dtype.element_ty),
+                 mask=(ranks < R1)[:, None] & col_ok)
+    if NUM_MEMBERS > 2:
+        tl.store(out2_ptr + split.to(tl.int64) * stride_o2s + offs, (acc2 * c2).to(out2_ptr.dtype.element_ty),
+                 mask=(ranks < R2)[:, None] & col_ok)
+
+
+# ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
 def _padded(per_member: List[tuple], width: int) -> list:
@@ -488,6 +579,45 @@ def _group_dx(dys, Us, lora_As, weights, scalings: List[float], ps: List[float],
     return dx
 
 
+def _group_da(Us, x2d, lora_As, scalings: List[float], ps: List[float], keep_bits, members: List[int]):
+    """GB3a: {member: dA_i} for the given members (ONE pass over x), or None
+    where the launch does not apply (a rank beyond one rank tile of at most 64, adapters of different
+    dtypes): then B3 per member. Each member's dA is its own tensor (a custom op's outputs never alias). Deterministic split-M as B3 (fp32 partials summed in order)."""
+    M, K = x2d.shape
+    Rs = [lora_As[i].shape[0] for i in members]
+    a_dtype = lora_As[members[0]].dtype
+    cfg = grads_config(M, 0, K, max(Rs), x2d.dtype, cuda_arch(x2d.device))
+    if not (max(Rs) <= cfg.BLOCK_R <= 64 and K > 0 and all(lora_As[i].dtype == a_dtype for i in members)):
+        return None
+    # three [rank tile, BLOCK_Q] accumulators a program: B3's column tiles halved (64; 32 in fp32, whose
+    # IEEE dots hold operand slices in registers: 64 spills on sm_90 with dropout)
+    block_q = min(cfg.BLOCK_F, 32 if x2d.dtype == torch.float32 else 64)
+    tiles = _cdiv(K, block_q)
+    num_splits = split_m_for(M, tiles, cfg.BLOCK_M, num_sms(x2d.device))
+    m_chunk = _cdiv(_cdiv(M, num_splits), cfg.BLOCK_M) * cfg.BLOCK_M
+    num_splits = _cdiv(M, m_chunk)
+    outs = [torch.empty((R, K) if num_splits == 1 else (num_splits, R, K),
+                        dtype=a_dtype if num_splits == 1 else torch.float32, device=x2d.device) for R in Rs]
+    n = len(members)
+    bits = [keep_bits[i] for i in members]
+    n_words, stride_bm = next((_bits_strides(b) for b in bits if b is not None), (0, 0))
+    pointers = _padded([(Us[i], bits[j], outs[j]) for j, i in enumerate(members)], 3)
+    u_strides = [s for j in range(MAX_MEMBERS) for s in ((Us[members[j]].stride(0), Us[members[j]].stride(1))
+                                                         if j < n else (0, 0))]
+    launch(_group_da_kernel, (tiles * num_splits,),
+           (x2d, *pointers, M, K, *_zeros_for_absent(Rs, n), n_words, m_chunk,
+            x2d.stride(0), x2d.stride(1), *u_strides, stride_bm,
+            *_zeros_for_absent([o.stride(0) if num_splits > 1 else 0 for o in outs], n), K, 1,
+            *_zeros_for_absent([scalings[i] / (1.0 - ps[i]) for i in members], n, 0.0)),
+           dict(NUM_MEMBERS=n, **{f"HAS_DROPOUT{j}": j < n and bits[j] is not None for j in range(MAX_MEMBERS)},
+                EVEN_M=M % cfg.BLOCK_M == 0, OFFSET_DTYPE=_offset_dtype(x2d, *(Us[i] for i in members), *outs),
+                **_meta(x2d.dtype), BLOCK_M=cfg.BLOCK_M, BLOCK_P=cfg.BLOCK_R, BLOCK_Q=block_q),
+           cfg.launch_kwargs())
+    if num_splits > 1:  # each member's partials summed in order (a launch each)
+        outs = [_sum_splits(o.view(num_splits, R * K), a_dtype).view(R, K) for o, R in zip(outs, Rs)]
+    return dict(zip(members, outs))
+
+
 def group_backward(dys, x2d, weights, lora_As, lora_Bs, T, scalings: List[float], ps: List[float], mask_states,
                    need_dx: bool, need_dAs: List[bool], need_dBs: List[bool], need_dbs: List[bool]):
     """B1 per member, GB2 for dx in one launch, B3 per member. Returns (dx | None, [dA_i | None],
@@ -513,13 +643,18 @@ def group_backward(dys, x2d, weights, lora_As, lora_Bs, T, scalings: List[float]
     Us = [_shrink(dys[i], (lora_Bs[i].stride(0), lora_Bs[i].stride(1)), lora_Bs[i], lora_As[i].shape[0],
                   x2d.dtype)[0] if (need_dx or need_dAs[i]) else None for i in range(n)]
     dx = _group_dx(dys, Us, lora_As, weights, scalings, ps, keep_bits, M, K, x2d.dtype) if need_dx else None
+    members_dA = [i for i in range(n) if need_dAs[i]]
+    fused_dA = _group_da(Us, x2d, lora_As, scalings, ps, keep_bits, members_dA) if members_dA else None
     dAs, dBs, dbs = [], [], []
     for i in range(n):  # B3; db is summed by dB's launch, which reads dy anyway
         dA = dB = db = None
-        if need_dAs[i] or need_dBs[i]:
+        need_dA = need_dAs[i] and fused_dA is None
+        if need_dA or need_dBs[i]:
             grads = _lora_grads(Us[i], x2d, dys[i], Ts[i], scalings[i], ps[i], keep_bits[i], lora_As[i].dtype,
-                                need_dAs[i], need_dBs[i], need_db=need_dbs[i])
+                                need_dA, need_dBs[i], need_db=need_dbs[i])
             dA, dB = grads[:2]
+        if fused_dA is not None and need_dAs[i]:
+            dA = fused_dA[i]
             db = grads[2] if need_dbs[i] else None
         if need_dbs[i] and db is None:
             db = dys[i].sum(0, dtype=torch.float32)
