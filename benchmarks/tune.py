@@ -3,6 +3,7 @@
     python -m benchmarks.tune --out tuned.json                        # the sweep's headline shapes
     python -m benchmarks.tune --out tuned.json --shapes 7b-attn --ranks 16 256 --dtype bf16 fp16
     python -m benchmarks.tune --out tuned.json --quick                # 7b-attn at r = 16, 256
+    python -m benchmarks.tune --out tuned.json --resume               # continue it in the next GPU window
     python -m benchmarks.tune --out dry.json --dry-run                # CPU interpreter, tiny shapes, seconds
 
 For every case (dtype, shape (K, N), M, rank r), with dropout p = 0.1 and bf16/fp16 adapters:
@@ -17,7 +18,9 @@ For every case (dtype, shape (K, N), M, rank r), with dropout p = 0.1 and bf16/f
    objective is the op's time, not one kernel's, so a config that speeds one launch up by slowing
    the next one down is not picked. A candidate that fails (e.g. out of shared memory on this
    GPU) is recorded with its error and skipped.
-3. The whole fwd+bwd with the chosen configs, backend "triton" vs "composite".
+3. The whole fwd+bwd with the chosen configs: the Triton backend under each plan
+   (``tuning.PLANS``: "fused", its own rank kernels; "rank_mm", T, U, dA, dB by cuBLAS), and the
+   composite backend. The faster plan and the faster backend are recorded.
 
 Timing: the fwd+bwd captured in a CUDA graph and replayed under ``triton.testing.do_bench`` (median,
 L2 flushed between replays): the GPU's time, without the host work that can dominate an eager step
@@ -26,10 +29,14 @@ the same code on Triton's CPU interpreter at tiny sizes, one call per measuremen
 table ``"dry_run": true`` (the loader ignores such tables; they only prove the tuner runs).
 
 The table (written after every case, so a run cut short leaves a valid partial table) holds the
-GPU name, arch, torch/triton versions, date, commit, and two lists: ``configs`` (family, dtype,
-M bucket, N, K, rank bucket -> config, with every candidate's time) and ``backends`` (dtype, M
-bucket, N, K, rank bucket -> faster backend, both times). Where two cases ask the same config key
-(F1 of two shapes with the same K), the first case's choice is kept. To ship a table, copy it to
+GPU name, arch, torch/triton versions, date, commit, the kernel-source hash
+(``tuning.kernel_hash``; every entry records it too, and only entries of the running sources are
+used), and three lists: ``configs`` (family, dtype, M bucket, N, K, rank bucket -> config, with
+every candidate's time), ``plans`` (dtype, M bucket, N, K, rank bucket -> faster plan, both
+times) and ``backends`` (the same keys -> faster backend, both times). Where two cases ask the
+same config key (F1 of two shapes with the same K), the first case's choice is kept. ``--resume``
+continues a table across GPU windows: the cases it already holds for the running kernel sources
+are skipped (its entries of other sources are dropped). To ship a table, copy it to
 ``rslora_kernels/ops/tuned/<normalized GPU name>.json`` (the name is printed) and commit it; see
 docs/tuning.md.
 """
@@ -48,8 +55,9 @@ import torch
 
 FAMILY_ORDER = ("dual_gemm", "grads", "shrink_masked", "shrink")  # biggest share of the op's time first
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_RANKS = (16, 64, 256, 2048)
-DEFAULT_SHAPES = ("7b-attn", "7b-mlp-up", "7b-mlp-down")
+DEFAULT_RANKS = (16, 64, 256, 1024, 2048)
+DEFAULT_M = (2048, 8192)
+DEFAULT_SHAPES = ("7b-attn", "7b-mlp-up", "7b-mlp-down", "8b-mlp-up")  # the sweep's named shapes
 QUICK = dict(shapes=("7b-attn",), ranks=(16, 256))
 DRY_RUN = dict(M=37, shapes={"dry": (40, 24)}, ranks=(5,))  # odd sizes, a few interpreter launches
 DROPOUT_P = 0.1
@@ -108,8 +116,9 @@ def op_runner(inputs, r: int) -> Callable[[str], Callable[[], None]]:
 
 def tune_case(run, grads, timer, candidates: Dict[str, list], log=print):
     """Coordinate descent over the config requests of one fwd+bwd (module docstring, steps 1-3).
-    Returns ({request: (best config, [trial, ...])}, {backend: ms})."""
-    from rslora_kernels.ops.tuning import forced_configs
+    Returns ({request: (best config, [trial, ...])}, {backend: ms}, {plan: ms}); the Triton
+    backend's time is its faster plan's."""
+    from rslora_kernels.ops.tuning import PLANS, forced_configs, forced_plan
 
     requests: Dict = {}
     with forced_configs(lambda req: requests.setdefault(req, None)):  # record; the rules decide
@@ -145,9 +154,13 @@ def tune_case(run, grads, timer, candidates: Dict[str, list], log=print):
         else:
             log(f"    {req.family} M={req.M} N={req.N} K={req.K} r={req.r}: every candidate failed; the rules stay")
 
+    plan_ms = {}
+    for plan in PLANS:
+        with forced_configs(lambda q: chosen.get(q)), forced_plan(plan):
+            plan_ms[plan] = round(timer(run("triton"), grads), 5)
     with forced_configs(lambda q: chosen.get(q)):
-        backend_ms = {b: round(timer(run(b), grads), 5) for b in ("triton", "composite")}
-    return results, backend_ms
+        backend_ms = {"triton": min(plan_ms.values()), "composite": round(timer(run("composite"), grads), 5)}
+    return results, backend_ms, plan_ms
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,20 +168,29 @@ def tune_case(run, grads, timer, candidates: Dict[str, list], log=print):
 # ----------------------------------------------------------------------------------------------
 def new_table(device: torch.device, dry_run: bool, settings: dict) -> dict:
     from rslora_kernels._runtime import cuda_arch, gpu_name
-    from rslora_kernels.ops.tuning import FORMAT_VERSION
+    from rslora_kernels.ops.tuning import FORMAT_VERSION, kernel_hash
 
     from .sweep import environment
     env = environment(device)
     return {"format": FORMAT_VERSION, "dry_run": dry_run,
             "gpu": gpu_name(device) or "cpu-interpreter", "arch": cuda_arch(device),
             "torch": env["torch"], "triton": env["triton"], "date_utc": env["date_utc"], "commit": env["commit"],
-            "settings": settings, "complete": False, "skipped": [], "configs": [], "backends": []}
+            "kernels": kernel_hash(), "settings": settings, "complete": False, "skipped": [],
+            "configs": [], "plans": [], "backends": []}
 
 
-def add_case(table: dict, results, backend_ms: dict, dtype, M: int, N: int, K: int, r: int) -> None:
-    """Add one case's choices under bucketed keys (a key already present keeps its first choice)."""
+def case_key(dtype, M: int, N: int, K: int, r: int) -> tuple:
+    """(dtype name, M bucket, N, K, rank bucket): the key of a case's plan and backend entries."""
     from rslora_kernels.ops.tuning import bucket, dtype_name
+    return dtype_name(dtype), bucket(M), N, K, bucket(r)
 
+
+def add_case(table: dict, results, backend_ms: dict, plan_ms: dict, dtype, M: int, N: int, K: int, r: int) -> None:
+    """Add one case's choices under bucketed keys (a key already present keeps its first choice),
+    each entry marked with the running kernel sources' hash."""
+    from rslora_kernels.ops.tuning import bucket, kernel_hash
+
+    h = kernel_hash()
     keys = {tuple(e[k] for k in ("family", "dtype", "M", "N", "K", "r")) for e in table["configs"]}
     for req, (config, trials) in results.items():
         key = (req.family, req.dtype, bucket(req.M), req.N, req.K, bucket(req.r))
@@ -176,9 +198,38 @@ def add_case(table: dict, results, backend_ms: dict, dtype, M: int, N: int, K: i
             continue
         keys.add(key)
         table["configs"].append(dict(zip(("family", "dtype", "M", "N", "K", "r"), key), config=config,
-                                     op_ms=min(t["ms"] for t in trials if "ms" in t), candidates=trials))
-    table["backends"].append({"dtype": dtype_name(dtype), "M": bucket(M), "N": N, "K": K, "r": bucket(r),
-                              "backend": min(backend_ms, key=backend_ms.get), "ms": backend_ms})
+                                     op_ms=min(t["ms"] for t in trials if "ms" in t), candidates=trials, kernels=h))
+    at = dict(zip(("dtype", "M", "N", "K", "r"), case_key(dtype, M, N, K, r)))
+    table["plans"].append(dict(at, plan=min(plan_ms, key=plan_ms.get), ms=plan_ms, kernels=h))
+    table["backends"].append(dict(at, backend=min(backend_ms, key=backend_ms.get), ms=backend_ms, kernels=h))
+
+
+def resumed_table(path: Path, table: dict, log=print) -> dict:
+    """``table`` (a new one) carrying over what the table at ``path`` measured on this GPU with the
+    running kernel sources; its entries of other sources are dropped (they are never used). A
+    missing file gives ``table`` as it is; a table of another GPU or arch, or a dry run mixed with
+    a real one, is an error."""
+    from rslora_kernels.ops.tuning import current_entries
+    if not path.exists():
+        return table
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--resume: {path} cannot be read as a table ({e})") from e
+    for key in ("gpu", "arch", "dry_run"):
+        if old.get(key) != table[key]:
+            raise ValueError(f"--resume: {path} has {key} = {old.get(key)!r}, this run {table[key]!r}")
+    kept = {name: current_entries(old.get(name, [])) for name in ("configs", "plans", "backends")}
+    dropped = sum(len(old.get(name, [])) - len(v) for name, v in kept.items())
+    log(f"--resume: {len(kept['backends'])} cases of {path} measured on these kernel sources are kept"
+        + (f"; {dropped} entries of other sources dropped" if dropped else ""))
+    return dict(table, **kept)
+
+
+def done_cases(table: dict) -> set:
+    """Keys (:func:`case_key`) of the cases the table holds for the running kernel sources."""
+    from rslora_kernels.ops.tuning import current_entries
+    return {tuple(e[k] for k in ("dtype", "M", "N", "K", "r")) for e in current_entries(table["backends"])}
 
 
 def table_json(table: dict) -> str:
@@ -206,18 +257,21 @@ def parse_args(argv):
     ap.add_argument("--out", required=True, type=Path, help="where to write the JSON table")
     ap.add_argument("--shapes", nargs="+", default=None, choices=sorted(SHAPES),
                     help=f"named (K, N) shapes (default: {' '.join(DEFAULT_SHAPES)})")
-    ap.add_argument("--m", nargs="+", type=int, default=[8192], help="rows of x (default 8192)")
+    ap.add_argument("--m", nargs="+", type=int, default=None,
+                    help=f"rows of x (default: {' '.join(map(str, DEFAULT_M))}; 8192 with --quick)")
     ap.add_argument("--ranks", nargs="+", type=int, default=None, help=f"default: {' '.join(map(str, DEFAULT_RANKS))}")
     ap.add_argument("--dtype", nargs="+", default=["bf16"], choices=sorted(DTYPES))
     ap.add_argument("--quick", action="store_true", help="7b-attn at r = 16, 256, shorter timing")
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU interpreter, tiny shapes, one call per timing; the table is marked dry_run")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the table at --out: skip the cases it holds for the running kernel sources")
     ap.add_argument("--time-budget", type=float, default=300.0,
                     help="seconds; no new case starts after this (the table says which were skipped)")
     args = ap.parse_args(argv)
     if args.ranks is not None and min(args.ranks) < 1:
         ap.error("--ranks must be >= 1")
-    if min(args.m) < 1:
+    if args.m is not None and min(args.m) < 1:
         ap.error("--m must be >= 1")
     return args
 
@@ -229,7 +283,8 @@ def cases(args):
         ms, shapes, ranks = (DRY_RUN["M"],), DRY_RUN["shapes"], args.ranks or DRY_RUN["ranks"]
     else:
         names = args.shapes or (QUICK["shapes"] if args.quick else DEFAULT_SHAPES)
-        ms, shapes, ranks = args.m, {n: SHAPES[n] for n in names}, args.ranks or (QUICK["ranks"] if args.quick else DEFAULT_RANKS)
+        ms = args.m or ((8192,) if args.quick else DEFAULT_M)
+        shapes, ranks = {n: SHAPES[n] for n in names}, args.ranks or (QUICK["ranks"] if args.quick else DEFAULT_RANKS)
     return [(DTYPES[d], M, name, K, N, r)
             for d in args.dtype for M in ms for name, (K, N) in shapes.items() for r in ranks]
 
@@ -260,23 +315,34 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "timer": "once (interpreter)" if device.type == "cpu" else "CUDA graph replay, triton.testing.do_bench median",
                 "quick": args.quick, "cases": [[str(d).replace("torch.", ""), M, name, K, N, r] for d, M, name, K, N, r in todo]}
     table = new_table(device, args.dry_run, settings)
+    if args.resume:
+        table = resumed_table(args.out, table)
+    done = done_cases(table)
     timer = make_timer(device, args.quick)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     print(f"tuning on {table['gpu']} (sm_{arch}), torch {table['torch']}, triton {table['triton']}, "
-          f"commit {table['commit']}: {len(todo)} cases -> {args.out}")
+          f"commit {table['commit']}, kernels {table['kernels']}: {len(todo)} cases -> {args.out}")
     t_start = time.monotonic()
     for i, (dtype, M, name, K, N, r) in enumerate(todo):
+        if case_key(dtype, M, N, K, r) in done:
+            print(f"[{i + 1}/{len(todo)}] {str(dtype).replace('torch.', '')} {name} M={M} r={r}: in the table (--resume)")
+            continue
         if time.monotonic() - t_start > args.time_budget:
-            table["skipped"] = [list(c) for c in settings["cases"][i:]]
-            print(f"time budget of {args.time_budget:.0f} s used up: {len(todo) - i} cases skipped")
+            table["skipped"] = [list(c) for c, (d, m, _, k, n, rr) in zip(settings["cases"][i:], todo[i:])
+                                if case_key(d, m, n, k, rr) not in done]
+            print(f"time budget of {args.time_budget:.0f} s used up: {len(table['skipped'])} cases skipped "
+                  "(--resume continues)")
             break
         print(f"[{i + 1}/{len(todo)}] {str(dtype).replace('torch.', '')} {name} M={M} K={K} N={N} r={r}")
         inputs = make_case(device, dtype, M, K, N, r)
         family_cands = {f: c for (d, f), c in candidates.items() if d == dtype}
-        results, backend_ms = tune_case(op_runner(inputs, r), [inputs[0], inputs[2], inputs[3]], timer, family_cands)
-        print(f"    fwd+bwd: triton {backend_ms['triton']:.4f} ms, composite {backend_ms['composite']:.4f} ms "
-              f"-> {min(backend_ms, key=backend_ms.get)}")
-        add_case(table, results, backend_ms, dtype, M, N, K, r)
+        results, backend_ms, plan_ms = tune_case(op_runner(inputs, r), [inputs[0], inputs[2], inputs[3]], timer,
+                                                 family_cands)
+        print(f"    fwd+bwd: triton {backend_ms['triton']:.4f} ms (" +
+              ", ".join(f"{k} {v:.4f}" for k, v in plan_ms.items()) +
+              f"), composite {backend_ms['composite']:.4f} ms -> {min(backend_ms, key=backend_ms.get)}")
+        add_case(table, results, backend_ms, plan_ms, dtype, M, N, K, r)
+        done.add(case_key(dtype, M, N, K, r))
         write_table(args.out, table)
     else:
         table["complete"] = True

@@ -32,13 +32,24 @@ C4 = TileConfig(16, 16, 16, 16, GROUP_M=1, num_warps=1, num_stages=1)
 C5 = TileConfig(16, 0, 32, 16, GROUP_M=1, num_warps=1, num_stages=1)
 
 
-def cfg_entry(family, dtype, M, N, K, r, cfg):
-    return {"family": family, "dtype": dtype, "M": M, "N": N, "K": K, "r": r, "config": asdict(cfg)}
+def cfg_entry(family, dtype, M, N, K, r, cfg, kernels=None):
+    return {"family": family, "dtype": dtype, "M": M, "N": N, "K": K, "r": r, "config": asdict(cfg),
+            "kernels": kernels or tuning.kernel_hash()}
 
 
-def backend_entry(dtype, M, N, K, r, backend):
+def backend_entry(dtype, M, N, K, r, backend, kernels=None):
     ms = {"triton": 1.0, "composite": 2.0} if backend == "triton" else {"triton": 2.0, "composite": 1.0}
-    return {"dtype": dtype, "M": M, "N": N, "K": K, "r": r, "backend": backend, "ms": ms}
+    return {"dtype": dtype, "M": M, "N": N, "K": K, "r": r, "backend": backend, "ms": ms,
+            "kernels": kernels or tuning.kernel_hash()}
+
+
+def plan_entry(dtype, M, N, K, r, plan, kernels=None):
+    ms = {"fused": 1.0, "rank_mm": 2.0} if plan == "fused" else {"fused": 2.0, "rank_mm": 1.0}
+    return {"dtype": dtype, "M": M, "N": N, "K": K, "r": r, "plan": plan, "ms": ms,
+            "kernels": kernels or tuning.kernel_hash()}
+
+
+STALE = "0123456789abcdef"  # a kernel-source hash that is not the running one
 
 
 def fake_table(**overrides):
@@ -50,6 +61,10 @@ def fake_table(**overrides):
             cfg_entry("dual_gemm", "bfloat16", 1024, 4096, 11008, 16, C3),
             cfg_entry("dual_gemm", "float16", 8192, 4096, 4096, 16, C4),
             cfg_entry("shrink", "bfloat16", 8192, 0, 4096, 16, C5),
+        ],
+        "plans": [
+            plan_entry("bfloat16", 8192, 4096, 4096, 16, "fused"),
+            plan_entry("bfloat16", 8192, 4096, 4096, 2048, "rank_mm"),
         ],
         "backends": [
             backend_entry("bfloat16", 8192, 4096, 4096, 16, "triton"),
@@ -195,6 +210,109 @@ def test_lookup_returns_a_copy(fake_gpu):
 
 
 # ----------------------------------------------------------------------------------------------
+# The kernel-source hash: entries measured on other kernels are never used
+# ----------------------------------------------------------------------------------------------
+def test_kernel_hash_covers_the_kernel_sources(monkeypatch, tmp_path):
+    """16 hex digits, stable, and changed by an edit of any of KERNEL_SOURCES (a copy of the
+    package with one byte appended to each file in turn)."""
+    import shutil
+    h = tuning.kernel_hash()
+    assert len(h) == 16 and int(h, 16) >= 0 and tuning.kernel_hash() == h
+    pkg = tmp_path / "rslora_kernels"
+    root = tuning.TUNED_DIR.resolve().parent.parent
+    for rel in tuning.KERNEL_SOURCES:
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / rel, pkg / rel)
+    monkeypatch.setattr(tuning, "__file__", str(pkg / "ops" / "tuning.py"))
+    seen = set()
+    try:
+        tuning.kernel_hash.cache_clear()
+        assert tuning.kernel_hash() == h  # the same bytes, the same hash
+        for rel in tuning.KERNEL_SOURCES:
+            with open(pkg / rel, "ab") as f:
+                f.write(b"\n# edited\n")
+            tuning.kernel_hash.cache_clear()
+            seen.add(tuning.kernel_hash())
+    finally:
+        tuning.kernel_hash.cache_clear()
+    assert len(seen) == len(tuning.KERNEL_SOURCES) and h not in seen
+
+
+def test_entries_of_other_kernel_sources_are_ignored(fake_gpu):
+    """A table whose entries were measured on other kernels answers nothing: configs follow the
+    rules, auto runs composite, the plan is fused; the same table with the running hash answers."""
+    args = (8192, 4096, 4096, 16, BF16, 90)
+    stale = fake_table(configs=[cfg_entry("dual_gemm", "bfloat16", 8192, 4096, 4096, 16, C1, kernels=STALE)],
+                       plans=[plan_entry("bfloat16", 8192, 4096, 4096, 16, "rank_mm", kernels=STALE)],
+                       backends=[backend_entry("bfloat16", 8192, 4096, 4096, 16, "triton", kernels=STALE)])
+    fake_gpu(stale)
+    assert dual_gemm_config(*args) == rules(dual_gemm_config, *args) != C1
+    assert tuning.auto_backend(CUDA, BF16, 8192, 4096, 4096, 16) == "composite"
+    assert tuning.tuned_plan(CUDA, BF16, 8192, 4096, 4096, 16) == "fused"
+    for entries in stale["configs"], stale["plans"], stale["backends"]:
+        entries[0]["kernels"] = tuning.kernel_hash()
+    fake_gpu(stale)
+    assert dual_gemm_config(*args) == C1
+    assert tuning.auto_backend(CUDA, BF16, 8192, 4096, 4096, 16) == "triton"
+    assert tuning.tuned_plan(CUDA, BF16, 8192, 4096, 4096, 16) == "rank_mm"
+    # an entry without a hash (measured before entries recorded one) is stale too
+    for entries in stale["configs"], stale["plans"], stale["backends"]:
+        del entries[0]["kernels"]
+    fake_gpu(stale)
+    assert dual_gemm_config(*args) == rules(dual_gemm_config, *args)
+    assert tuning.auto_backend(CUDA, BF16, 8192, 4096, 4096, 16) == "composite"
+
+
+def test_a_stale_entry_does_not_outvote_a_current_one(fake_gpu):
+    """Nearness is decided among the current entries only: a stale entry nearer the call neither
+    wins nor blocks the current one."""
+    fake_gpu(fake_table(configs=[cfg_entry("dual_gemm", "bfloat16", 8192, 4096, 4096, 16, C1, kernels=STALE),
+                                 cfg_entry("dual_gemm", "bfloat16", 8192, 4096, 4096, 64, C2)],
+                        backends=[backend_entry("bfloat16", 8192, 4096, 4096, 16, "composite", kernels=STALE),
+                                  backend_entry("bfloat16", 8192, 4096, 4096, 32, "triton")]))
+    assert dual_gemm_config(8192, 4096, 4096, 16, BF16, 90) == C2
+    assert tuning.auto_backend(CUDA, BF16, 8192, 4096, 4096, 16) == "triton"
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan: where the Triton backend runs its rank GEMMs
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype, M, N, K, r, expected", [
+    (BF16, 8192, 4096, 4096, 16, "fused"),
+    (BF16, 8192, 4096, 4096, 2048, "rank_mm"),
+    (BF16, 8192, 4096, 4096, 1024, "rank_mm"),   # one rank bucket from 2048, six from 16
+    (BF16, 8192, 4096, 4096, 256, "fused"),      # three buckets from either: no entry near, the rule
+    (BF16, 1024, 4096, 4096, 2048, "fused"),     # M three buckets away
+    (FP16, 8192, 4096, 4096, 2048, "fused"),     # no fp16 entries
+])
+def test_plan_follows_the_table(fake_gpu, dtype, M, N, K, r, expected):
+    fake_gpu(fake_table())
+    assert tuning.tuned_plan(CUDA, dtype, M, N, K, r) == expected
+
+
+def test_plan_without_a_table_or_on_the_cpu_is_fused(fake_gpu):
+    assert tuning.tuned_plan(CUDA, BF16, 8192, 4096, 4096, 2048) == "fused"  # no table
+    fake_gpu(fake_table())
+    assert tuning.tuned_plan(torch.device("cpu"), BF16, 8192, 4096, 4096, 2048) == "fused"
+    fake_gpu(fake_table(plans=[plan_entry("bfloat16", 8192, 8192, 4096, 2048, "rank_mm"),
+                               plan_entry("bfloat16", 8192, 4096, 8192, 2048, "fused")]))
+    assert tuning.tuned_plan(CUDA, BF16, 8192, 4096, 4096, 2048) == "fused"  # a tie that disagrees
+    old = fake_table()
+    del old["plans"]  # tables made before plans were measured
+    fake_gpu(old)
+    assert tuning.tuned_plan(CUDA, BF16, 8192, 4096, 4096, 2048) == "fused"
+
+
+def test_forced_plan():
+    with tuning.forced_plan("rank_mm"):
+        assert tuning.tuned_plan(torch.device("cpu"), BF16, 5, 6, 7, 8) == "rank_mm"
+    assert tuning.tuned_plan(torch.device("cpu"), BF16, 5, 6, 7, 8) == "fused"
+    with pytest.raises(ValueError, match="plan must be one of"):
+        with tuning.forced_plan("cublas"):
+            pass
+
+
+# ----------------------------------------------------------------------------------------------
 # The hooks: every config function asks tuning with its own sizes
 # ----------------------------------------------------------------------------------------------
 def test_forced_configs_reach_every_config_function():
@@ -325,7 +443,7 @@ COMMITTED = sorted(tuning.TUNED_DIR.glob("*.json"))
 def test_candidates_include_the_measured_alternatives(dtype, arch, monkeypatch):
     """At most 8 candidates a family (what the tuner can afford to time); every config the rules
     give F1 with dropout that draws the mask has its twin that leaves it to the bits pass; on sm_90 in 16 bits
-    the small-rank shrinks also come with deeper / narrower tiles."""
+    the small-rank shrinks and B3 also come with other splits of their reductions."""
     monkeypatch.setattr(configs, "interpreting", lambda: False)
     cands = configs.candidate_configs(dtype, arch)
     families = {f for f, _ in cands}
@@ -337,27 +455,55 @@ def test_candidates_include_the_measured_alternatives(dtype, arch, monkeypatch):
     for c in rules:
         if c.DRAW_BITS and c.BLOCK_RED % 32 == 0:
             assert dataclasses.replace(c, DRAW_BITS=False) in masked
-    streaming = {(f, c.BLOCK_M, c.BLOCK_RED, c.num_stages) for f, c in cands if c.num_stages == 4}
+    # the small-rank shrinks: the rules split the reduction; the tuner also times them unsplit and
+    # split further with half the rows
+    splits = {(f, c.BLOCK_M, c.BLOCK_RED, c.SPLIT_PER_SM) for f, c in cands if f.startswith("shrink") and c.BLOCK_R == 64}
+    if dtype != torch.float32:
+        assert {("shrink", 64, 128, 8), ("shrink_masked", 64, 128, 8)} <= splits
     if arch == 90 and dtype != torch.float32:
-        assert {("shrink", 64, 128, 4), ("shrink_masked", 32, 64, 4), ("shrink_masked", 32, 128, 4)} <= streaming
+        assert {(f, 64, 64, 0) for f in ("shrink", "shrink_masked")} <= splits
+        assert {(f, 32, 128, 16) for f in ("shrink", "shrink_masked")} <= splits
+        assert {c.SPLIT_PER_SM for f, c in cands if f == "grads"} == {2, 8}
     else:
-        assert not streaming
+        assert not any(s == 16 for *_, s in splits)
 
 
 @pytest.mark.skipif(not COMMITTED, reason="no tuning table is committed yet (none made on a GPU)")
 @pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.name)
 def test_committed_table(path, monkeypatch):
-    """Named after its GPU, a real measurement, and every config one the static report checks."""
+    """Named after its GPU, a real measurement, every choice the faster of its timings, and every
+    config measured on the running kernel sources one the static report checks. Entries of other
+    sources are never used (the hash tests above); the table says which sources it holds."""
     monkeypatch.setattr(configs, "interpreting", lambda: False)  # the GPU's candidates, not the interpreter's
     table = tuning.load_table(path)
     assert table is not None, f"{path.name} is a dry-run table: never commit one"
     assert path.stem == tuning.normalized_gpu_name(table["gpu"])
-    for e in table["configs"]:
+    assert "kernels" in table, f"{path.name}: record the kernel sources' hash (or that it predates them)"
+    for e in tuning.current_entries(table["configs"]):
         with tuning.rules_only():
             cands = configs.candidate_configs(getattr(torch, e["dtype"]), table["arch"])
         assert (e["family"], TileConfig(**e["config"])) in cands, e
     for e in table["backends"]:
         assert e["backend"] == min(e["ms"], key=e["ms"].get) and set(e["ms"]) == {"triton", "composite"}, e
+    for e in table.get("plans", []):
+        assert e["plan"] == min(e["ms"], key=e["ms"].get) and set(e["ms"]) == set(tuning.PLANS), e
+
+
+def test_the_h200_table_is_stale_so_auto_is_composite_there(monkeypatch):
+    """The committed H200 table was measured on kernels before the split-K shrinks (and before
+    entries recorded a hash): under the hash rule it answers nothing until re-measured."""
+    path = tuning.TUNED_DIR / "nvidia-h200.json"
+    table = tuning.load_table(path)
+    assert table["kernels"] != tuning.kernel_hash() and not tuning.current_entries(table["backends"])
+    monkeypatch.setattr(_runtime, "gpu_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.delenv(tuning.TABLE_ENV, raising=False)
+    tuning.reload_tables()
+    try:
+        assert tuning.auto_backend(CUDA, BF16, 8192, 4096, 4096, 16) == "composite"
+        assert tuning.auto_backend(CUDA, BF16, 8192, 4096, 4096, 256) == "composite"
+        assert dual_gemm_config(8192, 4096, 4096, 16, BF16, 90) == rules(dual_gemm_config, 8192, 4096, 4096, 16, BF16, 90)
+    finally:
+        tuning.reload_tables()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,7 +528,7 @@ def test_coordinate_descent_picks_the_fastest_and_records_failures():
         fn()
         return sum(cost.get(c, 10.0) for c in used)
 
-    results, backend_ms = tune_case(run, [], timer, cands, log=lambda *a: None)
+    results, backend_ms, plan_ms = tune_case(run, [], timer, cands, log=lambda *a: None)
     by_family = {req.family: res for req, res in results.items()}
     assert set(by_family) == {"dual_gemm", "shrink"}
     assert by_family["dual_gemm"][0] == asdict(C2) and by_family["shrink"][0] == asdict(C5)
@@ -390,6 +536,76 @@ def test_coordinate_descent_picks_the_fastest_and_records_failures():
     assert [("ms" in t, "error" in t) for t in trials] == [(True, False), (True, False), (False, True)]
     assert "out of resources" in trials[2]["error"]
     assert backend_ms["triton"] == pytest.approx(1.25)  # the chosen pair
+    assert plan_ms == {plan: pytest.approx(1.25) for plan in tuning.PLANS}  # each plan timed with them
+
+
+def test_tuner_times_both_plans_and_records_the_faster():
+    """tune_case times the Triton backend under each plan (forced_plan) and takes the faster as the
+    backend's time; add_case records plan and backend entries with the running kernel hash."""
+    from benchmarks.tune import add_case, tune_case
+
+    cost = {"fused": 2.0, "rank_mm": 1.5}
+
+    def run(backend):
+        def op():
+            dual_gemm_config(300, 70, 90, 5, BF16, 90)
+            run.last = tuning.tuned_plan(CUDA, BF16, 300, 70, 90, 5) if backend == "triton" else "composite"
+        return op
+
+    def timer(fn, grads):
+        fn()
+        return {"composite": 1.75, **cost}[run.last]
+
+    results, backend_ms, plan_ms = tune_case(run, [], timer, {"dual_gemm": [C1]}, log=lambda *a: None)
+    assert plan_ms == {"fused": 2.0, "rank_mm": 1.5} and backend_ms == {"triton": 1.5, "composite": 1.75}
+    table = {"configs": [], "plans": [], "backends": []}
+    add_case(table, results, backend_ms, plan_ms, BF16, 300, 70, 90, 5)
+    (plan,), (backend,) = table["plans"], table["backends"]
+    assert (plan["plan"], backend["backend"]) == ("rank_mm", "triton")
+    assert (plan["M"], plan["N"], plan["K"], plan["r"]) == (512, 70, 90, 8)
+    assert {e["kernels"] for e in table["configs"] + table["plans"] + table["backends"]} == {tuning.kernel_hash()}
+
+
+def test_resume_keeps_current_cases_and_drops_stale_ones(tmp_path):
+    """--resume: cases the table holds for the running kernel sources are skipped; entries of other
+    sources are dropped; a table of another GPU is an error, not a silent restart."""
+    from benchmarks.tune import done_cases, resumed_table
+
+    new = {"gpu": FAKE_GPU, "arch": 90, "dry_run": False, "configs": [], "plans": [], "backends": []}
+    assert resumed_table(tmp_path / "absent.json", new, log=lambda *a: None) is new
+    old = dict(new, configs=[cfg_entry("dual_gemm", "bfloat16", 8192, 4096, 4096, 16, C1),
+                             cfg_entry("dual_gemm", "bfloat16", 8192, 4096, 4096, 64, C2, kernels=STALE)],
+               plans=[plan_entry("bfloat16", 8192, 4096, 4096, 16, "fused")],
+               backends=[backend_entry("bfloat16", 8192, 4096, 4096, 16, "triton"),
+                         backend_entry("bfloat16", 8192, 4096, 4096, 64, "triton", kernels=STALE)])
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(old))
+    lines = []
+    table = resumed_table(path, new, log=lines.append)
+    assert table["configs"] == old["configs"][:1] and table["backends"] == old["backends"][:1]
+    assert table["plans"] == old["plans"]
+    assert done_cases(table) == {("bfloat16", 8192, 4096, 4096, 16)}
+    assert "2 entries of other sources dropped" in lines[0]
+    path.write_text(json.dumps(dict(old, gpu="Another GPU")))
+    with pytest.raises(ValueError, match="gpu"):
+        resumed_table(path, new, log=lambda *a: None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--dry-run needs the interpreter; this process runs the kernels compiled")
+def test_tuner_dry_run_resumes(tmp_path, capsys):
+    """A second --resume run over the same cases measures nothing and keeps the table's entries."""
+    from benchmarks.tune import main
+
+    out = tmp_path / "dry.json"
+    assert main(["--dry-run", "--out", str(out)]) == 0
+    first = json.loads(out.read_text())
+    capsys.readouterr()
+    assert main(["--dry-run", "--out", str(out), "--resume"]) == 0
+    second = json.loads(out.read_text())
+    assert "in the table (--resume)" in capsys.readouterr().out
+    for key in ("configs", "plans", "backends"):
+        assert second[key] == first[key] and second[key]
+    assert second["complete"] is True and second["kernels"] == tuning.kernel_hash()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="--dry-run needs the interpreter; this process runs the kernels compiled")
@@ -411,5 +627,8 @@ def test_tuner_dry_run_writes_a_valid_table(tmp_path, capsys):
         assert e["op_ms"] == min(timed) and all(math.isfinite(t) and t > 0 for t in timed)
     (b,) = table["backends"]
     assert b["backend"] in ("triton", "composite") and b["ms"][b["backend"]] == min(b["ms"].values())
+    (plan,) = table["plans"]
+    assert set(plan["ms"]) == set(tuning.PLANS) and b["ms"]["triton"] == min(plan["ms"].values())
+    assert table["kernels"] == tuning.kernel_hash()
     assert tuning.load_table(out) is None  # the loader ignores dry-run tables
     assert "dry-run table" in capsys.readouterr().out

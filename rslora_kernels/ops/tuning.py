@@ -20,12 +20,19 @@ config computes the same result, and a measured config near the shape is better 
 rules. A backend entry is used only within a factor of two in every dimension, since the cost of a
 wrong guess there is the gap between two whole implementations.
 
+Every entry records the hash of the kernel sources it was measured on (:func:`kernel_hash`), and
+only entries whose hash matches the running sources are used: a table measured on other kernels
+answers nothing (configs follow the rules, ``auto`` runs composite, the plan is "fused") until it
+is re-measured. :func:`tuned_plan` answers a third question, where the rank GEMMs of the Triton
+backend run (``PLANS``).
+
 No run-time autotuning: the choice is a pure function of the table and the sizes, so runs are
 deterministic, nothing compiles during training beyond the chosen configs, and ``torch.compile``
 sees a plain Python decision.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -41,14 +48,22 @@ import torch
 from .. import _runtime
 from .._launch import clear_plans
 
-__all__ = ["TUNED_DIR", "TABLE_ENV", "FORMAT_VERSION", "ConfigRequest", "bucket", "dtype_name",
-           "normalized_gpu_name", "load_table", "table_for_gpu", "reload_tables", "nearest_entries",
-           "tuned_config", "forced_configs", "configs_forced", "rules_only", "auto_backend"]
+__all__ = ["TUNED_DIR", "TABLE_ENV", "FORMAT_VERSION", "KERNEL_SOURCES", "PLANS", "ConfigRequest", "bucket",
+           "dtype_name", "normalized_gpu_name", "kernel_hash", "load_table", "table_for_gpu", "reload_tables",
+           "current_entries", "nearest_entries", "tuned_config", "forced_configs", "configs_forced", "rules_only",
+           "auto_backend", "tuned_plan", "forced_plan"]
 
 TUNED_DIR = Path(__file__).with_name("tuned")
 TABLE_ENV = "RSLORA_KERNELS_TUNED_TABLE"  # path of a table to use instead of the committed one
 FORMAT_VERSION = 1
 BACKEND_CHOICES = ("triton", "composite")
+# Where the Triton backend runs its rank GEMMs (T = drop(x) A^T, U = dy B, dA, dB): "fused", its
+# own kernels (F1, B1, B3); "rank_mm", cuBLAS (torch.mm into preallocated outputs, drop(x) formed
+# once in x's dtype). The dual GEMMs (F2, B2) keep their fused epilogues in both.
+PLANS = ("fused", "rank_mm")
+# The sources whose code decides what a measurement measured (relative to the package): the
+# kernels and their launchers, the tile rules, the composite backend, the dropout stream's kernels
+KERNEL_SOURCES = ("ops/triton_kernels.py", "ops/configs.py", "ops/composite.py", "dropout/kernels.py")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,6 +85,18 @@ def dtype_name(dtype: torch.dtype) -> str:
 def normalized_gpu_name(name: str) -> str:
     """File-name form of a GPU name: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+@lru_cache(maxsize=1)
+def kernel_hash() -> str:
+    """16 hex digits of the SHA-256 of ``KERNEL_SOURCES`` (line endings normalized): what a table
+    entry records, and must match, to be used. Any edit of those files, comments included, makes
+    the tables measured before it stale."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for rel in KERNEL_SOURCES:
+        digest.update(rel.encode() + b"\0" + (root / rel).read_bytes().replace(b"\r\n", b"\n") + b"\0")
+    return digest.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,6 +151,7 @@ def reload_tables() -> None:
     """Forget every loaded table and looked-up entry (after writing or replacing a table)."""
     _tables.clear()
     _lookup_config.cache_clear()
+    _lookup_plan.cache_clear()
     clear_plans()  # launch plans hold configs and backend choices read from the tables
 
 
@@ -132,6 +160,12 @@ def reload_tables() -> None:
 # ----------------------------------------------------------------------------------------------
 def _log2(n: int) -> float:
     return math.log2(max(n, 1))
+
+
+def current_entries(entries: List[dict]) -> List[dict]:
+    """The entries measured on the running kernel sources (their ``kernels`` is :func:`kernel_hash`)."""
+    h = kernel_hash()
+    return [e for e in entries if e.get("kernels") == h]
 
 
 def nearest_entries(entries: List[dict], M: int, N: int, K: int, r: int, within: Optional[float] = None) -> List[dict]:
@@ -210,7 +244,7 @@ def _lookup_config(gpu: str, arch: int, family: str, dtype: str, M: int, N: int,
     table = table_for_gpu(gpu)
     if table is None or table["arch"] != arch:
         return None
-    entries = [e for e in table["configs"] if e["family"] == family and e["dtype"] == dtype]
+    entries = [e for e in current_entries(table["configs"]) if e["family"] == family and e["dtype"] == dtype]
     nearest = nearest_entries(entries, M, N, K, r)
     return nearest[0]["config"] if nearest else None
 
@@ -230,7 +264,7 @@ def _measured_backend(device: torch.device, dtype: torch.dtype, M: int, N: int, 
     table = table_for_gpu(name) if name is not None else None
     if table is None:
         return "composite"
-    entries = [e for e in table["backends"] if e["dtype"] == dtype_name(dtype)]
+    entries = [e for e in current_entries(table["backends"]) if e["dtype"] == dtype_name(dtype)]
     nearest = nearest_entries(entries, M, N, K, r, within=1.0)
     if nearest and all(e["backend"] == "triton" for e in nearest):
         return "triton"
@@ -243,3 +277,46 @@ def _measured_backend(device: torch.device, dtype: torch.dtype, M: int, N: int, 
 # by hand because that call imports torch._dynamo, and with it Triton, at package import.
 # tests/test_tuning.py checks that the public decorator still sets this attribute.
 _measured_backend._dynamo_marked_constant = True
+
+
+# ----------------------------------------------------------------------------------------------
+# The Triton backend's plan: where the rank GEMMs run
+# ----------------------------------------------------------------------------------------------
+_forced_plan: Optional[str] = None
+
+
+@contextmanager
+def forced_plan(plan: str) -> Iterator[None]:
+    """Within the block, :func:`tuned_plan` answers ``plan`` (one of ``PLANS``) everywhere, CPU
+    included; the tuner times both plans and the tests run the cuBLAS plan this way."""
+    global _forced_plan
+    if plan not in PLANS:
+        raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
+    previous, _forced_plan = _forced_plan, plan
+    try:
+        yield
+    finally:
+        _forced_plan = previous
+
+
+def tuned_plan(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int, r: int) -> str:
+    """The plan of the Triton backend for this call: the one this GPU's table measured faster near
+    (M, N, K, r) in ``dtype`` (entries of the running kernels, within a factor of two in every
+    dimension, every nearest one agreeing); "fused" otherwise (no table, no entry, CPU)."""
+    if _forced_plan is not None:
+        return _forced_plan
+    if device.type != "cuda":
+        return "fused"
+    name = _runtime.gpu_name(device)
+    return _lookup_plan(name, dtype_name(dtype), bucket(M), N, K, bucket(r)) if name is not None else "fused"
+
+
+@lru_cache(maxsize=4096)
+def _lookup_plan(gpu: str, dtype: str, M: int, N: int, K: int, r: int) -> str:
+    table = table_for_gpu(gpu)
+    if table is None:
+        return "fused"
+    entries = [e for e in current_entries(table.get("plans", [])) if e["dtype"] == dtype]
+    nearest = nearest_entries(entries, M, N, K, r, within=1.0)
+    plans = {e["plan"] for e in nearest}
+    return plans.pop() if len(plans) == 1 and plans <= set(PLANS) else "fused"
