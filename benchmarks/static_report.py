@@ -195,6 +195,16 @@ def scenarios(modules, dtype, shape, r):
     # bits (with one rank tile the shrink draws them itself), F3 = the dual GEMM
     A2, B2 = torch.empty(2 * r, K, **meta), torch.empty(N, 2 * r, **meta)
     out.append(("F", lambda: forward(x, W, A2, B2, b, 0.5, 0.1, seed)))
+    # plan "rank_mm" (T, U, dA, dB by cuBLAS), with dropout: RF1 = the keep-bits pass, RF2 = drop(x),
+    # RF3 = the dual GEMM; RB1 = the dual GEMM (dx), RB2 = drop(x) again for dA
+    forced_plan = _find(modules, "forced_plan")
+
+    def rank_mm(thunk):
+        with forced_plan("rank_mm"):
+            thunk()
+    out.append(("RF", lambda: rank_mm(lambda: forward(x, W, A, B, b, 0.5, 0.1, seed))))
+    out.append(("RB", lambda bits=bits: rank_mm(lambda: backward(dy, x, W, A, B, T, 0.5, 0.1, bits,
+                                                                   True, True, True, True))))
     # DoRA with dropout: DF1 = F1, DF2 = y and z; DB1 = B1, DB2 = dx, then B3's reductions
     dora_fwd, dora_bwd = _find(modules, "dora_forward_dropout"), _find(modules, "dora_backward_dropout")
     g = torch.empty(N, device="meta", dtype=torch.float32)
@@ -281,7 +291,8 @@ def record_launches(dtype_name: str, arch: int, quick: bool = False):
                                        "triton.heuristics: the static report compiles shipped configs only; "
                                        "launch the plain triton.jit kernel with a config from ops/configs.py"))
                 continue
-            calls.append((f"{prefix}{i}" if prefix in ("F", "B", "DF", "DB", "GF", "GB") else prefix, fn, args, kwargs))
+            calls.append((f"{prefix}{i}" if prefix in ("F", "B", "DF", "DB", "GF", "GB", "RF", "RB") else prefix,
+                          fn, args, kwargs))
 
     cands = configs.candidate_configs(dtype, arch)
     if quick:
@@ -960,7 +971,7 @@ def main(argv=None):
         print(f"  {r['arch']} {r['dtype']} {r['kernel']} {r['role']} [{r['flags']}] {r['tiles']} "
               f"w{r['warps']}/s{r['stages']}: {'; '.join(check_row(r))}")
     philox_bwd = sorted({f"{r['kernel']} {r['role']}" for r in rows if "error" not in r and r["philox"]
-                         and any(x.startswith(("B", "DB")) for x in r["role"].split("/"))})
+                         and any(x.startswith(("B", "DB", "GB", "RB")) for x in r["role"].split("/"))})
     print(f"Backward launches that run Philox (issue 9 wants none): {', '.join(philox_bwd) or 'none'}")
     if args.json:
         with open(args.json, "w") as f:

@@ -165,6 +165,70 @@ def test_split_m_reduction_matches_single_pass(device):
             assert_close_to_oracle(f"{name} ({splits})", g, o, t)
 
 
+def _split_shrinks(request):
+    """Shrink configs (F1 with and without dropout, B1) that split the reduction: 32-wide steps
+    (whole keep-bits words), every split at least 4 steps, as many splits as that allows."""
+    from dataclasses import asdict
+    from rslora_kernels.ops.configs import TileConfig
+    if request.family not in ("shrink", "shrink_masked"):
+        return None
+    return asdict(TileConfig(32, 0, 32, 32, num_warps=4, num_stages=2, SPLIT_PER_SM=1024))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_split_k_shrinks_match_the_oracle(dtype, p, device, monkeypatch):
+    """F1 and B1 with the reduction split (fp32 partials summed in order by _sum_splits): K = 420
+    is 14 steps of 32 (3 splits, the last one ending in a partial step), N = 300 is 10 (2 splits)."""
+    from rslora_kernels.ops import triton_kernels, tuning
+    sums = []
+    real = triton_kernels._sum_splits
+    monkeypatch.setattr(triton_kernels, "_sum_splits", lambda part, dt: sums.append(part.shape[0]) or real(part, dt))
+    inputs = make_inputs(45, 420, 300, 20, dtype, device, seed=61)
+    with tuning.forced_configs(_split_shrinks):
+        check_against_oracle(inputs, scaling=0.9, p=p, seed=67)
+    assert sums[:2] == [3, 2], sums  # F1 over K, then B1 over N
+
+
+def test_split_k_draws_the_same_keep_bits(device):
+    """F1 drawing the mask while split over K visits every element once: the same keep-bits as
+    one pass, and T the same to rounding."""
+    from rslora_kernels.ops.triton_kernels import _shrink
+    g = torch.Generator().manual_seed(3)
+    x, A = torch.randn(70, 420, generator=g).to(device), torch.randn(9, 420, generator=g).to(device)
+    seed = torch.tensor(71, device=device)
+    one, bits1 = _shrink(x, (A.stride(1), A.stride(0)), A, 9, x.dtype, seed=seed, p=0.3, num_splits=1)
+    three, bits3 = _shrink(x, (A.stride(1), A.stride(0)), A, 9, x.dtype, seed=seed, p=0.3, num_splits=3)
+    assert bits1 is not None and torch.equal(bits1, bits3)
+    torch.testing.assert_close(three, one, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(97, 75, 83, 19), (1, 40, 23, 1), (37, 45, 51, 300)], ids=lambda s: "M{}K{}N{}r{}".format(*s))
+def test_rank_mm_plan_matches_the_oracle(shape, dtype, p, device, monkeypatch):
+    """Plan "rank_mm": T, U, dA, dB by torch.mm (drop(x) formed from the keep-bits in x's dtype),
+    the dual GEMMs fused; no shrink or B3 launch runs."""
+    from rslora_kernels.ops import triton_kernels, tuning
+
+    def never(*args, **kwargs):
+        raise AssertionError("plan rank_mm launched a fused rank kernel")
+    monkeypatch.setattr(triton_kernels, "_shrink", never)
+    monkeypatch.setattr(triton_kernels, "_lora_grads", never)
+    M, K, N, r = shape
+    inputs = make_inputs(M, K, N, r, dtype, device, seed=M + r)
+    with tuning.forced_plan("rank_mm"):
+        check_against_oracle(inputs, scaling=rk.rslora_scaling(16, r), p=p, seed=73)
+
+
+def test_rank_mm_plan_with_fp32_adapters(device):
+    """Adapters in fp32 under a 16-bit x: T and U by torch.mm, dA and dB by B3 (written in fp32)."""
+    from rslora_kernels.ops import tuning
+    inputs = make_inputs(64, 40, 36, 10, torch.bfloat16, device, adapter_dtype=torch.float32, seed=79)
+    with tuning.forced_plan("rank_mm"):
+        check_against_oracle(inputs, scaling=2.0, p=0.1, seed=83)
+
+
 def test_autocast(device):
     """Under torch.autocast, x/W/bias are cast to the autocast dtype; fp32 adapters stay fp32."""
     dt = torch.bfloat16

@@ -26,7 +26,7 @@ from .._runtime import interpreting
 from .tuning import rules_only, tuned_config
 
 __all__ = ["TileConfig", "dual_gemm_config", "dora_gemm_config", "shrink_config", "shrink_masked_config",
-           "grads_config", "split_m_for", "candidate_configs"]
+           "grads_config", "split_count", "split_m_for", "candidate_configs"]
 
 # SMs of the GPU each arch's rules are sized for (A100, H100 SXM)
 _SMS = {80: 108, 90: 132}
@@ -45,6 +45,10 @@ class TileConfig:
     # BLOCK_RED is whole 32-bit words; off, a keep-bits pass draws it first. The rules always
     # allow it; the off variants are candidates for the tuner to measure against
     DRAW_BITS: bool = True
+    # shrinks (F1, B1) and B3: split the reduction (K or N; M for B3) into chunks, fp32 partials
+    # summed in a fixed order, until the launch has about SPLIT_PER_SM programs per SM (0: never
+    # split). A streaming launch needs bytes in flight, and its tiles alone give about one CTA per SM
+    SPLIT_PER_SM: int = 0
 
     def launch_kwargs(self):
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
@@ -121,8 +125,17 @@ def _shrink_rule(M: int, r: int, dtype: torch.dtype, arch: int, masked: bool) ->
         # large ranks: 128x128 tiles, 8 warps, 32 KiB a stage (two CTAs per SM). On sm_80, drawing
         # the mask here on top of the mma.sync operands spills (255 registers): the bits pass draws it
         return TileConfig(128, 0, 64, 128, num_warps=8, num_stages=3, DRAW_BITS=arch >= 90)
+    if rank_tile <= 64:
+        # one rank tile: the launch streams x (dy) once at r FLOP a byte, so its speed is the bytes
+        # in flight. M/64 row tiles alone are about one CTA per SM with 8 KiB stages: ~16 KiB ahead
+        # per SM, ~2 MiB on the GPU, under the ~4 MiB an HBM3 GPU needs in flight (bandwidth x
+        # latency, 4.8 TB/s x ~0.8 us); the H200 measured ~40 %. 128-wide reduction tiles (16 KiB of
+        # x a stage, 2-3 CTAs per SM) and a split of the reduction to ~8 programs per SM (1024 at
+        # M = 8192, K = 4096) keep ~10x that in flight; the fp32 partials cost 8 B per split and
+        # output element (4 MiB at r = 16, against 64 MiB of x)
+        return TileConfig(64, 0, 128, rank_tile, num_warps=4, num_stages=3, SPLIT_PER_SM=8)
     # a 64 x 128 fp32 accumulator on 4 warps leaves ptxas too few registers to pipeline the wgmma
-    return TileConfig(64, 0, 64, rank_tile, num_warps=8 if rank_tile == 128 else 4, num_stages=3)
+    return TileConfig(64, 0, 64, rank_tile, num_warps=8, num_stages=3)
 
 
 def grads_config(M: int, N: int, K: int, r: int, dtype: torch.dtype, arch: int) -> TileConfig:
@@ -130,43 +143,53 @@ def grads_config(M: int, N: int, K: int, r: int, dtype: torch.dtype, arch: int) 
     reduced over M in BLOCK_M steps."""
     if (tuned := tuned_config("grads", M, N, K, r, dtype, arch)) is not None: return TileConfig(**tuned)  # noqa: E701
     if interpreting():
-        return TileConfig(64, 64, 0, _rank_tile(r, 64))
+        return TileConfig(64, 64, 0, _rank_tile(r, 64), SPLIT_PER_SM=2)
     if _is_fp32(dtype):  # the rank tile is dA's MMA M side here too (TF32 warpgroup MMA: >= 64)
-        return TileConfig(32, 64, 0, 64, num_warps=8, num_stages=3)
+        return TileConfig(32, 64, 0, 64, num_warps=8, num_stages=3, SPLIT_PER_SM=2)
     # the rank is dA's warpgroup-MMA M side: at least 64. 64 x (128 + rank tile) x 2 B a stage:
     # 3 stages = 96 KiB at r >= 128 (two CTAs per SM). sm_90: 4 warps (with 8, Triton 3.6's ptxas
     # serializes the wgmma of the split-M variants, C7515); sm_80: 8 warps (with 4, mma.sync spills)
-    return TileConfig(64, 128, 0, max(_rank_tile(r, 128), 64), num_warps=4 if arch >= 90 else 8, num_stages=3)
+    # split-M to two programs per SM: one wave of the two CTAs an SM holds
+    return TileConfig(64, 128, 0, max(_rank_tile(r, 128), 64), num_warps=4 if arch >= 90 else 8, num_stages=3,
+                      SPLIT_PER_SM=2)
 
 
-def split_m_for(M: int, tiles: int, block_m: int, sms: int) -> int:
-    """How many M-chunks B3 splits its reduction into: enough programs to fill the GPU
-    (about two per SM) while every chunk keeps at least two M-tiles of work."""
-    m_tiles = -(-M // block_m)
-    want = -(-2 * sms // max(tiles, 1))
-    return max(1, min(want, m_tiles // 2))
+def split_count(steps: int, tiles: int, per_sm: int, sms: int, min_steps: int) -> int:
+    """Into how many chunks a launch of ``tiles`` output tiles splits its reduction of ``steps``
+    tile steps: as many as keep the programs at or under ``per_sm`` per SM (whole waves when
+    per_sm is a multiple of the CTAs an SM holds), every chunk at least ``min_steps`` steps long;
+    1 with ``per_sm`` 0."""
+    return max(1, min(per_sm * sms // max(tiles, 1), steps // min_steps))
+
+
+def split_m_for(M: int, tiles: int, block_m: int, sms: int, per_sm: int = 2) -> int:
+    """How many M-chunks B3 splits its reduction into (:func:`split_count`): every chunk keeps at
+    least two M-tiles of work."""
+    return split_count(-(-M // block_m), tiles, per_sm, sms, 2)
 
 
 def _measured_alternatives(family: str, cfg: TileConfig, dtype: torch.dtype, arch: int):
     """Configs the rules never return but the tuner times against the rules' ``cfg`` (so a tuned
     table may pick them): F1 leaving the mask to the keep-bits pass (``DRAW_BITS`` off); and, for
-    the small-rank shrinks and B3's reductions on sm_90 in 16-bit, tiles that keep more bytes of
-    x (dy) in flight. At small r those launches have M/64 programs, about one per SM with 3 stages
-    of 8 KiB: too few loads in flight to stream x at the memory's bandwidth (on the H200, F1 + B1
-    moved 128 MiB in 0.073 ms, about 40 % of it: benchmarks/results/2026-11-27_h200_step_profile.md). Deeper
-    reduction tiles with 4 stages (B1, F1 without dropout), narrower row tiles (F1 with dropout,
-    twice the programs), and for B3 (dA, dB: 128 MiB in 0.052 ms there, about half the bandwidth)
-    a fourth stage or 128-row steps are the candidates."""
+    the small-rank shrinks and B3's reductions on sm_90 in 16-bit, other amounts of bytes in
+    flight. The rules' split-K shrinks (:func:`_shrink_rule`) are timed against the unsplit 64 x 64
+    tiles (about one program per SM: on the H200, F1 + B1 so streamed 128 MiB in 0.073 ms, about
+    40 % of the bandwidth; benchmarks/results/2026-11-27_h200_step_profile.md) and against 32-row
+    tiles split to 16 programs per SM; B3 (dA, dB:
+    128 MiB in 0.052 ms there, about half the bandwidth) against a fourth stage, a split to 8
+    programs per SM and 128-row steps."""
     out = []
     if family == "shrink_masked" and cfg.BLOCK_RED % 32 == 0 and cfg.DRAW_BITS:
         out.append(replace(cfg, DRAW_BITS=False))
     small_16bit_sm90 = arch >= 90 and dtype != torch.float32 and cfg.BLOCK_M == 64 and cfg.BLOCK_R <= 64
-    if small_16bit_sm90 and family == "shrink":
-        out.append(replace(cfg, BLOCK_RED=128, num_stages=4))
-    if small_16bit_sm90 and family == "shrink_masked" and cfg.DRAW_BITS:
-        out += [replace(cfg, BLOCK_M=32, num_stages=4), replace(cfg, BLOCK_M=32, BLOCK_RED=128, num_stages=4)]
+    if small_16bit_sm90 and family in ("shrink", "shrink_masked") and cfg.SPLIT_PER_SM and cfg.BLOCK_R == 64:
+        # (the 64-wide rank tile covers every small r in one tile; the bytes of x in flight do not
+        # depend on it) the tiles without the split (one CTA per SM, 64-wide steps), and twice the
+        # programs with half the rows (vLLM's tuned H100 shrink at m = 8192, k = 4096, r = 16:
+        # 32 x 128 steps, split 8, 2048 CTAs)
+        out += [replace(cfg, BLOCK_RED=64, SPLIT_PER_SM=0), replace(cfg, BLOCK_M=32, SPLIT_PER_SM=16)]
     if family == "grads" and arch >= 90 and dtype != torch.float32:
-        out.append(replace(cfg, num_stages=4))
+        out += [replace(cfg, num_stages=4), replace(cfg, SPLIT_PER_SM=8)]
         if cfg.BLOCK_R <= 64:  # with the 128-wide rank tile, 128-row steps spill
             out.append(replace(cfg, BLOCK_M=128))
     return out

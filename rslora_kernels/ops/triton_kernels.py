@@ -45,8 +45,11 @@ from ..dropout.kernels import (apply_keep, keep_bits_triton, keep_bits_words, ke
                                keep_mask_tile, load_seed, store_keep_bits)
 from ..dropout.stream import drop_threshold
 from .configs import (dora_gemm_config, dual_gemm_config, grads_config, shrink_config, shrink_masked_config,
-                      split_m_for)
-from .tuning import configs_forced
+                      split_count, split_m_for)
+from .tuning import configs_forced, tuned_plan
+
+# a split of a shrink's reduction keeps at least this many tile steps (a pipeline's worth of loads)
+_SHRINK_MIN_STEPS = 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,11 +60,12 @@ def _shrink_kernel(
     # pointers: in [M, RED] is x (F1) or dy (B1); w [RED, R] is A^T (F1) or B (B1); out is T or U.
     # keep_bits [M, n_words] (F1 with dropout: read, or written with GEN_BITS) and seed (GEN_BITS)
     # may be None
+    # with a split reduction, out is [splits, M, R] fp32 partials (summed in order afterwards)
     in_ptr, w_ptr, out_ptr, keep_bits_ptr, seed_ptr,
-    # sizes
-    M, RED, R, n_words,
+    # sizes; the reduction is split into chunks of red_chunk (a multiple of BLOCK_RED), one a split
+    M, RED, R, n_words, red_chunk,
     # strides
-    stride_im, stride_ired, stride_wred, stride_wr, stride_om, stride_or, stride_bm,
+    stride_im, stride_ired, stride_wred, stride_wr, stride_os, stride_om, stride_or, stride_bm,
     # dropout: the stream's threshold (GEN_BITS); kept inputs scaled by out_scale = 1/(1-p) in fp32
     threshold, out_scale,
     # meta
@@ -76,17 +80,24 @@ def _shrink_kernel(
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    # rank tiles fastest: the programs of one row tile run together and share its `in` tiles in L2
+    # rank tiles fastest: the programs of one row tile run together and share its `in` tiles in L2;
+    # the split of the reduction slowest
     pid = tl.program_id(0)
     num_pid_r = tl.cdiv(R, BLOCK_R)
-    pid_m = pid // num_pid_r
+    num_pid_mr = tl.cdiv(M, BLOCK_M) * num_pid_r
+    split = pid // num_pid_mr
+    pid_m = (pid % num_pid_mr) // num_pid_r
     pid_r = pid % num_pid_r
+    red_lo = split * red_chunk
+    red_hi = min(red_lo + red_chunk, RED)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     reds = tl.arange(0, BLOCK_RED)
     # wrapped inside the matrix: loads need no row or rank mask (those lanes are never stored)
-    in_ptrs = in_ptr + ((rows % M).to(OFFSET_DTYPE)[:, None] * stride_im + reds.to(OFFSET_DTYPE)[None, :] * stride_ired)
-    w_ptrs = w_ptr + (reds.to(OFFSET_DTYPE)[:, None] * stride_wred + (ranks % R).to(OFFSET_DTYPE)[None, :] * stride_wr)
+    in_ptrs = in_ptr + ((rows % M).to(OFFSET_DTYPE)[:, None] * stride_im
+                        + (red_lo + reds).to(OFFSET_DTYPE)[None, :] * stride_ired)
+    w_ptrs = w_ptr + ((red_lo + reds).to(OFFSET_DTYPE)[:, None] * stride_wred
+                      + (ranks % R).to(OFFSET_DTYPE)[None, :] * stride_wr)
     in_step = tl.cast(BLOCK_RED * stride_ired, OFFSET_DTYPE)
     w_step = tl.cast(BLOCK_RED * stride_wred, OFFSET_DTYPE)
     if GEN_BITS:
@@ -96,11 +107,11 @@ def _shrink_kernel(
         acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for red0 in range(0, RED, BLOCK_RED):
+    for red0 in range(red_lo, red_hi, BLOCK_RED):  # red0: this tile's first column of `in`
         if EVEN_RED:
             a = tl.load(in_ptrs)
             w = tl.load(w_ptrs)
-        else:
+        else:  # chunks are whole tiles: only the last one of the reduction is partial
             a = tl.load(in_ptrs, mask=reds[None, :] < RED - red0, other=0.0)
             w = tl.load(w_ptrs, mask=reds[:, None] < RED - red0, other=0.0)
         if HAS_DROPOUT:
@@ -120,6 +131,7 @@ def _shrink_kernel(
         w_ptrs += w_step
     if HAS_DROPOUT:
         acc = acc * out_scale
+    out_ptr += split.to(tl.int64) * stride_os
     if RANK_MAJOR:
         out_ptrs = out_ptr + (ranks.to(OFFSET_DTYPE)[:, None] * stride_or + rows.to(OFFSET_DTYPE)[None, :] * stride_om)
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(ranks < R)[:, None] & (rows < M)[None, :])
@@ -339,6 +351,36 @@ def _sum_splits_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# Plan "rank_mm" (the rank GEMMs in cuBLAS): drop(x) = x * keep / (1-p) in x's dtype, from the bits
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _drop_by_bits_kernel(
+    # pointers: x [M, K], keep_bits [M, n_words], out [M, K] in x's dtype
+    x_ptr, keep_bits_ptr, out_ptr,
+    # sizes
+    M, K, n_words,
+    # strides
+    stride_xm, stride_xk, stride_bm, stride_om, stride_ok,
+    # 1/(1-p), applied in fp32 before the one rounding to out's dtype
+    keep_scale,
+    # meta
+    OFFSET_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_k = tl.cdiv(K, BLOCK_K)
+    rows = (pid // num_pid_k) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid % num_pid_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    inside = (rows < M)[:, None] & (cols < K)[None, :]
+    x = tl.load(x_ptr + (rows.to(OFFSET_DTYPE)[:, None] * stride_xm + cols.to(OFFSET_DTYPE)[None, :] * stride_xk),
+                mask=inside, other=0.0)
+    keep = keep_from_bits(keep_bits_ptr, rows.to(tl.int64), rows < M, (pid % num_pid_k) * BLOCK_K, n_words, stride_bm,
+                          BLOCK_M, BLOCK_K)
+    dropped = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0)
+    tl.store(out_ptr + (rows.to(OFFSET_DTYPE)[:, None] * stride_om + cols.to(OFFSET_DTYPE)[None, :] * stride_ok),
+             dropped.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+# ----------------------------------------------------------------------------------------------
 # DoRA with dropout: two fp32 accumulators over the same W tiles (rslora_kernels.ops.dora)
 #   DF2: y = x W^T + b + (g-1) * z,  z = drop(x) W^T + s T B^T       _dora_fwd_kernel
 #   DB2: dx = dy W + mask/(1-p) * (s U A + dy diag(g-1) W)           _dora_dx_kernel
@@ -536,44 +578,61 @@ def _plan(make):
     return planned(make, uncached_while=configs_forced)
 
 
-def _shrink(inp: torch.Tensor, w_strides, w: torch.Tensor, R: int, out_dtype, *, seed=None, p=0.0):
+def _shrink(inp: torch.Tensor, w_strides, w: torch.Tensor, R: int, out_dtype, *, seed=None, p=0.0,
+            num_splits: Optional[int] = None):
     """out[M, R] = keep?(inp)[M, RED] @ w_view[RED, R] / (1-p), with dropout when ``seed`` is given
     (F1). Returns (out, keep-bits of inp | None).
 
     The keep-bits are drawn by this launch, while it holds the tiles of inp, when one rank tile
     covers r and the reduction tile is whole words (then each element is visited once) unless the
-    config says ``DRAW_BITS=False``; otherwise by the keep-bits pass first, and read here."""
+    config says ``DRAW_BITS=False``; otherwise by the keep-bits pass first, and read here.
+
+    With the config's ``SPLIT_PER_SM`` (or ``num_splits``, for tests) the reduction is split into
+    chunks of whole tiles, one program per (chunk, row tile, rank tile): fp32 partials, summed in
+    order by :func:`_sum_splits` (deterministic; no atomics)."""
     M, RED = inp.shape
     dropout = seed is not None
     dt = inp.dtype
-    grid, constexprs, options, gen_bits, threshold = _shrink_plan(
-        M, RED, R, dt, out_dtype, inp.device, dropout, p, _matmul_precision(dt), _layout(inp), _layout(w))
+    grid, constexprs, options, gen_bits, threshold, num_splits, red_chunk = _shrink_plan(
+        M, RED, R, dt, out_dtype, inp.device, dropout, p, _matmul_precision(dt), _layout(inp), _layout(w), num_splits)
     keep_bits = None
     if gen_bits:
         keep_bits = torch.empty((M, keep_bits_words(RED)), dtype=torch.int32, device=inp.device)
     elif dropout:
         keep_bits = keep_bits_triton(seed, M, RED, p)
-    out = torch.empty((M, R), dtype=out_dtype, device=inp.device)
+    out = torch.empty((M, R) if num_splits == 1 else (num_splits, M, R),
+                      dtype=out_dtype if num_splits == 1 else torch.float32, device=inp.device)
     n_words, stride_bm = _bits_strides(keep_bits)
     launch(_shrink_kernel, grid,
            (inp, w, out, keep_bits, seed if gen_bits else None,
-            M, RED, R, n_words,
-            inp.stride(0), inp.stride(1), w_strides[0], w_strides[1], out.stride(0), out.stride(1), stride_bm,
+            M, RED, R, n_words, red_chunk,
+            inp.stride(0), inp.stride(1), w_strides[0], w_strides[1], out.stride(0) if num_splits > 1 else 0,
+            out.stride(-2), out.stride(-1), stride_bm,
             threshold, 1.0 / (1.0 - p)),
            constexprs, options)
+    if num_splits > 1:
+        out = _sum_splits(out.view(num_splits, M * R), out_dtype).view(M, R)
     return out, keep_bits
 
 
 @_plan
-def _shrink_plan(M, RED, R, dtype, out_dtype, device, dropout, p, precision, inp_layout, w_layout):
-    """(grid, constexprs, launch options, whether F1 draws the keep-bits, the drop threshold it draws with)."""
+def _shrink_plan(M, RED, R, dtype, out_dtype, device, dropout, p, precision, inp_layout, w_layout, num_splits):
+    """(grid, constexprs, launch options, whether F1 draws the keep-bits, the drop threshold it draws
+    with, splits of the reduction, columns per split)."""
     cfg = (shrink_masked_config if dropout else shrink_config)(M, RED, R, dtype, cuda_arch(device))
     gen_bits = dropout and cfg.DRAW_BITS and R <= cfg.BLOCK_R and cfg.BLOCK_RED % 32 == 0
+    tiles = _cdiv(M, cfg.BLOCK_M) * _cdiv(R, cfg.BLOCK_R)
+    steps = _cdiv(RED, cfg.BLOCK_RED)
+    if num_splits is None:
+        num_splits = split_count(steps, tiles, cfg.SPLIT_PER_SM, num_sms(device), _SHRINK_MIN_STEPS)
+    red_chunk = max(_cdiv(steps, max(num_splits, 1)), 1) * cfg.BLOCK_RED
+    num_splits = max(_cdiv(RED, red_chunk), 1)
+    out_layout = _contiguous(M, R) if num_splits == 1 else _contiguous(num_splits, M, R)
     constexprs = dict(HAS_DROPOUT=dropout, GEN_BITS=gen_bits, RANK_MAJOR=dropout, EVEN_RED=RED % cfg.BLOCK_RED == 0,
-                      OFFSET_DTYPE=_layouts_offset_dtype(inp_layout, w_layout, _contiguous(M, R)),
+                      OFFSET_DTYPE=_layouts_offset_dtype(inp_layout, w_layout, out_layout),
                       **_meta(dtype, precision), BLOCK_M=cfg.BLOCK_M, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R)
-    return ((_cdiv(M, cfg.BLOCK_M) * _cdiv(R, cfg.BLOCK_R),), constexprs, cfg.launch_kwargs(), gen_bits,
-            drop_threshold(p) if gen_bits else 0)
+    return ((tiles * num_splits,), constexprs, cfg.launch_kwargs(), gen_bits, drop_threshold(p) if gen_bits else 0,
+            num_splits, red_chunk)
 
 
 def _dual_gemm(t, bt, bt_strides, inp, w, w_strides, F: int, adapter_scale: float, out_dtype,
@@ -627,7 +686,7 @@ def _as_keep_bits(mask_state, M: int, K: int, p: float):
 
 
 def _m_reduce(l, r, scale: float, out_dtype, block_m: int, block_p: int, block_q: int, rank_axis: int,
-              launch_kwargs, num_splits: Optional[int], keep_bits=None, colsum=False):
+              launch_kwargs, num_splits: Optional[int], keep_bits=None, colsum=False, split_per_sm: int = 2):
     """out[P, Q] = scale * l^T keep?(r) for l [M, P], r [M, Q], and with ``colsum`` the fp32 column
     sums of l; a deterministic split-M reduction (fp32 partials summed in a fixed order) when the
     tiles alone would not fill the GPU. Returns (out, column sums | None)."""
@@ -637,7 +696,7 @@ def _m_reduce(l, r, scale: float, out_dtype, block_m: int, block_p: int, block_q
     dt = l.dtype
     grid, constexprs, num_splits, m_chunk = _m_reduce_plan(
         M, P, Q, dt, dev, block_m, block_p, block_q, rank_axis, num_splits, keep_bits is not None, colsum,
-        _matmul_precision(dt), _layout(l), _layout(r))
+        _matmul_precision(dt), _layout(l), _layout(r), split_per_sm)
     out = torch.empty((P, Q) if num_splits == 1 else (num_splits, P, Q),
                       dtype=out_dtype if num_splits == 1 else torch.float32, device=dev)
     sums = torch.empty((num_splits, P), dtype=torch.float32, device=dev) if colsum else None
@@ -658,11 +717,11 @@ def _m_reduce(l, r, scale: float, out_dtype, block_m: int, block_p: int, block_q
 
 @_plan
 def _m_reduce_plan(M, P, Q, dtype, device, block_m, block_p, block_q, rank_axis, num_splits, dropout, colsum,
-                   precision, l_layout, r_layout):
+                   precision, l_layout, r_layout, split_per_sm):
     """(grid, constexprs, splits of M, rows per split) of an M-reduction launch."""
     tiles = _cdiv(P, block_p) * _cdiv(Q, block_q)
     if num_splits is None:
-        num_splits = split_m_for(M, tiles, block_m, num_sms(device))
+        num_splits = split_m_for(M, tiles, block_m, num_sms(device), split_per_sm)
     m_chunk = _cdiv(_cdiv(M, num_splits), block_m) * block_m
     num_splits = _cdiv(M, m_chunk)
     out_layout = _contiguous(P, Q) if num_splits == 1 else _contiguous(num_splits, P, Q)
@@ -702,13 +761,63 @@ def _lora_grads(U, x2d, dy, T, scaling: float, p: float, mask_state, a_dtype, ne
     dA = dB = db = None
     if need_dA:
         dA, _ = _m_reduce(U, x2d, scaling / (1.0 - p), a_dtype, cfg.BLOCK_M, cfg.BLOCK_R, cfg.BLOCK_F, 0,
-                          cfg.launch_kwargs(), num_splits, keep_bits=_as_keep_bits(mask_state, M, K, p))
+                          cfg.launch_kwargs(), num_splits, keep_bits=_as_keep_bits(mask_state, M, K, p),
+                          split_per_sm=cfg.SPLIT_PER_SM)
     if need_dB:
         dB, db = _m_reduce(dy, T, scaling, a_dtype if dB_row_scale is None else torch.float32, cfg.BLOCK_M,
-                           cfg.BLOCK_F, cfg.BLOCK_R, 1, cfg.launch_kwargs(), num_splits, colsum=need_db)
+                           cfg.BLOCK_F, cfg.BLOCK_R, 1, cfg.launch_kwargs(), num_splits, colsum=need_db,
+                           split_per_sm=cfg.SPLIT_PER_SM)
         if dB_row_scale is not None:
             dB = (dB * dB_row_scale[:, None]).to(a_dtype)
     return (dA, dB, db) if need_db else (dA, dB)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plan "rank_mm": T, U, dA, dB as cuBLAS GEMMs into preallocated outputs (tuning.tuned_plan)
+# ----------------------------------------------------------------------------------------------
+def _drop_by_bits(x2d, keep_bits, p: float):
+    """drop(x) = x * keep / (1-p) in x's dtype, the mask read from the keep-bits (one pass over x)."""
+    M, K = x2d.shape
+    out = torch.empty_like(x2d, memory_format=torch.contiguous_format)
+    BLOCK_M, BLOCK_K = (64, 64) if interpreting() else (16, 256)  # 8 KiB of bf16 x a program on a GPU
+    n_words, stride_bm = _bits_strides(keep_bits)
+    launch(_drop_by_bits_kernel, (_cdiv(M, BLOCK_M) * _cdiv(K, BLOCK_K),),
+           (x2d, keep_bits, out, M, K, n_words,
+            x2d.stride(0), x2d.stride(1), stride_bm, out.stride(0), out.stride(1), 1.0 / (1.0 - p)),
+           dict(OFFSET_DTYPE=_offset_dtype(x2d, out), BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K), {"num_warps": 4})
+    return out
+
+
+def _scaled_mm(a, b, scale: float, out_dtype):
+    """scale * a @ b by cuBLAS in a's dtype (scale applied in its epilogue, fp32), into a
+    preallocated output; cast once to ``out_dtype`` if that differs."""
+    out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
+    if scale == 1.0:
+        torch.mm(a, b, out=out)
+    else:  # beta = 0: out's contents are ignored (never propagated, NaN included)
+        torch.addmm(out, a, b, beta=0.0, alpha=scale, out=out)
+    return out if out_dtype == a.dtype else out.to(out_dtype)
+
+
+def _shrink_mm(x2d, lora_A, seed, p: float):
+    """F1 of plan "rank_mm": with dropout the keep-bits pass draws the mask and drop(x) is formed
+    once in x's dtype; then T = drop(x) A^T by cuBLAS. Returns (T, keep-bits | None)."""
+    M, K = x2d.shape
+    keep_bits = keep_bits_triton(seed, M, K, p) if p > 0.0 else None
+    dropped = _drop_by_bits(x2d, keep_bits, p) if keep_bits is not None else x2d
+    return _scaled_mm(dropped, lora_A.to(x2d.dtype).t(), 1.0, x2d.dtype), keep_bits
+
+
+def _lora_grads_mm(U, x2d, dy, T, scaling: float, p: float, keep_bits, a_dtype, need_dA: bool, need_dB: bool):
+    """B3 of plan "rank_mm" (adapters in x's dtype): dA = s U^T drop(x) (drop(x) formed again from
+    the forward's bits, in x's dtype) and dB = s dy^T T by cuBLAS. Returns (dA | None, dB | None)."""
+    dA = dB = None
+    if need_dA:
+        dropped = _drop_by_bits(x2d, keep_bits, p) if keep_bits is not None else x2d
+        dA = _scaled_mm(U.t(), dropped, scaling, a_dtype)
+    if need_dB:
+        dB = _scaled_mm(dy.t(), T, scaling, a_dtype)
+    return dA, dB
 
 
 def lora_forward(x2d, weight, lora_A, lora_B, bias, scaling: float, p: float, seed):
@@ -724,9 +833,11 @@ def lora_forward(x2d, weight, lora_A, lora_B, bias, scaling: float, p: float, se
     if M == 0:
         mask_state = keep_bits_triton(seed, 0, K, p) if p > 0.0 else x2d.new_empty((0,), dtype=torch.int32)
         return x2d.new_empty((0, N)), x2d.new_empty((0, R)), mask_state
-    # F1: w_view[k, r] = A[r, k]
-    T, keep_bits = _shrink(x2d, (lora_A.stride(1), lora_A.stride(0)), lora_A, R, x2d.dtype,
-                           seed=seed if p > 0.0 else None, p=p)
+    if tuned_plan(x2d.device, x2d.dtype, M, N, K, R) == "rank_mm":
+        T, keep_bits = _shrink_mm(x2d, lora_A, seed, p)
+    else:  # F1: w_view[k, r] = A[r, k]
+        T, keep_bits = _shrink(x2d, (lora_A.stride(1), lora_A.stride(0)), lora_A, R, x2d.dtype,
+                               seed=seed if p > 0.0 else None, p=p)
     mask_state = keep_bits if keep_bits is not None else x2d.new_empty((0,), dtype=torch.int32)
     # F2: bt_view[r, n] = B[n, r]; w_view[k, n] = W[n, k]
     y = _dual_gemm(T, lora_B, (lora_B.stride(1), lora_B.stride(0)), x2d, weight, (weight.stride(1), weight.stride(0)),
@@ -746,15 +857,22 @@ def lora_backward(dy, x2d, weight, lora_A, lora_B, T, scaling: float, p: float, 
         return (x2d.new_empty((0, K)) if need_dx else None, zeros(R, K) if need_dA else None,
                 zeros(N, R) if need_dB else None, zeros(N, dt=torch.float32) if need_db else None)
     keep_bits = _as_keep_bits(mask_state, M, K, p)
-    # B1: w_view[n, r] = B[n, r]
-    U = _shrink(dy, (lora_B.stride(0), lora_B.stride(1)), lora_B, R, x2d.dtype)[0] if (need_dx or need_dA) else None
+    rank_mm = tuned_plan(x2d.device, x2d.dtype, M, N, K, R) == "rank_mm"
+    U = None
+    if need_dx or need_dA:  # B1: w_view[n, r] = B[n, r]
+        U = (_scaled_mm(dy, lora_B.to(x2d.dtype), 1.0, x2d.dtype) if rank_mm else
+             _shrink(dy, (lora_B.stride(0), lora_B.stride(1)), lora_B, R, x2d.dtype)[0])
     dx = None
     if need_dx:
         # B2: bt_view[r, k] = A[r, k]; w_view[n, k] = W[n, k]
         dx = _dual_gemm(U, lora_A, (lora_A.stride(0), lora_A.stride(1)), dy, weight, (weight.stride(0), weight.stride(1)),
                         K, scaling / (1.0 - p), x2d.dtype, keep_bits=keep_bits)
     dA = dB = db = None
-    if need_dA or need_dB:
+    # adapters in another dtype than x (PEFT's fp32 adapters): B3's fp32 accumulators write dA and
+    # dB in theirs, where a cuBLAS GEMM in x's dtype would round them to x's first
+    if rank_mm and lora_A.dtype == x2d.dtype and (need_dA or need_dB):
+        dA, dB = _lora_grads_mm(U, x2d, dy, T, scaling, p, keep_bits, lora_A.dtype, need_dA, need_dB)
+    elif need_dA or need_dB:
         # B3; db is summed by dB's launch, which reads dy anyway
         grads = _lora_grads(U, x2d, dy, T, scaling, p, keep_bits, lora_A.dtype, need_dA, need_dB, need_db=need_db)
         dA, dB = grads[:2]
