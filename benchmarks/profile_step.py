@@ -13,7 +13,12 @@ For each (rank, dropout p, provider) at one shape, fwd+bwd (W frozen, x needing 
 * ``graph ms``: the same step captured once in a CUDA graph and replayed
   (``benchmarks.timing.cuda_graph_ms``: no host work at all): the GPU's time for the step.
   ``step ms - graph ms`` is what host overhead costs.
-* ``kernels``: per-step GPU time of each kernel from ``torch.profiler`` (5 steps), the largest first.
+* ``kernels``: per-step GPU time of each kernel from ``torch.profiler`` (5 steps), the largest first,
+  and for the Triton backend's kernels what that time achieved: ``GB/s``, the bytes the kernel's
+  launches of one step must move (every operand read once, every result written once; no split
+  partials, no re-reads from L2) over their time, and ``TFLOP/s``, the products' 2 m n k over it
+  (:func:`kernel_work`). A streaming pass far below the memory's bandwidth, or a GEMM far below the
+  tensor cores' rate, is the one still slow.
 
 ``--dora-providers`` adds DoRA layers (``benchmarks/dora_providers.py``; rows ``dora:<provider>``)
 at the first of ``--ranks``, for each dropout p.
@@ -38,7 +43,7 @@ from . import dora_providers, providers
 from .sweep import SHAPES, environment, measure, shape_sizes
 from .timing import cuda_graph_ms
 
-__all__ = ["host_us_per_step", "kernel_table", "main"]
+__all__ = ["host_us_per_step", "kernel_work", "kernel_table", "main"]
 
 
 def _step_fn(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor):
@@ -66,8 +71,40 @@ def host_us_per_step(step, device: torch.device, count: int = 30) -> float:
     return host
 
 
-def kernel_table(step, device: torch.device, steps: int = 5, top: int = 14, trace: Path = None):
-    """(per-step device ms of all kernels, markdown table of the ``top`` kernels by per-step time)."""
+def kernel_work(name: str, M: int, K: int, N: int, r: int, p: float, elem: int, dora: bool = False):
+    """(bytes, FLOPs) one fwd+bwd step's launches of the Triton kernel called ``name`` must do, for
+    x [M, K], W [N, K], rank r, dropout p, ``elem`` bytes an element of x, W and the adapters (keep-bits:
+    M K / 8 bytes); None for a kernel this does not know (cuBLAS, torch ops, B3's sum of partials,
+    whose bytes depend on the split). Launches that share a kernel add up: ``_shrink_kernel`` is F1
+    (x A^T) and B1 (dy B), ``_dual_gemm_kernel`` F2 and B2, ``_m_reduce_kernel`` dA and dB (and db).
+    With ``dora`` the dual GEMMs are DoRA's DF2 and DB2 (two products a tile)."""
+    bits = M * K // 8 if p > 0 else 0
+    x, w, dy, t = M * K * elem, N * K * elem, M * N * elem, M * r * elem
+    a, b = r * K * elem, N * r * elem
+    work = {
+        # F1: x, A -> T (and the keep-bits, drawn or read); B1: dy, B -> U
+        "_shrink_kernel": (x + a + t + bits + dy + b + t, 2 * M * r * (K + N)),
+        # F2: x, W, T, B, bias -> y; B2: dy, W, U, A, bits -> dx
+        "_dual_gemm_kernel": (x + w + t + b + N * elem + M * N * elem + dy + w + t + a + bits + M * K * elem,
+                              2 * M * N * K * 2 + 2 * M * r * (N + K)),
+        # DF2: x, W, T, B, g, bits -> y, z; DB2: dy, W, U, A, g - 1, bits -> dx
+        "_dora_fwd_kernel": (x + w + t + b + 4 * N + bits + 2 * M * N * elem, 2 * 2 * M * N * K + 2 * M * N * r),
+        "_dora_dx_kernel": (dy + w + t + a + 4 * N + bits + M * K * elem, 2 * 2 * M * K * N + 2 * M * K * r),
+        # dA: U, x, bits -> dA; dB: dy, T -> dB, db (fp32)
+        "_m_reduce_kernel": (t + x + bits + a + dy + t + b + 4 * N, 2 * M * r * (K + N)),
+        "_keep_bits_kernel": (bits, 0),
+        # plan rank_mm: drop(x) from x and the bits, once a direction
+        "_drop_by_bits_kernel": (2 * (2 * x + bits), 0),
+    }
+    for kernel, (nbytes, flops) in work.items():
+        if kernel in name and not (dora and kernel == "_dual_gemm_kernel"):
+            return nbytes, flops
+    return None
+
+
+def kernel_table(step, device: torch.device, steps: int = 5, top: int = 14, trace: Path = None, work=None):
+    """(per-step device ms of all kernels, markdown table of the ``top`` kernels by per-step time).
+    ``work(name) -> (bytes, FLOPs) | None`` (:func:`kernel_work`) adds the achieved GB/s and TFLOP/s."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -89,8 +126,11 @@ def kernel_table(step, device: torch.device, steps: int = 5, top: int = 14, trac
         rows.append((t / steps / 1e3, ev.count // steps, ev.key))
     rows.sort(reverse=True)
     total = sum(r[0] for r in rows)
-    lines = ["| ms / step | calls / step | kernel |", "|---|---|---|"]
-    lines += [f"| {ms:.4f} | {n} | `{name[:90]}` |" for ms, n, name in rows[:top]]
+    lines = ["| ms / step | calls / step | GB/s | TFLOP/s | kernel |", "|---|---|---|---|---|"]
+    for ms, n, name in rows[:top]:
+        done = work(name) if work is not None and ms > 0 else None
+        rate = (f"{done[0] / ms / 1e6:.0f} | " + (f"{done[1] / ms / 1e9:.1f}" if done[1] else "-")) if done else "- | -"
+        lines.append(f"| {ms:.4f} | {n} | {rate} | `{name[:90]}` |")
     return total, "\n".join(lines)
 
 
@@ -140,7 +180,9 @@ def main(argv=None) -> int:
             trace = None
             if args.trace and device.type == "cuda" and label not in traced:
                 trace, _ = args.out / f"trace_{label.replace(':', '_')}.json", traced.add(label)
-            total, table = kernel_table(step, device, trace=trace)
+            work = lambda name, r=r, p=p, label=label: kernel_work(  # noqa: E731
+                name, M, K, N, r, p, torch.finfo(dtype).bits // 8, dora=label.startswith("dora:"))
+            total, table = kernel_table(step, device, trace=trace, work=work)
             cells["kernels"] = f"{total:.3f}"
             cells["launches"] = str(sum(int(line.split("|")[2]) for line in table.splitlines()[2:]))
             details.append(f"## r={r} p={p} {label}\n\n{table}\n")

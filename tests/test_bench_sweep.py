@@ -96,3 +96,52 @@ def test_dora_cpu_floor_rows_are_printed_and_the_sparse_rewrite_is_exact(capsys)
     torch.testing.assert_close((x @ W.t() - torch.sparse.mm(x_dropped_csr, W.t())) / (1 - p), x_drop @ W.t())
     sampled = torch.sparse.sampled_addmm(dropped.double().to_sparse_csr(), dy, W, beta=0.0).to_dense()
     torch.testing.assert_close((dy @ W - sampled) / (1 - p), torch.where(dropped, 0.0, dy @ W) / (1 - p))
+
+
+def test_profile_step_kernel_work_counts_each_launchs_operands():
+    """benchmarks.profile_step.kernel_work: the bytes of the tensors each launch reads and writes
+    (sized here from real tensors) and 2 m n k per product, summed over a kernel's launches."""
+    import torch
+    from benchmarks.profile_step import kernel_work
+    M, K, N, r, p = 48, 96, 40, 8, 0.1
+    e = lambda *shape, dt=torch.bfloat16: torch.empty(*shape, dtype=dt).nbytes  # noqa: E731
+    bits = e(M, K // 32, dt=torch.int32)
+    x, W, A, B, T, U, dy = e(M, K), e(N, K), e(r, K), e(N, r), e(M, r), e(M, r), e(M, N)
+    mm = lambda m, k, n: 2 * m * k * n  # noqa: E731
+    expected = {
+        "_shrink_kernel": (x + A + T + bits + dy + B + U, mm(M, K, r) + mm(M, N, r)),
+        "_dual_gemm_kernel": (x + W + T + B + e(N) + e(M, N) + dy + W + U + A + bits + e(M, K),
+                              mm(M, K, N) + mm(M, r, N) + mm(M, N, K) + mm(M, r, K)),
+        "_m_reduce_kernel": (U + x + bits + A + dy + T + B + e(N, dt=torch.float32), mm(r, M, K) + mm(N, M, r)),
+        "_keep_bits_kernel": (bits, 0),
+        "_drop_by_bits_kernel": (2 * (x + bits + x), 0),
+    }
+    for name, want in expected.items():
+        assert kernel_work(f"triton_{name}_0d1d", M, K, N, r, p, 2) == want, name
+    # DoRA: two products a tile over the same W; the plain dual GEMM name means nothing there
+    assert kernel_work("_dora_fwd_kernel", M, K, N, r, p, 2) == (
+        x + W + T + B + e(N, dt=torch.float32) + bits + 2 * e(M, N), 2 * mm(M, K, N) + mm(M, r, N))
+    assert kernel_work("_dual_gemm_kernel", M, K, N, r, p, 2, dora=True) is None
+    # no dropout: no keep-bits anywhere
+    assert kernel_work("_shrink_kernel", M, K, N, r, 0.0, 2)[0] == x + A + T + dy + B + U
+    assert kernel_work("_keep_bits_kernel", M, K, N, r, 0.0, 2) == (0, 0)
+    for other in ("aten::mm", "sm90_xmma_gemm_bf16bf16", "_sum_splits_kernel"):
+        assert kernel_work(other, M, K, N, r, p, 2) is None
+
+
+def test_profile_step_kernel_table_rates(monkeypatch):
+    """The GB/s and TFLOP/s columns are work over the row's own per-step time (no timing asserted:
+    the rate is checked against the time printed next to it)."""
+    import torch
+    from benchmarks.profile_step import kernel_table
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    total, table = kernel_table(lambda: torch.mm(a, b), torch.device("cpu"), steps=2,
+                                work=lambda name: (5e8, 3e9) if name == "aten::mm" else None)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()]
+    assert rows[0] == ["ms / step", "calls / step", "GB/s", "TFLOP/s", "kernel"]
+    (mm_row,) = [row for row in rows[2:] if row[4] == "`aten::mm`"]
+    ms = float(mm_row[0])
+    if ms >= 1e-3:  # printed with 4 decimals: a rate is only checkable against a readable time
+        assert float(mm_row[2]) == pytest.approx(5e8 / ms / 1e6, rel=0.05 + 1e-4 / ms)
+        assert float(mm_row[3]) == pytest.approx(3e9 / ms / 1e9, rel=0.05 + 1e-4 / ms, abs=0.06)
+    assert all(row[2:4] == ["-", "-"] for row in rows[2:] if row[4] != "`aten::mm`")
