@@ -107,15 +107,22 @@ assert after == before, "the JIT computed another cache key than precompile"
 def test_precompile_covers_the_tuners_candidates():
     """Step p compiles what step d will launch: every candidate config the tuner forces, the
     alternatives only a tuned table can pick included (F1 leaving the mask to the bits pass, the
-    4-stage shrink and B3 tiles), so that the tuner's time goes to timing, not compiling."""
+    unsplit and the 32-row shrinks, the 4-stage B3 tiles) and plan rank_mm's drop(x) kernel, so
+    that the tuner's time goes to timing, not compiling."""
     code = """
 from benchmarks import precompile as pc
+from rslora_kernels.ops.triton_kernels import _shrink_kernel
 variants = pc.enumerate_variants("gpu", 90, 132, steps=["d-tune"])
 names = {v.qualname for v in variants}
 deep = {v.qualname for v in variants if v.options.get("num_stages") == 4}
-print(len(variants), sorted(names), sorted(deep))
-assert {"_keep_bits_kernel", "_shrink_kernel", "_dual_gemm_kernel", "_m_reduce_kernel"} <= names, names
-assert {"_shrink_kernel", "_m_reduce_kernel"} <= deep, deep
+arg = lambda k: _shrink_kernel.arg_names[k[0]] if isinstance(k, tuple) else k
+shrinks = {(c.get("BLOCK_M"), c.get("BLOCK_RED")) for c in
+           ({arg(k): val for k, val in v.constexprs.items()} for v in variants if v.qualname == "_shrink_kernel")}
+print(len(variants), sorted(names), sorted(deep), sorted(shrinks))
+assert {"_keep_bits_kernel", "_shrink_kernel", "_dual_gemm_kernel", "_m_reduce_kernel", "_sum_splits_kernel",
+        "_drop_by_bits_kernel"} <= names, names
+assert {"_m_reduce_kernel"} <= deep, deep
+assert {(64, 128), (64, 64), (32, 128)} <= shrinks, shrinks
 assert all(v.steps == ["d-tune"] for v in variants)
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

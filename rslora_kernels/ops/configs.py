@@ -175,9 +175,8 @@ def _measured_alternatives(family: str, cfg: TileConfig, dtype: torch.dtype, arc
     flight. The rules' split-K shrinks (:func:`_shrink_rule`) are timed against the unsplit 64 x 64
     tiles (about one program per SM: on the H200, F1 + B1 so streamed 128 MiB in 0.073 ms, about
     40 % of the bandwidth; benchmarks/results/2026-11-27_h200_step_profile.md) and against 32-row
-    tiles split to 16 programs per SM; B3 (dA, dB:
-    128 MiB in 0.052 ms there, about half the bandwidth) against a fourth stage, a split to 8
-    programs per SM and 128-row steps."""
+    tiles split to 16 programs per SM; B3 (dA, dB: 128 MiB in 0.052 ms there, about half the
+    bandwidth) against a fourth stage, a split to 8 programs per SM and 128-row steps."""
     out = []
     if family == "shrink_masked" and cfg.BLOCK_RED % 32 == 0 and cfg.DRAW_BITS:
         out.append(replace(cfg, DRAW_BITS=False))
