@@ -132,8 +132,13 @@ def _shrink_rule(M: int, r: int, dtype: torch.dtype, arch: int, masked: bool) ->
         # latency, 4.8 TB/s x ~0.8 us); the H200 measured ~40 %. 128-wide reduction tiles (16 KiB of
         # x a stage, 2-3 CTAs per SM) and a split of the reduction to ~8 programs per SM (1024 at
         # M = 8192, K = 4096) keep ~10x that in flight; the fp32 partials cost 8 B per split and
-        # output element (4 MiB at r = 16, against 64 MiB of x)
-        return TileConfig(64, 0, 128, rank_tile, num_warps=4, num_stages=3, SPLIT_PER_SM=8)
+        # output element (4 MiB at r = 16, against 64 MiB of x). F1 drawing the mask holds Philox's
+        # state too: at 64 x 128 on 4 warps that spills, so it takes 32 rows and twice the programs
+        # (2048 at M = 8192, K = 4096: vLLM's tuned H100 shrink there, 32 x 128 steps, split 8)
+        # On sm_80, whose mma.sync holds the operands in registers, 64 x 128 steps spill: 64-wide there
+        if masked:
+            return TileConfig(32, 0, 128, rank_tile, num_warps=4, num_stages=3, SPLIT_PER_SM=16)
+        return TileConfig(64, 0, 128 if arch >= 90 else 64, rank_tile, num_warps=4, num_stages=3, SPLIT_PER_SM=8)
     # a 64 x 128 fp32 accumulator on 4 warps leaves ptxas too few registers to pipeline the wgmma
     return TileConfig(64, 0, 64, rank_tile, num_warps=8, num_stages=3)
 
@@ -180,13 +185,15 @@ def _measured_alternatives(family: str, cfg: TileConfig, dtype: torch.dtype, arc
     out = []
     if family == "shrink_masked" and cfg.BLOCK_RED % 32 == 0 and cfg.DRAW_BITS:
         out.append(replace(cfg, DRAW_BITS=False))
-    small_16bit_sm90 = arch >= 90 and dtype != torch.float32 and cfg.BLOCK_M == 64 and cfg.BLOCK_R <= 64
-    if small_16bit_sm90 and family in ("shrink", "shrink_masked") and cfg.SPLIT_PER_SM and cfg.BLOCK_R == 64:
+    sm90_16bit = arch >= 90 and dtype != torch.float32
+    if sm90_16bit and family in ("shrink", "shrink_masked") and cfg.SPLIT_PER_SM and cfg.BLOCK_R == 64:
         # (the 64-wide rank tile covers every small r in one tile; the bytes of x in flight do not
-        # depend on it) the tiles without the split (one CTA per SM, 64-wide steps), and twice the
-        # programs with half the rows (vLLM's tuned H100 shrink at m = 8192, k = 4096, r = 16:
-        # 32 x 128 steps, split 8, 2048 CTAs)
-        out += [replace(cfg, BLOCK_RED=64, SPLIT_PER_SM=0), replace(cfg, BLOCK_M=32, SPLIT_PER_SM=16)]
+        # depend on it) the tiles without the split (one CTA per SM, 64-wide steps), and the other
+        # split: for B1 and F1 without dropout 32 rows split to 16 a SM, for F1 with dropout 64 x 64
+        # steps split to 8 a SM (64 x 128 spills there)
+        out.append(replace(cfg, BLOCK_M=64, BLOCK_RED=64, SPLIT_PER_SM=0))
+        out.append(replace(cfg, BLOCK_M=32, SPLIT_PER_SM=16) if family == "shrink" else
+                   replace(cfg, BLOCK_M=64, BLOCK_RED=64, SPLIT_PER_SM=8))
     if family == "grads" and arch >= 90 and dtype != torch.float32:
         out += [replace(cfg, num_stages=4), replace(cfg, SPLIT_PER_SM=8)]
         if cfg.BLOCK_R <= 64:  # with the 128-wide rank tile, 128-row steps spill
