@@ -135,10 +135,13 @@ def _shrink_rule(M: int, r: int, dtype: torch.dtype, arch: int, masked: bool) ->
         # output element (4 MiB at r = 16, against 64 MiB of x). F1 drawing the mask holds Philox's
         # state too: at 64 x 128 on 4 warps that spills, so it takes 32 rows and twice the programs
         # (2048 at M = 8192, K = 4096: vLLM's tuned H100 shrink there, 32 x 128 steps, split 8)
-        # On sm_80, whose mma.sync holds the operands in registers, 64 x 128 steps spill: 64-wide there
+        # On sm_80, whose mma.sync holds the operands in registers, 64 x 128 steps spill: 64-wide
+        # there, and 8 warps at the 64-wide rank tile (4 spill a few bytes there)
         if masked:
             return TileConfig(32, 0, 128, rank_tile, num_warps=4, num_stages=3, SPLIT_PER_SM=16)
-        return TileConfig(64, 0, 128 if arch >= 90 else 64, rank_tile, num_warps=4, num_stages=3, SPLIT_PER_SM=8)
+        if arch < 90:
+            return TileConfig(64, 0, 64, rank_tile, num_warps=8 if rank_tile == 64 else 4, num_stages=3, SPLIT_PER_SM=8)
+        return TileConfig(64, 0, 128, rank_tile, num_warps=4, num_stages=3, SPLIT_PER_SM=8)
     # a 64 x 128 fp32 accumulator on 4 warps leaves ptxas too few registers to pipeline the wgmma
     return TileConfig(64, 0, 64, rank_tile, num_warps=8, num_stages=3)
 
