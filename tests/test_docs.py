@@ -98,7 +98,17 @@ LAUNCH_CASES = {
     "B3 split over M, no bias": (300, 96, 80, 16, 0.0, False, "lora"),
     "DoRA, p > 0": (100, 96, 80, 16, 0.1, True, "dora"),
     "group of three members, p = 0": (100, 96, 80, 16, 0.0, True, "group"),
+    "plan rank_mm, p = 0": (100, 96, 80, 16, 0.0, True, "rank_mm"),
+    "plan rank_mm, p > 0 (keep-bits pass, drop(x) formed)": (100, 96, 80, 16, 0.1, True, "rank_mm"),
+    "F1 and B1 split over K and N, p > 0": (100, 256, 256, 16, 0.1, True, "split-K"),
 }
+
+
+def _split_shrinks(request):
+    """Shrink configs that split the reduction (32-wide steps, 8 programs a SM): F1 and B1 over K = N = 256."""
+    if request.family in ("shrink", "shrink_masked"):
+        return dict(BLOCK_M=64, BLOCK_F=0, BLOCK_RED=32, BLOCK_R=64, SPLIT_PER_SM=8)
+    return None
 
 
 def test_launch_table_lists_the_cases_counted_here():
@@ -107,7 +117,13 @@ def test_launch_table_lists_the_cases_counted_here():
 
 @pytest.mark.parametrize("row", fact_table("docs/kernels.md", "launches-per-step"), ids=lambda row: row["case"])
 def test_launches_per_step_match_kernels_md(row, launches):
+    import contextlib
+
+    from rslora_kernels.ops import tuning
+
     M, K, N, r, p, with_bias, op = LAUNCH_CASES[row["case"]]
+    plan = {"rank_mm": lambda: tuning.forced_plan("rank_mm"),
+            "split-K": lambda: tuning.forced_configs(_split_shrinks)}.get(op, contextlib.nullcontext)
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
     g = torch.Generator().manual_seed(11)
     make = lambda *shape: (torch.randn(*shape, generator=g) / shape[-1] ** 0.5).to(DEVICE, dtype)  # noqa: E731
@@ -116,6 +132,11 @@ def test_launches_per_step_match_kernels_md(row, launches):
     if op == "dora":
         magnitude = (torch.rand(N, generator=g) + 0.5).to(DEVICE, dtype).requires_grad_()
         y = rk.dora_linear(x, W, A, B, magnitude, 0.5, bias=bias, dropout_p=p, seed=5, backend="triton")
+    elif op in ("rank_mm", "split-K"):
+        with plan():
+            y = rk.lora_linear(x, W, A, B, 0.5, bias=bias, dropout_p=p, seed=5, backend="triton")
+            forward = list(launches)
+            y.float().square().sum().backward()
     elif op == "group":  # members of N, N/2 and N/4 features (q, k, v), one bias each
         Ns = (N, N // 2, N // 4)
         Ws = [W[:n] for n in Ns]
@@ -125,13 +146,16 @@ def test_launches_per_step_match_kernels_md(row, launches):
         y = torch.cat(rk.lora_linear_group(x, Ws, As, Bs, 0.5, biases=biases, dropout_ps=p, backend="triton"), dim=1)
     else:
         y = rk.lora_linear(x, W, A, B, 0.5, bias=bias, dropout_p=p, seed=5, backend="triton")
-    forward = list(launches)
-    y.float().square().sum().backward()
+    if op not in ("rank_mm", "split-K"):
+        forward = list(launches)
+        y.float().square().sum().backward()
     backward = launches[len(forward):]
 
     # each row's condition holds, so the row is counted where it claims to be
     assert ("_keep_bits_kernel" in forward) == ("keep-bits pass" in row["case"]), forward
-    assert ("_sum_splits_kernel" in backward) == ("split over M" in row["case"]), backward
+    assert ("_sum_splits_kernel" in backward) == ("split over" in row["case"]), backward
+    assert ("_sum_splits_kernel" in forward) == ("split over K" in row["case"]), forward
+    assert ("_shrink_kernel" in forward + backward) == ("rank_mm" not in row["case"]), forward + backward
     got = {"forward": len(forward), "backward": len(backward), "step": len(forward) + len(backward)}
     stated = {k: int(row[k]) for k in got}
     assert got == stated, (f"docs/kernels.md, Launches per step, '{row['case']}': the page says {stated}, "
