@@ -214,6 +214,22 @@ def test_auto_backend_matches_tuning_md(fake_h200):
         assert fake_h200.auto_backend(cuda, dtype, 8192, 4096, 4096, 16) == "composite"
 
 
+def test_auto_with_the_committed_h200_table_as_tuning_md_says(monkeypatch):
+    """What `auto` runs on an H200 with the committed table (stale entries answer nothing)."""
+    from rslora_kernels.ops import tuning
+
+    stated = fact("docs/tuning.md", "h200-committed-table-auto")
+    monkeypatch.delenv(tuning.TABLE_ENV, raising=False)
+    monkeypatch.setattr(_runtime, "gpu_name", lambda device=None: "NVIDIA H200")
+    tuning.reload_tables()
+    try:
+        for M, N, K, r in H200_ENTRIES:
+            assert tuning.auto_backend(torch.device("cuda"), torch.bfloat16, M, N, K, r) == stated
+    finally:
+        monkeypatch.undo()
+        tuning.reload_tables()
+
+
 def test_the_committed_h200_table_holds_the_entries_tuning_md_names():
     import json
 
