@@ -77,11 +77,12 @@ uint32_t threshold_of(double p) {
 
 void check_seed(int64_t seed) { TORCH_CHECK(seed >= 0, "seed must be in [0, 2^63), got ", seed); }
 
-// Calls body(local_row, col, keep) for every element of a [rows, cols] block whose first stream row is
-// row_offset (uint64 arithmetic: row_offset + rows may pass 2^32, and the row's high word is the counter's c2).
+// Calls body(local_row, col0, n, lanes) for every run of n <= kLanes * kGroupBlock consecutive columns
+// (col0 .. col0+n-1) of a [rows, cols] block whose first stream row is row_offset; lanes[j] is column
+// col0 + j's 16-bit lane. uint64 arithmetic: row_offset + rows may pass 2^32, and the row's high word is
+// the counter's c2. Bodies get a run, not an element, so their loops over it vectorize.
 template <typename Body>
-void for_each_keep(int64_t seed, int64_t rows, int64_t cols, uint32_t threshold, uint64_t row_offset,
-                   const Body& body) {
+void for_each_lane_run(int64_t seed, int64_t rows, int64_t cols, uint64_t row_offset, const Body& body) {
   uint32_t k0[kRounds], k1[kRounds];  // the key of each round (bumped by the Weyl constants between rounds)
   k0[0] = static_cast<uint32_t>(static_cast<uint64_t>(seed));
   k1[0] = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
@@ -99,8 +100,7 @@ void for_each_keep(int64_t seed, int64_t rows, int64_t cols, uint32_t threshold,
       const uint32_t row_lo = static_cast<uint32_t>(row), row_hi = static_cast<uint32_t>(row >> 32);
       for (int64_t c0 = 0; c0 < cols; c0 += cols_per_block) {
         philox_block(static_cast<uint32_t>(c0 / kLanes), row_lo, row_hi, k0, k1, lanes);
-        const int64_t n = std::min(cols_per_block, cols - c0);
-        for (int64_t j = 0; j < n; ++j) body(r, c0 + j, lanes[j] >= threshold);
+        body(r, c0, std::min(cols_per_block, cols - c0), lanes);
       }
     }
   });
@@ -113,8 +113,11 @@ at::Tensor philox_keep_mask(int64_t seed, int64_t rows, int64_t cols, double p, 
   const uint32_t threshold = threshold_of(p);
   at::Tensor out = at::empty({rows, cols}, at::TensorOptions().dtype(at::kBool));
   bool* o = out.data_ptr<bool>();
-  for_each_keep(seed, rows, cols, threshold, static_cast<uint64_t>(row_offset),
-                [&](int64_t r, int64_t c, bool keep) { o[r * cols + c] = keep; });
+  for_each_lane_run(seed, rows, cols, static_cast<uint64_t>(row_offset),
+                    [&](int64_t r, int64_t c0, int64_t n, const uint16_t* lanes) {
+                      bool* orow = o + r * cols + c0;
+                      for (int64_t j = 0; j < n; ++j) orow[j] = lanes[j] >= threshold;
+                    });
   return out;
 }
 
@@ -146,12 +149,29 @@ void dropout_scale_into(const at::Tensor& x, at::Tensor& out, double scale, cons
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     scalar_t* gp = g ? g->data_ptr<scalar_t>() : nullptr;
-    for_each_keep(seed, rows, cols, threshold, 0, [&](int64_t r, int64_t c, bool keep) {
-      const opmath_t v = static_cast<opmath_t>(xp[r * xs0 + c * xs1]);
-      op[r * os0 + c * os1] = static_cast<scalar_t>(v * (keep ? s : opmath_t(0)));
-      if (gp != nullptr) {
-        scalar_t& e = gp[r * gs0 + c * gs1];
-        e = static_cast<scalar_t>(static_cast<opmath_t>(e) * (keep ? gs : opmath_t(0)));
+    // Per run: the keep factor (1 or 0) of each column first, then the multiplies, so that a contiguous
+    // row is a loop the compiler vectorizes. v * (k * s) is v * (keep ? s : 0) exactly (k * s is s or 0).
+    const bool unit = xs1 == 1 && os1 == 1 && (gp == nullptr || gs1 == 1);
+    for_each_lane_run(seed, rows, cols, 0, [&](int64_t r, int64_t c0, int64_t n, const uint16_t* lanes) {
+      opmath_t k[kLanes * kGroupBlock];
+      for (int64_t j = 0; j < n; ++j) k[j] = lanes[j] >= threshold ? opmath_t(1) : opmath_t(0);
+      const scalar_t* xr = xp + r * xs0 + c0 * xs1;
+      scalar_t* orow = op + r * os0 + c0 * os1;
+      scalar_t* grow = gp != nullptr ? gp + r * gs0 + c0 * gs1 : nullptr;
+      if (unit) {
+        for (int64_t j = 0; j < n; ++j) orow[j] = static_cast<scalar_t>(static_cast<opmath_t>(xr[j]) * (k[j] * s));
+        if (grow != nullptr)
+          for (int64_t j = 0; j < n; ++j) grow[j] = static_cast<scalar_t>(static_cast<opmath_t>(grow[j]) * (k[j] * gs));
+      } else {
+        for (int64_t j = 0; j < n; ++j) {
+          // read before write: out may alias x
+          const opmath_t v = static_cast<opmath_t>(xr[j * xs1]);
+          orow[j * os1] = static_cast<scalar_t>(v * (k[j] * s));
+          if (grow != nullptr) {
+            scalar_t& e = grow[j * gs1];
+            e = static_cast<scalar_t>(static_cast<opmath_t>(e) * (k[j] * gs));
+          }
+        }
       }
     });
   });
