@@ -592,9 +592,12 @@ def _group_da(Us, x2d, lora_As, scalings: List[float], ps: List[float], keep_bit
     # three [rank tile, BLOCK_Q] accumulators a program: B3's column tiles halved (64; 32 in fp32, whose
     # IEEE dots hold operand slices in registers: 64 spills on sm_90 with dropout)
     block_q = min(cfg.BLOCK_F, 32 if x2d.dtype == torch.float32 else 64)
+    # and at most 64 rows a step: B3's 128-row tuner alternative spills here (three members with
+    # dropout on sm_90, 16-bit: the full static report)
+    block_m = min(cfg.BLOCK_M, 64)
     tiles = _cdiv(K, block_q)
-    num_splits = split_m_for(M, tiles, cfg.BLOCK_M, num_sms(x2d.device))
-    m_chunk = _cdiv(_cdiv(M, num_splits), cfg.BLOCK_M) * cfg.BLOCK_M
+    num_splits = split_m_for(M, tiles, block_m, num_sms(x2d.device))
+    m_chunk = _cdiv(_cdiv(M, num_splits), block_m) * block_m
     num_splits = _cdiv(M, m_chunk)
     outs = [torch.empty((R, K) if num_splits == 1 else (num_splits, R, K),
                         dtype=a_dtype if num_splits == 1 else torch.float32, device=x2d.device) for R in Rs]
@@ -610,8 +613,8 @@ def _group_da(Us, x2d, lora_As, scalings: List[float], ps: List[float], keep_bit
             *_zeros_for_absent([o.stride(0) if num_splits > 1 else 0 for o in outs], n), K, 1,
             *_zeros_for_absent([scalings[i] / (1.0 - ps[i]) for i in members], n, 0.0)),
            dict(NUM_MEMBERS=n, **{f"HAS_DROPOUT{j}": j < n and bits[j] is not None for j in range(MAX_MEMBERS)},
-                EVEN_M=M % cfg.BLOCK_M == 0, OFFSET_DTYPE=_offset_dtype(x2d, *(Us[i] for i in members), *outs),
-                **_meta(x2d.dtype), BLOCK_M=cfg.BLOCK_M, BLOCK_P=cfg.BLOCK_R, BLOCK_Q=block_q),
+                EVEN_M=M % block_m == 0, OFFSET_DTYPE=_offset_dtype(x2d, *(Us[i] for i in members), *outs),
+                **_meta(x2d.dtype), BLOCK_M=block_m, BLOCK_P=cfg.BLOCK_R, BLOCK_Q=block_q),
            cfg.launch_kwargs())
     if num_splits > 1:  # each member's partials summed in order (a launch each)
         outs = [_sum_splits(o.view(num_splits, R * K), a_dtype).view(R, K) for o, R in zip(outs, Rs)]
