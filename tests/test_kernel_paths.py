@@ -122,3 +122,32 @@ def test_strided_bias(dora, device):
         run = lambda b, backend: rk.lora_linear(x, W, A, B, 0.5, bias=b, dropout_p=0.1, seed=3,  # noqa: E731
                                                 backend=backend)
     torch.testing.assert_close(run(bias, "triton"), run(bias.contiguous(), "reference"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("N, K, rows_expected", [(70, 64, 64), (64, 96, 128)])
+def test_b3_takes_128_rows_only_where_the_row_strides_divide_by_16(N, K, rows_expected, monkeypatch, device):
+    """A tuned B3 tile of 128 rows a step runs only where N and K (dy's and x's row strides) are
+    multiples of 16; elsewhere Triton 3.6's ptxas spills it (the static report), so B3 takes 64 rows.
+    Either way dA and dB meet the oracle."""
+    import dataclasses
+
+    from rslora_kernels.ops import configs, tuning
+    from rslora_kernels.ops import triton_kernels as tk
+    rows, launch = [], tk.launch
+
+    def recording_launch(kernel, grid, args, constexprs, options):
+        if kernel is tk._m_reduce_kernel:
+            rows.append(constexprs["BLOCK_M"])
+        return launch(kernel, grid, args, constexprs, options)
+
+    def choose(req):
+        if req.family != "grads":
+            return None
+        with tuning.rules_only():
+            rule = configs.grads_config(req.M, req.N, req.K, req.r, torch.float32, req.arch)
+        return dataclasses.asdict(dataclasses.replace(rule, BLOCK_M=128))
+
+    monkeypatch.setattr(tk, "launch", recording_launch)
+    with tuning.forced_configs(choose):
+        check_against_oracle(make_inputs(150, K, N, 6, torch.float32, device, seed=23), scaling=0.7, p=0.1, seed=5)
+    assert rows and set(rows) == {rows_expected}

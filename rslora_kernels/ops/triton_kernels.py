@@ -33,6 +33,7 @@ lazily so that ``TRITON_INTERPRET`` is read when the kernels are first used, nev
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -745,7 +746,13 @@ def _sum_splits(part: torch.Tensor, out_dtype) -> torch.Tensor:
 @_plan
 def _grads_config(M, N, K, R, dtype, device):
     """B3's tile config (both launches take their tiles from it)."""
-    return grads_config(M, N, K, R, dtype, cuda_arch(device))
+    cfg = grads_config(M, N, K, R, dtype, cuda_arch(device))
+    if cfg.BLOCK_M > 64 and (N % 16 or K % 16):
+        # 128 rows a step (a tuner alternative) hold ~255 registers on sm_90; where dy's or x's row
+        # stride is not a multiple of 16 elements Triton gives it no divisibility hint and Triton
+        # 3.6's ptxas spills (the full static report): 64 rows there
+        cfg = dataclasses.replace(cfg, BLOCK_M=64)
+    return cfg
 
 
 def _lora_grads(U, x2d, dy, T, scaling: float, p: float, mask_state, a_dtype, need_dA: bool, need_dB: bool,
