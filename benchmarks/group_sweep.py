@@ -32,7 +32,7 @@ from torch import nn
 import rslora_kernels as rk
 
 from . import providers
-from .sweep import ALPHA, Rotating, _fmt_bytes, environment, median_ms
+from .sweep import ALPHA, Rotating, fmt_bytes, environment, median_ms
 
 MEMBERS = {"qkv": (4096, (4096, 1024, 1024)), "gate-up": (4096, (14336, 14336))}  # Llama-3-8B: K, N per member
 
@@ -139,7 +139,7 @@ def run(args) -> int:
              "|---|---|---|---|---|---|---|---|"]
     for x in rows:
         lines.append(f"| {x['M']} | {x['r']} | {x['dropout']} | {x['provider']} | {x['ms']:.2f} | "
-                     f"{x['speedup_vs_peft']:.2f}x | {_fmt_bytes(x['saved_bytes'])} | {x['saved_vs_peft']:.3f} |")
+                     f"{x['speedup_vs_peft']:.2f}x | {fmt_bytes(x['saved_bytes'])} | {x['saved_vs_peft']:.3f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(args.out)

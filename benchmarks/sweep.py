@@ -380,7 +380,8 @@ def _measure_cases(args, prov, cases, names, device, dtype, bar, tqdm, notes, ro
 # ----------------------------------------------------------------------------------------------
 # Output
 # ----------------------------------------------------------------------------------------------
-def _fmt_bytes(b):
+def fmt_bytes(b) -> str:
+    """Bytes for a table: B, KiB, MiB or GiB; '-' for None."""
     if b is None:
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -398,7 +399,7 @@ def markdown_long(rows) -> str:
         ms = "error: " + x["error"] if x["error"] else f"{x['ms']:.3f}"
         lines.append(f"| {x['shape']} | {x['M']} | {x['r']} | {x['dropout']} | {x['mode']} | {x['provider']} | {ms} | "
                      f"{x['tflops']:.3f} | {x['roofline_pct']:.0f} | {x['speedup_vs_eager']:.2f}x | "
-                     f"{_fmt_bytes(x.get(mem_key))} |")
+                     f"{fmt_bytes(x.get(mem_key))} |")
     return "\n".join(lines)
 
 

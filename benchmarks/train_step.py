@@ -62,6 +62,7 @@ import torch
 import rslora_kernels as rk
 
 from . import providers as prov
+from .sweep import fmt_bytes
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALPHA = 16.0
@@ -327,15 +328,6 @@ def _progress(total):
     except ImportError:
         from .sweep import _NoBar
         return _NoBar()
-
-
-def fmt_bytes(b) -> str:
-    if b is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(b) < 1024 or unit == "GiB":
-            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
-        b /= 1024
 
 
 COLUMNS = ("r", "p", "provider", "step ms", "tokens/s", "vs peft", "vs peft-bf16", "memory", "memory vs peft",
