@@ -215,19 +215,8 @@ def _group_dual_gemm_kernel(
                      b_ptr, 1, stride_bn, feats_in, R,
                      OFFSET_DTYPE, EVEN_R, DOT_DTYPE, INPUT_PRECISION, BLOCK_R) * scaling
     # base term into the same accumulator: w_view[k, n] = W[n, k]
-    reds = tl.arange(0, BLOCK_RED)
-    x_ptrs = x_ptr + (rows_in[:, None] * stride_xm + reds.to(OFFSET_DTYPE)[None, :] * stride_xk)
-    w_ptrs = w_ptr + (reds.to(OFFSET_DTYPE)[:, None] + feats_in[None, :] * stride_wn)
-    for k0 in range(0, K, BLOCK_RED):
-        if EVEN_K:
-            a = tl.load(x_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            a = tl.load(x_ptrs, mask=reds[None, :] < K - k0, other=0.0)
-            w = tl.load(w_ptrs, mask=reds[:, None] < K - k0, other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
-        x_ptrs += tl.cast(BLOCK_RED * stride_xk, OFFSET_DTYPE)
-        w_ptrs += BLOCK_RED
+    acc = _rank_term(acc, x_ptr, stride_xm, stride_xk, rows_in, w_ptr, 1, stride_wn, feats_in, K,
+                     OFFSET_DTYPE, EVEN_K, DOT_DTYPE, INPUT_PRECISION, BLOCK_RED)
 
     # epilogue: the member's bias (its own branch: the members' biases may differ in dtype or be absent)
     feat_ok = feats < N
@@ -267,20 +256,8 @@ def _member_dx_terms(
         keep = keep_from_bits(bits_ptr, rows.to(tl.int64), rows < M, col0, n_words, stride_bm, BLOCK_M, BLOCK_F)
         rank = apply_keep(rank, keep)  # a multiply: Inf/NaN at a dropped position stays NaN, as in the reference
     acc += rank
-    reds = tl.arange(0, BLOCK_RED)
-    dy_ptrs = dy_ptr + (rows_in[:, None] * stride_dym + reds.to(OFFSET_DTYPE)[None, :] * stride_dyn)
-    w_ptrs = w_ptr + (reds.to(OFFSET_DTYPE)[:, None] * stride_wn + cols_in[None, :] * stride_wk)
-    for n0 in range(0, N, BLOCK_RED):
-        if EVEN_N:
-            dy = tl.load(dy_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            dy = tl.load(dy_ptrs, mask=reds[None, :] < N - n0, other=0.0)
-            w = tl.load(w_ptrs, mask=reds[:, None] < N - n0, other=0.0)
-        acc = tl.dot(dy.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
-        dy_ptrs += tl.cast(BLOCK_RED * stride_dyn, OFFSET_DTYPE)
-        w_ptrs += tl.cast(BLOCK_RED * stride_wn, OFFSET_DTYPE)
-    return acc
+    return _rank_term(acc, dy_ptr, stride_dym, stride_dyn, rows_in, w_ptr, stride_wn, stride_wk, cols_in, N,
+                      OFFSET_DTYPE, EVEN_N, DOT_DTYPE, INPUT_PRECISION, BLOCK_RED)
 
 
 @triton.jit

@@ -162,7 +162,8 @@ def _rank_term(acc, a_ptr, stride_ax, stride_ar, xs, b_ptr, stride_br, stride_by
                OFFSET_DTYPE: tl.constexpr, EVEN_R: tl.constexpr, DOT_DTYPE: tl.constexpr,
                INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
     """acc + a[xs, :R] @ b[:R, ys], over the rank in BLOCK_R tiles (ranks past R read as 0); xs, ys:
-    in-matrix row / column indices (OFFSET_DTYPE) of a [X, R] and b [R, Y]."""
+    in-matrix row / column indices (OFFSET_DTYPE) of a [X, R] and b [R, Y]. The group kernels run
+    their base terms (x W^T, dy W) through it too, the reduction (K or N) in the rank's place."""
     ranks = tl.arange(0, BLOCK_R)
     a_ptrs = a_ptr + (xs[:, None] * stride_ax + ranks.to(OFFSET_DTYPE)[None, :] * stride_ar)
     b_ptrs = b_ptr + (ranks.to(OFFSET_DTYPE)[:, None] * stride_br + ys[None, :] * stride_by)
