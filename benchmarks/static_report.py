@@ -270,6 +270,7 @@ def record_launches(dtype_name: str, arch: int, quick: bool = False):
     import torch
     modules = kernel_modules()
     from rslora_kernels import _runtime
+    from rslora_kernels._launch import clear_launch_cache
     configs = _find(modules, "candidate_configs").__module__
     configs = importlib.import_module(configs)
 
@@ -280,6 +281,9 @@ def record_launches(dtype_name: str, arch: int, quick: bool = False):
 
     def run(prefix, thunk):
         sink.clear()
+        # launch plans hold the kernel objects and configs they were made with: make them afresh
+        # with the recorders, candidate config and SM count patched in now
+        clear_launch_cache()
         try:
             thunk()
         except Exception as exc:  # a launcher that cannot be recorded is a failing row, not a crash
@@ -333,6 +337,7 @@ def record_launches(dtype_name: str, arch: int, quick: bool = False):
                 run(prefix, thunk)
     finally:
         torch.set_float32_matmul_precision(precision)
+        clear_launch_cache()  # no plan holding a recorder outlives the report
     launched = {(fn.fn.__module__, fn.__name__) for role, *rest in calls if role != "error" for fn in rest[:1]}
     for module, name in unlaunched_kernels(modules, launched):
         calls.append(("error", f"{module}.{name} is a kernel (no other triton.jit function calls it) but no "

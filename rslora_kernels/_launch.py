@@ -27,7 +27,7 @@ import torch
 
 from ._runtime import interpreting
 
-__all__ = ["launch", "direct_launch_enabled", "clear_launch_cache", "MAX_CACHED", "planned", "clear_plans", "MAX_PLANS"]
+__all__ = ["launch", "BoundLaunch", "direct_launch_enabled", "clear_launch_cache", "MAX_CACHED", "planned", "recall", "remember", "clear_plans", "MAX_PLANS"]
 
 _COMPILED: Dict[tuple, tuple] = {}  # key -> (kernel, its compiled kernel)
 # Keys hold exact integer values (sizes, strides), so workloads whose sizes change every call (ragged
@@ -85,6 +85,20 @@ def clear_plans() -> None:
     _PLANS.clear()
 
 
+def recall(owner, key):
+    """The plan held for ``(owner, key)``, or None. ``owner`` names what computed it (a function)."""
+    return _PLANS.get((owner, key))
+
+
+def remember(owner, key, plan):
+    """Hold ``plan`` for ``(owner, key)`` (bounded: past ``MAX_PLANS`` entries the cache starts over);
+    returns it."""
+    if len(_PLANS) >= MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[(owner, key)] = plan
+    return plan
+
+
 def planned(make: Callable[..., object], uncached_while: Optional[Callable[[], bool]] = None) -> Callable[..., object]:
     """``make(*key)`` memoized in the plan cache: ``make`` must be a pure function of its arguments
     (hashable: sizes, strides, dtypes, devices, flags) and of process state that only
@@ -96,10 +110,7 @@ def planned(make: Callable[..., object], uncached_while: Optional[Callable[[], b
         entry = _PLANS.get((make, key))
         if entry is not None:
             return entry
-        if len(_PLANS) >= MAX_PLANS:
-            _PLANS.clear()
-        entry = _PLANS[(make, key)] = make(*key)
-        return entry
+        return remember(make, key, make(*key))
     plan.__wrapped__ = make  # the uncached computation (tests compare the two)
     plan.__name__ = getattr(make, "__name__", "plan")
     plan.__doc__ = make.__doc__
@@ -124,15 +135,23 @@ def launch(kernel, grid: Tuple[int, ...], args: Sequence, constexprs: Dict[str, 
     if not (direct_launch_enabled() and isinstance(kernel, _triton[2])):  # a stand-in (e.g. a recorder): its own path
         kernel[grid](*args, **constexprs, **options)
         return
+    _launch_direct(kernel, grid, tuple(grid) + (1,) * (3 - len(grid)), args, _arg_key(args),
+                   (tuple(constexprs.values()), tuple(options.values())), constexprs, options)
+
+
+def _launch_direct(kernel, grid: Tuple[int, ...], grid3: Tuple[int, int, int], args: Sequence, arg_key: tuple, tail_key: tuple,
+                   constexprs: Dict[str, object], options: Dict[str, int]) -> None:
+    """The direct path of :func:`launch`: ``arg_key`` is ``_arg_key(args)`` and ``tail_key`` the
+    constexpr and option values, ``grid3`` the grid padded to three dims (precomputed by a
+    :class:`BoundLaunch`)."""
     driver = _triton[1].active  # what the JIT launches on: the current device, its current stream
     device = driver.get_current_device()
     # id(kernel), not the kernel: hashing a JITFunction hashes its source-derived cache key on every
     # call. The entry holds the kernel too, so an id reused by another kernel object never matches
-    key = (id(kernel), device, _arg_key(args), tuple(constexprs.values()), tuple(options.values()))
+    key = (id(kernel), device, arg_key, *tail_key)
     held, compiled = _COMPILED.get(key, (None, None))
     if held is kernel:
-        grid = tuple(grid) + (1,) * (3 - len(grid))
-        compiled.run(grid[0], grid[1], grid[2], driver.get_current_stream(device), compiled.function,
+        compiled.run(grid3[0], grid3[1], grid3[2], driver.get_current_stream(device), compiled.function,
                      compiled.packed_metadata, None, None, None, *args, *constexprs.values())
         return
     compiled = kernel[grid](*args, **constexprs, **options)
@@ -140,6 +159,59 @@ def launch(kernel, grid: Tuple[int, ...], args: Sequence, constexprs: Dict[str, 
         if len(_COMPILED) >= MAX_CACHED:
             _COMPILED.clear()
         _COMPILED[key] = (kernel, compiled)
+
+
+class BoundLaunch:
+    """One launch site with everything fixed but its tensors and trailing runtime scalars: a launch
+    plan's launch (docs/kernels.md, "Host work per launch").
+
+    ``bound(tensors, scalars)`` is ``launch(kernel, grid, tensors + ints + scalars, constexprs,
+    options)``: the kernel's signature takes its tensors first, then ``ints`` (sizes, strides and
+    other values fixed by the plan's signature), then ``scalars`` (values that vary per call, such
+    as the adapter's scale). What :func:`launch` would compute per call from the fixed part (the
+    padded grid, the specialization key of ``ints``, the constexpr and option values) is computed
+    once here. Equal when kernel, grid, ints, constexprs and options are (plans compare by value)."""
+
+    __slots__ = ("kernel", "grid", "ints", "constexprs", "options", "_grid3", "_ints_key", "_tail_key", "_kwargs",
+                 "_run")
+
+    def __init__(self, kernel, grid: Tuple[int, ...], ints: tuple, constexprs: Dict[str, object],
+                 options: Dict[str, int]):
+        self.kernel, self.grid, self.ints = kernel, tuple(grid), tuple(ints)
+        self.constexprs, self.options = dict(constexprs), dict(options)
+        self._grid3 = self.grid + (1,) * (3 - len(self.grid))
+        self._ints_key = _arg_key(self.ints)
+        self._tail_key = (tuple(self.constexprs.values()), tuple(self.options.values()))
+        self._kwargs = {**self.constexprs, **self.options}
+        # what ``kernel[grid](...)`` calls for Triton's own kernel classes (JIT, interpreter), called
+        # without the proxy ``[grid]`` builds; anything else (a recorder) is launched by ``[grid]``
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+
+        # (looked up at each call: a profiler or the host benchmark may replace the class's run)
+        self._run = type(kernel) in (JITFunction, InterpretedFunction)
+
+    def __eq__(self, other) -> bool:
+        return (type(other) is BoundLaunch and self.kernel is other.kernel and
+                (self.grid, self.ints, self.constexprs, self.options)
+                == (other.grid, other.ints, other.constexprs, other.options))
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        name = getattr(self.kernel, "__name__", type(self.kernel).__name__)
+        return f"BoundLaunch({name}, grid={self.grid}, ints={self.ints}, constexprs={self.constexprs})"
+
+    def __call__(self, tensors: tuple, scalars: tuple = ()) -> None:
+        args = tensors + self.ints + scalars
+        if not (direct_launch_enabled() and isinstance(self.kernel, _triton[2])):
+            if self._run:
+                self.kernel.run(*args, grid=self.grid, warmup=False, **self._kwargs)
+            else:
+                self.kernel[self.grid](*args, **self._kwargs)
+            return
+        _launch_direct(self.kernel, self.grid, self._grid3, args, _arg_key(tensors) + self._ints_key + _arg_key(scalars),
+                       self._tail_key, self.constexprs, self.options)
 
 
 def _launchable(kernel, compiled, n_args: int, constexprs) -> bool:

@@ -51,6 +51,20 @@ def check_base(base: nn.Module, use_dora: bool, name: str = "base_layer") -> Non
         raise TypeError("use_dora=True needs a 16/32-bit base weight; DoRA on a 4-bit base is not supported")
 
 
+# nn.Module's attribute lookup of a submodule or parameter (__getattr__, reached only after the
+# ordinary lookup fails) costs about as much host time per call as the rest of a fused layer's Python:
+# forward reads the registries that lookup ends in. A name that is not registered there (e.g. a
+# weight replaced by a parametrization) takes the ordinary lookup.
+def _submodule(module: nn.Module, name: str) -> nn.Module:
+    modules = module._modules
+    return modules[name] if name in modules else getattr(module, name)
+
+
+def _param(module: nn.Module, name: str):
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name)
+
+
 class LoRALinear(nn.Module):
     """A frozen base linear plus a LoRA adapter: ``y = base(x) + s * lora_B(lora_A(dropout(x)))``.
 
@@ -143,17 +157,18 @@ class LoRALinear(nn.Module):
             self.lora_magnitude_vector.weight.copy_(norms)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = _submodule(self, "base_layer")
+        weight, bias = _param(base, "weight"), _param(base, "bias")
         if self.merged:
-            return F.linear(x, self.base_layer.weight, self.base_layer.bias)
-        if is_quantized_weight(self.base_layer.weight):
+            return F.linear(x, weight, bias)
+        if is_quantized_weight(weight):
             return self._forward_4bit(x)
+        lora_A, lora_B = _param(_submodule(self, "lora_A"), "weight"), _param(_submodule(self, "lora_B"), "weight")
         if self.use_dora:
-            return dora_linear(x, self.base_layer.weight, self.lora_A.weight, self.lora_B.weight,
-                               self.lora_magnitude_vector.weight, self.scaling, bias=self.base_layer.bias,
+            return dora_linear(x, weight, lora_A, lora_B, self.lora_magnitude_vector.weight, self.scaling, bias=bias,
                                dropout_p=self.dropout, training=self.training, backend=self.backend)
-        return lora_linear(x, self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
-                           bias=self.base_layer.bias, dropout_p=self.dropout, training=self.training,
-                           backend=self.backend)
+        return lora_linear(x, weight, lora_A, lora_B, self.scaling, bias=bias, dropout_p=self.dropout,
+                           training=self.training, backend=self.backend)
 
     def _forward_4bit(self, x: torch.Tensor) -> torch.Tensor:
         """As ``bnb.nn.Linear4bit`` does: compute in its ``compute_dtype`` (x's dtype if unset), cast back."""

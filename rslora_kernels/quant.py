@@ -174,8 +174,13 @@ def _check_weight4bit(w: Weight4bit) -> None:
             raise ValueError(f"{name} is on {t.device} but packed is on {w.packed.device}")
 
 
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
 def is_quantized_weight(weight) -> bool:
     """A :class:`Weight4bit` or a bitsandbytes ``Params4bit`` (a Tensor subclass carrying ``quant_state``)."""
+    if type(weight) in _PLAIN_TENSORS:  # the common case, answered first: every layer asks on every call
+        return False
     return isinstance(weight, Weight4bit) or (
         isinstance(weight, Tensor) and type(weight).__name__ == "Params4bit" and hasattr(weight, "quant_state"))
 

@@ -64,29 +64,6 @@ def _without_code_blocks(text: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # docs/kernels.md: launches per step
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture
-def launches(monkeypatch):
-    """A list that records the name of every Triton kernel launched while the test runs."""
-    from rslora_kernels import _launch
-    from rslora_kernels.ops import triton_kernels
-
-    names = []
-    kernel_class = type(triton_kernels._shrink_kernel)  # JITFunction, or InterpretedFunction under the interpreter
-    run = kernel_class.run
-
-    def counting_run(self, *args, **kwargs):
-        if not kwargs.get("warmup", False):
-            names.append(self.fn.__name__)
-        return run(self, *args, **kwargs)
-
-    monkeypatch.setattr(kernel_class, "run", counting_run)
-    monkeypatch.setenv("RSLORA_KERNELS_DIRECT_LAUNCH", "0")  # a direct launch would bypass run
-    _launch.clear_launch_cache()
-    yield names
-    monkeypatch.undo()
-    _launch.clear_launch_cache()
-
-
 # case of the table -> (M, K, N, r, p, bias, op). On the GPU in bf16, in the interpreter in fp32;
 # at these sizes B3 splits M at M = 300 and not at M = 100 on both (4 nominal SMs in the
 # interpreter, >= 100 on a GPU), and r = 200 is beyond F1's rank tile on both.
@@ -116,7 +93,7 @@ def test_launch_table_lists_the_cases_counted_here():
 
 
 @pytest.mark.parametrize("row", fact_table("docs/kernels.md", "launches-per-step"), ids=lambda row: row["case"])
-def test_launches_per_step_match_kernels_md(row, launches):
+def test_launches_per_step_match_kernels_md(row, kernel_launches):
     import contextlib
 
     from rslora_kernels.ops import tuning
@@ -135,7 +112,7 @@ def test_launches_per_step_match_kernels_md(row, launches):
     elif op in ("rank_mm", "split-K"):
         with plan():
             y = rk.lora_linear(x, W, A, B, 0.5, bias=bias, dropout_p=p, seed=5, backend="triton")
-            forward = list(launches)
+            forward = [launch.name for launch in kernel_launches]
             y.float().square().sum().backward()
     elif op == "group":  # members of N, N/2 and N/4 features (q, k, v), one bias each
         Ns = (N, N // 2, N // 4)
@@ -147,9 +124,9 @@ def test_launches_per_step_match_kernels_md(row, launches):
     else:
         y = rk.lora_linear(x, W, A, B, 0.5, bias=bias, dropout_p=p, seed=5, backend="triton")
     if op not in ("rank_mm", "split-K"):
-        forward = list(launches)
+        forward = [launch.name for launch in kernel_launches]
         y.float().square().sum().backward()
-    backward = launches[len(forward):]
+    backward = [launch.name for launch in kernel_launches[len(forward):]]
 
     # each row's condition holds, so the row is counted where it claims to be
     assert ("_keep_bits_kernel" in forward) == ("keep-bits pass" in row["case"]), forward

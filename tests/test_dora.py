@@ -87,23 +87,12 @@ def test_triton_matches_oracle(M, K, N, r, p, dtype, device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("M, K, N, r", [(64, 128, 64, 70), (33, 97, 130, 16)], ids=["even_r70", "ragged"])
-def test_triton_dropout_launches(M, K, N, r, dtype, monkeypatch, device):
+def test_triton_dropout_launches(M, K, N, r, dtype, monkeypatch, kernel_launches, device):
     """With dropout the Triton backend runs both base GEMMs of a direction in one launch over the
     same W tiles (forward: F1, DF2; backward: B1, DB2, B3) and forms neither drop(x) nor g * dy:
     no composite dropout pass, no torch GEMM of the base's size. Sizes that divide the
     interpreter's tiles (EVEN_* paths; r = 70 spans two of its F1 rank tiles: a keep-bits pass
     first) and ragged ones; against the oracle."""
-    from rslora_kernels.dropout import kernels as dk
-    from rslora_kernels.ops import triton_kernels as tk
-    launched = []
-    real = tk.launch
-
-    def record(kernel, *args):
-        launched.append(kernel.fn.__name__)
-        return real(kernel, *args)
-
-    monkeypatch.setattr(tk, "launch", record)
-    monkeypatch.setattr(dk, "launch", record)
     mms = []
     real_mm = torch.mm
     monkeypatch.setattr(torch, "mm", lambda a, b, **k: mms.append((tuple(a.shape), tuple(b.shape))) or real_mm(a, b, **k))
@@ -113,6 +102,7 @@ def test_triton_dropout_launches(M, K, N, r, dtype, monkeypatch, device):
     # sums come and go with the tiles, and are tested with the LoRA op
     expected = ["_shrink_kernel", "_dora_fwd_kernel", "_shrink_kernel", "_dora_dx_kernel",
                 "_m_reduce_kernel", "_m_reduce_kernel"]
+    launched = [launch.name for launch in kernel_launches]
     ours = [k for k in launched if k not in ("_keep_bits_kernel", "_sum_splits_kernel")][:len(expected)]
     assert ours == expected, launched
     assert not any(a[1] == K and b == (K, N) or b == (N, K) for a, b in mms), mms  # no x W^T nor dy W in torch

@@ -131,48 +131,39 @@ def test_triton_fused_rank_beyond_one_tile():
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_triton_fused_dA_split_over_m(monkeypatch, p):
+def test_triton_fused_dA_split_over_m(monkeypatch, kernel_launches, p):
     """The one-pass dA with its M reduction split (fp32 partials summed in order): a GPU's SM count
     makes the few column tiles split M."""
     from rslora_kernels.ops import group_kernels
 
     monkeypatch.setattr(group_kernels, "num_sms", lambda device: 132)
-    names = _count_launches(monkeypatch)
     check_against_oracle(make_group((200,), 40, [(21, 3, 0.7, True), (9, 16, 2.0, False), (13, 5, 1.3, True)],
                                     torch.float32), [p, 0.1, 0.0], "triton")
+    names = _names(kernel_launches)
     assert names.count("_group_da_kernel") == 1 and names.count("_sum_splits_kernel") >= 1
 
 
-def _count_launches(monkeypatch):
-    """Names of the kernels the Triton launchers launch, in order."""
-    from rslora_kernels.ops import group_kernels, triton_kernels
-
-    names = []
-    for module in (group_kernels, triton_kernels):
-        def counting(kernel, *args, _launch=module.launch, **kwargs):
-            names.append(kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__)
-            return _launch(kernel, *args, **kwargs)
-        monkeypatch.setattr(module, "launch", counting)
-    return names
+def _names(kernel_launches):
+    """Names of the kernels launched so far, in order."""
+    return [launch.name for launch in kernel_launches]
 
 
 @pytest.mark.parametrize("members", [2, 3, 4])
-def test_triton_group_launches_one_gemm_for_all_members(monkeypatch, members):
+def test_triton_group_launches_one_gemm_for_all_members(kernel_launches, members):
     """Up to three members: ONE shrink launch for every member's T, ONE dual GEMM launch for every
     member's y and ONE dx launch (no per-member F1, F2 or B2); four members fall back to the single op's launchers member by member (one F2 and B2
     each), and still match their members run alone."""
     lead, K, spec = FUSED
     spec = (spec * 2)[:members]
     inputs = make_group(lead, K, spec, torch.float32)
-    names = _count_launches(monkeypatch)
     ps = [0.1] * members
     seeds = list(range(1, members + 1))
     t = _leaves(inputs)
     ys = rk.lora_linear_group(t["x"], t["weights"], t["lora_As"], t["lora_Bs"], inputs["scalings"], t["biases"],
                               ps, seeds=seeds, backend="triton")
-    forward = list(names)
+    forward = _names(kernel_launches)
     torch.autograd.backward(ys, [torch.ones_like(y) for y in ys])
-    backward = names[len(forward):]
+    backward = _names(kernel_launches)[len(forward):]
     fused = members <= 3
     assert forward.count("_group_dual_gemm_kernel") == int(fused)
     assert forward.count("_dual_gemm_kernel") == (0 if fused else members)

@@ -85,7 +85,7 @@ def test_offset_dtype_follows_the_largest_tensor():
     assert _offset_dtype(wide_view) == tl.int64
 
 
-def test_64_bit_offsets_give_the_same_bits(monkeypatch, device):
+def test_64_bit_offsets_give_the_same_bits(monkeypatch, kernel_launches, device):
     """The 64-bit offset path (taken for tensors of 2^31 elements or more, too large for this test)
     computes exactly what the 32-bit path does."""
     import triton.language as tl
@@ -99,9 +99,17 @@ def test_64_bit_offsets_give_the_same_bits(monkeypatch, device):
         y.backward(torch.ones_like(y))
         return [y] + [t[k].grad for k in ("x", "lora_A", "lora_B", "bias")]
 
+    from rslora_kernels import _launch
     narrow = run()
-    monkeypatch.setattr(tk, "_offset_dtype", lambda *tensors: tl.int64)
+    offsets = [launch.kwargs["OFFSET_DTYPE"] for launch in kernel_launches if "OFFSET_DTYPE" in launch.kwargs]
+    assert offsets and set(offsets) == {tl.int32}
+    monkeypatch.setattr(tk, "_layouts_offset_dtype", lambda *layouts: tl.int64)
+    _launch.clear_launch_cache()  # the plans cached by the first run hold 32-bit offsets
+    del kernel_launches[:]
     wide = run()
+    offsets = [launch.kwargs["OFFSET_DTYPE"] for launch in kernel_launches if "OFFSET_DTYPE" in launch.kwargs]
+    assert len(offsets) >= 5 and set(offsets) == {tl.int64}
+    _launch.clear_launch_cache()  # no 64-bit plan outlives the patch
     for a, b in zip(narrow, wide):
         assert torch.equal(a, b)
     check_against_oracle(inputs, scaling=0.9, p=0.1, seed=3)  # and the 64-bit path is right
@@ -125,21 +133,13 @@ def test_strided_bias(dora, device):
 
 
 @pytest.mark.parametrize("N, K, rows_expected", [(70, 64, 64), (64, 96, 128)])
-def test_b3_takes_128_rows_only_where_the_row_strides_divide_by_16(N, K, rows_expected, monkeypatch, device):
+def test_b3_takes_128_rows_only_where_the_row_strides_divide_by_16(N, K, rows_expected, kernel_launches, device):
     """A tuned B3 tile of 128 rows a step runs only where N and K (dy's and x's row strides) are
     multiples of 16; elsewhere Triton 3.6's ptxas spills it (the static report), so B3 takes 64 rows.
     Either way dA and dB meet the oracle."""
     import dataclasses
 
     from rslora_kernels.ops import configs, tuning
-    from rslora_kernels.ops import triton_kernels as tk
-    rows, launch = [], tk.launch
-
-    def recording_launch(kernel, grid, args, constexprs, options):
-        if kernel is tk._m_reduce_kernel:
-            rows.append(constexprs["BLOCK_M"])
-        return launch(kernel, grid, args, constexprs, options)
-
     def choose(req):
         if req.family != "grads":
             return None
@@ -147,7 +147,7 @@ def test_b3_takes_128_rows_only_where_the_row_strides_divide_by_16(N, K, rows_ex
             rule = configs.grads_config(req.M, req.N, req.K, req.r, torch.float32, req.arch)
         return dataclasses.asdict(dataclasses.replace(rule, BLOCK_M=128))
 
-    monkeypatch.setattr(tk, "launch", recording_launch)
     with tuning.forced_configs(choose):
         check_against_oracle(make_inputs(150, K, N, 6, torch.float32, device, seed=23), scaling=0.7, p=0.1, seed=5)
+    rows = [launch.kwargs["BLOCK_M"] for launch in kernel_launches if launch.name == "_m_reduce_kernel"]
     assert rows and set(rows) == {rows_expected}

@@ -82,6 +82,24 @@ def test_second_launch_is_direct_with_the_same_arguments(direct):
     assert kernel.log[1][1] == (5, 1, 1, 1234, "fn-handle", "packed", None, None, None, x, 64, 0.5, 32, True)
 
 
+def test_bound_launch_is_launch_with_its_fixed_part_precomputed(direct):
+    """A BoundLaunch (a launch plan's launch) hands Triton and the launcher exactly what launch()
+    would for the same arguments, and shares its compiled-kernel cache: the same key."""
+    kernel, x = _Kernel(), torch.empty(64)
+    constexprs, options = {"BLOCK": 32, "EVEN": True}, {"num_warps": 4}
+    bound = _launch.BoundLaunch(kernel, (5,), (64,), constexprs, options)
+    bound((x,), (0.5,))
+    bound((x,), (0.25,))                # another float: same binary
+    _launch.launch(kernel, (5,), (x, 64, 0.5), constexprs, options)
+    bound((x[1:],), (0.5,))             # misaligned tensor: another binary
+    assert _kinds(kernel.log) == ["jit", "direct", "direct", "jit"]
+    assert kernel.log[0][1:] == ((5,), (x, 64, 0.5), {"BLOCK": 32, "EVEN": True, "num_warps": 4})
+    assert kernel.log[1][1] == (5, 1, 1, 1234, "fn-handle", "packed", None, None, None, x, 64, 0.25, 32, True)
+    assert kernel.log[2][1] == (5, 1, 1, 1234, "fn-handle", "packed", None, None, None, x, 64, 0.5, 32, True)
+    assert bound == _launch.BoundLaunch(kernel, (5,), (64,), dict(constexprs), dict(options))
+    assert bound != _launch.BoundLaunch(kernel, (5,), (65,), constexprs, options)
+
+
 def test_floats_share_a_binary_but_ints_alignment_and_dtypes_do_not(direct):
     kernel = _Kernel()
     base = torch.empty(64)
@@ -120,23 +138,13 @@ def test_jit_path_when_disabled_hooked_or_not_launchable(direct, monkeypatch):
     assert _kinds(kernel.log) == ["jit", "jit"]
 
 
-def test_every_launch_site_passes_constexprs_as_the_signature_tail(monkeypatch, device):
-    """Run the op (forward and backward, dropout on, bias, split-M reductions) with launch()
-    recording; each kernel's constexprs must be exactly its signature after the runtime args."""
+def test_every_launch_site_passes_constexprs_as_the_signature_tail(kernel_launches, device):
+    """Run the op (forward and backward, dropout on, bias, split-M reductions) with every launch
+    recorded; each kernel's constexprs, the first of its keyword arguments (launch options follow),
+    must be exactly its signature after the runtime args."""
     import rslora_kernels as rk
 
-    seen = {}
-    real = _launch.launch
-
-    def record(kernel, grid, args, constexprs, options):
-        seen[kernel.fn.__name__ if hasattr(kernel, "fn") else repr(kernel)] = (list(kernel.arg_names[len(args):]),
-                                                                             list(constexprs))
-        return real(kernel, grid, args, constexprs, options)
-
     from rslora_kernels.dropout import kernels as dk
-    from rslora_kernels.ops import triton_kernels as tk
-    monkeypatch.setattr(tk, "launch", record)
-    monkeypatch.setattr(dk, "launch", record)
     g = torch.Generator().manual_seed(3)
     M, K, N, r = 37, 40, 24, 5
     x = torch.randn(M, K, generator=g).to(device).requires_grad_()
@@ -146,17 +154,17 @@ def test_every_launch_site_passes_constexprs_as_the_signature_tail(monkeypatch, 
     rk.lora_linear(x, W, A, B, 0.5, bias=b, dropout_p=0.1, seed=7, backend="triton").sum().backward()
     dk.dropout_scale_triton(x.detach(), torch.tensor(7, device=device), 0.1, 2.0)  # the composite backend's on CUDA
     dk.keep_bits_triton(torch.tensor(7, device=device), M, K, 0.1)  # the pass before F1 when r spans rank tiles
-    from rslora_kernels.ops import group_kernels
-    monkeypatch.setattr(group_kernels, "launch", record)
     ys = rk.lora_linear_group(x, [W, W[:7]], [A, A[:3]], [B, B[:7, :3]], [0.5, 2.0], [b, None], [0.1, 0.0],
                               seeds=[7, 8], backend="triton")  # the group's dual GEMM and dx launches
     (ys[0].sum() + ys[1].sum()).backward()
     from rslora_kernels import quant
-    from rslora_kernels.ops import dequant_kernel
-    monkeypatch.setattr(dequant_kernel, "launch", record)
     packed = torch.randint(0, 256, (24 * 64 // 2,), generator=g, dtype=torch.uint8).to(device)
     w4 = quant.Weight4bit(packed, torch.rand(24 * 64 // 64, generator=g).to(device), (24, 64), 64, "nf4")
     quant.dequantize_4bit(w4, torch.float32, impl="triton")
+    seen = {}
+    for launch in kernel_launches:
+        tail = list(launch.kernel.arg_names[len(launch.args):])
+        seen[launch.name] = (tail, list(launch.kwargs)[:len(tail)])
     assert {"_keep_bits_kernel", "_shrink_kernel", "_dual_gemm_kernel", "_m_reduce_kernel",
             "_dropout_scale_kernel", "_dequant_4bit_kernel", "_group_dual_gemm_kernel", "_group_dx_kernel",
             "_group_shrink_kernel", "_group_da_kernel"} <= set(seen)

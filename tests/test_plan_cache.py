@@ -7,6 +7,9 @@ dtype, dropout and bias; that every cached plan equals its uncached computation;
 bounded and cleared with the launch cache, when tables are reloaded and when backends change; and
 that forced configs (the tuner) bypass it.
 """
+import importlib
+import math
+
 import pytest
 import torch
 
@@ -16,6 +19,8 @@ from rslora_kernels.ops import triton_kernels as tk
 from rslora_kernels.ops import tuning
 
 from conftest import DEVICE
+
+lora_linear_module = importlib.import_module("rslora_kernels.ops.lora_linear")  # the package re-exports the function
 
 # (M, K, N, r, dtype, p, bias, weight stored transposed, x a non-contiguous view)
 CASES = [
@@ -74,7 +79,8 @@ def test_every_cached_plan_equals_its_uncached_computation():
     for case in CASES:
         _step(case)
     makers = {make for make, _ in _launch._PLANS}
-    assert {tk._shrink_plan.__wrapped__, tk._dual_gemm_plan.__wrapped__, tk._m_reduce_plan.__wrapped__} <= makers
+    assert {tk._shrink_plan.__wrapped__, tk._dual_gemm_plan.__wrapped__, tk._m_reduce_plan.__wrapped__,
+            tk._forward_plan.__wrapped__, tk._backward_plan.__wrapped__, lora_linear_module._call_plan} <= makers
     for (make, key), plan in _launch._PLANS.items():
         assert make(*key) == plan, (make.__name__, key)
 
@@ -136,3 +142,30 @@ def test_forced_configs_bypass_the_cache():
         first = len(asked)
         _step(CASES[0])
     assert first > 0 and len(asked) == 2 * first
+
+
+def test_a_validated_call_signature_still_checks_what_varies_per_call():
+    """A call whose signature passed the checks skips them later (docs/kernels.md, "Launch plans");
+    whatever is not in the signature is still checked, and a value that is (scaling, dropout_p,
+    their types) makes a new signature, checked afresh."""
+    x, W, A, B, b, _ = _inputs(*CASES[1])
+    ok = dict(bias=b, dropout_p=0.1, seed=3, backend="triton")
+    _launch.clear_launch_cache()
+    rk.lora_linear(x, W, A, B, 1, **ok)
+    assert any(make is lora_linear_module._call_plan for make, _ in _launch._PLANS)
+    bad = [((x, W, A, B, math.nan), ok, ValueError, "scaling"),
+           ((x, W, A, B, True), ok, ValueError, "scaling"),              # bool after int 1: another signature
+           ((x, W, A, B, 1), dict(ok, dropout_p=1.0), ValueError, "dropout_p"),
+           ((x, W, A, B, 1), dict(ok, seed=-1), ValueError, "seed"),
+           ((x, W, A, B, 1), dict(ok, seed=torch.tensor(3, dtype=torch.int32)), TypeError, "seed"),
+           ((x.tolist(), W, A, B, 1), ok, TypeError, "x"),
+           ((x, W, A.double(), B, 1), ok, TypeError, "lora_B"),
+           ((x, W[:, :-1], A, B, 1), ok, ValueError, "weight"),
+           ((x, W, A, B, 1), dict(ok, bias=b[:-1]), ValueError, "bias"),
+           ((x, W, A, B, 1), dict(ok, backend="nope"), ValueError, "backend")]
+    for args, kwargs, exc, name in bad:
+        for _ in range(2):  # a failed call is never cached
+            with pytest.raises(exc, match=name):
+                rk.lora_linear(*args, **kwargs)
+    y = rk.lora_linear(x, W, A, B, 1, **ok)
+    torch.testing.assert_close(y, rk.lora_linear(x, W, A, B, 1.0, **dict(ok, backend="reference")), rtol=1e-5, atol=1e-5)

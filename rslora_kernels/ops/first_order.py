@@ -38,10 +38,10 @@ def first_order_only(backward):
     building a graph; under ``create_graph=True`` a second derivative through it raises."""
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
+        if not torch.is_grad_enabled():  # the usual backward (create_graph=False): autograd turned grad mode off
+            return backward(ctx, *grads)
         with torch.no_grad():
             outputs = backward(ctx, *grads)
-        if not torch.is_grad_enabled():  # the usual backward (create_graph=False)
-            return outputs
         anchors = [t for t in (*grads, *ctx.saved_tensors) if isinstance(t, torch.Tensor) and t.requires_grad]
         present = [i for i, t in enumerate(outputs) if isinstance(t, torch.Tensor)]
         if not anchors or not present:  # nothing upstream requires grad: no second derivative exists

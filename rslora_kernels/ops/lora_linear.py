@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable, Collection, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Collection, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -27,7 +27,7 @@ from .. import reference
 from .._runtime import triton_available_for
 from .._validate import check_backend_output, check_seed, need_tensors, validate_inputs
 from ..dropout import as_seed_int, draw_seed, keep_mask_torch
-from .._launch import clear_plans, planned
+from .._launch import clear_plans, planned, recall, remember
 from .custom_op import custom_op
 from .first_order import first_order_only
 from .tuning import auto_backend
@@ -190,14 +190,23 @@ def _resolve(backend, device, dtype, adapter_dtype, problem):
 resolve_backend_planned = planned(_resolve, uncached_while=torch.compiler.is_compiling)
 
 
+_triton_kernels = None  # rslora_kernels.ops.triton_kernels, imported at the first Triton call
+
+
+def _triton():
+    global _triton_kernels
+    if _triton_kernels is None:
+        from . import triton_kernels
+        _triton_kernels = triton_kernels
+    return _triton_kernels
+
+
 def _triton_forward(*args):
-    from .triton_kernels import lora_forward
-    return lora_forward(*args)
+    return _triton().lora_forward(*args)
 
 
 def _triton_backward(*args):
-    from .triton_kernels import lora_backward
-    return lora_backward(*args)
+    return _triton().lora_backward(*args)
 
 
 def _any_device(device: torch.device) -> bool:
@@ -324,13 +333,19 @@ class LoRALinearFunction(torch.autograd.Function):
 _AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype when autocast is on for ``device_type``, else None."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None  # e.g. meta: no autocast
+    return torch.get_autocast_dtype(device_type)
+
+
 def autocast_inputs(x, weight, lora_A, lora_B, bias):
     """Under torch.autocast, cast x, weight and bias to the autocast dtype (as F.linear would).
     lora_A/lora_B keep a wider dtype (PEFT's fp32 adapters): the kernels read them natively."""
-    dev = x.device.type
-    if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):  # e.g. meta: no autocast
+    dt = _autocast_dtype(x.device.type)
+    if dt is None:
         return x, weight, lora_A, lora_B, bias
-    dt = torch.get_autocast_dtype(dev)
 
     def cast(t, keep_wider=False):
         if t is None or t.dtype not in _AUTOCAST_ELIGIBLE or t.dtype == dt:
@@ -373,6 +388,39 @@ def seed_tensor(seed: Union[int, Tensor, None], p: float, device: torch.device) 
     return seed.reshape(())
 
 
+class _Call(NamedTuple):
+    """What a validated call's signature fixes: the backend it runs, and whether autocast can apply
+    on its device (then each call checks whether autocast is on)."""
+    backend: str
+    device_type: str
+    autocast_available: bool
+
+
+def _call_key(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend):
+    """Everything the checks of :func:`lora_linear` and its backend choice depend on (types, shapes,
+    dtypes and devices of the tensors; the scalars with their types), or None: not all tensors, or
+    under torch.compile's tracing (symbolic sizes)."""
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        return (type(x), x.shape, x.dtype, x.device, type(weight), weight.shape, weight.dtype, weight.device,
+                type(lora_A), lora_A.shape, lora_A.dtype, lora_A.device,
+                type(lora_B), lora_B.shape, lora_B.dtype, lora_B.device,
+                None if bias is None else (type(bias), bias.shape, bias.dtype, bias.device),
+                type(scaling), scaling, type(dropout_p), dropout_p, backend)
+    except AttributeError:  # not a tensor: the checks name it
+        return None
+
+
+def _call_plan(x_type, x_shape, x_dtype, x_device, w_type, w_shape, w_dtype, w_device, a_type, a_shape, a_dtype,
+               a_device, b_type, b_shape, b_dtype, b_device, bias, scaling_type, scaling, p_type, dropout_p,
+               backend) -> _Call:
+    """The :class:`_Call` of a signature whose inputs passed the checks (see :func:`_call_key`)."""
+    name = resolve_backend(backend, x_device, x_dtype, a_dtype,
+                           (math.prod(x_shape[:-1]), w_shape[0], x_shape[-1], a_shape[0]))
+    return _Call(name, x_device.type, torch.amp.is_autocast_available(x_device.type))
+
+
 def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
                 bias: Optional[Tensor] = None, dropout_p: float = 0.0, training: bool = True,
                 seed: Union[int, Tensor, None] = None, backend: str = "auto") -> Tensor:
@@ -397,18 +445,28 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     Returns:
         ``[..., N]`` in x's dtype (the autocast dtype under ``torch.autocast``).
     """
-    # before autocast or the 4-bit dispatch read .device/.dtype: a list or an array is a named TypeError
-    need_tensors(("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias))
-    if is_quantized_weight(weight):
-        from .qlora import qlora_linear
+    # a call whose signature was validated before (a plain weight, no autocast) skips to the op
+    key = _call_key(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend)
+    call = recall(_call_plan, key) if key is not None else None
+    if call is not None and not (call.autocast_available and torch.is_autocast_enabled(call.device_type)):
+        backend = call.backend
+    else:
+        # before autocast or the 4-bit dispatch read .device/.dtype: a list or an array is a named TypeError
+        need_tensors(("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias))
+        if is_quantized_weight(weight):
+            from .qlora import qlora_linear
 
-        return qlora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training, seed, backend)
-    x, weight, lora_A, lora_B, bias = autocast_inputs(x, weight, lora_A, lora_B, bias)
-    validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p)
-    backend = resolve_backend_planned(backend, x.device, x.dtype, lora_A.dtype,
-                                       (math.prod(x.shape[:-1]), weight.shape[0], x.shape[-1], lora_A.shape[0]))
-    scaling = float(scaling)
+            return qlora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training, seed, backend)
+        autocasting = _autocast_dtype(x.device.type) is not None
+        x, weight, lora_A, lora_B, bias = autocast_inputs(x, weight, lora_A, lora_B, bias)
+        validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p)
+        if key is not None and not autocasting:
+            backend = remember(_call_plan, key, _call_plan(*key)).backend
+        else:
+            backend = resolve_backend_planned(backend, x.device, x.dtype, lora_A.dtype,
+                                               (math.prod(x.shape[:-1]), weight.shape[0], x.shape[-1], lora_A.shape[0]))
     p = float(dropout_p) if training else 0.0
+    scaling = float(scaling)
     seed = seed_tensor(seed, p, x.device)
     spec = _REGISTRY[backend]
     if spec.backward is None:  # an autograd backend: plain PyTorch, differentiated by autograd

@@ -40,14 +40,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import launch, planned
+from .._launch import BoundLaunch, launch, planned
 from .._runtime import cuda_arch, interpreting, num_sms
 from ..dropout.kernels import (apply_keep, keep_bits_triton, keep_bits_words, keep_factor, keep_from_bits,
                                keep_mask_tile, load_seed, store_keep_bits)
 from ..dropout.stream import drop_threshold
 from .configs import (dora_gemm_config, dual_gemm_config, grads_config, shrink_config, shrink_masked_config,
                       split_count, split_m_for)
-from .tuning import configs_forced, tuned_plan
+from .tuning import configs_forced, plan_forced, tuned_plan
 
 # a split of a shrink's reduction keeps at least this many tile steps (a pipeline's worth of loads)
 _SHRINK_MIN_STEPS = 4
@@ -574,16 +574,80 @@ def _layouts_offset_dtype(*layouts):
 
 
 # Launch plans (docs/kernels.md, "Host work per launch"): each launcher's work that depends only on its
-# call's signature -- the tile config, grid, constexprs and launch options -- is a pure function of
-# that signature, computed once per signature by the plan cache of rslora_kernels._launch
+# call's signature -- the tile config, grid, constexprs, launch options, the sizes and strides it
+# passes, the shapes it allocates -- is a plan object computed once per signature by the plan cache
+# of rslora_kernels._launch; a call then allocates and launches (``plan.run``). The op-level plans
+# (:func:`lora_forward`, :func:`lora_backward`) hold their launchers' plans, so a fused step looks
+# up two plans, not one per launch
 def _plan(make):
     return planned(make, uncached_while=configs_forced)
+
+
+def _op_plan(make):
+    # the op's plan also fixes the "fused"/"rank_mm" choice, which the tuner forces per run
+    return planned(make, uncached_while=lambda: configs_forced() or plan_forced())
+
+
+@dataclasses.dataclass
+class _SumPlan:
+    """:func:`_sum_splits` for [S, n] fp32 partials in a contiguous buffer."""
+    launch: BoundLaunch
+    n: int
+    out_dtype: torch.dtype
+    device: torch.device
+
+    def run(self, part: torch.Tensor) -> torch.Tensor:
+        out = torch.empty((self.n,), dtype=self.out_dtype, device=self.device)
+        self.launch((part, out))
+        return out
+
+
+_SUM_BLOCK = 1024
+
+
+@_plan
+def _sum_plan(S, n, stride_s, out_dtype, device):
+    return _SumPlan(BoundLaunch(_sum_splits_kernel, (_cdiv(n, _SUM_BLOCK),), (S, n, stride_s), dict(BLOCK=_SUM_BLOCK),
+                                {"num_warps": 4}), n, out_dtype, device)
+
+
+def _sum_splits(part: torch.Tensor, out_dtype) -> torch.Tensor:
+    """[S, n] fp32 partial sums (unit column stride) -> [n] in ``out_dtype``, summed in order."""
+    S, n = part.shape
+    return _sum_plan(S, n, part.stride(0), out_dtype, part.device).run(part)
+
+
+@dataclasses.dataclass
+class _ShrinkPlan:
+    """F1 / B1 for one signature: see :func:`_shrink`."""
+    launch: BoundLaunch
+    M: int
+    RED: int
+    R: int
+    p: float
+    device: torch.device
+    out_shape: tuple           # (M, R), or (splits, M, R) fp32 partials
+    out_dtype: torch.dtype     # what the launch writes
+    bits_shape: Optional[tuple]  # the keep-bits' shape with dropout, else None
+    gen_bits: bool             # the launch draws the keep-bits (else a pass before it does)
+    sums: Optional[_SumPlan]   # the partials' sum, when the reduction is split
+
+    def run(self, inp: torch.Tensor, w: torch.Tensor, seed: Optional[torch.Tensor]):
+        keep_bits = None
+        if self.bits_shape is not None:
+            keep_bits = (torch.empty(self.bits_shape, dtype=torch.int32, device=self.device) if self.gen_bits
+                         else keep_bits_triton(seed, self.M, self.RED, self.p))
+        out = torch.empty(self.out_shape, dtype=self.out_dtype, device=self.device)
+        self.launch((inp, w, out, keep_bits, seed if self.gen_bits else None))
+        if self.sums is not None:
+            out = self.sums.run(out.view(self.out_shape[0], self.M * self.R)).view(self.M, self.R)
+        return out, keep_bits
 
 
 def _shrink(inp: torch.Tensor, w_strides, w: torch.Tensor, R: int, out_dtype, *, seed=None, p=0.0,
             num_splits: Optional[int] = None):
     """out[M, R] = keep?(inp)[M, RED] @ w_view[RED, R] / (1-p), with dropout when ``seed`` is given
-    (F1). Returns (out, keep-bits of inp | None).
+    (F1); ``w_strides`` are w_view's. Returns (out, keep-bits of inp | None).
 
     The keep-bits are drawn by this launch, while it holds the tiles of inp, when one rank tile
     covers r and the reduction tile is whole words (then each element is visited once) unless the
@@ -593,34 +657,15 @@ def _shrink(inp: torch.Tensor, w_strides, w: torch.Tensor, R: int, out_dtype, *,
     chunks of whole tiles, one program per (chunk, row tile, rank tile): fp32 partials, summed in
     order by :func:`_sum_splits` (deterministic; no atomics)."""
     M, RED = inp.shape
-    dropout = seed is not None
     dt = inp.dtype
-    grid, constexprs, options, gen_bits, threshold, num_splits, red_chunk = _shrink_plan(
-        M, RED, R, dt, out_dtype, inp.device, dropout, p, _matmul_precision(dt), _layout(inp), _layout(w), num_splits)
-    keep_bits = None
-    if gen_bits:
-        keep_bits = torch.empty((M, keep_bits_words(RED)), dtype=torch.int32, device=inp.device)
-    elif dropout:
-        keep_bits = keep_bits_triton(seed, M, RED, p)
-    out = torch.empty((M, R) if num_splits == 1 else (num_splits, M, R),
-                      dtype=out_dtype if num_splits == 1 else torch.float32, device=inp.device)
-    n_words, stride_bm = _bits_strides(keep_bits)
-    launch(_shrink_kernel, grid,
-           (inp, w, out, keep_bits, seed if gen_bits else None,
-            M, RED, R, n_words, red_chunk,
-            inp.stride(0), inp.stride(1), w_strides[0], w_strides[1], out.stride(0) if num_splits > 1 else 0,
-            out.stride(-2), out.stride(-1), stride_bm,
-            threshold, 1.0 / (1.0 - p)),
-           constexprs, options)
-    if num_splits > 1:
-        out = _sum_splits(out.view(num_splits, M * R), out_dtype).view(M, R)
-    return out, keep_bits
+    plan = _shrink_plan(M, RED, R, dt, out_dtype, inp.device, seed is not None, p, _matmul_precision(dt),
+                        _layout(inp), ((RED, R), tuple(w_strides)), num_splits)
+    return plan.run(inp, w, seed)
 
 
 @_plan
 def _shrink_plan(M, RED, R, dtype, out_dtype, device, dropout, p, precision, inp_layout, w_layout, num_splits):
-    """(grid, constexprs, launch options, whether F1 draws the keep-bits, the drop threshold it draws
-    with, splits of the reduction, columns per split)."""
+    """The :class:`_ShrinkPlan` of a call; ``w_layout`` is w_view's ([RED, R] and its strides)."""
     cfg = (shrink_masked_config if dropout else shrink_config)(M, RED, R, dtype, cuda_arch(device))
     gen_bits = dropout and cfg.DRAW_BITS and R <= cfg.BLOCK_R and cfg.BLOCK_RED % 32 == 0
     tiles = _cdiv(M, cfg.BLOCK_M) * _cdiv(R, cfg.BLOCK_R)
@@ -629,49 +674,69 @@ def _shrink_plan(M, RED, R, dtype, out_dtype, device, dropout, p, precision, inp
         num_splits = split_count(steps, tiles, cfg.SPLIT_PER_SM, num_sms(device), _SHRINK_MIN_STEPS)
     red_chunk = max(_cdiv(steps, max(num_splits, 1)), 1) * cfg.BLOCK_RED
     num_splits = max(_cdiv(RED, red_chunk), 1)
-    out_layout = _contiguous(M, R) if num_splits == 1 else _contiguous(num_splits, M, R)
+    out_shape, out_strides = _contiguous(M, R) if num_splits == 1 else _contiguous(num_splits, M, R)
+    bits_shape = (M, keep_bits_words(RED)) if dropout else None
+    n_words, stride_bm = (bits_shape[1], _contiguous(*bits_shape)[1][0]) if dropout else (0, 0)
     constexprs = dict(HAS_DROPOUT=dropout, GEN_BITS=gen_bits, RANK_MAJOR=dropout, EVEN_RED=RED % cfg.BLOCK_RED == 0,
-                      OFFSET_DTYPE=_layouts_offset_dtype(inp_layout, w_layout, out_layout),
+                      OFFSET_DTYPE=_layouts_offset_dtype(inp_layout, w_layout, (out_shape, out_strides)),
                       **_meta(dtype, precision), BLOCK_M=cfg.BLOCK_M, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R)
-    return ((tiles * num_splits,), constexprs, cfg.launch_kwargs(), gen_bits, drop_threshold(p) if gen_bits else 0,
-            num_splits, red_chunk)
+    ints = (M, RED, R, n_words, red_chunk,
+            *inp_layout[1], *w_layout[1], out_strides[0] if num_splits > 1 else 0, out_strides[-2], out_strides[-1],
+            stride_bm, drop_threshold(p) if gen_bits else 0, 1.0 / (1.0 - p))
+    return _ShrinkPlan(BoundLaunch(_shrink_kernel, (tiles * num_splits,), ints, constexprs, cfg.launch_kwargs()),
+                       M, RED, R, p, device, out_shape, out_dtype if num_splits == 1 else torch.float32, bits_shape,
+                       gen_bits, _sum_plan(num_splits, M * R, M * R, out_dtype, device) if num_splits > 1 else None)
+
+
+@dataclasses.dataclass
+class _DualGemmPlan:
+    """F2 / B2 for one signature: see :func:`_dual_gemm`. ``launch`` None: an empty output."""
+    launch: Optional[BoundLaunch]
+    out_shape: tuple
+    out_dtype: torch.dtype
+    device: torch.device
+
+    def run(self, t, bt, inp, w, bias, keep_bits, adapter_scale: float) -> torch.Tensor:
+        out = torch.empty(self.out_shape, dtype=self.out_dtype, device=self.device)
+        if self.launch is not None:
+            self.launch((t, bt, inp, w, bias, keep_bits, out), (adapter_scale,))
+        return out
 
 
 def _dual_gemm(t, bt, bt_strides, inp, w, w_strides, F: int, adapter_scale: float, out_dtype,
                *, bias=None, keep_bits=None):
-    """out[M, F] = adapter_scale * keep?(t @ bt_view) + inp @ w_view (+ bias)."""
+    """out[M, F] = adapter_scale * keep?(t @ bt_view) + inp @ w_view (+ bias); ``bt_strides`` and
+    ``w_strides`` are the views' ([R, F] and [RED, F])."""
     M, R = t.shape
     RED = inp.shape[1]
-    out = torch.empty((M, F), dtype=out_dtype, device=inp.device)
-    if out.numel() == 0:
-        return out
     dt = inp.dtype
-    grid, constexprs, options = _dual_gemm_plan(M, F, RED, R, dt, inp.device, bias is not None, keep_bits is not None,
-                                                _matmul_precision(dt), _layout(t), _layout(bt), _layout(inp), _layout(w))
-    n_words, stride_bm = _bits_strides(keep_bits)
     bias = bias.contiguous() if bias is not None else None  # the kernel reads it with unit stride
-    launch(_dual_gemm_kernel, grid,
-           (t, bt, inp, w, bias, keep_bits, out,
-            M, F, RED, R, n_words,
-            t.stride(0), t.stride(1), bt_strides[0], bt_strides[1],
-            inp.stride(0), inp.stride(1), w_strides[0], w_strides[1], stride_bm, out.stride(0), out.stride(1),
-            adapter_scale),
-           constexprs, options)
-    return out
+    plan = _dual_gemm_plan(M, F, RED, R, dt, out_dtype, inp.device, bias is not None, _bits_strides(keep_bits),
+                           _matmul_precision(dt), _layout(t), ((R, F), tuple(bt_strides)), _layout(inp),
+                           ((RED, F), tuple(w_strides)))
+    return plan.run(t, bt, inp, w, bias, keep_bits, adapter_scale)
 
 
 @_plan
-def _dual_gemm_plan(M, F, RED, R, dtype, device, has_bias, dropout, precision, t_layout, bt_layout, inp_layout,
-                    w_layout):
-    """(grid, constexprs, launch options) of a dual-GEMM launch."""
+def _dual_gemm_plan(M, F, RED, R, dtype, out_dtype, device, has_bias, bits_strides, precision, t_layout, bt_layout,
+                    inp_layout, w_layout):
+    """The :class:`_DualGemmPlan` of a call; ``bits_strides``: the keep-bits' (words per row, row
+    stride), (0, 0) without dropout."""
+    if M * F == 0:
+        return _DualGemmPlan(None, (M, F), out_dtype, device)
     cfg = dual_gemm_config(M, F, RED, R, dtype, cuda_arch(device))
-    constexprs = dict(HAS_BIAS=has_bias, HAS_DROPOUT=dropout,
+    out_layout = _contiguous(M, F)
+    constexprs = dict(HAS_BIAS=has_bias, HAS_DROPOUT=bits_strides != (0, 0),
                       EVEN_RED=RED % cfg.BLOCK_RED == 0, EVEN_R=R % cfg.BLOCK_R == 0,
-                      OFFSET_DTYPE=_layouts_offset_dtype(t_layout, bt_layout, inp_layout, w_layout, _contiguous(M, F)),
+                      OFFSET_DTYPE=_layouts_offset_dtype(t_layout, bt_layout, inp_layout, w_layout, out_layout),
                       **_meta(dtype, precision),
                       BLOCK_M=cfg.BLOCK_M, BLOCK_F=cfg.BLOCK_F, BLOCK_RED=cfg.BLOCK_RED, BLOCK_R=cfg.BLOCK_R,
                       GROUP_M=cfg.GROUP_M)
-    return (_cdiv(M, cfg.BLOCK_M) * _cdiv(F, cfg.BLOCK_F),), constexprs, cfg.launch_kwargs()
+    ints = (M, F, RED, R, bits_strides[0], *t_layout[1], *bt_layout[1], *inp_layout[1], *w_layout[1],
+            bits_strides[1], *out_layout[1])
+    grid = (_cdiv(M, cfg.BLOCK_M) * _cdiv(F, cfg.BLOCK_F),)
+    return _DualGemmPlan(BoundLaunch(_dual_gemm_kernel, grid, ints, constexprs, cfg.launch_kwargs()),
+                         (M, F), out_dtype, device)
 
 
 def _as_keep_bits(mask_state, M: int, K: int, p: float):
@@ -687,61 +752,52 @@ def _as_keep_bits(mask_state, M: int, K: int, p: float):
     return mask_state
 
 
-def _m_reduce(l, r, scale: float, out_dtype, block_m: int, block_p: int, block_q: int, rank_axis: int,
-              launch_kwargs, num_splits: Optional[int], keep_bits=None, colsum=False, split_per_sm: int = 2):
-    """out[P, Q] = scale * l^T keep?(r) for l [M, P], r [M, Q], and with ``colsum`` the fp32 column
-    sums of l; a deterministic split-M reduction (fp32 partials summed in a fixed order) when the
-    tiles alone would not fill the GPU. Returns (out, column sums | None)."""
-    M, P = l.shape
-    Q = r.shape[1]
-    dev = l.device
-    dt = l.dtype
-    grid, constexprs, num_splits, m_chunk = _m_reduce_plan(
-        M, P, Q, dt, dev, block_m, block_p, block_q, rank_axis, num_splits, keep_bits is not None, colsum,
-        _matmul_precision(dt), _layout(l), _layout(r), split_per_sm)
-    out = torch.empty((P, Q) if num_splits == 1 else (num_splits, P, Q),
-                      dtype=out_dtype if num_splits == 1 else torch.float32, device=dev)
-    sums = torch.empty((num_splits, P), dtype=torch.float32, device=dev) if colsum else None
-    n_words, stride_bm = _bits_strides(keep_bits)
-    launch(_m_reduce_kernel, grid,
-           (l, r, keep_bits, out, sums,
-            M, P, Q, n_words, m_chunk,
-            l.stride(0), l.stride(1), r.stride(0), r.stride(1), stride_bm,
-            out.stride(0) if num_splits > 1 else 0, out.stride(-2), out.stride(-1), sums.stride(0) if colsum else 0,
-            scale),
-           constexprs, launch_kwargs)
-    if num_splits > 1:
-        out = _sum_splits(out.view(num_splits, P * Q), out_dtype).view(P, Q)
-    if colsum:
-        sums = sums[0] if num_splits == 1 else _sum_splits(sums, torch.float32)
-    return out, sums
+@dataclasses.dataclass
+class _MReducePlan:
+    """One M-reduction for one signature: see :func:`_m_reduce`."""
+    launch: BoundLaunch
+    out_shape: tuple             # (P, Q), or (splits, P, Q) fp32 partials
+    out_dtype: torch.dtype       # what the launch writes
+    sums_shape: Optional[tuple]  # (splits, P) with column sums, else None
+    device: torch.device
+    P: int
+    Q: int
+    out_sum: Optional[_SumPlan]  # the partials' sums, when M is split
+    colsum_sum: Optional[_SumPlan]
+
+    def run(self, l, r, keep_bits, scale: float):
+        out = torch.empty(self.out_shape, dtype=self.out_dtype, device=self.device)
+        sums = None if self.sums_shape is None else torch.empty(self.sums_shape, dtype=torch.float32, device=self.device)
+        self.launch((l, r, keep_bits, out, sums), (scale,))
+        if self.out_sum is not None:
+            out = self.out_sum.run(out.view(self.out_shape[0], self.P * self.Q)).view(self.P, self.Q)
+        if sums is not None:
+            sums = sums[0] if self.colsum_sum is None else self.colsum_sum.run(sums)
+        return out, sums
 
 
 @_plan
-def _m_reduce_plan(M, P, Q, dtype, device, block_m, block_p, block_q, rank_axis, num_splits, dropout, colsum,
-                   precision, l_layout, r_layout, split_per_sm):
-    """(grid, constexprs, splits of M, rows per split) of an M-reduction launch."""
+def _m_reduce_plan(M, P, Q, dtype, out_dtype, device, block_m, block_p, block_q, rank_axis, launch_kwargs, num_splits,
+                   bits_strides, colsum, precision, l_layout, r_layout, split_per_sm):
+    """The :class:`_MReducePlan` of a call; ``launch_kwargs`` as (name, value) pairs."""
     tiles = _cdiv(P, block_p) * _cdiv(Q, block_q)
     if num_splits is None:
         num_splits = split_m_for(M, tiles, block_m, num_sms(device), split_per_sm)
     m_chunk = _cdiv(_cdiv(M, num_splits), block_m) * block_m
     num_splits = _cdiv(M, m_chunk)
-    out_layout = _contiguous(P, Q) if num_splits == 1 else _contiguous(num_splits, P, Q)
-    constexprs = dict(HAS_DROPOUT=dropout, COLSUM=colsum, COLSUM_MMA=colsum and dtype != torch.float32,
+    out_shape, out_strides = _contiguous(P, Q) if num_splits == 1 else _contiguous(num_splits, P, Q)
+    sums_shape, sums_strides = _contiguous(num_splits, P)
+    constexprs = dict(HAS_DROPOUT=bits_strides != (0, 0), COLSUM=colsum, COLSUM_MMA=colsum and dtype != torch.float32,
                       EVEN_M=M % block_m == 0, RANK_AXIS=rank_axis,
-                      OFFSET_DTYPE=_layouts_offset_dtype(l_layout, r_layout, out_layout), **_meta(dtype, precision),
-                      BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q)
-    return (tiles * num_splits,), constexprs, num_splits, m_chunk
-
-
-def _sum_splits(part: torch.Tensor, out_dtype) -> torch.Tensor:
-    """[S, n] fp32 partial sums (unit column stride) -> [n] in ``out_dtype``, summed in order."""
-    S, n = part.shape
-    out = torch.empty((n,), dtype=out_dtype, device=part.device)
-    BLOCK = 1024
-    launch(_sum_splits_kernel, (_cdiv(n, BLOCK),), (part, out, S, n, part.stride(0)), dict(BLOCK=BLOCK),
-           {"num_warps": 4})
-    return out
+                      OFFSET_DTYPE=_layouts_offset_dtype(l_layout, r_layout, (out_shape, out_strides)),
+                      **_meta(dtype, precision), BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q)
+    ints = (M, P, Q, bits_strides[0], m_chunk, *l_layout[1], *r_layout[1], bits_strides[1],
+            out_strides[0] if num_splits > 1 else 0, out_strides[-2], out_strides[-1], sums_strides[0] if colsum else 0)
+    split = num_splits > 1
+    return _MReducePlan(BoundLaunch(_m_reduce_kernel, (tiles * num_splits,), ints, constexprs, dict(launch_kwargs)),
+                        out_shape, torch.float32 if split else out_dtype, sums_shape if colsum else None, device, P, Q,
+                        _sum_plan(num_splits, P * Q, P * Q, out_dtype, device) if split else None,
+                        _sum_plan(num_splits, P, P, torch.float32, device) if split and colsum else None)
 
 
 @_plan
@@ -756,27 +812,54 @@ def _grads_config(M, N, K, R, dtype, device):
     return cfg
 
 
+@dataclasses.dataclass
+class _GradsPlan:
+    """B3 for one signature: see :func:`_lora_grads`. A plan is None where its grad is not needed."""
+    dA: Optional[_MReducePlan]
+    dB: Optional[_MReducePlan]
+
+    def run(self, U, x2d, dy, T, keep_bits, scaling: float, p: float, a_dtype, dB_row_scale=None):
+        """(dA | None, dB | None, db | None)."""
+        dA = dB = db = None
+        if self.dA is not None:
+            dA, _ = self.dA.run(U, x2d, keep_bits, scaling / (1.0 - p))
+        if self.dB is not None:
+            dB, db = self.dB.run(dy, T, None, scaling)
+            if dB_row_scale is not None:
+                dB = (dB * dB_row_scale[:, None]).to(a_dtype)
+        return dA, dB, db
+
+
+@_plan
+def _grads_plan(M, N, K, R, dtype, a_dtype, device, precision, u_layout, x_layout, dy_layout, t_layout, bits_strides,
+                need_dA, need_dB, need_db, dB_fp32, num_splits):
+    """The :class:`_GradsPlan` of a call (``dB_fp32``: dB is written in fp32, to be row-scaled)."""
+    cfg = _grads_config(M, N, K, R, dtype, device)
+    kwargs = tuple(cfg.launch_kwargs().items())
+    dA = (_m_reduce_plan(M, R, K, dtype, a_dtype, device, cfg.BLOCK_M, cfg.BLOCK_R, cfg.BLOCK_F, 0, kwargs, num_splits,
+                         bits_strides, False, precision, u_layout, x_layout, cfg.SPLIT_PER_SM) if need_dA else None)
+    dB = (_m_reduce_plan(M, N, R, dtype, torch.float32 if dB_fp32 else a_dtype, device, cfg.BLOCK_M, cfg.BLOCK_F,
+                         cfg.BLOCK_R, 1, kwargs, num_splits, (0, 0), need_db, precision, dy_layout, t_layout,
+                         cfg.SPLIT_PER_SM) if need_dB else None)
+    return _GradsPlan(dA, dB)
+
+
 def _lora_grads(U, x2d, dy, T, scaling: float, p: float, mask_state, a_dtype, need_dA: bool, need_dB: bool,
                 num_splits: Optional[int] = None, need_db: bool = False, dB_row_scale: Optional[torch.Tensor] = None):
-    """B3: dA = s/(1-p) U^T drop(x) [r, K] and dB = s dy^T T [N, r], one launch each; with
-    ``need_db`` (and dB) also db = sum_M dy, summed while dB reads dy. ``mask_state``: the forward's
-    keep-bits, or a 0-dim seed (see :func:`_as_keep_bits`). ``dB_row_scale`` [N] fp32 (DoRA's g):
-    dB's rows are scaled by it in fp32 before the one rounding to the adapter's dtype.
-    Returns (dA | None, dB | None), and db | None third with ``need_db``."""
+    """B3: dA = s/(1-p) U^T drop(x) [r, K] and dB = s dy^T T [N, r], one launch each (an M-reduction:
+    ``_m_reduce_kernel``, split over M when its tiles alone would not fill the GPU, fp32 partials
+    summed in a fixed order); with ``need_db`` (and dB) also db = sum_M dy, summed while dB reads dy.
+    ``mask_state``: the forward's keep-bits, or a 0-dim seed (see :func:`_as_keep_bits`).
+    ``dB_row_scale`` [N] fp32 (DoRA's g): dB's rows are scaled by it in fp32 before the one rounding
+    to the adapter's dtype. Returns (dA | None, dB | None), and db | None third with ``need_db``."""
     M, K = x2d.shape
     N, R = dy.shape[1], T.shape[1]
-    cfg = _grads_config(M, N, K, R, x2d.dtype, x2d.device)
-    dA = dB = db = None
-    if need_dA:
-        dA, _ = _m_reduce(U, x2d, scaling / (1.0 - p), a_dtype, cfg.BLOCK_M, cfg.BLOCK_R, cfg.BLOCK_F, 0,
-                          cfg.launch_kwargs(), num_splits, keep_bits=_as_keep_bits(mask_state, M, K, p),
-                          split_per_sm=cfg.SPLIT_PER_SM)
-    if need_dB:
-        dB, db = _m_reduce(dy, T, scaling, a_dtype if dB_row_scale is None else torch.float32, cfg.BLOCK_M,
-                           cfg.BLOCK_F, cfg.BLOCK_R, 1, cfg.launch_kwargs(), num_splits, colsum=need_db,
-                           split_per_sm=cfg.SPLIT_PER_SM)
-        if dB_row_scale is not None:
-            dB = (dB * dB_row_scale[:, None]).to(a_dtype)
+    keep_bits = _as_keep_bits(mask_state, M, K, p) if need_dA else None
+    dt = x2d.dtype
+    plan = _grads_plan(M, N, K, R, dt, a_dtype, x2d.device, _matmul_precision(dt),
+                       _layout(U) if need_dA else None, _layout(x2d), _layout(dy), _layout(T), _bits_strides(keep_bits),
+                       need_dA, need_dB, need_db, dB_row_scale is not None, num_splits)
+    dA, dB, db = plan.run(U, x2d, dy, T, keep_bits, scaling, p, a_dtype, dB_row_scale)
     return (dA, dB, db) if need_db else (dA, dB)
 
 
@@ -828,6 +911,38 @@ def _lora_grads_mm(U, x2d, dy, T, scaling: float, p: float, keep_bits, a_dtype, 
     return dA, dB
 
 
+@dataclasses.dataclass
+class _ForwardPlan:
+    """:func:`lora_forward` for one signature: F1 (``shrink``; None under plan "rank_mm") and F2."""
+    shrink: Optional[_ShrinkPlan]
+    dual: _DualGemmPlan
+    copy_bias: bool  # the bias is not contiguous (F2 reads it with unit stride)
+
+    def run(self, x2d, weight, lora_A, lora_B, bias, scaling: float, p: float, seed):
+        if self.shrink is None:
+            T, keep_bits = _shrink_mm(x2d, lora_A, seed, p)
+        else:
+            T, keep_bits = self.shrink.run(x2d, lora_A, seed if p > 0.0 else None)
+        if self.copy_bias:
+            bias = bias.contiguous()
+        y = self.dual.run(T, lora_B, x2d, weight, bias, None, scaling)
+        return y, T, keep_bits if keep_bits is not None else x2d.new_empty((0,), dtype=torch.int32)
+
+
+@_op_plan
+def _forward_plan(M, K, N, R, dtype, device, x_strides, w_strides, a_strides, b_strides, bias_strides, p, precision):
+    """The :class:`_ForwardPlan` of a call (``bias_strides`` None: no bias)."""
+    t_layout = _contiguous(M, R)  # T as F1 (or cuBLAS) writes it
+    shrink = None
+    if tuned_plan(device, dtype, M, N, K, R) != "rank_mm":  # F1: w_view[k, r] = A[r, k]
+        shrink = _shrink_plan(M, K, R, dtype, dtype, device, p > 0.0, p, precision, ((M, K), x_strides),
+                              ((K, R), a_strides[::-1]), None)
+    # F2: bt_view[r, n] = B[n, r]; w_view[k, n] = W[n, k]
+    dual = _dual_gemm_plan(M, N, K, R, dtype, dtype, device, bias_strides is not None, (0, 0), precision, t_layout,
+                           ((R, N), b_strides[::-1]), ((M, K), x_strides), ((K, N), w_strides[::-1]))
+    return _ForwardPlan(shrink, dual, bias_strides is not None and bias_strides != (1,))
+
+
 def lora_forward(x2d, weight, lora_A, lora_B, bias, scaling: float, p: float, seed):
     """F1 + F2 (with dropout F1 draws the keep-bits, or a keep-bits pass before it does; see
     :func:`_shrink`). x2d [M, K], weight [N, K], lora_A [r, K], lora_B [N, r], bias [N] | None,
@@ -841,16 +956,62 @@ def lora_forward(x2d, weight, lora_A, lora_B, bias, scaling: float, p: float, se
     if M == 0:
         mask_state = keep_bits_triton(seed, 0, K, p) if p > 0.0 else x2d.new_empty((0,), dtype=torch.int32)
         return x2d.new_empty((0, N)), x2d.new_empty((0, R)), mask_state
-    if tuned_plan(x2d.device, x2d.dtype, M, N, K, R) == "rank_mm":
-        T, keep_bits = _shrink_mm(x2d, lora_A, seed, p)
-    else:  # F1: w_view[k, r] = A[r, k]
-        T, keep_bits = _shrink(x2d, (lora_A.stride(1), lora_A.stride(0)), lora_A, R, x2d.dtype,
-                               seed=seed if p > 0.0 else None, p=p)
-    mask_state = keep_bits if keep_bits is not None else x2d.new_empty((0,), dtype=torch.int32)
-    # F2: bt_view[r, n] = B[n, r]; w_view[k, n] = W[n, k]
-    y = _dual_gemm(T, lora_B, (lora_B.stride(1), lora_B.stride(0)), x2d, weight, (weight.stride(1), weight.stride(0)),
-                   N, scaling, x2d.dtype, bias=bias)
-    return y, T, mask_state
+    dt = x2d.dtype
+    plan = _forward_plan(M, K, N, R, dt, x2d.device, x2d.stride(), weight.stride(), lora_A.stride(), lora_B.stride(),
+                         None if bias is None else bias.stride(), p, _matmul_precision(dt))
+    return plan.run(x2d, weight, lora_A, lora_B, bias, scaling, p, seed)
+
+
+@dataclasses.dataclass
+class _BackwardPlan:
+    """:func:`lora_backward` for one signature: B1 (``shrink``; None under plan "rank_mm" or when
+    U is not needed), B2 (``dual``; None without dx), B3 (``grads``; None under "rank_mm" with
+    adapters in x's dtype, or when neither dA nor dB is needed)."""
+    rank_mm: bool
+    shrink: Optional[_ShrinkPlan]
+    dual: Optional[_DualGemmPlan]
+    grads: Optional[_GradsPlan]
+    need_U: bool
+    need_dA: bool
+    need_dB: bool
+    need_db: bool
+
+    def run(self, dy, x2d, weight, lora_A, lora_B, T, scaling: float, p: float, keep_bits):
+        U = None
+        if self.need_U:  # B1: w_view[n, r] = B[n, r]
+            U = (self.shrink.run(dy, lora_B, None)[0] if self.shrink is not None
+                 else _scaled_mm(dy, lora_B.to(x2d.dtype), 1.0, x2d.dtype))
+        # B2: bt_view[r, k] = A[r, k]; w_view[n, k] = W[n, k]
+        dx = self.dual.run(U, lora_A, dy, weight, None, keep_bits, scaling / (1.0 - p)) if self.dual is not None else None
+        dA = dB = db = None
+        if self.grads is not None:  # B3; db is summed by dB's launch, which reads dy anyway
+            dA, dB, db = self.grads.run(U, x2d, dy, T, keep_bits, scaling, p, lora_A.dtype)
+        elif self.rank_mm and (self.need_dA or self.need_dB):
+            dA, dB = _lora_grads_mm(U, x2d, dy, T, scaling, p, keep_bits, lora_A.dtype, self.need_dA, self.need_dB)
+        if self.need_db and db is None:
+            db = dy.sum(0, dtype=torch.float32)
+        return dx, dA, dB, db
+
+
+@_op_plan
+def _backward_plan(M, K, N, R, dtype, a_dtype, device, dy_strides, x_strides, w_strides, a_strides, b_strides,
+                   t_strides, bits_strides, precision, need_dx, need_dA, need_dB, need_db):
+    """The :class:`_BackwardPlan` of a call (``bits_strides`` (0, 0): no dropout)."""
+    rank_mm = tuned_plan(device, dtype, M, N, K, R) == "rank_mm"
+    need_U = need_dx or need_dA
+    u_layout = _contiguous(M, R)  # U as B1 (or cuBLAS) writes it
+    shrink = (_shrink_plan(M, N, R, dtype, dtype, device, False, 0.0, precision, ((M, N), dy_strides),
+                           ((N, R), b_strides), None) if need_U and not rank_mm else None)
+    dual = (_dual_gemm_plan(M, K, N, R, dtype, dtype, device, False, bits_strides, precision, u_layout,
+                            ((R, K), a_strides), ((M, N), dy_strides), ((N, K), w_strides)) if need_dx else None)
+    # adapters in another dtype than x (PEFT's fp32 adapters): B3's fp32 accumulators write dA and
+    # dB in theirs, where a cuBLAS GEMM in x's dtype would round them to x's first
+    grads = None
+    if (need_dA or need_dB) and not (rank_mm and a_dtype == dtype):
+        grads = _grads_plan(M, N, K, R, dtype, a_dtype, device, precision, u_layout if need_dA else None,
+                            ((M, K), x_strides), ((M, N), dy_strides), ((M, R), t_strides), bits_strides,
+                            need_dA, need_dB, need_db, False, None)
+    return _BackwardPlan(rank_mm, shrink, dual, grads, need_U, need_dA, need_dB, need_db)
 
 
 def lora_backward(dy, x2d, weight, lora_A, lora_B, T, scaling: float, p: float, mask_state,
@@ -859,35 +1020,17 @@ def lora_backward(dy, x2d, weight, lora_A, lora_B, T, scaling: float, p: float, 
     Returns (dx [M, K] | None, dA | None, dB | None, db [N] fp32 | None)."""
     M, K = x2d.shape
     N, R = weight.shape[0], lora_A.shape[0]
-    dev = x2d.device
     if M == 0:
+        dev = x2d.device
         zeros = lambda *s, dt=lora_A.dtype: torch.zeros(s, dtype=dt, device=dev)  # noqa: E731
         return (x2d.new_empty((0, K)) if need_dx else None, zeros(R, K) if need_dA else None,
                 zeros(N, R) if need_dB else None, zeros(N, dt=torch.float32) if need_db else None)
     keep_bits = _as_keep_bits(mask_state, M, K, p)
-    rank_mm = tuned_plan(x2d.device, x2d.dtype, M, N, K, R) == "rank_mm"
-    U = None
-    if need_dx or need_dA:  # B1: w_view[n, r] = B[n, r]
-        U = (_scaled_mm(dy, lora_B.to(x2d.dtype), 1.0, x2d.dtype) if rank_mm else
-             _shrink(dy, (lora_B.stride(0), lora_B.stride(1)), lora_B, R, x2d.dtype)[0])
-    dx = None
-    if need_dx:
-        # B2: bt_view[r, k] = A[r, k]; w_view[n, k] = W[n, k]
-        dx = _dual_gemm(U, lora_A, (lora_A.stride(0), lora_A.stride(1)), dy, weight, (weight.stride(0), weight.stride(1)),
-                        K, scaling / (1.0 - p), x2d.dtype, keep_bits=keep_bits)
-    dA = dB = db = None
-    # adapters in another dtype than x (PEFT's fp32 adapters): B3's fp32 accumulators write dA and
-    # dB in theirs, where a cuBLAS GEMM in x's dtype would round them to x's first
-    if rank_mm and lora_A.dtype == x2d.dtype and (need_dA or need_dB):
-        dA, dB = _lora_grads_mm(U, x2d, dy, T, scaling, p, keep_bits, lora_A.dtype, need_dA, need_dB)
-    elif need_dA or need_dB:
-        # B3; db is summed by dB's launch, which reads dy anyway
-        grads = _lora_grads(U, x2d, dy, T, scaling, p, keep_bits, lora_A.dtype, need_dA, need_dB, need_db=need_db)
-        dA, dB = grads[:2]
-        db = grads[2] if need_db else None
-    if need_db and db is None:
-        db = dy.sum(0, dtype=torch.float32)
-    return dx, dA, dB, db
+    dt = x2d.dtype
+    plan = _backward_plan(M, K, N, R, dt, lora_A.dtype, x2d.device, dy.stride(), x2d.stride(), weight.stride(),
+                          lora_A.stride(), lora_B.stride(), T.stride(), _bits_strides(keep_bits), _matmul_precision(dt),
+                          need_dx, need_dA, need_dB, need_db)
+    return plan.run(dy, x2d, weight, lora_A, lora_B, T, scaling, p, keep_bits)
 
 
 # ----------------------------------------------------------------------------------------------

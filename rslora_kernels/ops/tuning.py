@@ -299,6 +299,11 @@ def forced_plan(plan: str) -> Iterator[None]:
         _forced_plan = previous
 
 
+def plan_forced() -> bool:
+    """Whether a :func:`forced_plan` block is active (op-level launch plans are not cached then)."""
+    return _forced_plan is not None
+
+
 def tuned_plan(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int, r: int) -> str:
     """The plan of the Triton backend for this call: the one this GPU's table measured faster near
     (M, N, K, r) in ``dtype`` (entries of the running kernels, within a factor of two in every
