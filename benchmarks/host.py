@@ -11,9 +11,10 @@ grads set to None between steps (untimed).
 On the CPU (no GPU: the Triton backend runs in Triton's interpreter) the Triton launches are
 stubbed: ``triton.runtime.interpreter.InterpretedFunction.run`` -- the interpreter's execution of
 one launch (copying the arguments to numpy and running every program of the grid) -- is replaced
-by a no-op that returns None. Everything of the package stays on the path: ``kernel[grid](...)``
-is still called, with the same arguments, through Triton's ``KernelInterface.__getitem__``; the
-configs, grids, allocations, checks and autograd glue all run. The outputs of stubbed kernels are
+by a no-op that returns None. Everything of the package stays on the path: each launch still calls
+that ``run`` with the same arguments (through ``kernel[grid](...)``, or directly from a launch
+plan's ``BoundLaunch``, as that proxy would); the configs, grids, allocations, checks and autograd
+glue all run. The outputs of stubbed kernels are
 uninitialized memory, which the rows discard. A real launch costs more than the stub (a compiled
 Triton kernel's launcher ~3-5 us on a GPU host), so on the CPU the triton rows are the package's
 own host work plus ~1 us per launch. ``eager``, ``peft`` and the composite rows run their real
@@ -63,7 +64,7 @@ from . import qlora_providers as qprov
 ROWS = ("triton", "composite", "eager", "peft", "dora-triton", "dora-composite", "peft-dora",
         "qlora-triton", "qlora-composite", "peft-qlora")
 STUB_NOTE = ("Triton launches stubbed: triton.runtime.interpreter.InterpretedFunction.run (the interpreter's "
-             "execution of a launch) is a no-op; kernel[grid](...) and all of the package's Python still run")
+             "execution of a launch) is a no-op; each launch still calls it, and all of the package's Python runs")
 
 
 @contextlib.contextmanager
