@@ -1,7 +1,7 @@
 """Runtime facts looked up lazily (never at import time)."""
 import os
 from functools import lru_cache
-from typing import Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -50,3 +50,20 @@ def gpu_name(device: Optional[torch.device] = None) -> Optional[str]:
     if not torch.cuda.is_available():
         return None
     return _cuda_facts(_cuda_index(device))[0]
+
+
+_SHARED: Dict[Tuple[torch.device, str], torch.Tensor] = {}
+
+
+def shared_tensor(device: torch.device, kind: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A tensor that nothing writes (a zero seed, an empty mask state), made by ``make()`` once per
+    (device, kind) and shared by every call instead of allocated per call. A fresh one under
+    torch.compile's tracing and during CUDA-graph capture (whose memory pool must not hand out a
+    tensor that outlives the graph)."""
+    held = _SHARED.get((device, kind))
+    if held is not None:
+        return held
+    made = make()
+    if not torch.compiler.is_compiling() and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _SHARED[(device, kind)] = made
+    return made

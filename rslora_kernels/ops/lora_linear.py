@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._runtime import triton_available_for
+from .._runtime import shared_tensor, triton_available_for
 from .._validate import check_backend_output, check_seed, need_tensors, validate_inputs
 from ..dropout import as_seed_int, draw_seed, keep_mask_torch
 from .._launch import clear_plans, planned, recall, remember
@@ -357,21 +357,11 @@ def autocast_inputs(x, weight, lora_A, lora_B, bias):
     return cast(x), cast(weight), cast(lora_A, True), cast(lora_B, True), cast(bias)
 
 
-_ZERO_SEEDS: Dict[torch.device, Tensor] = {}
-
-
 def zero_seed(device: torch.device) -> Tensor:
     """The seed the backends take without dropout: one 0-dim int64 zero per device, shared by every
-    call (nothing writes it, and allocating one per call cost more than the rest of seed handling).
-    A fresh one under torch.compile's tracing and during CUDA-graph capture (whose memory pool must
-    not hand out a tensor that outlives the graph)."""
-    seed = _ZERO_SEEDS.get(device)
-    if seed is not None:
-        return seed
-    seed = torch.zeros((), dtype=torch.int64, device=device)
-    if not torch.compiler.is_compiling() and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        _ZERO_SEEDS[device] = seed
-    return seed
+    call (nothing writes it, and allocating one per call cost more than the rest of seed handling;
+    see :func:`rslora_kernels._runtime.shared_tensor`)."""
+    return shared_tensor(device, "zero seed", lambda: torch.zeros((), dtype=torch.int64, device=device))
 
 
 def seed_tensor(seed: Union[int, Tensor, None], p: float, device: torch.device) -> Tensor:

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from .._launch import BoundLaunch, launch, planned
-from .._runtime import cuda_arch, interpreting, num_sms
+from .._runtime import cuda_arch, interpreting, num_sms, shared_tensor
 from ..dropout.kernels import (apply_keep, keep_bits_triton, keep_bits_words, keep_factor, keep_from_bits,
                                keep_mask_tile, load_seed, store_keep_bits)
 from ..dropout.stream import drop_threshold
@@ -911,6 +911,11 @@ def _lora_grads_mm(U, x2d, dy, T, scaling: float, p: float, keep_bits, a_dtype, 
     return dA, dB
 
 
+def _no_keep_bits(device: torch.device) -> torch.Tensor:
+    """The mask state without dropout: an empty int32 tensor, one per device (never written)."""
+    return shared_tensor(device, "no keep-bits", lambda: torch.empty((0,), dtype=torch.int32, device=device))
+
+
 @dataclasses.dataclass
 class _ForwardPlan:
     """:func:`lora_forward` for one signature: F1 (``shrink``; None under plan "rank_mm") and F2."""
@@ -926,7 +931,7 @@ class _ForwardPlan:
         if self.copy_bias:
             bias = bias.contiguous()
         y = self.dual.run(T, lora_B, x2d, weight, bias, None, scaling)
-        return y, T, keep_bits if keep_bits is not None else x2d.new_empty((0,), dtype=torch.int32)
+        return y, T, keep_bits if keep_bits is not None else _no_keep_bits(x2d.device)
 
 
 @_op_plan
