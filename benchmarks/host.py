@@ -27,6 +27,9 @@ shape), the host column of ``benchmarks.profile_step``.
 Rows (those that cannot run here are listed with the reason):
 
     triton, composite          rk.LoRALinear (backend "triton" / "composite")
+    floor                      what any Python autograd.Function with the fused step's outputs costs:
+                               a layer whose Function allocates y and T, then U, dx, dA and dB,
+                               and does nothing else (no launch, no check, no plan)
     eager                      the PEFT-style eager layer of benchmarks.providers (the baseline)
     peft                       PEFT's LoRA layer (use_rslora=True), when peft is installed
     dora-triton/-composite     rk.LoRALinear(use_dora=True)
@@ -61,7 +64,7 @@ from . import dora_providers as dprov
 from . import providers as prov
 from . import qlora_providers as qprov
 
-ROWS = ("triton", "composite", "eager", "peft", "dora-triton", "dora-composite", "peft-dora",
+ROWS = ("triton", "composite", "floor", "eager", "peft", "dora-triton", "dora-composite", "peft-dora",
         "qlora-triton", "qlora-composite", "peft-qlora")
 STUB_NOTE = ("Triton launches stubbed: triton.runtime.interpreter.InterpretedFunction.run (the interpreter's "
              "execution of a launch) is a no-op; each launch still calls it, and all of the package's Python runs")
@@ -102,8 +105,40 @@ def unavailable(device: torch.device, dtype: torch.dtype) -> Dict[str, str]:
     return out
 
 
+class _FloorFunction(torch.autograd.Function):
+    """The fused step's autograd shape and allocations, nothing else (the ``floor`` row)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B):
+        y = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+        T = torch.empty((x.shape[0], lora_A.shape[0]), dtype=x.dtype, device=x.device)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, T)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, T = ctx.saved_tensors
+        U = torch.empty((x.shape[0], lora_A.shape[0]), dtype=x.dtype, device=x.device)  # noqa: F841 (B1's output)
+        return (torch.empty(x.shape, dtype=x.dtype, device=x.device), None,
+                torch.empty(lora_A.shape, dtype=lora_A.dtype, device=x.device),
+                torch.empty(lora_B.shape, dtype=lora_B.dtype, device=x.device))
+
+
+class _FloorLayer(nn.Module):
+    def __init__(self, base: nn.Linear, r: int):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+
+    def forward(self, x):
+        return _FloorFunction.apply(x, self.base_layer.weight, self.lora_A.weight, self.lora_B.weight)
+
+
 def make(name: str, base: nn.Linear, r: int, p: float) -> nn.Module:
     alpha = 16.0
+    if name == "floor":
+        return prov.train_adapters_only(_FloorLayer(base, r))
     if name.startswith("qlora-") or name == "peft-qlora":
         return qprov.make_layer(name, base, r, alpha, p, "nf4")
     if name.startswith("dora-"):

@@ -63,10 +63,10 @@ def test_stub_replaces_only_the_interpreters_execution_and_is_restored():
 
 def test_host_benchmark_prints_rows_ratios_and_profile(capsys):
     host.main(["--ranks", "3", "--ps", "0.1", "--rounds", "2", "--steps", "2", "--top", "5",
-               "--rows", "triton", "composite", "eager", "dora-triton", "--device", "cpu"])
+               "--rows", "triton", "composite", "floor", "eager", "dora-triton", "--device", "cpu"])
     out = capsys.readouterr().out
     assert host.STUB_NOTE in out
-    for row in ("triton", "composite", "eager", "dora-triton"):
+    for row in ("triton", "composite", "floor", "eager", "dora-triton"):
         assert f"| 3 | 0.1 | {row} |" in out
     assert "| 3 | 0.1 | eager | " in out and " 1.00 |" in out
     assert "cProfile of the triton row" in out and "ncalls" in out
@@ -95,3 +95,16 @@ def test_backward_op_called_directly_leaves_unneeded_grads_none():
     assert direct[3] is None and dispatched[3].numel() == 0
     for got, want in zip(direct[:3], dispatched[:3]):
         assert torch.equal(got, want)
+
+
+def test_floor_row_has_the_fused_steps_autograd_shape():
+    """The floor row's layer: one autograd node whose backward gives x, lora_A and lora_B grads of
+    their shapes and dtypes (what the fused Function returns), the base frozen."""
+    base = torch.nn.Linear(12, 7).requires_grad_(False)
+    layer = host.make("floor", base, 3, 0.1)
+    x = torch.randn(5, 12, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (5, 7)
+    y.backward(torch.ones_like(y))
+    assert x.grad.shape == x.shape and layer.lora_A.weight.grad.shape == (3, 12)
+    assert layer.lora_B.weight.grad.shape == (7, 3) and base.weight.grad is None

@@ -39,7 +39,7 @@ class DirectCustomOp:
 
     def __call__(self, *args):
         x = args[0]
-        if type(x) is Tensor and x.device.type in ("cuda", "cpu") and not torch.compiler.is_compiling():
+        if type(x) is Tensor and (x.is_cuda or x.is_cpu) and not torch.compiler.is_compiling():
             return self.direct(*args)
         return self._packet(*args)
 
