@@ -107,7 +107,7 @@ assert after == before, "the JIT computed another cache key than precompile"
 def test_precompile_covers_the_tuners_candidates():
     """Step p compiles what step d will launch: every candidate config the tuner forces, the
     alternatives only a tuned table can pick included (F1 leaving the mask to the bits pass, the
-    unsplit and the 32-row shrinks, the 4-stage B3 tiles) and plan rank_mm's drop(x) kernel, so
+    unsplit and the split 64-row shrinks, the 4-stage B3 tiles) and plan rank_mm's drop(x) kernel, so
     that the tuner's time goes to timing, not compiling."""
     code = """
 from benchmarks import precompile as pc

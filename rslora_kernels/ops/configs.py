@@ -182,8 +182,8 @@ def _measured_alternatives(family: str, cfg: TileConfig, dtype: torch.dtype, arc
     the small-rank shrinks and B3's reductions on sm_90 in 16-bit, other amounts of bytes in
     flight. The rules' split-K shrinks (:func:`_shrink_rule`) are timed against the unsplit 64 x 64
     tiles (about one program per SM: on the H200, F1 + B1 so streamed 128 MiB in 0.073 ms, about
-    40 % of the bandwidth; benchmarks/results/2026-11-27_h200_step_profile.md) and against 32-row
-    tiles split to 16 programs per SM; B3 (dA, dB: 128 MiB in 0.052 ms there, about half the
+    40 % of the bandwidth; benchmarks/results/2026-11-27_h200_step_profile.md), F1 with dropout also
+    against 64 x 64 steps split to 8 programs per SM; B3 (dA, dB: 128 MiB in 0.052 ms there, about half the
     bandwidth) against a fourth stage, a split to 8 programs per SM and 128-row steps."""
     out = []
     if family == "shrink_masked" and cfg.BLOCK_RED % 32 == 0 and cfg.DRAW_BITS:
@@ -191,12 +191,13 @@ def _measured_alternatives(family: str, cfg: TileConfig, dtype: torch.dtype, arc
     sm90_16bit = arch >= 90 and dtype != torch.float32
     if sm90_16bit and family in ("shrink", "shrink_masked") and cfg.SPLIT_PER_SM and cfg.BLOCK_R == 64:
         # (the 64-wide rank tile covers every small r in one tile; the bytes of x in flight do not
-        # depend on it) the tiles without the split (one CTA per SM, 64-wide steps), and the other
-        # split: for B1 and F1 without dropout 32 rows split to 16 a SM, for F1 with dropout 64 x 64
-        # steps split to 8 a SM (64 x 128 spills there)
+        # depend on it) the tiles without the split (one CTA per SM, 64-wide steps), and for F1 with
+        # dropout the other split: 64 x 64 steps split to 8 a SM (64 x 128 spills there). B1 and F1
+        # without dropout put the row tile on the MMA's M side: 32 rows would get no wgmma on sm_90
+        # (and spilled under Triton 3.6), so they have no 32-row alternative
         out.append(replace(cfg, BLOCK_M=64, BLOCK_RED=64, SPLIT_PER_SM=0))
-        out.append(replace(cfg, BLOCK_M=32, SPLIT_PER_SM=16) if family == "shrink" else
-                   replace(cfg, BLOCK_M=64, BLOCK_RED=64, SPLIT_PER_SM=8))
+        if family == "shrink_masked":
+            out.append(replace(cfg, BLOCK_M=64, BLOCK_RED=64, SPLIT_PER_SM=8))
     if family == "grads" and arch >= 90 and dtype != torch.float32:
         out += [replace(cfg, num_stages=4), replace(cfg, SPLIT_PER_SM=8)]
         if cfg.BLOCK_R <= 64:  # with the 128-wide rank tile, 128-row steps spill
