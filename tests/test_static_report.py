@@ -225,3 +225,26 @@ def test_philox_detection(rows):
     ok = [r for r in rows if "error" not in r]
     assert all(r["philox"] for r in ok if r["role"] in ("mask", "dropout"))
     assert not any(r["philox"] for r in ok if r["role"] == "merge")
+
+
+def test_every_candidate_config_is_recorded_for_each_launch_site():
+    """The report records each launch site under every candidate config. Launch plans hold the
+    config they were made with, so without the report making them afresh per scenario it would
+    record the first candidate's tiles again and again (it did: 580 variants instead of 1140, and
+    B2's spilling 128 x 256 tile with dropout went unseen). Recording only, no compiling."""
+    code = """
+from benchmarks import static_report as sr
+from rslora_kernels.ops import configs
+import torch
+calls = sr.record_launches("bf16", 90)
+tiles = lambda kw: (kw["BLOCK_M"], kw["BLOCK_F"], kw["BLOCK_RED"])
+b2 = {tiles(kw) for role, fn, args, kw, *_ in (c for c in calls if c[0] != "error")
+      if fn.__name__ == "_dual_gemm_kernel" and kw["HAS_DROPOUT"]}
+want = {(c.BLOCK_M, c.BLOCK_F, c.BLOCK_RED) for f, c in configs.candidate_configs(torch.bfloat16, 90) if f == "dual_gemm"}
+print(sorted(b2), sorted(want))
+assert want <= b2, (sorted(want), sorted(b2))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
