@@ -143,6 +143,20 @@ def test_triton_fused_dA_split_over_m(monkeypatch, kernel_launches, p):
     assert names.count("_group_da_kernel") == 1 and names.count("_sum_splits_kernel") >= 1
 
 
+@pytest.mark.parametrize("arch, columns", [(90, 64), (80, 32)])
+def test_triton_fused_dA_column_tiles_with_dropout(monkeypatch, kernel_launches, arch, columns):
+    """The one-pass dA in 16 bits with dropout: 64-wide column tiles on sm_90, 32 on sm_80 (three
+    accumulators and mma.sync operands in registers: 64 spilled there, the static report); both
+    meet the oracle."""
+    from rslora_kernels.ops import group_kernels
+
+    monkeypatch.setattr(group_kernels, "cuda_arch", lambda device: arch)
+    lead, K, spec = FUSED
+    check_against_oracle(make_group(lead, K, spec, torch.float16), [0.1, 0.0, 0.1], "triton")
+    widths = {launch.kwargs["BLOCK_Q"] for launch in kernel_launches if launch.name == "_group_da_kernel"}
+    assert widths == {columns}
+
+
 def _names(kernel_launches):
     """Names of the kernels launched so far, in order."""
     return [launch.name for launch in kernel_launches]

@@ -132,11 +132,13 @@ def test_strided_bias(dora, device):
     torch.testing.assert_close(run(bias, "triton"), run(bias.contiguous(), "reference"), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1])
 @pytest.mark.parametrize("N, K, rows_expected", [(70, 64, 64), (64, 96, 128)])
-def test_b3_takes_128_rows_only_where_the_row_strides_divide_by_16(N, K, rows_expected, kernel_launches, device):
+def test_b3_takes_128_rows_only_where_the_row_strides_divide_by_16(N, K, rows_expected, p, kernel_launches, device):
     """A tuned B3 tile of 128 rows a step runs only where N and K (dy's and x's row strides) are
     multiples of 16; elsewhere Triton 3.6's ptxas spills it (the static report), so B3 takes 64 rows.
-    Either way dA and dB meet the oracle."""
+    dA with dropout always takes 64 (the mask's select on top spilled under Triton 3.9). Either way
+    dA and dB meet the oracle."""
     import dataclasses
 
     from rslora_kernels.ops import configs, tuning
@@ -148,6 +150,8 @@ def test_b3_takes_128_rows_only_where_the_row_strides_divide_by_16(N, K, rows_ex
         return dataclasses.asdict(dataclasses.replace(rule, BLOCK_M=128))
 
     with tuning.forced_configs(choose):
-        check_against_oracle(make_inputs(150, K, N, 6, torch.float32, device, seed=23), scaling=0.7, p=0.1, seed=5)
-    rows = [launch.kwargs["BLOCK_M"] for launch in kernel_launches if launch.name == "_m_reduce_kernel"]
-    assert rows and set(rows) == {rows_expected}
+        check_against_oracle(make_inputs(150, K, N, 6, torch.float32, device, seed=23), scaling=0.7, p=p, seed=5)
+    rows = {(launch.kwargs["HAS_DROPOUT"], launch.kwargs["BLOCK_M"]) for launch in kernel_launches
+            if launch.name == "_m_reduce_kernel"}
+    expected = {(False, rows_expected), (True, 64)} if p else {(False, rows_expected)}
+    assert rows == expected

@@ -566,9 +566,11 @@ def _group_da(Us, x2d, lora_As, scalings: List[float], ps: List[float], keep_bit
     cfg = grads_config(M, 0, K, max(Rs), x2d.dtype, cuda_arch(x2d.device))
     if not (max(Rs) <= cfg.BLOCK_R <= 64 and K > 0 and all(lora_As[i].dtype == a_dtype for i in members)):
         return None
-    # three [rank tile, BLOCK_Q] accumulators a program: B3's column tiles halved (64; 32 in fp32, whose
-    # IEEE dots hold operand slices in registers: 64 spills on sm_90 with dropout)
-    block_q = min(cfg.BLOCK_F, 32 if x2d.dtype == torch.float32 else 64)
+    # three [rank tile, BLOCK_Q] accumulators a program: B3's column tiles halved (64), and 32 where
+    # the products' operands sit in registers: fp32 (IEEE dots; 64 spills on sm_90 with dropout) and
+    # sm_80 with dropout (mma.sync: 255 registers and 8 B of stack at 64, three members; 180 at 32)
+    narrow = x2d.dtype == torch.float32 or (cuda_arch(x2d.device) < 90 and any(keep_bits[i] is not None for i in members))
+    block_q = min(cfg.BLOCK_F, 32 if narrow else 64)
     # and at most 64 rows a step: B3's 128-row tuner alternative spills here (three members with
     # dropout on sm_90, 16-bit: the full static report)
     block_m = min(cfg.BLOCK_M, 64)

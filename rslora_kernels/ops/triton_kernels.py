@@ -836,7 +836,10 @@ def _grads_plan(M, N, K, R, dtype, a_dtype, device, precision, u_layout, x_layou
     """The :class:`_GradsPlan` of a call (``dB_fp32``: dB is written in fp32, to be row-scaled)."""
     cfg = _grads_config(M, N, K, R, dtype, device)
     kwargs = tuple(cfg.launch_kwargs().items())
-    dA = (_m_reduce_plan(M, R, K, dtype, a_dtype, device, cfg.BLOCK_M, cfg.BLOCK_R, cfg.BLOCK_F, 0, kwargs, num_splits,
+    # dA with dropout selects x's kept elements on top of the 128-row step of the tuner's alternative:
+    # 229-255 registers on sm_90, and Triton 3.9's ptxas spilled 32-48 B (the full static report): 64
+    da_block_m = min(cfg.BLOCK_M, 64) if bits_strides != (0, 0) else cfg.BLOCK_M
+    dA = (_m_reduce_plan(M, R, K, dtype, a_dtype, device, da_block_m, cfg.BLOCK_R, cfg.BLOCK_F, 0, kwargs, num_splits,
                          bits_strides, False, precision, u_layout, x_layout, cfg.SPLIT_PER_SM) if need_dA else None)
     dB = (_m_reduce_plan(M, N, R, dtype, torch.float32 if dB_fp32 else a_dtype, device, cfg.BLOCK_M, cfg.BLOCK_F,
                          cfg.BLOCK_R, 1, kwargs, num_splits, (0, 0), need_db, precision, dy_layout, t_layout,
