@@ -563,13 +563,15 @@ def _group_da(Us, x2d, lora_As, scalings: List[float], ps: List[float], keep_bit
     M, K = x2d.shape
     Rs = [lora_As[i].shape[0] for i in members]
     a_dtype = lora_As[members[0]].dtype
-    cfg = grads_config(M, 0, K, max(Rs), x2d.dtype, cuda_arch(x2d.device))
+    arch = cuda_arch(x2d.device)
+    cfg = grads_config(M, 0, K, max(Rs), x2d.dtype, arch)
     if not (max(Rs) <= cfg.BLOCK_R <= 64 and K > 0 and all(lora_As[i].dtype == a_dtype for i in members)):
         return None
     # three [rank tile, BLOCK_Q] accumulators a program: B3's column tiles halved (64), and 32 where
     # the products' operands sit in registers: fp32 (IEEE dots; 64 spills on sm_90 with dropout) and
     # sm_80 with dropout (mma.sync: 255 registers and 8 B of stack at 64, three members; 180 at 32)
-    narrow = x2d.dtype == torch.float32 or (cuda_arch(x2d.device) < 90 and any(keep_bits[i] is not None for i in members))
+    bits = [keep_bits[i] for i in members]
+    narrow = x2d.dtype == torch.float32 or (arch < 90 and any(b is not None for b in bits))
     block_q = min(cfg.BLOCK_F, 32 if narrow else 64)
     # and at most 64 rows a step: B3's 128-row tuner alternative spills here (three members with
     # dropout on sm_90, 16-bit: the full static report)
@@ -581,7 +583,6 @@ def _group_da(Us, x2d, lora_As, scalings: List[float], ps: List[float], keep_bit
     outs = [torch.empty((R, K) if num_splits == 1 else (num_splits, R, K),
                         dtype=a_dtype if num_splits == 1 else torch.float32, device=x2d.device) for R in Rs]
     n = len(members)
-    bits = [keep_bits[i] for i in members]
     n_words, stride_bm = next((_bits_strides(b) for b in bits if b is not None), (0, 0))
     pointers = _padded([(Us[i], bits[j], outs[j]) for j, i in enumerate(members)], 3)
     u_strides = [s for j in range(MAX_MEMBERS) for s in ((Us[members[j]].stride(0), Us[members[j]].stride(1))
