@@ -222,10 +222,23 @@ def no_csrc(monkeypatch):
     monkeypatch.setattr("rslora_kernels.dropout.masking.csrc_ops", lambda: None)
 
 
+@pytest.fixture
+def rank_mm_plan():
+    """The Triton backend's LoRA op on plan "rank_mm" (rank GEMMs by torch.mm, drop(x) by its own kernel)."""
+    from rslora_kernels.ops import tuning
+    with tuning.forced_plan("rank_mm"):
+        yield
+
+
 NONFINITE_BACKENDS = ["triton", "composite", "composite-torch-fallback"]
+# the LoRA op on each plan of the Triton backend too: "rank_mm" drops x in its own kernel (_drop_by_bits_kernel)
+NONFINITE_BACKENDS_AND_PLANS = ["triton", "triton-rank_mm", "composite", "composite-torch-fallback"]
 
 
 def _backend(name, request):
+    if name == "triton-rank_mm":
+        request.getfixturevalue("rank_mm_plan")
+        return "triton"
     if name == "composite-torch-fallback":
         if DEVICE_IS_CUDA:
             pytest.skip("the PyTorch fallback is the CPU path of the composite backend")
@@ -238,7 +251,7 @@ DEVICE_IS_CUDA = torch.cuda.is_available()
 
 
 @_numpy_nan_warnings_expected
-@pytest.mark.parametrize("backend", NONFINITE_BACKENDS)
+@pytest.mark.parametrize("backend", NONFINITE_BACKENDS_AND_PLANS)
 @pytest.mark.parametrize("r", [5, 80])  # 80: several rank tiles of F1 (the keep-bits pass draws the mask)
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
 @pytest.mark.parametrize("where", ["x@dropped", "x@kept", "dy@dropped", "dy@kept"])

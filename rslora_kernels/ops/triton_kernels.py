@@ -377,7 +377,8 @@ def _drop_by_bits_kernel(
                 mask=inside, other=0.0)
     keep = keep_from_bits(keep_bits_ptr, rows.to(tl.int64), rows < M, (pid % num_pid_k) * BLOCK_K, n_words, stride_bm,
                           BLOCK_M, BLOCK_K)
-    dropped = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0)
+    # x * factor, not a select on x: an Inf or NaN at a dropped position gives NaN, as the reference's x * mask
+    dropped = x.to(tl.float32) * keep_factor(keep, keep_scale)
     tl.store(out_ptr + (rows.to(OFFSET_DTYPE)[:, None] * stride_om + cols.to(OFFSET_DTYPE)[None, :] * stride_ok),
              dropped.to(out_ptr.dtype.element_ty), mask=inside)
 
