@@ -1,0 +1,170 @@
+"""The shared self-check (rslora_kernels/selfcheck.py) and ``python -m rslora_kernels.verify``.
+
+The self-check must pass the package's own backends on every op kind and fail a backend that is
+wrong in one place (naming that tensor), whatever the caller's RNG, grad or autocast state.
+"""
+import math
+
+import pytest
+import torch
+
+import rslora_kernels as rk
+from rslora_kernels.ops.composite import composite_backward, composite_forward
+from rslora_kernels.selfcheck import Case, compare, error_bound, self_check
+
+SMALL = dict(M=13, N=11, K=9, r=3)  # the Triton interpreter runs this in seconds
+
+
+# ----------------------------------------------------------------------------------------------
+# the rule
+# ----------------------------------------------------------------------------------------------
+def test_bound_is_twice_the_same_dtype_error_plus_four_ulps_at_the_oracles_largest_magnitude():
+    oracle = torch.tensor([1.0, -3.0, 0.5], dtype=torch.float64)
+    same = torch.tensor([1.0, -3.0 + 2**-10, 0.5], dtype=torch.float32)
+    assert error_bound(torch.float32, oracle, same) == 2 * 2**-10 + 4 * 2**-23 * 3.0
+    assert error_bound(torch.bfloat16, oracle, same) == 2 * 2**-10 + 4 * 2**-7 * 3.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_never_passes(bad):
+    oracle = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    got = torch.tensor([1.0, bad])
+    result = compare("y", got, oracle, oracle.float())
+    assert not result.ok and result.ratio == math.inf
+
+
+def test_just_inside_and_just_outside_the_bound():
+    oracle = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    same = torch.tensor([0.0, 1.0 + 2**-20], dtype=torch.float64)  # same-dtype error 2^-20
+    limit = error_bound(torch.float64, oracle, same)
+    assert compare("y", oracle + limit / 2, oracle, same).ok
+    assert not compare("y", oracle + 2 * limit, oracle, same).ok
+
+
+def test_wrong_shape_or_dtype_is_a_named_failure():
+    oracle = torch.zeros(3, 2, dtype=torch.float64)
+    r = compare("dx", torch.zeros(2, 3), oracle, oracle.float())
+    assert not r.ok and "shape" in r.problem
+    r = compare("dx", torch.zeros(3, 2, dtype=torch.float16), oracle, oracle.float(), torch.float32)
+    assert not r.ok and "dtype" in r.problem
+
+
+def test_an_unusable_oracle_is_a_value_error():
+    with pytest.raises(ValueError, match="float64"):
+        compare("y", torch.zeros(2), torch.zeros(2), torch.zeros(2))
+    with pytest.raises(ValueError, match="not finite"):
+        compare("y", torch.zeros(1), torch.tensor([math.inf], dtype=torch.float64), torch.zeros(1))
+
+
+# ----------------------------------------------------------------------------------------------
+# the self-check on the package's backends
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("op", ["lora", "dora", "qlora", "group"])
+@pytest.mark.parametrize("backend", ["composite", "reference"])
+@pytest.mark.parametrize("dtype, adapter_dtype, p, bias", [
+    (torch.float32, None, 0.0, True), (torch.bfloat16, torch.float32, 0.1, False), (torch.float16, None, 0.1, True)])
+def test_package_backends_pass(op, backend, dtype, adapter_dtype, p, bias):
+    result = self_check(backend, op=op, M=37, N=29, K=21, r=5, dtype=dtype, adapter_dtype=adapter_dtype,
+                        dropout_p=p, bias=bias)
+    assert result.ok, result.summary()
+    names = {t.name for t in result.tensors}
+    assert {"dx", "dlora_A" if op != "group" else "dlora_A0"} <= names
+    assert ("dbias" in names or "dbias0" in names) == bias
+    assert ("dmagnitude" in names) == (op == "dora")
+    assert len([n for n in names if n.startswith("y")]) == (3 if op == "group" else 1)
+
+
+@pytest.mark.parametrize("op, p", [("lora", 0.0), ("lora", 0.1), ("dora", 0.1), ("qlora", 0.0), ("group", 0.1)])
+def test_triton_passes_in_the_interpreter(op, p):
+    if not rk.registered_backends()["triton"].runs_on(torch.device("cpu")):
+        pytest.skip("Triton cannot run on the CPU here (TRITON_INTERPRET unset)")
+    result = self_check("triton", op=op, dropout_p=p, **SMALL)
+    assert result.ok, result.summary()
+
+
+def test_empty_m_passes():
+    assert self_check("composite", op="lora", M=0).ok
+
+
+def test_float64_is_refused():  # no wider oracle: the same-dtype error would be 0
+    with pytest.raises(TypeError, match="dtype"):
+        Case(dtype=torch.float64)
+
+
+def test_callers_rng_grad_mode_and_autocast_are_left_alone():
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    with torch.no_grad():
+        assert self_check("composite", op="lora", dropout_p=0.1).ok
+    with torch.inference_mode():
+        assert self_check("composite", op="dora", dropout_p=0.1).ok
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = self_check("composite", op="lora")  # fp32 case: autocast must not turn it into bf16
+    assert result.ok and result.tensors[0].dtype == torch.float32
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_same_case_same_errors():
+    a, b = self_check("composite", op="group", dropout_p=0.1), self_check("composite", op="group", dropout_p=0.1)
+    assert [(t.name, t.err, t.bound) for t in a.tensors] == [(t.name, t.err, t.bound) for t in b.tensors]
+
+
+# ----------------------------------------------------------------------------------------------
+# the self-check on deliberately wrong backends
+# ----------------------------------------------------------------------------------------------
+def _wrong_forward(*args):  # y off by a small relative error: more than any rounding
+    y, T, state = composite_forward(*args)
+    return y * (1 + 1e-3), T, state
+
+
+def _wrong_dA(*args):  # dA with the scale applied twice
+    dx, dA, dB, db = composite_backward(*args)
+    return dx, (dA * args[6] if dA is not None else None), dB, db
+
+
+def _nan_dx(*args):
+    dx, dA, dB, db = composite_backward(*args)
+    if dx is not None:
+        dx = dx.clone()
+        dx.view(-1)[0] = float("nan")
+    return dx, dA, dB, db
+
+
+def _raises(*args):
+    raise RuntimeError("no kernel for this shape")
+
+
+@pytest.fixture
+def wrong():
+    names = []
+
+    def register(name, forward=composite_forward, backward=composite_backward):
+        rk.register_backend(name, forward, backward, devices=("cpu", "cuda"),
+                            dtypes=(torch.float16, torch.bfloat16, torch.float32))
+        names.append(name)
+        return name
+
+    yield register
+    for name in names:
+        rk.unregister_backend(name)
+
+
+@pytest.mark.parametrize("op", ["lora", "dora", "qlora", "group"])
+@pytest.mark.parametrize("how, failing", [("forward", {"y", "y0", "y1", "y2"}), ("dA", {"dlora_A", "dlora_A0"}),
+                                          ("nan", {"dx"})])
+def test_a_wrong_backend_fails_and_the_wrong_tensor_is_named(wrong, op, how, failing):
+    forward, backward = {"forward": (_wrong_forward, composite_backward), "dA": (composite_forward, _wrong_dA),
+                         "nan": (composite_forward, _nan_dx)}[how]
+    name = wrong("wrong_" + how, forward, backward)
+    result = self_check(name, op=op, dropout_p=0.1)
+    assert not result.ok
+    bad = {t.name for t in result.tensors if not t.ok}
+    assert bad & failing and bad <= failing | {"dmagnitude", "dx", "dlora_A1", "dlora_A2"}, bad
+    assert result.worst.name in bad
+    assert name in result.summary() and "FAILED" in result.summary()
+
+
+def test_a_backend_that_raises_is_a_failed_check(wrong):
+    name = wrong("raising", _raises)
+    result = self_check(name, op="lora")
+    assert not result.ok and "no kernel for this shape" in result.error and result.worst is None
