@@ -32,7 +32,7 @@ from torch import nn
 import rslora_kernels as rk
 
 from . import providers
-from .sweep import ALPHA, Rotating, fmt_bytes, environment, median_ms
+from .common import ALPHA, Rotating, environment, fmt_bytes, median_ms
 
 MEMBERS = {"qkv": (4096, (4096, 1024, 1024)), "gate-up": (4096, (14336, 14336))}  # Llama-3-8B: K, N per member
 

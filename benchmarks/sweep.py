@@ -45,13 +45,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as _dt
 import json
-import os
-import platform
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,6 +57,7 @@ import torch
 from torch import nn
 
 from . import dora_providers, providers
+from .common import ALPHA, Rotating, environment, fmt_bytes, median_ms
 from . import qlora_providers as qprov
 
 # Named shapes (K in, N out) of real models' projections.
@@ -75,7 +72,6 @@ CPU_SHAPES = {"7b-attn/4": (1024, 1024)}
 DEFAULT_RANKS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 CPU_RANKS = (4, 16, 64, 256, 1024)
 MODES = ("fwd", "bwd", "fwd+bwd")
-ALPHA = 16.0
 
 # The cases of a GPU run, most valuable first (gpu_run.sh steps b and g), as command-line options.
 _FUSED_AND_EAGER = ["--providers", "triton", "composite", "eager"]
@@ -128,32 +124,6 @@ def op_flops(M: int, K: int, N: int, r: int, mode: str) -> int:
     fwd = 2 * M * N * K + 2 * M * r * (K + N)
     bwd = 2 * M * N * K + 4 * M * r * (K + N)
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
-
-
-def median_ms(fn, device: torch.device, min_time: float) -> float:
-    """Median milliseconds of ``fn()`` after warm-up."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-        return float(do_bench(fn, warmup=max(10, int(min_time * 250)), rep=max(40, int(min_time * 1000)),
-                              return_mode="median"))
-    from torch.utils.benchmark import Timer
-    for _ in range(2):
-        fn()
-    m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=min_time)
-    return m.median * 1e3
-
-
-class Rotating:
-    """Cycles through several input buffers so no call finds its inputs already in cache."""
-
-    def __init__(self, make, count: int):
-        self.items = [make() for _ in range(count)]
-        self.i = -1
-
-    def next(self):
-        self.i = (self.i + 1) % len(self.items)
-        return self.items[self.i]
 
 
 def dense_gemm_ms(M, K, N, dtype, device, min_time, rotate) -> float:
@@ -219,30 +189,6 @@ def measure(layer: nn.Module, M: int, K: int, N: int, mode: str, dtype, device, 
 # ----------------------------------------------------------------------------------------------
 # The sweep
 # ----------------------------------------------------------------------------------------------
-def environment(device: torch.device) -> dict:
-    import triton
-    env = {"date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-           "device": device.type, "threads": torch.get_num_threads()}
-    here = Path(__file__).resolve().parent
-    if os.environ.get("COMMIT"):  # named by the caller (gpu_run.sh): a lease's .git may be stale
-        env["commit"] = os.environ["COMMIT"]
-    else:
-        try:
-            git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=here).stdout.strip()  # noqa: E731
-            env["commit"] = (git("rev-parse", "--short", "HEAD") or "unknown") + \
-                ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-        except OSError:
-            env["commit"] = "unknown"
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    else:
-        env["cpu"] = platform.processor() or platform.machine()
-        env["cores"] = os.cpu_count()
-        env["loadavg_at_start"] = [round(v, 2) for v in os.getloadavg()]  # other processes skew CPU timings
-    return env
-
-
 class _NoBar:
     """Stand-in when tqdm is not installed (e.g. a bare GPU machine): prints nothing."""
 
@@ -380,16 +326,6 @@ def _measure_cases(args, prov, cases, names, device, dtype, bar, tqdm, notes, ro
 # ----------------------------------------------------------------------------------------------
 # Output
 # ----------------------------------------------------------------------------------------------
-def fmt_bytes(b) -> str:
-    """Bytes for a table: B, KiB, MiB or GiB; '-' for None."""
-    if b is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(b) < 1024 or unit == "GiB":
-            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
-        b /= 1024
-
-
 def markdown_long(rows) -> str:
     mem_key = "peak_mem_bytes" if rows and "peak_mem_bytes" in rows[0] else "saved_bytes"
     mem_head = "peak mem" if mem_key == "peak_mem_bytes" else "saved for bwd"

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .._launch import launch
+from .._quant_codes import code_table
 from .._runtime import interpreting
 
 BYTES_PER_PROGRAM = 1024  # 2048 weights: 1 KiB read, 4-8 KiB written per program
@@ -68,8 +69,6 @@ def _dequant_4bit_kernel(
 def dequantize_4bit_triton(w, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Launch ``_dequant_4bit_kernel`` for a :class:`rslora_kernels.quant.Weight4bit`; returns
     ``out`` (a new contiguous ``[N, K]`` tensor of ``dtype`` when None)."""
-    from ..quant import code_table
-
     if out is None:
         out = torch.empty(w.shape, dtype=dtype, device=w.device)
     n = w.numel

@@ -36,7 +36,7 @@ from ..quant import is_quantized_weight
 __all__ = ["lora_linear", "LoRALinearFunction", "Backend", "register_backend", "unregister_backend",
            "registered_backends", "check_backend_name", "choose_auto_backend", "resolve_backend",
            "resolve_backend_planned", "autocast_inputs", "zero_seed", "seed_tensor", "lora_linear_fwd",
-           "lora_linear_bwd"]
+           "lora_linear_bwd", "set_quantized_entry"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,6 +188,19 @@ def _resolve(backend, device, dtype, adapter_dtype, problem):
 # environment (TRITON_INTERPRET) and, for "auto" on CUDA, searches the tuned table. Errors are not
 # cached; under torch.compile's tracing it is called directly (sizes may be symbolic there)
 resolve_backend_planned = planned(_resolve, uncached_while=torch.compiler.is_compiling)
+
+
+# The op on a 4-bit weight: rslora_kernels.ops.qlora sits on top of this module (it runs the
+# backends registered here on the dequantized weight), so it installs its entry point here when it is
+# imported -- rslora_kernels.ops imports it -- instead of this module importing it back.
+_quantized_entry: Optional[Callable] = None
+
+
+def set_quantized_entry(fn: Callable) -> None:
+    """Install ``fn`` as what :func:`lora_linear` calls, with its own arguments, for a 4-bit weight
+    (:func:`rslora_kernels.ops.qlora.qlora_linear` does this when its module is imported)."""
+    global _quantized_entry
+    _quantized_entry = fn
 
 
 _triton_kernels = None  # rslora_kernels.ops.triton_kernels, imported at the first Triton call
@@ -444,9 +457,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
         # before autocast or the 4-bit dispatch read .device/.dtype: a list or an array is a named TypeError
         need_tensors(("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias))
         if is_quantized_weight(weight):
-            from .qlora import qlora_linear
-
-            return qlora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training, seed, backend)
+            return _quantized_entry(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training, seed, backend)
         autocasting = _autocast_dtype(x.device.type) is not None
         x, weight, lora_A, lora_B, bias = autocast_inputs(x, weight, lora_A, lora_B, bias)
         validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p)

@@ -36,7 +36,8 @@ from .._validate import check_backend_output, validate_inputs
 from ..quant import Weight4bit, as_weight4bit, dequantize_4bit
 from .custom_op import custom_op
 from .first_order import first_order_only
-from .lora_linear import autocast_inputs, registered_backends, resolve_backend_planned, seed_tensor
+from .lora_linear import (autocast_inputs, registered_backends, resolve_backend_planned, seed_tensor,
+                          set_quantized_entry)
 
 __all__ = ["qlora_linear", "QLoRALinearFunction"]
 
@@ -159,3 +160,6 @@ def qlora_linear(x: Tensor, weight, lora_A: Tensor, lora_B: Tensor, scaling: flo
         return spec.forward(x.reshape(M, K), dense, lora_A, lora_B, bias, scaling, p, seed).view(*x.shape[:-1], w.shape[0])
     return QLoRALinearFunction.apply(x, lora_A, lora_B, bias, scaling, p, seed, backend, w.quant_type,
                                      w.meta(), *w.tensors())
+
+
+set_quantized_entry(qlora_linear)  # rslora_kernels.lora_linear hands a 4-bit weight to qlora_linear
