@@ -559,3 +559,270 @@ def test_testing_md_has_a_row_for_every_test_file():
     rows = re.findall(r"^\| `(tests/test_\w+\.py)` \|", _page("docs/testing.md"), flags=re.M)
     files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py"))
     assert sorted(rows) == files, f"docs/testing.md's per-file table: rows {sorted(set(rows) ^ set(files))} differ"
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures quoted next to a recorded measurement
+# ----------------------------------------------------------------------------------------------
+RESULTS = ROOT / "benchmarks" / "results"
+_NUM = r"\d+(?:\.\d+)?"
+# a ratio (1.18x), a range (0.81-0.89x, 1.05x to 1.16x) or a decimal (0.23 ms, 0.515); not a tile
+# (128x256), a version inside a name, a commit id or a number glued to a word
+_FIGURE = re.compile(rf"(?<![\w.\-/=^])({_NUM})(x?)(?:(?:-| to )({_NUM})(x?))?(?![\w])")
+# a figure computed from two quoted ones, written out: "1.172 / 0.851 = 1.38x"
+_QUOTIENT = re.compile(rf"(?<![\w.])({_NUM}) / ({_NUM}) = ({_NUM})(x?)(?![\w])")
+# targets and bounds are not measurements: "at least 1.3x", "the goal, 0.6x"
+_NOT_MEASURED = re.compile(rf"(?:at least|at most|goal,?|target,?) ({_NUM})x?|"
+                           rf"(?:Triton|torch|Python|CUDA|peft|bitsandbytes|numpy) {_NUM}(?:\.\d+)*\+?")
+
+
+def _figures(text: str):
+    """The measured figures of a sentence or table row: ratios keep their x (so 1.18x must appear
+    as a ratio), decimals are bare numbers; code spans and link targets are not read. Returns the
+    figures and the errors of the quotients written out."""
+    text = re.sub(r"`[^`]*`", " ", text)
+    text = re.sub(r"\]\([^)]*\)", "]", text)
+    text = _NOT_MEASURED.sub(" ", text)
+    figures, errors = [], []
+    for m in _QUOTIENT.finditer(text):
+        a, b, c, _ = m.groups()
+        figures += [a, b]
+        decimals = len(c.partition(".")[2])
+        if round(float(a) / float(b), decimals) != float(c):
+            errors.append(f"{m.group()} (it is {float(a) / float(b):.{decimals + 2}f})")
+    for m in _FIGURE.finditer(_QUOTIENT.sub(" ", text)):
+        a, ax, b, bx = m.groups()
+        ratio = bool(ax or bx)
+        figures += [n + "x" if ratio else n for n in (a, b) if n is not None and (ratio or "." in n)]
+    return figures, errors
+
+
+def _appears(figure: str, text: str) -> bool:
+    """A ratio as a ratio (1.18x) or as a bare table cell (| 1.18 |); a decimal as itself."""
+    if figure.endswith("x"):
+        return re.search(rf"(?<![\d.]){re.escape(figure[:-1])}(?:x(?!\w)|\s*\|)", text) is not None
+    return re.search(rf"(?<![\d.]){re.escape(figure)}(?!\d)", text) is not None
+
+
+def _units(text: str):
+    """(unit, context): every table row with the paragraph above its table when that paragraph ends
+    with ':' (it introduces the table, and its links are the rows' sources), and every sentence of
+    prose (paragraphs and list items); code blocks are skipped."""
+    previous = ""
+    for block in re.split(r"\n[ \t]*\n", _without_code_blocks(text)):
+        lines = block.strip("\n").splitlines()
+        if not lines or all(line.startswith("    ") for line in lines):
+            continue
+        if lines[0].startswith("|"):
+            for row in lines[2:]:
+                yield row, previous if previous.rstrip().endswith(":") else ""
+        else:
+            items, item = [], []
+            for line in lines:
+                if re.match(r"\s{0,3}(?:[-*]|\d+\.) ", line) and item:
+                    items.append(" ".join(item))
+                    item = []
+                item.append(line.strip())
+            items.append(" ".join(item))
+            for one in items:
+                for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z*\[`(])", one):
+                    yield sentence, ""
+        previous = block
+
+
+def _result_files(page: Path, text: str):
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        path = (page.parent / target.split("#")[0]).resolve()
+        if RESULTS in path.parents and path.is_file() and path.suffix in (".md", ".json", ".csv"):
+            yield path
+
+
+def _sources(page: Path, unit: str, context: str):
+    return sorted(set(_result_files(page, unit)) or set(_result_files(page, context)))
+
+
+def figure_problems(pages, read=lambda path: path.read_text()):
+    """Each figure quoted in a sentence or table row that links a file under benchmarks/results/,
+    missing from every results file linked there; ``read`` reads a results file (a test swaps it)."""
+    problems = []
+    for page in pages:
+        for unit, context in _units(page.read_text()):
+            files = _sources(page, unit, context)
+            if not files:
+                continue
+            figures, errors = _figures(unit)
+            recorded = "\n".join(read(f) for f in files)
+            missing = [f for f in figures if not _appears(f, recorded)]
+            if missing or errors:
+                problems.append(f"{page.relative_to(ROOT)}: {', '.join(missing + errors)} not in "
+                                f"{', '.join(f.name for f in files)}: {unit.strip()[:160]}")
+    return problems
+
+
+FIGURE_PAGES = [*PAGES, RESULTS / "README.md"]
+
+
+def test_results_index_links_every_recorded_file():
+    index = (RESULTS / "README.md").read_text()
+    linked = {target.split("/")[0] for target in re.findall(r"\]\(([^)#\s]+)\)", index)}
+    unlisted = sorted(p.name for p in RESULTS.iterdir() if p.name != "README.md" and p.name not in linked)
+    assert not unlisted, f"benchmarks/results/README.md does not link {unlisted}"
+    rows = [line for line in index.split("| file |", 1)[1].splitlines()[2:]]
+    table = rows[:next((i for i, line in enumerate(rows) if not line.startswith("|")), len(rows))]
+    assert all(line.startswith("| [") for line in table) and len(table) == len(re.findall(r"^\| \[", index, flags=re.M)), \
+        "the index is one table: no blank line or other text between its rows"
+
+
+def test_figures_next_to_a_results_link_are_the_recorded_ones():
+    problems = figure_problems(FIGURE_PAGES)
+    assert not problems, "\n".join(problems)
+
+
+def test_a_changed_recorded_figure_is_caught():
+    """The check above fails when a results file no longer holds a figure a page quotes: every
+    quoted ratio, changed by 0.01 in its results file, is reported."""
+    train_step = RESULTS / "2026-12-06_train_step_cpu.md"
+    original = train_step.read_text()
+    quoted = [f for unit, context in _units(_page("README.md")) if train_step in _sources(ROOT / "README.md", unit, context)
+              for f in _figures(unit)[0] if f.endswith("x")]
+    assert quoted, "README quotes the training step's ratios next to its results file"
+    before = set(figure_problems([ROOT / "README.md"]))
+    for figure in quoted:
+        changed = f"{float(figure[:-1]) + 0.01:.{len(figure[:-1].partition('.')[2])}f}x"
+        altered = re.sub(rf"(?<![\d.]){re.escape(figure)}(?!\w)", changed, original)
+        read = lambda path, altered=altered: altered if path == train_step else path.read_text()  # noqa: E731
+        new = set(figure_problems([ROOT / "README.md"], read)) - before
+        assert any(figure in problem for problem in new), f"{figure} changed in the results file went unnoticed"
+    assert _figures("speedup 1.172 / 0.851 = 1.50x")[1], "a wrong quotient is reported"
+
+
+# ----------------------------------------------------------------------------------------------
+# Which kernels have run on a GPU
+# ----------------------------------------------------------------------------------------------
+GPU_RECORD = RESULTS / "gpu_kernels.json"
+
+
+def _is_jit(decorator) -> bool:
+    f = decorator.func if hasattr(decorator, "func") else decorator
+    return getattr(f, "attr", getattr(f, "id", None)) == "jit"
+
+
+def kernel_source_hashes(root: Path):
+    """{kernel: 16 hex digits of SHA-256} for every Triton kernel (a ``triton.jit`` function named
+    ``*_kernel``) under ``root/rslora_kernels``: its code and the code of every ``triton.jit``
+    function and module-level assignment it reaches by name, transitively, across the package (the
+    stream's helpers and constants included), read through ``ast.unparse`` without docstrings, so
+    comments and formatting do not count and moving a kernel to another module does not either.
+    (``tuning.kernel_hash`` hashes whole files, one hash for all kernels: it cannot say which kernel
+    changed.)"""
+    import ast
+    import hashlib
+
+    defs, kernels = {}, []
+    for path in sorted((root / "rslora_kernels").rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and any(_is_jit(d) for d in node.decorator_list):
+                first = node.body[0]
+                if isinstance(first, ast.Expr) and isinstance(getattr(first, "value", None), ast.Constant) \
+                        and isinstance(first.value.value, str):
+                    node.body = node.body[1:] or [ast.Pass()]
+                defs.setdefault(node.name, []).append(node)
+                kernels += [node.name] if node.name.endswith("_kernel") else []
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                    for name in ast.walk(target):
+                        if isinstance(name, ast.Name):
+                            defs.setdefault(name.id, []).append(node)
+    hashes = {}
+    for kernel in kernels:
+        reached, todo = set(), [kernel]
+        while todo:
+            name = todo.pop()
+            if name in reached or name not in defs:
+                continue
+            reached.add(name)
+            todo += [getattr(n, "id", None) or getattr(n, "attr", None) for node in defs[name] for n in ast.walk(node)
+                     if isinstance(n, (ast.Name, ast.Attribute))]
+        digest = hashlib.sha256()
+        for name in sorted(reached):
+            for node in defs[name]:
+                digest.update(ast.unparse(node).encode() + b"\0")
+        hashes[kernel] = digest.hexdigest()[:16]
+    return hashes
+
+
+def gpu_run_record(summary: Path, root: Path = ROOT):
+    """The record of a GPU run: the kernels its ``summary.md`` names (every kernel it compiled and
+    ran; its steps all passed) with their source hashes in the tree at ``root``, which must be the
+    run's commit."""
+    import json
+
+    ran = sorted(set(re.findall(r"\b(_\w+_kernel)\b", summary.read_text())))
+    hashes = kernel_source_hashes(root)
+    return json.dumps({"run": str(summary.relative_to(RESULTS)), "kernels": {k: hashes[k] for k in ran}}, indent=1) + "\n"
+
+
+def not_yet_run_on_a_gpu(root: Path = ROOT):
+    import json
+
+    record = json.loads(GPU_RECORD.read_text())["kernels"]
+    return {kernel for kernel, digest in kernel_source_hashes(root).items() if record.get(kernel) != digest}
+
+
+_GPU_LIST_MARKER = "<!-- fact-list: not-yet-run-on-a-gpu -->"
+
+
+def test_the_gpu_record_names_the_kernels_its_run_ran():
+    import json
+
+    record = json.loads(GPU_RECORD.read_text())
+    summary = RESULTS / record["run"]
+    assert summary.is_file(), f"{GPU_RECORD.name}: no run {record['run']}"
+    assert set(record["kernels"]) == set(re.findall(r"\b(_\w+_kernel)\b", summary.read_text()))
+    assert "FAIL" not in summary.read_text().split("## Environment")[0], "the recorded run's steps all passed"
+
+
+def test_not_yet_run_on_a_gpu_lists_the_kernels_changed_since_the_last_gpu_run():
+    """docs/kernels.md's list is the kernels whose source differs from the last GPU run's record
+    (or that it lacks), and every other page that says so links to that list instead of naming kernels."""
+    text = _page("docs/kernels.md")
+    assert text.count(_GPU_LIST_MARKER) == 1
+    paragraph = text.split(_GPU_LIST_MARKER, 1)[1].lstrip("\n").split("\n\n", 1)[0]
+    stated = set(re.findall(r"`(_\w+_kernel)`", paragraph))
+    changed = not_yet_run_on_a_gpu()
+    assert stated == changed, (f"docs/kernels.md, not yet run on a GPU: the page lists {sorted(stated)}; the kernels "
+                               f"changed since {GPU_RECORD.name}'s run are {sorted(changed)}")
+    elsewhere = []
+    for page in PAGES:
+        body = _without_code_blocks(page.read_text())
+        if page.name == "kernels.md":  # the list's own section
+            body = re.sub(r"^### Run on a GPU\n.*?(?=^#)", "", body, flags=re.M | re.S)
+        body = re.sub(r"\s+", " ", body)
+        for m in re.finditer(r"(?i)\b(?:not (?:yet )?(?:been )?run on an? (?:GPU|H100|H200)|not yet GPU-run)", body):
+            if not re.match(r"\]\((?:[\w./]*kernels\.md)?#run-on-a-gpu\)", body[m.end():]):
+                elsewhere.append(f"{page.relative_to(ROOT)}: ...{body[max(0, m.start() - 60):m.end() + 40]}...")
+    assert not elsewhere, "say 'not yet run on a GPU' as a link to docs/kernels.md#run-on-a-gpu: " + "; ".join(elsewhere)
+
+
+def test_kernel_hashes_follow_the_code_a_kernel_reaches(tmp_path):
+    """Changing a helper changes the hash of exactly the kernels that call it; a comment changes nothing."""
+    import shutil
+
+    shutil.copytree(ROOT / "rslora_kernels", tmp_path / "rslora_kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    before = kernel_source_hashes(tmp_path)
+    kernels = tmp_path / "rslora_kernels" / "dropout" / "kernels.py"
+    source = kernels.read_text()
+    kernels.write_text(source.replace("def apply_keep(x, keep):\n", "def apply_keep(x, keep):\n    # a comment\n", 1))
+    assert kernel_source_hashes(tmp_path) == before
+    kernels.write_text(source.replace("return tl.where(keep, x, x * 0.0)", "return tl.where(keep, x, 0.0)", 1))
+    after = kernel_source_hashes(tmp_path)
+    changed = {k for k in before if before[k] != after[k]}
+    assert {"_shrink_kernel", "_dual_gemm_kernel", "_m_reduce_kernel"} <= changed, changed  # they call apply_keep
+    assert not changed & {"_merge_kernel", "_dequant_4bit_kernel", "_mask_kernel", "_sum_splits_kernel"}, changed
+
+
+if __name__ == "__main__":  # python tests/test_docs.py record benchmarks/results/<run>/summary.md (at the run's commit)
+    if sys.argv[1:2] == ["record"]:
+        GPU_RECORD.write_text(gpu_run_record(Path(sys.argv[2]).resolve()))
+    else:
+        print(sorted(not_yet_run_on_a_gpu()))
