@@ -826,3 +826,21 @@ if __name__ == "__main__":  # python tests/test_docs.py record benchmarks/result
         GPU_RECORD.write_text(gpu_run_record(Path(sys.argv[2]).resolve()))
     else:
         print(sorted(not_yet_run_on_a_gpu()))
+
+
+def test_section_references_in_the_code_name_existing_headings():
+    """Comments and docstrings cite pages by section (docs/design.md, Numerics rule; docs/kernels.md,
+    "Host work per launch"): the words after the page name begin with one of its headings (up to
+    the heading's colon)."""
+    headings = {page.name: [re.sub(r"[`*]", "", h).split(":")[0].strip().lower()
+                            for h in re.findall(r"^#{1,6} (.+)$", _without_code_blocks(page.read_text()), flags=re.M)]
+                for page in (ROOT / "docs").glob("*.md")}
+    broken = []
+    for path in sorted({*ROOT.glob("rslora_kernels/**/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("benchmarks/*.py"),
+                        *ROOT.glob("benchmarks/*.sh"), *ROOT.glob("examples/*.py")}):
+        text = re.sub(r"\s*\n\s*(?:#\s*)?", " ", path.read_text())
+        for m in re.finditer(r"docs/([\w-]+\.md),? \(?[\"']?(?=[A-Z])", text):
+            after = text[m.end():m.end() + 100].lower()
+            if not any(after.startswith(h) for h in headings.get(m.group(1), [])):
+                broken.append(f"{path.relative_to(ROOT)}: {m.group()}{text[m.end():m.end() + 40]}...")
+    assert not broken, broken

@@ -1,4 +1,4 @@
-"""Launch plans (rslora_kernels/_launch.py ``planned``; docs/kernels.md, "Launch plans").
+"""Launch plans (rslora_kernels/_launch.py ``planned``; docs/kernels.md, "Host work per launch").
 
 A plan is what a launcher computes from its call's signature alone (tile config, grid,
 constexprs, offset width, launch options), cached per signature. These tests check that cached
@@ -145,7 +145,7 @@ def test_forced_configs_bypass_the_cache():
 
 
 def test_a_validated_call_signature_still_checks_what_varies_per_call():
-    """A call whose signature passed the checks skips them later (docs/kernels.md, "Launch plans");
+    """A call whose signature passed the checks skips them later (docs/kernels.md, "Host work per launch");
     whatever is not in the signature is still checked, and a value that is (scaling, dropout_p,
     their types) makes a new signature, checked afresh."""
     x, W, A, B, b, _ = _inputs(*CASES[1])
