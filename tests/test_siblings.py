@@ -2,6 +2,7 @@
 as one rk.lora_linear_group, on a tiny Llama and a tiny Qwen2 (no downloads); every mismatch runs
 the member alone; nothing held past the parent's forward; unpatch restores PEFT bit-exactly."""
 import copy
+import importlib
 
 import pytest
 import torch
@@ -13,6 +14,9 @@ from rslora_kernels.ops import group as group_mod
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from peft import LoraConfig, get_peft_model  # noqa: E402
+
+# the module (rslora_kernels.ops exports a function of the same name): where the layers draw their seeds
+lora_linear_mod = importlib.import_module("rslora_kernels.ops.lora_linear")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_LAYERS = 2
@@ -75,86 +79,140 @@ def group_calls(monkeypatch):
     return calls
 
 
-def _assert_close_models(got, want, rtol=1e-5, atol=1e-6):
-    torch.testing.assert_close(got[0], want[0], rtol=rtol, atol=atol)
-    assert got[1].keys() == want[1].keys()
-    for name in got[1]:
-        torch.testing.assert_close(got[1][name], want[1][name], rtol=rtol, atol=atol, msg=name)
+def _checked_step(model, seed=None, what="model"):
+    """One _step of ``model`` (a patched PEFT model) with every LoRA layer's call recorded, then
+    each checked by the numerics rule against the reference formula in float64 (oracle) and fp32
+    (the same math in the dtype): its y from its recorded x (with the mask of the seed it drew: the
+    layers with dropout draw one each, in call order, the group for its members in member order),
+    dA and dB from its recorded dy, and the grad of each input tensor (dx, summed over the layers
+    that read it). Layer by layer, not the model's logits against another run's: through the whole
+    model an fp32 rounding difference grows by the model's conditioning, so two correct fp32 runs
+    (the group's GEMM shapes, the members' or PEFT's) differ by more than one op's rule allows."""
+    calls, dxs, seeds, handles = [], {}, [], []
+    draw = lora_linear_mod.draw_seed
+
+    def recording_draw(device):
+        seeds.append(draw(device))
+        return seeds[-1]
+
+    def hook(layer, args, out):  # a forward hook leaves x as it is: the group still runs
+        x = args[0]
+        p = layer.lora_dropout["default"].p if layer.training and isinstance(layer.lora_dropout["default"],
+                                                                             torch.nn.Dropout) else 0.0
+        rec = dict(layer=layer, x=x, y=out.detach(), p=p)  # x held: its id stays its own for the step
+        if out.requires_grad:  # not for a frozen base linear alone on an input without grad
+            out.register_hook(lambda g: rec.__setitem__("dy", g.detach()))
+        if x.requires_grad and id(x) not in dxs:
+            dxs[id(x)] = None
+            x.register_hook(lambda g: dxs.__setitem__(id(x), g.detach()))
+        calls.append(rec)
+
+    layers = [m for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    lora_linear_mod.draw_seed = recording_draw
+    try:
+        result = _step(model, seed)
+    finally:
+        lora_linear_mod.draw_seed = draw
+        for h in handles:
+            h.remove()
+    dropping = [rec for rec in calls if rec["p"] > 0]
+    assert len(seeds) == len(dropping), (len(seeds), len(dropping))
+    for rec, drawn in zip(dropping, seeds):
+        rec["seed"] = drawn
+    assert {id(layer) for layer in layers} == {id(rec["layer"]) for rec in calls} and len(calls) == len(layers)
+    dx_runs = {}
+    for rec in calls:
+        layer, x = rec["layer"], rec["x"]
+        base = layer.get_base_layer()
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        adapter = not (layer.disable_adapters or layer.merged)  # else PEFT's forward: the base linear alone
+        runs = []
+        for dtype in (torch.float64, torch.float32):
+            leaves = [t.detach().to(dtype).requires_grad_() for t in (x, A, B)]
+            weight, bias = (None if t is None else t.detach().to(dtype) for t in (base.weight, base.bias))
+            if adapter:
+                mask = rk.dropout_mask(rec["seed"], x.shape, rec["p"], x.device) if rec["p"] > 0 else None
+                y = rk.reference.lora_linear(leaves[0], weight, leaves[1], leaves[2], layer.scaling["default"], bias,
+                                             rec["p"], mask)
+            else:
+                y = torch.nn.functional.linear(leaves[0], weight, bias)
+            if "dy" not in rec:
+                runs.append([y])
+                continue
+            y.backward(rec["dy"].to(dtype))
+            runs.append([y, leaves[1].grad, leaves[2].grad])
+            if id(x) in dxs:
+                sums = dx_runs.setdefault(id(x), {})
+                sums[dtype] = leaves[0].grad if dtype not in sums else sums[dtype] + leaves[0].grad
+        name = f"{what}: {type(layer).__name__} {id(layer) % 10**6}"
+        if not adapter:
+            assert A.grad is None and B.grad is None
+            runs = [run[:1] for run in runs]
+        for part, got, o, t in zip(["y", "dA", "dB"], [rec["y"], A.grad, B.grad], *runs):
+            assert_close_to_oracle(f"{name} {part}", got, o, t)
+    assert dx_runs.keys() == dxs.keys()
+    for key, sums in dx_runs.items():
+        assert_close_to_oracle(f"{what}: dx", dxs[key], sums[torch.float64], sums[torch.float32])
+    return result
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_groups_found_and_match_peft(arch, group_calls):
     """The first step learns (every member alone); from the second, q/k/v and gate/up run as groups
-    (o_proj and down_proj read other tensors: alone). Logits and grads match PEFT's own layers and
-    our unfused patch (dropout 0)."""
+    (o_proj and down_proj read other tensors: alone). Every layer of both steps and of our unfused
+    patch (dropout 0) meets the float64 oracle (_checked_step)."""
     model = _peft_model(arch)
-    ref = copy.deepcopy(model)
     unfused = copy.deepcopy(model)
     assert rk.peft.patch(model, backend=BACKEND, fuse_siblings=True) == len(TARGETS) * N_LAYERS
     rk.peft.patch(unfused, backend=BACKEND)
-    first = _step(model)
+    _checked_step(model, what="first")
     assert group_calls == []
-    second = _step(model)
+    _checked_step(model, what="second")
     assert sorted(group_calls) == [2] * N_LAYERS + [3] * N_LAYERS
-    peft_run, ours = _step(ref), _step(unfused)
-    for got in (first, second):
-        _assert_close_models(got, ours)
-        _assert_close_models(got, peft_run, rtol=1e-4, atol=1e-5)
+    _checked_step(unfused, what="unfused")
     for g in _groups(model):  # nothing held past the parent's forward
         assert g._held == {} and g._seen == []
 
 
-def test_each_member_against_the_float64_oracle(group_calls):
-    """Every LoRA layer of the grouped Llama, by the numerics rule: its y from its recorded x, and
-    dA, dB from its recorded dy, against the same PEFT layer in float64 (oracle) and fp32."""
-    model = _peft_model()
-    ref = copy.deepcopy(model)
+def test_checked_step_sees_a_wrong_group_output(group_calls, monkeypatch):
+    """_checked_step fails a group that hands one member another member's dropout mask: the
+    seeds swapped between members (what a draw out of member order would give)."""
+    model = _peft_model(dropout=0.1)
     rk.peft.patch(model, backend=BACKEND, fuse_siblings=True)
-    _step(model)  # learn
-    records, handles = {}, []
-    for name, layer in model.named_modules():
-        if isinstance(layer, peft.tuners.lora.LoraLayer):
-            rec = records[name] = {}
-
-            def hook(mod, args, out, rec=rec):  # a forward hook leaves x as it is: the group still runs
-                rec["x"] = args[0].detach()
-                rec["y"] = out.detach()
-                out.register_hook(lambda g: rec.__setitem__("dy", g.detach()))
-
-            handles.append(layer.register_forward_hook(hook))
     _step(model)
-    for h in handles:
-        h.remove()
-    assert sorted(group_calls) == [2] * N_LAYERS + [3] * N_LAYERS
-    ref_layers = dict(ref.named_modules())
-    for name, rec in records.items():
-        layer = model.get_submodule(name)
-        got = [rec["y"], layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad]
-        runs = []
-        for dtype in (torch.float64, torch.float32):
-            twin = copy.deepcopy(ref_layers[name]).to(dtype)
-            y = twin(rec["x"].to(dtype))
-            y.backward(rec["dy"].to(dtype))
-            runs.append([y, twin.lora_A["default"].weight.grad, twin.lora_B["default"].weight.grad])
-        for what, g, o, t in zip(["y", "dA", "dB"], got, *runs):
-            assert_close_to_oracle(f"{name} {what}", g, o, t)
+    orig = group_mod.LoRALinearGroupFunction.apply
+
+    def swapped(x, meta, *tensors):
+        return orig(x, meta, *tensors[:-1], tensors[-1].flip(0))
+
+    monkeypatch.setattr(group_mod.LoRALinearGroupFunction, "apply", swapped)
+    with pytest.raises(AssertionError, match="exceed the bound"):
+        _checked_step(model)
 
 
 def test_dropout_draws_the_seeds_of_the_unfused_patch(group_calls):
     """With dropout each member keeps its own mask: the group draws the members' seeds in their
-    call order, so a grouped step equals an unfused one from the same torch seed."""
+    call order, so a grouped step and an unfused one from the same torch seed both meet the oracle
+    run with the masks of that seed."""
     model = _peft_model(dropout=0.1)
     unfused = copy.deepcopy(model)
     rk.peft.patch(model, backend=BACKEND, fuse_siblings=True)
     rk.peft.patch(unfused, backend=BACKEND)
     _step(model)
-    got = _step(model, seed=3)
+    torch.manual_seed(3)
+    want = [lora_linear_mod.draw_seed(DEV) for _ in range(len(TARGETS) * N_LAYERS)]
+    for what, m in [("grouped", model), ("unfused", unfused)]:
+        seeds = []
+        draw = lora_linear_mod.draw_seed
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(lora_linear_mod, "draw_seed", lambda device: seeds.append(draw(device)) or seeds[-1])
+            _checked_step(m, seed=3, what=what)  # each layer with the mask of the seed drawn in its call order
+        assert [int(t) for t in seeds] == [int(t) for t in want], what  # the same draws, grouped or not
     assert len(group_calls) == 2 * N_LAYERS
-    _assert_close_models(got, _step(unfused, seed=3))
     model.eval()  # eval: p = 0 for every member, still grouped
-    unfused.eval()
     group_calls.clear()
-    _assert_close_models(_step(model), _step(unfused))
+    _checked_step(model, what="grouped (eval)")
     assert len(group_calls) == 2 * N_LAYERS
 
 
@@ -165,33 +223,30 @@ def _attn(model, i=0):
 @pytest.mark.parametrize("mismatch", ["pre_hook_new_tensor", "disabled_adapter", "merged", "train_to_eval"])
 def test_mismatch_runs_the_member_alone(mismatch, group_calls):
     model = _peft_model(dropout=0.1 if mismatch == "train_to_eval" else 0.0)
-    unfused = copy.deepcopy(model)
     rk.peft.patch(model, backend=BACKEND, fuse_siblings=True)
-    rk.peft.patch(unfused, backend=BACKEND)
     _step(model)
-    attn, attn_u = _attn(model), _attn(unfused)
+    attn = _attn(model)
     k = attn.k_proj
     if mismatch == "pre_hook_new_tensor":  # k now reads a different tensor than q and v
         k.register_forward_pre_hook(lambda mod, args: (args[0].clone(),))
-        attn_u.k_proj.register_forward_pre_hook(lambda mod, args: (args[0].clone(),))
     elif mismatch == "disabled_adapter":  # v on PEFT's forward (base only): left out of the group
         attn.v_proj.enable_adapters(False)
-        attn_u.v_proj.enable_adapters(False)
     elif mismatch == "merged":
         attn.v_proj.merge()
-        attn_u.v_proj.merge()
     else:  # k switches to eval between q's call (which computed k's output with dropout) and its own
         attn.q_proj.register_forward_hook(lambda mod, args, out: k.eval() and None)
         seen = {}
         k.register_forward_hook(lambda mod, args, out: seen.update(x=args[0].detach(), y=out.detach()))
     group_calls.clear()
-    got = _step(model, seed=4)
     if mismatch != "train_to_eval":
-        _assert_close_models(got, _step(unfused, seed=4))
-    else:  # k ran alone, in eval (no dropout): PEFT's own forward of k on the same x
+        _checked_step(model, seed=4)
+    else:  # k ran alone, in eval (no dropout): the reference in float64, and PEFT's own forward of k, on its x
+        _step(model, seed=4)
         assert not k.training
+        W, A, B = k.get_base_layer().weight, k.lora_A["default"].weight, k.lora_B["default"].weight
         with torch.no_grad():
-            torch.testing.assert_close(seen["y"], type(k).forward(k, seen["x"]), rtol=1e-5, atol=1e-6)
+            y64 = rk.reference.lora_linear(seen["x"].double(), W.double(), A.double(), B.double(), k.scaling["default"])
+            assert_close_to_oracle("k (eval)", seen["y"], y64, type(k).forward(k, seen["x"]))
     for g in _groups(model):
         assert g._held == {} and g._seen == []
     # layer 0's attention: q/v (pre-hook on k), q/k (v disabled or merged) or q/k/v; the rest unchanged
@@ -237,19 +292,15 @@ def test_default_is_off(group_calls):
     assert group_calls == [] and not list(_groups(model))
 
 
-def test_compiled_model_gives_the_unfused_result():
-    """Under torch.compile a grouped model computes what the unfused patch computes (whether the
-    group runs inside the compiled graph or not)."""
+def test_compiled_model_meets_the_oracle():
+    """Under torch.compile every layer of a grouped model meets the float64 oracle, as the unfused
+    patch does (whether the group runs inside the compiled graph or not)."""
     torch._dynamo.reset()
     model = _peft_model()
-    unfused = copy.deepcopy(model)
     rk.peft.patch(model, backend=BACKEND, fuse_siblings=True)
-    rk.peft.patch(unfused, backend=BACKEND)
     compiled = torch.compile(model, backend="aot_eager")
     try:
-        for _ in range(2):
-            got = _step(compiled)
+        _step(compiled)
+        _checked_step(compiled, what="compiled")
     finally:
         torch._dynamo.reset()
-    got = (got[0], {n.removeprefix("_orig_mod."): g for n, g in got[1].items()})
-    _assert_close_models(got, _step(unfused))
