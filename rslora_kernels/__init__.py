@@ -10,6 +10,7 @@ from .dropout import dropout_mask
 from .inject import inject
 from .layers import LoRALinear
 from .ops import composite  # noqa: F401  (registers the "composite" backend; CPU "auto" picks it)
+from .ops.autotune import autotune_report
 from .ops.dora import DoRALinearFunction, dora_linear
 from .ops.group import LoRALinearGroupFunction, lora_linear_group
 from .ops.lora_linear import LoRALinearFunction, lora_linear, register_backend, registered_backends, unregister_backend
@@ -21,7 +22,7 @@ __all__ = ["lora_linear", "LoRALinearFunction", "dora_linear", "DoRALinearFuncti
            "LoRALinearGroupFunction", "LoRALinear", "inject",
            "dropout_mask", "DROPOUT_STREAM", "reference", "quant",
            "register_backend", "unregister_backend", "registered_backends",
-           "rslora_scaling", "lora_scaling", "peft", "__version__"]
+           "rslora_scaling", "lora_scaling", "autotune_report", "peft", "__version__"]
 
 
 def __getattr__(name):

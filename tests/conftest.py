@@ -10,6 +10,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# backend="auto" does not measure on first use in the suite (it would time every new signature on a GPU
+# and write the user's cache): auto is table-only here; tests/test_autotune.py switches measuring on
+os.environ.setdefault("RSLORA_KERNELS_AUTOTUNE", "0")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

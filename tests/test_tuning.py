@@ -389,7 +389,9 @@ def test_lora_linear_passes_the_flattened_problem(monkeypatch):
     W, A, B = torch.randn(7, 11, generator=g), torch.randn(2, 11, generator=g), torch.randn(7, 2, generator=g)
     rk.lora_linear(x, W, A, B, 0.5, backend="auto")
     (call,) = calls
-    assert (call["backend"], call["device"], call["dtype"], call["problem"]) == ("auto", x.device, torch.float32, (15, 7, 11, 2))
+    # (M, N, K, r) and what else the signature of auto's first-use measurement holds: op, dropout, bias
+    assert (call["backend"], call["device"], call["dtype"], call["problem"]) == (
+        "auto", x.device, torch.float32, (15, 7, 11, 2, "lora", 0.0, False))
 
 
 def test_auto_backend_under_torch_compile(fake_gpu):

@@ -53,6 +53,7 @@ from .. import reference
 from .._validate import validate_inputs, validate_magnitude
 from ..dropout import dropout_scale, keep_mask_torch
 from .composite import addmm_scaled_
+from .autotune import Problem
 from .custom_op import custom_op
 from .first_order import first_order_only
 from .lora_linear import lora_linear_bwd, lora_linear_fwd, registered_backends, resolve_backend_planned, seed_tensor
@@ -273,7 +274,8 @@ def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magni
     validate_magnitude(magnitude, weight, x)
     scaling = float(scaling)
     p = float(dropout_p) if training else 0.0
-    backend = resolve_backend_planned(backend, x.device, x.dtype, lora_A.dtype, None)
+    backend = resolve_backend_planned(backend, x.device, x.dtype, lora_A.dtype, Problem(  # "auto": docs/tuning.md
+        math.prod(x.shape[:-1]), weight.shape[0], x.shape[-1], lora_A.shape[0], "dora", dropout_p, bias is not None))
     seed = seed_tensor(seed, p, x.device)  # checked even when p == 0
     if backend == "reference":
         mask = keep_mask_torch(seed, math.prod(x.shape[:-1]), x.shape[-1], p).reshape(x.shape) if p > 0.0 else None

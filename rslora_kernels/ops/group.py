@@ -46,9 +46,11 @@ from .._validate import need_tensors, validate_inputs
 from ..dropout import dropout_scale, dropout_scale_, dropout_scale_pair_
 from ..quant import is_quantized_weight
 from .composite import addmm_scaled_
+from .autotune import Problem
 from .custom_op import custom_op
 from .first_order import first_order_only
-from .lora_linear import autocast_inputs, lora_linear, registered_backends, resolve_backend, seed_tensor
+from .lora_linear import (autocast_inputs, lora_linear, registered_backends, resolve_backend,
+                          resolve_backend_planned, seed_tensor)
 
 __all__ = ["lora_linear_group", "LoRALinearGroupFunction", "lora_linear_group_fwd", "lora_linear_group_bwd",
            "GROUP_BACKENDS"]
@@ -360,8 +362,9 @@ def lora_linear_group(x: Tensor, weights: Sequence[Tensor], lora_As: Sequence[Te
     weights, lora_As, lora_Bs, biases = (list(t) for t in zip(*members))
     M, K = math.prod(x.shape[:-1]), x.shape[-1]
     # "auto" once for the whole group (its stacked N, its largest rank), then every member's adapter dtype checked
-    name = resolve_backend(backend, x.device, x.dtype, lora_As[0].dtype,
-                           problem=(M, sum(W.shape[0] for W in weights), K, max(A.shape[0] for A in lora_As)))
+    name = resolve_backend_planned(backend, x.device, x.dtype, lora_As[0].dtype, Problem(
+        M, sum(W.shape[0] for W in weights), K, max(A.shape[0] for A in lora_As), "group",
+        max(float(p) for p in dropout_ps), any(b is not None for b in biases)))
     for i, A in enumerate(lora_As):
         try:
             resolve_backend(name, x.device, x.dtype, A.dtype)

@@ -30,7 +30,7 @@ from ..dropout import as_seed_int, draw_seed, keep_mask_torch
 from .._launch import clear_plans, planned, recall, remember
 from .custom_op import custom_op
 from .first_order import first_order_only
-from .tuning import auto_backend
+from . import autotune
 from ..quant import is_quantized_weight
 
 __all__ = ["lora_linear", "LoRALinearFunction", "Backend", "register_backend", "unregister_backend",
@@ -145,14 +145,19 @@ def check_backend_name(backend) -> str:
 
 def choose_auto_backend(device: torch.device, dtype: Optional[torch.dtype] = None,
                         adapter_dtype: Optional[torch.dtype] = None,
-                        problem: Optional[Tuple[int, int, int, int]] = None) -> str:
+                        problem: Optional[Tuple] = None) -> str:
     """The backend "auto" means for x of ``device`` and ``dtype`` with adapters of ``adapter_dtype``
-    (a dtype left None is taken to be one the chosen backend computes in) and ``problem`` =
-    (M, N, K, r). On CUDA in kernel dtypes: the faster of triton and composite as measured on this
-    GPU model near that shape (rslora_kernels/ops/tuning.py), composite where nothing was measured."""
+    (a dtype left None is taken to be one the chosen backend computes in) and ``problem``, an
+    :class:`~rslora_kernels.ops.autotune.Problem` (or (M, N, K, r) of a LoRA op without dropout or
+    bias): what a current committed table entry near the shape says, else what was measured on
+    this GPU on first use (:func:`rslora_kernels.ops.autotune.choose`: docs/tuning.md); where neither
+    answers, composite (on the CPU, composite, or reference for float64)."""
     dtypes = [d for d in (dtype, adapter_dtype) if d is not None]
+    chosen = autotune.choose(device, dtype, adapter_dtype, problem)
+    if chosen is not None:
+        return chosen
     if device.type == "cuda" and all(d in KERNEL_DTYPES for d in dtypes):
-        return auto_backend(device, dtype, *problem) if problem is not None else "composite"
+        return "composite"
     # everything else (CPU, float64 on CUDA, ...): the first of these that runs here in these dtypes
     for name in ("composite", "reference"):
         spec = _REGISTRY.get(name)
@@ -163,11 +168,12 @@ def choose_auto_backend(device: torch.device, dtype: Optional[torch.dtype] = Non
 
 def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None,
                     adapter_dtype: Optional[torch.dtype] = None,
-                    problem: Optional[Tuple[int, int, int, int]] = None) -> str:
+                    problem: Optional[Tuple] = None) -> str:
     """Map "auto" to a concrete backend, then check that the backend is registered, runs on
     ``device`` and computes in ``dtype`` (x's) and ``adapter_dtype`` (lora_A/lora_B's); a dtype
     left None is not checked. ValueError for an unknown name or device, TypeError for a dtype.
-    ``problem`` = (M, N, K, r) lets "auto" on CUDA follow the measurements (choose_auto_backend)."""
+    ``problem`` (an ``autotune.Problem``, or (M, N, K, r)) lets "auto" follow the measurements
+    (:func:`choose_auto_backend`)."""
     name = choose_auto_backend(device, dtype, adapter_dtype, problem) if check_backend_name(backend) == "auto" else backend
     spec = _REGISTRY[name]
     if not spec.runs_on(device):
@@ -420,7 +426,8 @@ def _call_plan(x_type, x_shape, x_dtype, x_device, w_type, w_shape, w_dtype, w_d
                backend) -> _Call:
     """The :class:`_Call` of a signature whose inputs passed the checks (see :func:`_call_key`)."""
     name = resolve_backend(backend, x_device, x_dtype, a_dtype,
-                           (math.prod(x_shape[:-1]), w_shape[0], x_shape[-1], a_shape[0]))
+                           autotune.Problem(math.prod(x_shape[:-1]), w_shape[0], x_shape[-1], a_shape[0], "lora",
+                                            dropout_p, bias is not None))
     return _Call(name, x_device.type, torch.amp.is_autocast_available(x_device.type))
 
 
@@ -464,8 +471,9 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
         if key is not None and not autocasting:
             backend = remember(_call_plan, key, _call_plan(*key)).backend
         else:
-            backend = resolve_backend_planned(backend, x.device, x.dtype, lora_A.dtype,
-                                               (math.prod(x.shape[:-1]), weight.shape[0], x.shape[-1], lora_A.shape[0]))
+            backend = resolve_backend_planned(backend, x.device, x.dtype, lora_A.dtype, autotune.Problem(
+                math.prod(x.shape[:-1]), weight.shape[0], x.shape[-1], lora_A.shape[0], "lora", dropout_p,
+                bias is not None))
     p = float(dropout_p) if training else 0.0
     scaling = float(scaling)
     seed = seed_tensor(seed, p, x.device)

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .._validate import check_backend_output, validate_inputs
 from ..quant import Weight4bit, as_weight4bit, dequantize_4bit
+from .autotune import Problem
 from .custom_op import custom_op
 from .first_order import first_order_only
 from .lora_linear import (autocast_inputs, registered_backends, resolve_backend_planned, seed_tensor,
@@ -147,7 +148,8 @@ def qlora_linear(x: Tensor, weight, lora_A: Tensor, lora_B: Tensor, scaling: flo
     # every check of the dense op, against a zero-stride stand-in with W's shape and x's dtype/device
     stand_in = x.new_zeros(()).expand(*w.shape) if isinstance(x, Tensor) else x
     validate_inputs(x, stand_in, lora_A, lora_B, bias, scaling, dropout_p)
-    backend = resolve_backend_planned(backend, x.device, x.dtype, lora_A.dtype, None)
+    backend = resolve_backend_planned(backend, x.device, x.dtype, lora_A.dtype, Problem(  # "auto": docs/tuning.md
+        math.prod(x.shape[:-1]), w.shape[0], x.shape[-1], lora_A.shape[0], "qlora", dropout_p, bias is not None))
     scaling = float(scaling)
     p = float(dropout_p) if training else 0.0
     seed = seed_tensor(seed, p, x.device)

@@ -51,7 +51,7 @@ from .._launch import clear_plans
 __all__ = ["TUNED_DIR", "TABLE_ENV", "FORMAT_VERSION", "KERNEL_SOURCES", "PLANS", "ConfigRequest", "bucket",
            "dtype_name", "normalized_gpu_name", "kernel_hash", "load_table", "table_for_gpu", "reload_tables",
            "current_entries", "nearest_entries", "tuned_config", "forced_configs", "configs_forced", "rules_only",
-           "auto_backend", "tuned_plan", "forced_plan"]
+           "auto_backend", "table_backend", "tuned_plan", "forced_plan", "set_first_use_plans"]
 
 TUNED_DIR = Path(__file__).with_name("tuned")
 TABLE_ENV = "RSLORA_KERNELS_TUNED_TABLE"  # path of a table to use instead of the committed one
@@ -259,16 +259,27 @@ def auto_backend(device: torch.device, dtype: torch.dtype, M: int, N: int, K: in
     return _measured_backend(device, dtype, bucket(M), N, K, bucket(r))
 
 
-def _measured_backend(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int, r: int) -> str:
+def table_backend(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int, r: int) -> Optional[str]:
+    """What this GPU's table answers near (M, N, K, r) in ``dtype``: "triton" (every nearest entry
+    within a factor of two measured it faster), "composite" (some did not), or None: no current
+    entry is that near (then ``auto`` measures on first use: :mod:`rslora_kernels.ops.autotune`)."""
+    return _table_backend(device, dtype, bucket(M), N, K, bucket(r))
+
+
+def _table_backend(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int, r: int) -> Optional[str]:
     name = _runtime.gpu_name(device)
     table = table_for_gpu(name) if name is not None else None
     if table is None:
-        return "composite"
+        return None
     entries = [e for e in current_entries(table["backends"]) if e["dtype"] == dtype_name(dtype)]
     nearest = nearest_entries(entries, M, N, K, r, within=1.0)
-    if nearest and all(e["backend"] == "triton" for e in nearest):
-        return "triton"
-    return "composite"
+    if not nearest:
+        return None
+    return "triton" if all(e["backend"] == "triton" for e in nearest) else "composite"
+
+
+def _measured_backend(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int, r: int) -> str:
+    return _table_backend(device, dtype, M, N, K, r) or "composite"
 
 
 # Under torch.compile the lookup runs at trace time and its answer is a constant of the graph (its
@@ -277,6 +288,7 @@ def _measured_backend(device: torch.device, dtype: torch.dtype, M: int, N: int, 
 # by hand because that call imports torch._dynamo, and with it Triton, at package import.
 # tests/test_tuning.py checks that the public decorator still sets this attribute.
 _measured_backend._dynamo_marked_constant = True
+_table_backend._dynamo_marked_constant = True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,21 +319,43 @@ def plan_forced() -> bool:
 def tuned_plan(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int, r: int) -> str:
     """The plan of the Triton backend for this call: the one this GPU's table measured faster near
     (M, N, K, r) in ``dtype`` (entries of the running kernels, within a factor of two in every
-    dimension, every nearest one agreeing); "fused" otherwise (no table, no entry, CPU)."""
+    dimension, every nearest one agreeing); where the table has no entry that near, the plan ``auto``
+    measured faster on first use for this key (:mod:`rslora_kernels.ops.autotune`); "fused" otherwise."""
     if _forced_plan is not None:
         return _forced_plan
-    if device.type != "cuda":
-        return "fused"
-    name = _runtime.gpu_name(device)
-    return _lookup_plan(name, dtype_name(dtype), bucket(M), N, K, bucket(r)) if name is not None else "fused"
+    key = (dtype_name(dtype), bucket(M), N, K, bucket(r))
+    if device.type == "cuda":
+        name = _runtime.gpu_name(device)
+        plan = _lookup_plan(name, *key) if name is not None else None
+        if plan is not None:
+            return plan
+    if _first_use_plan is not None:
+        plan = _first_use_plan(device, *key)
+        if plan is not None:
+            return plan
+    return "fused"
+
+
+# (device, dtype name, M bucket, N, K, rank bucket) -> the plan measured on first use, or None.
+# rslora_kernels.ops.autotune installs it (it imports this module, so this one cannot import it).
+_first_use_plan: Optional[Callable[..., Optional[str]]] = None
+
+
+def set_first_use_plans(lookup: Optional[Callable[..., Optional[str]]]) -> None:
+    """Install the lookup :func:`tuned_plan` asks where the table has no entry (see ``_first_use_plan``)."""
+    global _first_use_plan
+    _first_use_plan = lookup
 
 
 @lru_cache(maxsize=4096)
-def _lookup_plan(gpu: str, dtype: str, M: int, N: int, K: int, r: int) -> str:
+def _lookup_plan(gpu: str, dtype: str, M: int, N: int, K: int, r: int) -> Optional[str]:
+    """The table's plan near the key; None where it has no current entry within a factor of two."""
     table = table_for_gpu(gpu)
     if table is None:
-        return "fused"
+        return None
     entries = [e for e in current_entries(table.get("plans", [])) if e["dtype"] == dtype]
     nearest = nearest_entries(entries, M, N, K, r, within=1.0)
+    if not nearest:
+        return None
     plans = {e["plan"] for e in nearest}
     return plans.pop() if len(plans) == 1 and plans <= set(PLANS) else "fused"
