@@ -17,9 +17,11 @@ test assertions.
 Results that must be bit-identical (the same kernels run twice, a cast, a copy) are compared with
 ``torch.equal`` instead: any tolerance there would hide a bug.
 """
+import torch
+
 from rslora_kernels.selfcheck import compare, error_bound, max_abs_err, worst_elements
 
-__all__ = ["assert_close_to_oracle", "max_abs_err", "bound"]
+__all__ = ["assert_close_to_oracle", "assert_same_nonfinite_and_close", "max_abs_err", "bound"]
 
 WORST_SHOWN = 5  # elements listed in a failure message
 
@@ -44,3 +46,16 @@ def assert_close_to_oracle(name: str, got, oracle, same_dtype) -> None:
         f"{name}: {bad} of {got.numel()} elements exceed the bound {result.bound:.3e} "
         f"(2 * torch same-dtype err {max_abs_err(same_dtype, oracle):.3e} + floor; {got.dtype}); worst:\n"
         + "\n".join("  " + line for line in lines))
+
+
+def assert_same_nonfinite_and_close(name: str, got: torch.Tensor, oracle: torch.Tensor, same_dtype: torch.Tensor) -> None:
+    """For inputs holding NaN or Inf: NaN, +Inf and -Inf in ``got`` exactly where the float64
+    ``oracle`` has them; the finite entries by the rule (:func:`assert_close_to_oracle`)."""
+    assert got.shape == oracle.shape, f"{name}: shape {tuple(got.shape)} != oracle's {tuple(oracle.shape)}"
+    for what, test in [("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)]:
+        g, o = test(got.detach()).cpu(), test(oracle.detach()).cpu()
+        assert torch.equal(g, o), (f"{name}: {what} at {g.nonzero().tolist()[:6]} (got) "
+                                   f"vs {o.nonzero().tolist()[:6]} (reference)")
+    finite = torch.isfinite(oracle.detach()).cpu()
+    assert_close_to_oracle(name, got.detach().cpu()[finite], oracle.detach().cpu()[finite],
+                           same_dtype.detach().cpu()[finite])

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import rslora_kernels as rk
-from numerics import assert_close_to_oracle
+from numerics import assert_close_to_oracle, assert_same_nonfinite_and_close
 from rslora_kernels.ops.first_order import DOUBLE_BACKWARD_ERROR
 from rslora_kernels.quant import Weight4bit
 
@@ -47,17 +47,6 @@ def run(backend, t, scaling=0.5, p=0.0, seed=3, grads=("x", "lora_A", "lora_B", 
     return y.detach(), {k: leaves[k].grad for k in grads if leaves[k] is not None}
 
 
-def assert_same_values(name, got, want):
-    """NaN where ``want`` has NaN, the same Inf, and the finite entries close (fp32 inputs)."""
-    got, want = got.double(), want.double()
-    assert torch.equal(got.isnan(), want.isnan()), f"{name}: NaN at {got.isnan().nonzero().tolist()}, " \
-                                                   f"reference's at {want.isnan().nonzero().tolist()}"
-    assert torch.equal(got.isinf(), want.isinf()) and torch.equal(got[got.isinf()], want[want.isinf()]), \
-        f"{name}: Inf differs from the reference's"
-    fin = want.isfinite()
-    if fin.any():
-        torch.testing.assert_close(got[fin], want[fin], rtol=1e-4, atol=1e-4 * want[fin].abs().max().clamp_min(1).item())
-
 
 # ----------------------------------------------------------------------------------------------
 # Non-finite values: NaN/Inf in each input at kept positions (and with p = 0), every backend
@@ -86,9 +75,10 @@ def test_nonfinite_propagates_as_in_reference(backend, scaling, where, value, p)
     t[where][pos] = float(value)
     y, grads = run(backend, t, scaling, p)
     y64, grads64 = run("reference", {k: None if v is None else v.double() for k, v in t.items()}, scaling, p)
-    assert_same_values("y", y, y64)
+    y32, grads32 = run("reference", t, scaling, p)
+    assert_same_nonfinite_and_close("y", y, y64, y32)
     for k in grads:
-        assert_same_values(f"d{k}", grads[k], grads64[k])
+        assert_same_nonfinite_and_close(f"d{k}", grads[k], grads64[k], grads32[k])
 
 
 def y_col_nan(y, n):
@@ -117,9 +107,10 @@ def test_group_nan_at_scaling_zero(backend, p):
     Ws, As, Bs = [t["weight"], t["weight"][1:]], [t["lora_A"], t["lora_A"]], [t["lora_B"], B2]
     ys = rk.lora_linear_group(t["x"], Ws, As, Bs, 0.0, [t["bias"], None], p, seeds=[6, 7], backend=backend)
     for i, y in enumerate(ys):
-        want = rk.lora_linear(t["x"].double(), Ws[i].double(), As[i].double(), Bs[i].double(), 0.0,
-                              None if i else t["bias"].double(), p, seed=6 + i, backend="reference")
-        assert_same_values(f"y[{i}]", y, want)
+        want, same = (rk.lora_linear(t["x"].to(dt), Ws[i].to(dt), As[i].to(dt), Bs[i].to(dt), 0.0,
+                                     None if i else t["bias"].to(dt), p, seed=6 + i, backend="reference")
+                      for dt in (torch.float64, torch.float32))
+        assert_same_nonfinite_and_close(f"y[{i}]", y, want, same)
     assert y_col_nan(ys[1], 2)
 
 
@@ -133,10 +124,10 @@ def test_dora_nan_at_scaling_zero(backend, p):
     got = rk.dora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], m, 0.0, bias=t["bias"], dropout_p=p, seed=6,
                          backend=backend)
     mask = rk.dropout_mask(6, (M, K), p, device=DEV) if p > 0 else None
-    want = rk.reference.dora_linear(*(t[k].double() for k in ("x", "weight", "lora_A", "lora_B")), m.double(), 0.0,
-                                    t["bias"].double(), p, mask)
+    want, same = (rk.reference.dora_linear(*(t[k].to(dt) for k in ("x", "weight", "lora_A", "lora_B")), m.to(dt), 0.0,
+                                           t["bias"].to(dt), p, mask) for dt in (torch.float64, torch.float32))
     assert y_col_nan(want, 2)
-    assert_same_values("y", got, want)
+    assert_same_nonfinite_and_close("y", got, want, same)
 
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import rslora_kernels as rk
-from numerics import assert_close_to_oracle
+from numerics import assert_close_to_oracle, assert_same_nonfinite_and_close
 from rslora_kernels.dropout import STREAM_VERSION, drop_threshold, keep_mask_torch, philox4x32
 from rslora_kernels.dropout.stream import PHILOX_ROUNDS
 
@@ -188,18 +188,6 @@ NONFINITE_SEED, NONFINITE_P = 3, 0.5
 _numpy_nan_warnings_expected = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 
-def _assert_same_nonfinite_and_close(name, got, oracle, same_dtype):
-    """NaN, +Inf and -Inf exactly where the float64 oracle has them; the finite values by the numerics rule."""
-    assert got.shape == oracle.shape, name
-    for what, test in [("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)]:
-        g, o = test(got.detach()).cpu(), test(oracle.detach()).cpu()
-        assert torch.equal(g, o), (f"{name}: {what} at {g.nonzero().tolist()[:6]} (backend) "
-                                   f"vs {o.nonzero().tolist()[:6]} (reference)")
-    finite = torch.isfinite(oracle.detach()).cpu()
-    assert_close_to_oracle(name, got.detach().cpu()[finite], oracle.detach().cpu()[finite],
-                           same_dtype.detach().cpu()[finite])
-
-
 def _positions(M, K):
     """A dropped and a kept position of the stream's mask (seed 3, p = 0.5), in different rows."""
     mask = rk.dropout_mask(NONFINITE_SEED, (M, K), NONFINITE_P)
@@ -277,7 +265,7 @@ def test_nonfinite_values_propagate_like_the_reference(backend, r, value, where,
     oracle = _grads(ref, [t.double() for t in inputs], dy.double())
     same = _grads(ref, inputs, dy)
     for name, gt, o, sd in zip(["y", "dx", "dA", "dB", "db"], got, oracle, same):
-        _assert_same_nonfinite_and_close(f"{name} ({backend}, {where}={value})", gt, o, sd)
+        assert_same_nonfinite_and_close(f"{name} ({backend}, {where}={value})", gt, o, sd)
     if tensor == "x" and at == "dropped":  # the case a select would hide: T's row and dA's column are NaN
         assert torch.isnan(got[2][:, pos[at][1]]).all() and torch.isnan(got[3]).all()
 
@@ -309,7 +297,7 @@ def test_nonfinite_values_propagate_like_the_reference_dora(backend, value, wher
     oracle = _grads(ref, [t.double() for t in inputs], dy.double())
     same = _grads(ref, inputs, dy)
     for name, gt, o, sd in zip(["y", "dx", "dA", "dB", "dm", "db"], got, oracle, same):
-        _assert_same_nonfinite_and_close(f"{name} ({backend}, {where}={value})", gt, o, sd)
+        assert_same_nonfinite_and_close(f"{name} ({backend}, {where}={value})", gt, o, sd)
 
 
 @_numpy_nan_warnings_expected
@@ -348,4 +336,4 @@ def test_nonfinite_values_propagate_like_the_reference_group(backend, value, whe
     oracle = run(ref, torch.float64, "cpu")
     same = run(ref, torch.float32, "cpu")
     for name, gt, o, sd in zip(["y0", "y1", "dx", "dA0", "dA1", "dB0", "dB1"], got, oracle, same):
-        _assert_same_nonfinite_and_close(f"{name} ({backend}, {where}={value})", gt, o, sd)
+        assert_same_nonfinite_and_close(f"{name} ({backend}, {where}={value})", gt, o, sd)
