@@ -274,7 +274,26 @@ def run(args, on_case=None) -> tuple:
         if on_case is not None:
             on_case(rows, notes)
     bar.close()
+    if "auto" in names:
+        notes += auto_notes()
     return rows, notes
+
+
+def auto_notes() -> List[str]:
+    """What ``backend="auto"`` ran in this process, one line per call signature it decided
+    (``rk.autotune_report()`` has each candidate's time; docs/tuning.md has the rule)."""
+    from rslora_kernels.ops import autotune
+    decided = autotune.decisions()
+    if not decided:
+        return ["auto: composite at every call (no table entry near and nothing measured: first-use measuring runs on "
+                "CUDA, and RSLORA_KERNELS_AUTOTUNE=0 turns it off)"]
+    out = []
+    for d in decided:
+        cost = f", first use {d.seconds:.1f} s" if d.source == "measured" else ""
+        times = ", ".join(f"{label} {ms:.3f} ms" for label, ms in sorted(d.ms.items(), key=lambda kv: kv[1]))
+        out.append(f"auto: {d.signature.describe()} -> {d.choice or 'composite'} ({d.source}{cost}"
+                   f"{': ' + times if times else ''})")
+    return out
 
 
 def _rows(results, r, p, tokens, warmup, preset, dtype, ref, device) -> List[dict]:
@@ -474,6 +493,8 @@ def main(argv=None):
     if env.get("cores"):
         env["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
     print(write_outputs(args, env, rows, notes, out, final=True))
+    if "auto" in args.providers:
+        print(rk.autotune_report())
     print(f"wrote {out}/train_step.md, .csv, .json" + (", .png" if (out / "train_step.png").exists() else ""))
     return 1 if any(x["loss_check"] == "FAIL" for x in rows) else 0
 

@@ -171,6 +171,16 @@ def test_user_rng_is_untouched(tuner):
     assert torch.equal(torch.get_rng_state(), cpu_state)
 
 
+def test_train_step_notes_say_what_auto_chose(tuner):
+    from benchmarks.train_step import auto_notes
+
+    assert "composite at every call" in auto_notes()[0]  # nothing decided yet
+    rk.lora_linear(*tensors(), 0.5)
+    (note,) = auto_notes()
+    assert note.startswith("auto: lora float32 M<=8 N=12 K=16 r<=4") and "-> fake_fast (measured" in note
+    assert "fake_fast 0.500 ms, composite 1.000 ms" in note
+
+
 # ----------------------------------------------------------------------------------------------
 # Where nothing is measured
 # ----------------------------------------------------------------------------------------------

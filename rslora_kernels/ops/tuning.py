@@ -8,8 +8,8 @@ is looked up at import) and answer two questions:
 * :func:`tuned_config`: which tile config a kernel family uses for a problem. Each config function
   in :mod:`rslora_kernels.ops.configs` asks here first and falls back to its rules when the answer
   is None (no table for this GPU, no entry of that family and dtype, or not on CUDA).
-* :func:`auto_backend`: what ``backend="auto"`` runs on CUDA: the backend the table measured faster
-  at this shape, and "composite" (the cuBLAS path) wherever nothing was measured near it.
+* :func:`table_backend`: the backend the table measured faster near this shape, or None where
+  nothing was measured near it (:func:`auto_backend`: "composite" there, the table-only answer).
 
 Table keys are (family, dtype, M bucket, N, K, rank bucket) for configs and (dtype, M bucket, N,
 K, rank bucket) for backends. Buckets are powers of two (the next one at or above the size); N and
@@ -22,13 +22,14 @@ wrong guess there is the gap between two whole implementations.
 
 Every entry records the hash of the kernel sources it was measured on (:func:`kernel_hash`), and
 only entries whose hash matches the running sources are used: a table measured on other kernels
-answers nothing (configs follow the rules, ``auto`` runs composite, the plan is "fused") until it
+answers nothing (configs follow the rules, ``auto`` measures on first use, the plan is "fused") until it
 is re-measured. :func:`tuned_plan` answers a third question, where the rank GEMMs of the Triton
 backend run (``PLANS``).
 
-No run-time autotuning: the choice is a pure function of the table and the sizes, so runs are
-deterministic, nothing compiles during training beyond the chosen configs, and ``torch.compile``
-sees a plain Python decision.
+Where no table entry is near, ``backend="auto"`` measures on first use instead
+(:mod:`rslora_kernels.ops.autotune`, which asks :func:`table_backend` first), and :func:`tuned_plan`
+asks it for the plan it measured (:func:`set_first_use_plans`). Tile configs are never tuned at run
+time: a config is a pure function of the table and the sizes.
 """
 from __future__ import annotations
 
@@ -62,8 +63,10 @@ BACKEND_CHOICES = ("triton", "composite")
 # once in x's dtype). The dual GEMMs (F2, B2) keep their fused epilogues in both.
 PLANS = ("fused", "rank_mm")
 # The sources whose code decides what a measurement measured (relative to the package): the
-# kernels and their launchers, the tile rules, the composite backend, the dropout stream's kernels
-KERNEL_SOURCES = ("ops/triton_kernels.py", "ops/configs.py", "ops/composite.py", "dropout/kernels.py")
+# kernels and their launchers, the tile rules, the composite backend, the dropout stream's kernels,
+# and the group's and the 4-bit dequantization's kernels (auto measures those ops on first use)
+KERNEL_SOURCES = ("ops/triton_kernels.py", "ops/configs.py", "ops/composite.py", "dropout/kernels.py",
+                  "ops/group_kernels.py", "ops/dequant_kernel.py")
 
 
 # ----------------------------------------------------------------------------------------------
