@@ -220,6 +220,10 @@ def _make_inputs(case: Case) -> _Inputs:
         norms = torch.linalg.norm(x_like["weight"], dim=1)
         adapter_like["magnitude"] = norms * (1 + 0.3 * torch.rand(N, generator=gen, dtype=torch.float64).to(device))
     dys = [rnd(M, n) for n in widths]
+    # the oracle sees exactly the values the backend sees: every tensor rounded to its dtype first
+    x_like = {k: v.to(case.dtype).double() for k, v in x_like.items()}
+    adapter_like = {k: v.to(case.adapter).double() for k, v in adapter_like.items()}
+    dys = [dy.to(case.dtype).double() for dy in dys]
     seeds = [(case.seed * 7919 + 1009 * i + 12345) % 2**62 for i in range(len(widths))]
     from .dropout import dropout_mask
     masks = [dropout_mask(s, (M, K), case.dropout_p, device) if case.dropout_p > 0 else None for s in seeds]

@@ -388,10 +388,10 @@ EXTERNAL_FLAGS = {"--benchmark-only", "--benchmark-autosave", "--benchmark-compa
 
 
 def _named_commands():
-    """{command: {flags given with it}} for `python -m benchmarks.X`, `python examples/X.py` and
+    """{command: {flags given with it}} for `python -m benchmarks.X` (or `rslora_kernels.X`), `python examples/X.py` and
     `bash benchmarks/X.sh` in README and docs/ (the flags up to the end of the code span or comment)."""
     commands = {}
-    pattern = r"(?:python -m (benchmarks\.\w+)|python (examples/\w+\.py)|bash (benchmarks/\w+\.sh))([^`#|]*)"
+    pattern = r"(?:python -m ((?:benchmarks|rslora_kernels)\.\w+)|python (examples/\w+\.py)|bash (benchmarks/\w+\.sh))([^`#|]*)"
     for page, line in _doc_lines():
         for module, script, shell, rest in re.findall(pattern, line):
             flags = {f.split("=")[0] for f in re.findall(r"(?<![\w-])--[\w-]+(?:=\S*)?", rest)}

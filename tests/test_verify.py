@@ -168,3 +168,96 @@ def test_a_backend_that_raises_is_a_failed_check(wrong):
     name = wrong("raising", _raises)
     result = self_check(name, op="lora")
     assert not result.ok and "no kernel for this shape" in result.error and result.worst is None
+
+
+# ----------------------------------------------------------------------------------------------
+# python -m rslora_kernels.verify
+# ----------------------------------------------------------------------------------------------
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from rslora_kernels import verify  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args, interpret=False, extra_path=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, ROOT, env.get("PYTHONPATH")) if p)
+    return subprocess.run([sys.executable, "-m", "rslora_kernels.verify", *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+
+
+def test_cli_defaults_on_the_cpu_pass_without_triton():
+    out = _cli()
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "backends: reference, composite" in out.stdout or "backends: composite, reference" in out.stdout
+    for op in ("lora", "dora", "qlora", "group"):
+        assert f"\n{op} " in out.stdout
+    assert "triton " not in out.stdout.split("\n", 2)[2]  # no triton rows without the interpreter
+    assert out.stdout.rstrip().splitlines()[-1].startswith("all ")
+
+
+def test_cli_naming_triton_on_the_cpu_turns_the_interpreter_on():
+    out = _cli("--backends", "triton", "--ops", "lora", "--shapes", "13x11x9", "--ranks", "3", "--dtypes",
+               "float32", "--adapter-dtypes", "same", "--dropout", "0.1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Triton interpreter" in out.stdout and "\nlora    triton" in out.stdout
+
+
+def test_triton_composite_and_reference_pass_in_the_interpreter(capsys):
+    if not rk.registered_backends()["triton"].runs_on(torch.device("cpu")):
+        pytest.skip("Triton cannot run on the CPU here (TRITON_INTERPRET unset)")
+    # adapters in x's dtype: bf16 x with fp32 adapters is the known finding below
+    rc = verify.main(["--backends", "triton,composite,reference", "--ranks", "4", "--adapter-dtypes", "same",
+                      "--shapes", "37x29x21", "--dtypes", "float32,bfloat16,float16"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert out.count("\n") > 3 * 4 * 3 * 2  # backends x ops x dtypes x dropout rows
+
+
+@pytest.mark.xfail(strict=True, reason="known: triton's DoRA dmagnitude with bf16 x and fp32 adapters exceeds the rule's "
+                                       "bound on some seeds (1.8x here); docs/testing.md, Verify on demand")
+def test_known_triton_dora_magnitude_grad_with_bf16_x_and_fp32_adapters():
+    if not rk.registered_backends()["triton"].runs_on(torch.device("cpu")):
+        pytest.skip("Triton cannot run on the CPU here (TRITON_INTERPRET unset)")
+    result = self_check("triton", op="dora", M=5, N=48, K=40, r=4, dtype=torch.bfloat16,
+                        adapter_dtype=torch.float32, seed=1)
+    assert result.ok, result.summary()
+
+
+def test_a_wrong_backend_fails_the_command_and_is_named(wrong, capsys):
+    name = wrong("skewed", _wrong_forward)
+    rc = verify.main(["--backends", f"composite,{name}", "--ops", "lora,dora", "--dtypes", "float32",
+                      "--ranks", "4", "--adapter-dtypes", "same"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    last = out.rstrip().splitlines()[-1]
+    assert last.startswith("FAILED") and name in last and "composite" not in last
+    assert all(("FAIL" in line) == (f" {name} " in line) for line in out.splitlines()[2:-1])
+
+
+def test_a_wrong_backend_registered_by_an_imported_module_fails_the_cli(tmp_path):
+    (tmp_path / "wrong_backend_plugin.py").write_text(
+        "import torch, rslora_kernels as rk\n"
+        "from rslora_kernels.ops.composite import composite_forward, composite_backward\n"
+        "def bwd(*a):\n"
+        "    dx, dA, dB, db = composite_backward(*a)\n"
+        "    return dx, dA, (None if dB is None else dB * 1.01), db\n"
+        "rk.register_backend('plugin_wrong', composite_forward, bwd, devices=('cpu',), dtypes=(torch.float32,))\n")
+    out = _cli("--import", "wrong_backend_plugin", "--backends", "plugin_wrong", "--ops", "lora,group",
+               "--dtypes", "float32", "--ranks", "4", extra_path=str(tmp_path))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "plugin_wrong" in out.stdout.rstrip().splitlines()[-1] and "dlora_B" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backends", "nope"], "not registered"), (["--ops", "lora,conv"], "conv"), (["--dtypes", "float8"], "float8"),
+    (["--shapes", "3x4"], "shapes"), (["--import", "no_such_module_h7"], "no_such_module_h7")])
+def test_bad_options_exit_2_with_a_message(args, message, capsys):
+    assert verify.main(args) == 2
+    assert message in capsys.readouterr().err
