@@ -830,17 +830,23 @@ if __name__ == "__main__":  # python tests/test_docs.py record benchmarks/result
 
 def test_section_references_in_the_code_name_existing_headings():
     """Comments and docstrings cite pages by section (docs/design.md, Numerics rule; docs/kernels.md,
-    "Host work per launch"): the words after the page name begin with one of its headings (up to
-    the heading's colon)."""
-    headings = {page.name: [re.sub(r"[`*]", "", h).split(":")[0].strip().lower()
+    "Host work per launch"): a quoted section begins one of the page's headings; unquoted, the words
+    after the page name begin with one of its headings (up to the heading's colon)."""
+    headings = {page.name: [re.sub(r"[`*]", "", h).strip().lower()
                             for h in re.findall(r"^#{1,6} (.+)$", _without_code_blocks(page.read_text()), flags=re.M)]
                 for page in (ROOT / "docs").glob("*.md")}
     broken = []
     for path in sorted({*ROOT.glob("rslora_kernels/**/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("benchmarks/*.py"),
                         *ROOT.glob("benchmarks/*.sh"), *ROOT.glob("examples/*.py")}):
         text = re.sub(r"\s*\n\s*(?:#\s*)?", " ", path.read_text())
-        for m in re.finditer(r"docs/([\w-]+\.md),? \(?[\"']?(?=[A-Z])", text):
+        for m in re.finditer(r"docs/([\w-]+\.md),? \(?([\"']?)(?=[A-Z])", text):
+            page_headings = headings.get(m.group(1), [])
             after = text[m.end():m.end() + 100].lower()
-            if not any(after.startswith(h) for h in headings.get(m.group(1), [])):
+            if m.group(2):  # "Section": the quoted words begin a heading
+                quoted = after.split(m.group(2), 1)[0]
+                ok = any(h.startswith(quoted) for h in page_headings)
+            else:
+                ok = any(after.startswith(h.split(":")[0].strip()) for h in page_headings)
+            if not ok:
                 broken.append(f"{path.relative_to(ROOT)}: {m.group()}{text[m.end():m.end() + 40]}...")
     assert not broken, broken
