@@ -312,6 +312,31 @@ def test_triton_plans_are_candidates_and_the_faster_plan_is_remembered(tuner, mo
 # ----------------------------------------------------------------------------------------------
 # The cache file: a fresh process, and two processes starting together
 # ----------------------------------------------------------------------------------------------
+def test_the_cache_is_keyed_by_versions(tuner, monkeypatch):
+    rk.lora_linear(*tensors(), 0.5)
+    first = autotune.cache_path(CPU)
+    assert first.exists() and tuning.kernel_hash() in first.name and "torch-" in first.name and "triton-" in first.name
+    n = len(tuner)
+    autotune.clear()
+    rk.lora_linear(*tensors(), 0.5)
+    assert len(tuner) == n and autotune.decisions()[0].source == "cache"  # same versions: read back
+    monkeypatch.setattr(torch, "__version__", "9.9.9")  # another torch: its own file, measured again
+    autotune.clear()
+    rk.lora_linear(*tensors(), 0.5)
+    assert len(tuner) == 2 * n and autotune.cache_path(CPU) != first and autotune.cache_path(CPU).exists()
+
+
+def test_an_unreadable_cache_file_is_measured_over(tuner):
+    path = autotune.cache_path(CPU)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{not json")
+    with pytest.warns(RuntimeWarning, match="ignoring the autotune cache"):
+        rk.lora_linear(*tensors(), 0.5)
+    assert measured()[0].choice == "fake_fast"
+    assert list(json.loads(path.read_text())["decisions"].values())[0]["choice"] == "fake_fast"
+
+
+# ----------------------------------------------------------------------------------------------
 CHILD = textwrap.dedent("""
     import os, sys, time, torch, rslora_kernels as rk
     from rslora_kernels.ops import autotune

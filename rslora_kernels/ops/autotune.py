@@ -350,7 +350,8 @@ def _slug(s: str) -> str:
 def cache_path(device: torch.device) -> Path:
     """The decisions file of ``device``'s machine key (see :func:`_machine`)."""
     name, kernels, torch_v, triton_v = _machine(device)
-    return cache_dir() / f"autotune-{_slug(name)}-kernels-{kernels}-torch-{_slug(torch_v)}-triton-{_slug(triton_v)}.json"
+    stem = f"autotune-{_slug(name)}-kernels-{kernels}-torch-{_slug(torch_v)}-triton-{_slug(triton_v)}"
+    return cache_dir() / f"{stem}.json"
 
 
 @contextlib.contextmanager
@@ -452,15 +453,21 @@ class _Store:
         return {"format": FORMAT, "gpu": name, "kernels": kernels, "torch": torch_v, "triton": triton_v}
 
     def merge(self, data: dict) -> None:
-        """Take what the file holds that this process does not know yet."""
-        for key, d in data.get("decisions", {}).items():
-            sig = Signature.from_key(key)
-            if sig not in self.decisions or self.decisions[sig].source in ("fallback", "table"):
-                self.decisions[sig] = Decision.from_json(d)
-        for k, v in data.get("failed", {}).items():
-            self.failed.setdefault(k, v)
-        for k, v in data.get("plans", {}).items():
-            self.plans.setdefault(k, v)
+        """Take what the file holds that this process does not know yet (an entry that cannot be
+        read is skipped, with one warning: it is measured again)."""
+        try:
+            for key, d in data.get("decisions", {}).items():
+                sig = Signature.from_key(key)
+                if sig not in self.decisions or self.decisions[sig].source in ("fallback", "table"):
+                    self.decisions[sig] = Decision.from_json(d)
+            for k, v in data.get("failed", {}).items():
+                self.failed.setdefault(k, dict(v))
+            for k, v in data.get("plans", {}).items():
+                if v in tuning.PLANS:
+                    self.plans.setdefault(k, v)
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            _warn_once(("merge", str(self.path)), f"rslora_kernels: skipping unreadable entries of the autotune "
+                       f"cache {self.path} ({type(e).__name__}: {e})")
 
     def load(self) -> None:
         if not self.loaded:
@@ -502,7 +509,8 @@ def _plan_key(sig: Signature) -> str:
 
 def _first_use_plan(device: torch.device, dtype: str, M: int, N: int, K: int, r: int) -> Optional[str]:
     """:func:`tuning.tuned_plan`'s question where no table answers: the plan measured first on this
-    machine for this key (asked once per launch-plan signature, so reading the file here is cheap). While a candidate is measured: its plan."""
+    machine for this key (asked once per launch-plan signature, so reading the file here is cheap);
+    while a candidate is measured, its plan."""
     if _trial_plan is not None:
         return _trial_plan
     if not _applies(device):
