@@ -1,44 +1,52 @@
-"""Run Hugging Face PEFT LoRA models on the fused op: ``patch`` / ``unpatch``, state_dict key maps.
+"""Run Hugging Face PEFT LoRA models on the fused ops, following PEFT's state as it is at each call.
 
     import rslora_kernels as rk
-    n = rk.peft.patch(peft_model)     # every supported peft LoRA Linear now calls rk.lora_linear
+    n = rk.peft.patch(peft_model)     # this model's LoRA Linear layers (also ones added later) run fused
     rk.peft.unpatch(peft_model)       # PEFT's own forward again
+    rk.peft.enable()                  # or: every PEFT LoRA Linear of the process runs fused
+    rk.peft.disable()
+    rk.peft.report(peft_model)        # per layer: what ran fused, what ran PEFT's forward and why, with counts
 
-``patch`` sets an instance-level ``forward`` on each supported ``peft.tuners.lora.Linear`` layer;
-parameters, state_dict, adapters, ``save_pretrained`` and every PEFT method are untouched, and
-``unpatch`` deletes that attribute, which restores PEFT's class forward exactly.
+The contract (also in docs/integrations.md, "Hugging Face PEFT"):
 
-What the patched forward reads from PEFT, per call:
-
-* scaling: ``layer.scaling[adapter]`` (so ``use_rslora`` True and False both work, and so does
-  ``set_scale``); dropout: ``layer.lora_dropout[adapter]`` (``nn.Dropout`` p in train mode,
-  ``nn.Identity`` = 0); bias: the base layer's; W: the base layer's weight, transposed as a view
-  for ``fan_in_fan_out`` (GPT-2 ``Conv1D``), since the op takes W with any strides.
-* dtypes: adapters stay in their own dtype (PEFT keeps them in fp32 by default); the op reads
-  fp32 A/B next to bf16/fp16 x natively. PEFT upcasts x to the adapter dtype for the adapter
-  branch; the op keeps x's dtype and accumulates in fp32, so in bf16 the two differ by rounding.
-* dropout masks come from the project's Philox stream (``rslora_kernels.dropout_mask``) with a
-  seed drawn from torch's default generator, not from ``nn.Dropout``.
-
-Per call, PEFT's own forward runs instead when the layer is in a state PEFT handles specially:
-adapters disabled (``disable_adapter()``), merged, an ``adapter_names=`` mixed batch, extra
-arguments, a different active adapter set, x's dtype differing from W's outside autocast, or
-adapters narrower than x; for DoRA layers also under autocast.
-
-DoRA layers (``use_dora=True``, PEFT's ``DoraLinearVariant``) run :func:`rslora_kernels.dora_linear`
-with the layer's ``lora_magnitude_vector[adapter].weight``: PEFT's formula, dropout on or off, the
-weight norms without PEFT's [out, in] matrix (see docs/dora.md).
-
-QLoRA: PEFT's ``lora.bnb.Linear4bit`` layers (a bitsandbytes ``Linear4bit`` base, NF4/FP4, nested
-absmax or not) are fused too: the op dequantizes the 4-bit weight per call, in the layer's
-``compute_dtype``, and never saves it (:mod:`rslora_kernels.ops.qlora`). ``lora.bnb.Linear8bitLt``
-(8-bit bases) stays on PEFT's forward, with a warning that says so.
-
-Layers ``patch`` leaves on PEFT's forward, with one warning naming each reason: LoRA layers that
-are not a plain ``lora.Linear`` or ``lora.bnb.Linear4bit`` (Embedding, Conv, 8-bit bnb, gptq/... classes), bases other
-than ``nn.Linear`` / ``Conv1D`` or with non-float weights, LoRA variants other than DoRA (and DoRA on a
-4-bit base, which runs PEFT's forward),
-``lora_bias``, several active adapters, dropout modules other than ``nn.Dropout``, merged layers.
+* ``patch`` sets an instance-level ``forward`` on each ``peft.tuners.lora.Linear`` and
+  ``lora.bnb.Linear4bit`` layer whose base it can run (``nn.Linear``, GPT-2 ``Conv1D`` with
+  ``fan_in_fan_out``, a bitsandbytes 4-bit base); ``unpatch`` deletes it, which restores PEFT's
+  class forward. ``enable`` replaces those two classes' ``forward`` for the whole process (a layer
+  patched by ``patch`` keeps its own backend); ``disable`` puts PEFT's back. Parameters,
+  state_dict, ``save_pretrained`` and PEFT's methods are untouched.
+* Everything is read from PEFT at each call: the active adapter(s), ``disable_adapters``,
+  ``merged``, ``layer.scaling[adapter]`` (``use_rslora``, ``set_scale``, ``scale_layer``), the
+  adapter's own ``lora_dropout`` module (``nn.Dropout``'s p when the module is in training mode,
+  0 for ``nn.Identity``), ``lora_bias``, DoRA's magnitude, the base weight (a transposed view for
+  ``fan_in_fan_out``) and bias. Adapters added after ``patch`` to an existing layer run fused at
+  once; LoRA layers that PEFT creates later in a patched model (``add_adapter``, ``load_adapter``,
+  ``inject_adapter_in_model`` on it) are patched when PEFT creates them (``patch`` wraps PEFT's
+  ``BaseTuner.inject_adapter`` to see that). A deleted adapter is simply no longer active.
+* Fused: one active adapter (:func:`rslora_kernels.lora_linear`, or
+  :func:`rslora_kernels.dora_linear` for DoRA); several active adapters (one op call: A stacked along
+  r, B concatenated along r with each adapter's scaling folded in; the adapters with dropout in
+  training draw one mask each, their rank terms through :func:`rslora_kernels.lora_linear_group`);
+  ``adapter_names=`` mixed batches (each adapter's rows gathered and run through the fused op,
+  ``"__base__"`` rows through the base layer); ``lora_bias`` (the adapter's bias, scaled, added to
+  the base bias). Dropout masks come from the project's Philox stream
+  (:func:`rslora_kernels.dropout_mask`) with seeds drawn from torch's default generator, one per
+  adapter with dropout, in PEFT's active-adapter order.
+* PEFT's forward runs (counted under "base", no warning) when it computes the base layer alone:
+  adapters disabled, merged, no active adapter on the layer. It runs as a fallback (counted, and the
+  first time for each reason on a layer a ``UserWarning`` names the layer and the reason) for: LoRA
+  variants other than DoRA, DoRA among several active adapters, DoRA with ``lora_bias``, DoRA on a
+  4-bit base or under autocast, dropout modules other than ``nn.Dropout`` / ``nn.Identity``,
+  adapters of different dtypes active together, extra forward arguments, x's dtype differing from
+  the base's outside autocast, adapters narrower than x outside autocast, a 4-bit weight repacked
+  for bitsandbytes' CPU inference kernel. Layer types it never runs (Embedding, Conv,
+  ``Linear8bitLt``, other quantized LoRA layers, other bases) are left to PEFT by ``patch`` with one
+  warning listing them.
+* Counting is a dict increment per call, in eager mode; under ``torch.compile`` nothing is counted
+  or warned (the choice is made while tracing).
+* dtypes: adapters stay in their own dtype; the op reads fp32 A/B next to bf16/fp16 x natively and
+  accumulates in fp32, where PEFT upcasts x to the adapter dtype, so in bf16 the two differ by
+  rounding.
 """
 from __future__ import annotations
 
@@ -49,19 +57,28 @@ from typing import Dict, List, Optional
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ._siblings import SiblingGroup
 from .ops.dora import dora_linear
+from .ops.group import lora_linear_group
 from .ops.lora_linear import check_backend_name, lora_linear
 from .quant import is_quantized_weight
 
-__all__ = ["patch", "unpatch", "is_patched", "to_peft_state_dict", "from_peft_state_dict"]
+__all__ = ["patch", "unpatch", "is_patched", "enable", "disable", "report", "to_peft_state_dict",
+           "from_peft_state_dict"]
 
 # weights the op reads; whether the layer's backend computes in that dtype is checked per call by the
 # backend registry (float64 runs on "auto" -> composite/reference, and is a TypeError for "triton")
 _FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_ATTR = "_rslora_kernels_patch"  # (adapter name, backend) on a patched layer
+_ATTR = "_rslora_kernels_patch"  # the backend of a layer patched by patch()
 _SIBLINGS = "_rslora_kernels_siblings"  # the SiblingGroup of a layer patched with fuse_siblings=True
+_STATS = "_rslora_kernels_stats"  # {(kind, what): calls} on a layer that ran through this module
+_NAME = "_rslora_kernels_name"  # the layer's name in its model (for warnings), set where known
+_MODEL = "_rslora_kernels_model"  # (backend,) on a module passed to patch() and on the PEFT tuners inside it
+
+_ENABLED: Optional[str] = None  # the backend of enable(), None when disabled
+_CLASS_FORWARDS: Dict[type, object] = {}  # PEFT's own forward of each class enable() replaced
 
 
 def _lora_module():
@@ -72,6 +89,7 @@ def _lora_module():
     return lora_layer
 
 
+@functools.lru_cache(maxsize=None)
 def _lora_bnb_classes():
     """PEFT's bitsandbytes LoRA layers (Linear4bit, Linear8bitLt); None for those that do not exist
     (PEFT defines them only when bitsandbytes is installed)."""
@@ -82,19 +100,26 @@ def _lora_bnb_classes():
     return getattr(lora_bnb, "Linear4bit", None), getattr(lora_bnb, "Linear8bitLt", None)
 
 
+def _fused_classes() -> List[type]:
+    """The PEFT LoRA layer classes this module runs: lora.Linear and, with bitsandbytes, lora.bnb.Linear4bit."""
+    lora_4bit, _ = _lora_bnb_classes()
+    return [_lora_module().Linear] + ([lora_4bit] if lora_4bit is not None else [])
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 style ``Conv1D`` (weight [in, out], y = x W + b)."""
     return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
 
 
-def _unsupported_reason(layer, lora_layer) -> Optional[str]:
-    """Why ``layer`` (a peft LoraLayer) cannot take the fused forward; None if it can."""
+def _layer_reason(layer) -> Optional[str]:
+    """Why the fused forward can never run ``layer`` (a peft LoraLayer), whatever its adapters; None
+    if it can run it."""
     lora_4bit, lora_8bit = _lora_bnb_classes()
     quantized = lora_4bit is not None and type(layer) is lora_4bit
     if lora_8bit is not None and type(layer) is lora_8bit:
         return ("LoRA layer type Linear8bitLt (bitsandbytes 8-bit base: LLM.int8's outlier matmul is not "
                 "a dequantize-then-GEMM, so it is not fused; 4-bit Linear4bit bases are)")
-    if type(layer) is not lora_layer.Linear and not quantized:
+    if type(layer) is not _lora_module().Linear and not quantized:
         return f"LoRA layer type {type(layer).__name__} (only peft lora.Linear and lora.bnb.Linear4bit are fused)"
     base = layer.get_base_layer()
     if quantized:
@@ -104,24 +129,6 @@ def _unsupported_reason(layer, lora_layer) -> Optional[str]:
         return f"base layer type {type(base).__name__} (quantized or custom bases are not supported)"
     elif base.weight.dtype not in _FLOAT_WEIGHTS:
         return f"base weight dtype {base.weight.dtype}"
-    active = [a for a in layer.active_adapters if a in layer.lora_A]
-    if len(active) != 1:
-        return f"{len(active)} active adapters (exactly one is supported)"
-    adapter = active[0]
-    if layer.use_dora.get(adapter, False) and not _is_dora(layer, adapter):
-        return "DoRA without PEFT's DoraLinearVariant (older PEFT)"
-    if quantized and _is_dora(layer, adapter):
-        return "DoRA on a 4-bit base (QLoRA + DoRA is not fused)"
-    if adapter in getattr(layer, "lora_variant", {}) and not _is_dora(layer, adapter):
-        return f"LoRA variant {type(layer.lora_variant[adapter]).__name__}"
-    if getattr(layer, "lora_bias", {}).get(adapter, False):
-        return "lora_bias=True"
-    if not isinstance(layer.lora_dropout[adapter], (nn.Dropout, nn.Identity)):
-        return f"dropout module {type(layer.lora_dropout[adapter]).__name__}"
-    if layer.lora_A[adapter].weight.dtype not in _FLOAT_WEIGHTS:
-        return f"adapter dtype {layer.lora_A[adapter].weight.dtype}"
-    if layer.merged:
-        return "merged adapter (unmerge before patching)"
     return None
 
 
@@ -131,65 +138,250 @@ def _is_dora(layer, adapter: str) -> bool:
     return type(variant).__name__ == "DoraLinearVariant" and adapter in layer.lora_magnitude_vector
 
 
-def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """Instance forward installed by :func:`patch` (``self`` is a peft ``lora.Linear``)."""
-    adapter, backend = getattr(self, _ATTR)
-    base = self.get_base_layer()
-    A = self.lora_A[adapter].weight if adapter in self.lora_A else None
+def _dropout_p(layer, adapter: str) -> float:
+    """The adapter's own dropout probability for this call: its ``nn.Dropout``'s p in training mode, else 0."""
+    drop = layer.lora_dropout[adapter]
+    return drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+
+
+def _adapters_reason(layer, x: torch.Tensor, adapters: List[str]) -> Optional[str]:
+    """Why the fused ops cannot run these active ``adapters`` of ``layer`` on x in this call; None if they can."""
+    reason = _layer_reason(layer)
+    if reason is not None:
+        return reason
+    base = layer.get_base_layer()
     dev = x.device.type
+    autocast = torch.is_autocast_enabled(dev)
     quantized = is_quantized_weight(base.weight)
     # a 4-bit base computes in its compute_dtype (x's dtype until bitsandbytes sets it)
     base_dtype = (getattr(base, "compute_dtype", None) or x.dtype) if quantized else base.weight.dtype
-    usable = (
-        not args and not kwargs and not self.disable_adapters and not self.merged and A is not None
-        and list(self.active_adapters) == [adapter]
-        and (x.dtype == base_dtype or torch.is_autocast_enabled(dev))
-        and (torch.is_autocast_enabled(dev) or torch.finfo(A.dtype).bits >= torch.finfo(x.dtype).bits)
-        # bitsandbytes repacks a 4-bit weight for its CPU inference kernel (eval, no grad): not our format
-        and not (quantized and getattr(base.weight.quant_state, "packing_format_for_cpu", False))
-    )
-    dora = usable and _is_dora(self, adapter)
-    if dora:  # dora_linear does no autocast casting; its magnitude must be as wide as x; no 4-bit bases
-        m = self.lora_magnitude_vector[adapter].weight
-        usable = (not quantized and not torch.is_autocast_enabled(dev)
-                  and torch.finfo(m.dtype).bits >= torch.finfo(x.dtype).bits)
-    if not usable:  # a state PEFT handles specially: run PEFT's own forward
-        return type(self).forward(self, x, *args, **kwargs)
-    weight = base.weight.t() if self.fan_in_fan_out else base.weight
-    bias = base.bias.to(x.dtype) if quantized and base.bias is not None else base.bias  # as Linear4bit does
-    drop = self.lora_dropout[adapter]
-    p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-    if dora:
-        return dora_linear(x, weight, A, self.lora_B[adapter].weight, m, self.scaling[adapter], bias=bias,
-                           dropout_p=p, training=p > 0.0, backend=backend)
-    member = (weight, A, self.lora_B[adapter].weight, self.scaling[adapter], bias, p)
-    siblings = getattr(self, _SIBLINGS, None)
-    if siblings is not None and not quantized:  # fuse_siblings: the group's output, when it has one for x
-        y = siblings.output(self, x, member)
+    if x.dtype != base_dtype and not autocast:
+        return f"x dtype {x.dtype} differs from the base layer's {base_dtype} outside autocast"
+    # bitsandbytes repacks a 4-bit weight for its CPU inference kernel (eval, no grad): not our format
+    if quantized and getattr(base.weight.quant_state, "packing_format_for_cpu", False):
+        return "4-bit weight repacked for bitsandbytes' CPU inference kernel"
+    dtypes = set()
+    for adapter in adapters:
+        A = layer.lora_A[adapter].weight
+        if A.dtype not in _FLOAT_WEIGHTS:
+            return f"adapter dtype {A.dtype}"
+        if not autocast and torch.finfo(A.dtype).bits < torch.finfo(x.dtype).bits:
+            return f"adapter dtype {A.dtype} narrower than x's {x.dtype} outside autocast"
+        dtypes.add(A.dtype)
+        variant = getattr(layer, "lora_variant", {}).get(adapter)
+        dora = _is_dora(layer, adapter)
+        if variant is not None and not dora:
+            return f"LoRA variant {type(variant).__name__}"
+        if layer.use_dora.get(adapter, False) and not dora:
+            return "DoRA without PEFT's DoraLinearVariant (older PEFT)"
+        if not isinstance(layer.lora_dropout[adapter], (nn.Dropout, nn.Identity)):
+            return f"dropout module {type(layer.lora_dropout[adapter]).__name__}"
+        if dora:  # dora_linear does no autocast casting; its magnitude must be as wide as x; no 4-bit bases
+            if len(adapters) > 1:
+                return "DoRA among several active adapters"
+            if quantized:
+                return "DoRA on a 4-bit base (QLoRA + DoRA is not fused)"
+            if getattr(layer, "lora_bias", {}).get(adapter, False):
+                return "DoRA with lora_bias"
+            if autocast:
+                return "DoRA under autocast"
+            m = layer.lora_magnitude_vector[adapter].weight
+            if torch.finfo(m.dtype).bits < torch.finfo(x.dtype).bits:
+                return f"DoRA magnitude dtype {m.dtype} narrower than x's {x.dtype}"
+    if len(dtypes) > 1:
+        return "active adapters of different dtypes (" + ", ".join(sorted(str(d) for d in dtypes)) + ")"
+    return None
+
+
+def _base_operands(layer, x: torch.Tensor):
+    """(weight as the op takes it, bias, quantized): W transposed as a view for fan_in_fan_out (the op
+    takes any strides); a 4-bit base's bias cast to x's dtype, as bitsandbytes' Linear4bit does."""
+    base = layer.get_base_layer()
+    quantized = is_quantized_weight(base.weight)
+    weight = base.weight.t() if layer.fan_in_fan_out else base.weight
+    bias = base.bias.to(x.dtype) if quantized and base.bias is not None else base.bias
+    return weight, bias, quantized
+
+
+def _with_lora_bias(bias, layer, adapter: str, x: torch.Tensor):
+    """The base bias plus the adapter's own lora_B bias times its scaling (``lora_bias=True``):
+    PEFT computes s * (T B^T + b_B), whose b_B part is a bias the op adds once."""
+    b_B = layer.lora_B[adapter].bias
+    if b_B is None or not getattr(layer, "lora_bias", {}).get(adapter, False):
+        return bias
+    extra = (b_B * layer.scaling[adapter]).to(bias.dtype if bias is not None else x.dtype)  # the op's bias dtype
+    return extra if bias is None else bias + extra
+
+
+def _single_member(layer, x: torch.Tensor, adapter: str):
+    """(weight, lora_A, lora_B, scaling, bias, p) of a plain (not DoRA) adapter for one fused LoRA call."""
+    weight, bias, _ = _base_operands(layer, x)
+    return (weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.scaling[adapter],
+            _with_lora_bias(bias, layer, adapter, x), _dropout_p(layer, adapter))
+
+
+def _run_one(layer, backend: str, x: torch.Tensor, adapter: str, siblings: bool):
+    """One active adapter on the fused op; returns (y, what ran)."""
+    if _is_dora(layer, adapter):
+        weight, bias, _ = _base_operands(layer, x)
+        p = _dropout_p(layer, adapter)
+        return dora_linear(x, weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
+                           layer.lora_magnitude_vector[adapter].weight, layer.scaling[adapter], bias=bias,
+                           dropout_p=p, training=p > 0.0, backend=backend), "one adapter (DoRA)"
+    member = _single_member(layer, x, adapter)
+    group = getattr(layer, _SIBLINGS, None) if siblings else None
+    if group is not None and not is_quantized_weight(member[0]):  # fuse_siblings: the group's output, when it has one
+        y = group.output(layer, x, member)
         if y is not None:
-            return y
-    return lora_linear(x, weight, A, member[2], member[3], bias=bias, dropout_p=p, training=p > 0.0, backend=backend)
+            return y, "one adapter (sibling group)"
+    weight, A, B, s, bias, p = member
+    return lora_linear(x, weight, A, B, s, bias=bias, dropout_p=p, training=p > 0.0, backend=backend), "one adapter"
+
+
+def _run_several(layer, backend: str, x: torch.Tensor, adapters: List[str]):
+    """Several active adapters (plain LoRA, one dtype) on x; returns (y, what ran).
+
+    The adapters without dropout in this call share one rank term: ONE fused call with their A
+    stacked along r and their B concatenated along r, each B times its own scaling (autograd carries
+    the grads back to each A and B). Adapters with dropout need a mask each: the first of them
+    joins the fused call when no adapter is without dropout; the rest run their shrink through ONE
+    :func:`rslora_kernels.lora_linear_group` call (one member per adapter, each with its own mask
+    and seed; a member's base is a zero [r_i, K] weight and its B the identity, so its output is
+    its rank term T_i = drop_i(x) A_i^T exactly), then ONE expand T [B_i s_i ...]^T added to y."""
+    weight, bias, _ = _base_operands(layer, x)
+    for a in adapters:
+        bias = _with_lora_bias(bias, layer, a, x)
+    ps = {a: _dropout_p(layer, a) for a in adapters}
+    plain = [a for a in adapters if ps[a] == 0.0]
+    dropped = [a for a in adapters if ps[a] > 0.0]
+    main, extras = (plain, dropped) if plain else (dropped[:1], dropped[1:])
+    if len(main) == 1:
+        a = main[0]
+        y = lora_linear(x, weight, layer.lora_A[a].weight, layer.lora_B[a].weight, layer.scaling[a], bias=bias,
+                        dropout_p=ps[a], training=ps[a] > 0.0, backend=backend)
+    else:
+        A = torch.cat([layer.lora_A[a].weight for a in main], 0)
+        B = torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in main], 1)
+        y = lora_linear(x, weight, A, B, 1.0, bias=bias, backend=backend)
+    if extras:
+        As = [layer.lora_A[a].weight for a in extras]
+        K = x.shape[-1]
+        zeros = [x.new_zeros((A.shape[0], K)) for A in As]
+        eyes = [torch.eye(A.shape[0], dtype=A.dtype, device=A.device) for A in As]
+        Ts = lora_linear_group(x, zeros, As, eyes, 1.0, dropout_ps=[ps[a] for a in extras], training=True,
+                               backend=backend)
+        B = torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in extras], 1)
+        T = torch.cat(Ts, -1) if len(Ts) > 1 else Ts[0]
+        delta = F.linear(T if torch.is_autocast_enabled(x.device.type) else T.to(B.dtype), B)
+        y = y + delta.to(y.dtype)
+    return y, f"{len(adapters)} adapters"
+
+
+def _count(layer, kind: str, what: str) -> None:
+    """One call of ``layer`` counted under (kind, what); the first fallback of each reason on a layer
+    warns. Nothing is counted while torch.compile traces (a traced count would run once)."""
+    if torch.compiler.is_compiling():
+        return
+    stats = layer.__dict__.get(_STATS)
+    if stats is None:
+        stats = layer.__dict__[_STATS] = {}
+    key = (kind, what)
+    n = stats.get(key, 0)
+    stats[key] = n + 1
+    if n == 0 and kind == "peft":
+        name = layer.__dict__.get(_NAME) or f"{type(layer).__name__}({layer.in_features} -> {layer.out_features})"
+        warnings.warn(f"rslora_kernels.peft: {name} runs PEFT's forward: {what} (warned once per layer and reason; "
+                      "rslora_kernels.peft.report(model) counts every call)", stacklevel=4)
+
+
+def _peft_forward(layer):
+    """PEFT's own forward of ``layer``'s class (the one ``enable`` replaced, where it did)."""
+    for klass in type(layer).__mro__:
+        f = _CLASS_FORWARDS.get(klass)
+        if f is None:
+            f = vars(klass).get("forward")
+        if f is not None:
+            return f
+    raise AssertionError(f"{type(layer).__name__} has no forward")  # pragma: no cover - nn.Module has one
+
+
+def _forward(layer, backend: str, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The fused forward of a PEFT LoRA layer, reading PEFT's state now (see the module docstring)."""
+    names = None
+    if args or kwargs:
+        if args or any(k != "adapter_names" for k in kwargs):
+            _count(layer, "peft", "extra forward arguments (" + ", ".join([*(["*args"] if args else []), *kwargs]) + ")")
+            return _peft_forward(layer)(layer, x, *args, **kwargs)
+        names = kwargs["adapter_names"]
+    if layer.disable_adapters or layer.merged:
+        _count(layer, "base", "adapters disabled" if layer.disable_adapters else "merged")
+        return _peft_forward(layer)(layer, x, *args, **kwargs)  # PEFT's: it unmerges a merged disabled layer
+    if names is not None:
+        return _mixed_batch(layer, backend, x, names, kwargs)
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if not active:
+        _count(layer, "base", "no active adapter on this layer")
+        return _peft_forward(layer)(layer, x)
+    reason = _adapters_reason(layer, x, active)
+    if reason is not None:
+        _count(layer, "peft", reason)
+        return _peft_forward(layer)(layer, x)
+    y, what = _run_one(layer, backend, x, active[0], True) if len(active) == 1 else _run_several(layer, backend, x, active)
+    _count(layer, "fused", what)
+    return y
+
+
+def _mixed_batch(layer, backend: str, x: torch.Tensor, names, kwargs: dict) -> torch.Tensor:
+    """``adapter_names=``: the rows of each adapter gathered and run through the fused op (base and
+    adapter together, so every row's base is computed once), ``"__base__"`` rows and adapters this
+    layer does not hold through the base layer, as PEFT's ``_mixed_batch_forward`` computes them."""
+    layer._check_forward_args(x, **kwargs)  # PEFT's own errors: length, merged, DoRA
+    rows: Dict[str, List[int]] = {}
+    for i, name in enumerate(names):
+        rows.setdefault(name, []).append(i)
+    adapters = [a for a in rows if a != "__base__" and a in layer.lora_A]
+    reason = _adapters_reason(layer, x, adapters) if adapters else None
+    if reason is not None:
+        _count(layer, "peft", "mixed batch: " + reason)
+        return _peft_forward(layer)(layer, x, **kwargs)
+    parts, order = [], []
+    for name, idx in rows.items():
+        xi = x if len(rows) == 1 else x[torch.tensor(idx, device=x.device)]
+        parts.append(_run_one(layer, backend, xi, name, False)[0] if name in adapters else layer.base_layer(xi))
+        order += idx
+    _count(layer, "fused", "mixed batch")
+    if len(parts) == 1:
+        return parts[0]
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return torch.cat(parts, 0)[inverse.to(x.device)]
+
+
+def _patched_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Instance forward installed by :func:`patch` (``self`` is a peft LoRA layer)."""
+    return _forward(self, getattr(self, _ATTR), x, args, kwargs)
+
+
+def _enabled_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Class forward installed by :func:`enable` on PEFT's lora.Linear and lora.bnb.Linear4bit."""
+    backend = _ENABLED
+    if backend is None:  # pragma: no cover - disable() restores PEFT's class forward
+        return _peft_forward(self)(self, x, *args, **kwargs)
+    return _forward(self, backend, x, args, kwargs)
 
 
 def _sibling_member(layer, x: torch.Tensor):
     """(weight, lora_A, lora_B, scaling, bias, p) of ``layer`` for a plain fused LoRA call on x, or
-    None when the layer would take another path (PEFT's forward, DoRA, a 4-bit base): such a
-    member is left out of its sibling group and runs alone."""
-    adapter, _ = getattr(layer, _ATTR)
-    base = layer.get_base_layer()
-    if (layer.disable_adapters or layer.merged or adapter not in layer.lora_A or list(layer.active_adapters) != [adapter]
-            or is_quantized_weight(base.weight) or _is_dora(layer, adapter)):
+    None when the layer would take another path (PEFT's forward, DoRA, a 4-bit base, several or no
+    active adapters, lora_bias): such a member is left out of its sibling group and runs alone."""
+    if layer.disable_adapters or layer.merged:
         return None
-    A = layer.lora_A[adapter].weight
-    dev = x.device.type
-    if not (x.dtype == base.weight.dtype or torch.is_autocast_enabled(dev)):
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1 or _is_dora(layer, active[0]) or getattr(layer, "lora_bias", {}).get(active[0], False):
         return None
-    if not torch.is_autocast_enabled(dev) and torch.finfo(A.dtype).bits < torch.finfo(x.dtype).bits:
+    if is_quantized_weight(layer.get_base_layer().weight) or _adapters_reason(layer, x, active) is not None:
         return None
-    drop = layer.lora_dropout[adapter]
-    p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-    weight = base.weight.t() if layer.fan_in_fan_out else base.weight
-    return weight, A, layer.lora_B[adapter].weight, layer.scaling[adapter], base.bias, p
+    return _single_member(layer, x, active[0])
 
 
 def _need_module(peft_model) -> None:
@@ -202,8 +394,81 @@ def is_patched(layer: nn.Module) -> bool:
     return hasattr(layer, _ATTR) and "forward" in vars(layer)
 
 
+def _patch_layers(root: nn.Module, backend: str, fuse_siblings: bool, skipped: Dict[str, List[str]]):
+    """Patch the LoRA layers under ``root`` not patched yet; returns (switched, LoRA layers found)."""
+    lora_layer = _lora_module()
+    patched = found = 0
+    by_parent: Dict[str, List[nn.Module]] = defaultdict(list)  # fuse_siblings: parent name -> its patched layers
+    for name, module in root.named_modules():
+        if not isinstance(module, lora_layer.LoraLayer):
+            continue
+        found += 1
+        module.__dict__.setdefault(_NAME, name)
+        if is_patched(module):
+            continue
+        reason = _layer_reason(module)
+        if reason is not None:
+            skipped[reason].append(name)
+            continue
+        setattr(module, _ATTR, backend)
+        module.forward = functools.partial(_patched_forward, module)  # picklable, unlike a bound method
+        patched += 1
+        if fuse_siblings:
+            by_parent[name.rpartition(".")[0]].append(module)
+    for parent, layers in by_parent.items():
+        if len(layers) > 1:
+            group = SiblingGroup(root.get_submodule(parent), layers, _sibling_member, backend, root)
+            for layer in layers:
+                setattr(layer, _SIBLINGS, group)
+    return patched, found
+
+
+def _warn_skipped(skipped: Dict[str, List[str]], where: str) -> None:
+    if skipped:
+        lines = [f"  {reason}: {len(names)} layer(s), e.g. {', '.join(names[:3])}" for reason, names in skipped.items()]
+        warnings.warn(f"rslora_kernels.peft.{where}: these LoRA layers keep PEFT's forward:\n" + "\n".join(lines),
+                      stacklevel=3)
+
+
+def _tuners(root: nn.Module) -> List[nn.Module]:
+    """``root`` and the PEFT tuners (LoraModel, ...) inside it with the models they inject into."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    out = [root]
+    for module in root.modules():
+        if isinstance(module, BaseTuner):
+            out += [module, module.model]
+    return out
+
+
+def _watch_injections() -> None:
+    """Wrap PEFT's ``BaseTuner.inject_adapter`` (once per process) so that the LoRA layers it creates
+    in a patched model are patched with that model's backend. The wrapper calls PEFT's method
+    unchanged and does nothing else for models that were never patched."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    inject = vars(BaseTuner)["inject_adapter"]
+    if getattr(inject, "_rslora_kernels_wraps", None) is not None:
+        return
+
+    @functools.wraps(inject)
+    def inject_adapter(self, model, *args, **kwargs):
+        out = inject(self, model, *args, **kwargs)
+        cfg = model.__dict__.get(_MODEL) or self.__dict__.get(_MODEL)
+        if cfg is None:  # a model patched without the marker (an older pickle): a patched layer's backend
+            cfg = next(((getattr(m, _ATTR), False) for m in model.modules() if is_patched(m)), None)
+        if cfg is not None:
+            skipped: Dict[str, List[str]] = defaultdict(list)
+            _patch_layers(model, cfg[0], False, skipped)
+            _warn_skipped(skipped, "patch")
+        return out
+
+    inject_adapter._rslora_kernels_wraps = inject
+    BaseTuner.inject_adapter = inject_adapter
+
+
 def patch(peft_model: nn.Module, backend: str = "auto", fuse_siblings: bool = False) -> int:
-    """Switch every supported PEFT LoRA ``Linear`` layer in ``peft_model`` to the fused op.
+    """Run this model's PEFT LoRA ``Linear`` layers on the fused ops, now and as PEFT's state changes.
 
     Args:
         peft_model: a ``PeftModel`` or any module holding peft LoRA layers.
@@ -212,44 +477,23 @@ def patch(peft_model: nn.Module, backend: str = "auto", fuse_siblings: bool = Fa
         fuse_siblings: the layers patched by this call that share a parent module (q/k/v_proj,
             gate/up_proj) run as one :func:`rslora_kernels.lora_linear_group` when they are called
             with the same input tensor (found at run time, no per-model code; see
-            :mod:`rslora_kernels._siblings` and docs/group.md). Off by default.
+            :mod:`rslora_kernels._siblings` and docs/group.md). Off by default; LoRA layers PEFT
+            creates later run alone.
 
     Returns:
         The number of layers switched by this call (already patched layers are left as they are
-        and not counted). Unsupported layers keep PEFT's forward; one ``UserWarning`` lists the
-        reasons and the layers affected. A model without any PEFT LoRA layer also warns.
+        and not counted). Layer types it cannot run keep PEFT's forward; one ``UserWarning`` lists
+        the reasons and the layers affected. A model without any PEFT LoRA layer also warns. LoRA
+        layers PEFT creates in this model later are patched when created.
     """
     _need_module(peft_model)
     check_backend_name(backend)
-    lora_layer = _lora_module()
-    patched = found = 0
+    _watch_injections()
     skipped: Dict[str, List[str]] = defaultdict(list)
-    by_parent: Dict[str, List[nn.Module]] = defaultdict(list)  # fuse_siblings: parent name -> its patched layers
-    for name, module in peft_model.named_modules():
-        if not isinstance(module, lora_layer.LoraLayer):
-            continue
-        found += 1
-        if is_patched(module):
-            continue
-        reason = _unsupported_reason(module, lora_layer)
-        if reason is not None:
-            skipped[reason].append(name)
-            continue
-        adapter = [a for a in module.active_adapters if a in module.lora_A][0]
-        setattr(module, _ATTR, (adapter, backend))
-        module.forward = functools.partial(_fused_forward, module)  # picklable, unlike a bound method
-        patched += 1
-        if fuse_siblings:
-            by_parent[name.rpartition(".")[0]].append(module)
-    for parent, layers in by_parent.items():
-        if len(layers) > 1:
-            group = SiblingGroup(peft_model.get_submodule(parent), layers, _sibling_member, backend)
-            for layer in layers:
-                setattr(layer, _SIBLINGS, group)
-    if skipped:
-        lines = [f"  {reason}: {len(names)} layer(s), e.g. {', '.join(names[:3])}" for reason, names in skipped.items()]
-        warnings.warn("rslora_kernels.peft.patch: these LoRA layers keep PEFT's forward:\n" + "\n".join(lines),
-                      stacklevel=2)
+    patched, found = _patch_layers(peft_model, backend, fuse_siblings, skipped)
+    for module in _tuners(peft_model):
+        module.__dict__[_MODEL] = (backend, fuse_siblings)
+    _warn_skipped(skipped, "patch")
     if not found:
         warnings.warn(f"rslora_kernels.peft.patch: no PEFT LoRA layers found in the {type(peft_model).__name__} "
                       "passed as peft_model (patch a model returned by peft.get_peft_model); nothing patched",
@@ -258,10 +502,12 @@ def patch(peft_model: nn.Module, backend: str = "auto", fuse_siblings: bool = Fa
 
 
 def unpatch(peft_model: nn.Module) -> int:
-    """Restore PEFT's forward on every layer :func:`patch` switched; returns how many."""
+    """Restore PEFT's forward on every layer :func:`patch` switched; returns how many. LoRA layers
+    PEFT creates in this model afterwards are no longer patched."""
     _need_module(peft_model)
     restored = 0
     for module in peft_model.modules():
+        module.__dict__.pop(_MODEL, None)
         if is_patched(module):
             del module.forward
             delattr(module, _ATTR)
@@ -270,6 +516,60 @@ def unpatch(peft_model: nn.Module) -> int:
                 group.remove()  # the parent's hooks (idempotent: once per group is enough)
             restored += 1
     return restored
+
+
+def enable(backend: str = "auto") -> None:
+    """Run every PEFT ``lora.Linear`` and ``lora.bnb.Linear4bit`` layer of the process on the fused
+    ops (existing and future models alike), by replacing those classes' ``forward``; a layer
+    patched by :func:`patch` keeps its own backend. Calling it again changes the backend."""
+    global _ENABLED
+    check_backend_name(backend)
+    for cls in _fused_classes():
+        if cls not in _CLASS_FORWARDS:
+            _CLASS_FORWARDS[cls] = vars(cls)["forward"]
+            cls.forward = _enabled_forward
+    _ENABLED = backend
+
+
+def disable() -> bool:
+    """Undo :func:`enable`: PEFT's own class forwards again. Returns whether it was enabled."""
+    global _ENABLED
+    was = _ENABLED is not None
+    for cls, forward in list(_CLASS_FORWARDS.items()):
+        cls.forward = forward
+        del _CLASS_FORWARDS[cls]
+    _ENABLED = None
+    return was
+
+
+def report(model: nn.Module, verbose: bool = True, reset: bool = False) -> Dict[str, Dict[str, Dict[str, int]]]:
+    """Per PEFT LoRA layer of ``model``, the calls counted since it was built (or last reset): what
+    ran fused, what ran PEFT's forward as a fallback and why, and what ran PEFT's base-only paths.
+
+    Returns ``{layer name: {"fused": {what: calls}, "peft": {reason: calls}, "base": {reason: calls}}}``
+    (every LoRA layer of ``model``, empty dicts where nothing was counted); ``verbose`` also prints
+    it, one line per layer and entry; ``reset`` zeroes the counts after reading them.
+    """
+    _need_module(model)
+    lora_layer = _lora_module()
+    out: Dict[str, Dict[str, Dict[str, int]]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, lora_layer.LoraLayer):
+            continue
+        module.__dict__.setdefault(_NAME, name)
+        entry: Dict[str, Dict[str, int]] = {"fused": {}, "peft": {}, "base": {}}
+        stats = module.__dict__.get(_STATS, {})
+        for (kind, what), n in stats.items():
+            entry[kind][what] = n
+        out[name] = entry
+        if reset:
+            stats.clear()
+    if verbose:
+        labels = {"fused": "fused", "peft": "PEFT's forward (fallback)", "base": "PEFT's forward (base only)"}
+        for name, entry in out.items():
+            lines = [f"    {labels[kind]}: {what}: {n}" for kind in labels for what, n in entry[kind].items()]
+            print(f"{name}:" + ("\n" + "\n".join(lines) if lines else " no calls counted"))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
