@@ -164,6 +164,17 @@ def test_report_lists_signature_times_choice_and_why(tuner):
     assert "fastest of 2 that passed the self-check" in report
 
 
+@pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])
+def test_measures_under_inference_mode_and_no_grad(tuner, mode):
+    """The measurement runs with grad on and outside inference mode whatever the caller's mode."""
+    x, W, A, B = tensors()
+    with mode():
+        y = rk.lora_linear(x, W, A, B, 0.5)
+    (d,) = measured()
+    assert d.choice == "fake_fast" and sorted(d.ms) == ["composite", "fake_fast"]
+    torch.testing.assert_close(y, rk.lora_linear(x, W, A, B, 0.5, backend="reference"))
+
+
 def test_user_rng_is_untouched(tuner):
     cpu_state = torch.get_rng_state()
     rk.lora_linear(*tensors(), 0.5, dropout_p=0.1, seed=11)
