@@ -32,7 +32,7 @@ Backward with ``dy_g = dy * g`` (the LoRA backward run on ``dy_g``)::
     dm = sum_M(dy * z) / w,   db = sum_M dy
 
 The Triton backend with dropout runs each direction's two base GEMMs in one launch instead, two
-accumulators over the same W tiles (``triton_kernels.dora_forward_dropout`` / ``dora_backward_dropout``:
+accumulators over the same W tiles (``dora_kernels.dora_forward_dropout`` / ``dora_backward_dropout``:
 y and z from x and drop(x) in registers; dx from dy, with W's rows scaled by g - 1 in registers
 for the masked term and U = dy (g B), so that neither drop(x) nor g * dy is formed).
 
@@ -137,7 +137,7 @@ def dora_forward(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, ma
         y = torch.addcmul(bias, z, gx) if bias is not None else z * gx
         return y, z, T, w, state
     if backend == "triton":  # both base GEMMs in one launch, over the same W tiles
-        from .triton_kernels import dora_forward_dropout
+        from .dora_kernels import dora_forward_dropout
         y, z, T, state = dora_forward_dropout(x2d, weight, lora_A, lora_B, bias, g, scaling, p, seed)
         return y, z, T, w, state
     # the LoRA op on x itself (its dropout, its saved state), then the second base GEMM on drop(x)
@@ -157,7 +157,7 @@ def dora_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_
     if need_dm:  # products in x's dtype (one M x N temporary), summed in fp32 (fp64)
         dm = ((dy * z).sum(0, dtype=w.dtype) / w).to(magnitude.dtype)
     if p > 0.0 and backend == "triton":  # g * dy is never formed; both base GEMMs of dx in one launch
-        from .triton_kernels import dora_backward_dropout
+        from .dora_kernels import dora_backward_dropout
         dx, dA, dB, db = dora_backward_dropout(dy, x2d, weight, lora_A, lora_B, T, g, scaling, p, state,
                                                need_dx, need_dA, need_dB, need_db)
         return dx, dA, dB, dm, db
