@@ -384,7 +384,7 @@ def _doc_lines():
 
 # flags of tools other than this project's: pytest-benchmark, compute-sanitizer, ptxas
 EXTERNAL_FLAGS = {"--benchmark-only", "--benchmark-autosave", "--benchmark-compare", "--tool", "--error-exitcode",
-                  "--gpu-name"}
+                  "--gpu-name", "--index-url"}
 
 
 def _named_commands():
@@ -418,7 +418,7 @@ def test_every_named_command_and_its_flags_exist():
 
 def test_every_flag_named_in_the_docs_exists():
     """Flags named in prose (`--timing graph`) belong to one of the project's commands (or to a tool
-    the docs name: pytest-benchmark, compute-sanitizer, ptxas)."""
+    the docs name: pytest-benchmark, compute-sanitizer, ptxas, pip)."""
     known = set(EXTERNAL_FLAGS)
     for command in _named_commands():
         if command.endswith(".sh"):

@@ -5,7 +5,7 @@ specification").
     stream.py    the definition (constants, counters, threshold) and its PyTorch implementation
     kernels.py   the Triton implementation (tile helpers for the LoRA kernels; whole-mask and
                  drop-and-scale kernels); imports Triton, so it is imported lazily
-    csrc.py      loader of the C++ implementation (csrc/philox_dropout.cpp), built on first use
+    csrc.py      loader of the C++ implementation (rslora_kernels/csrc/philox_dropout.cpp), built on first use
     masking.py   masks and drop-and-scale on any device, dispatched to the implementations above
 
 The LoRA kernels (rslora_kernels.ops) import from here; nothing here imports rslora_kernels.ops.

@@ -1,15 +1,17 @@
-"""Loader of the C++ extension in ``csrc/`` (the dropout stream on CPU tensors), compiled on first use.
+"""Loader of the C++ extension in ``rslora_kernels/csrc/`` (the dropout stream on CPU tensors),
+compiled on first use.
 
 The extension is built with ``torch.utils.cpp_extension.load`` the first time it is needed and cached
 in torch's extensions directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), so
-installing the package needs no compiler and no torch in pip's build environment. The sources are read
-from ``csrc/`` next to the package (a source checkout or ``pip install -e .``).
+installing the package needs no compiler and no torch in pip's build environment. The sources ship
+inside the package (package data), so every install has them: a source checkout, ``pip install -e .``,
+``pip install .`` or a wheel.
 
-If the extension cannot be built (no C++ compiler, no ninja, no ``csrc/`` next to an installed
-package), the CPU falls back to the PyTorch implementation of the same stream
-(``rslora_kernels.dropout.stream.keep_mask_torch``: identical bits, several times slower) and says so once
-with a ``RuntimeWarning`` naming the cause. Set ``RSLORA_KERNELS_REQUIRE_CSRC=1`` to make that an
-error instead (CI does, so a broken build cannot hide behind the fallback).
+If the extension cannot be built (no C++ compiler, no ninja, sources missing), the CPU falls back to
+the PyTorch implementation of the same stream (``rslora_kernels.dropout.stream.keep_mask_torch``:
+identical bits, several times slower) and says so once with a ``RuntimeWarning`` naming the cause.
+Set ``RSLORA_KERNELS_REQUIRE_CSRC=1`` to make that an error instead (CI does, so a broken build cannot
+hide behind the fallback).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch
 
 __all__ = ["csrc_ops", "csrc_error", "missing_tool", "CSRC_DIR"]
 
-CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
+CSRC_DIR = Path(__file__).resolve().parents[1] / "csrc"  # rslora_kernels/csrc, shipped as package data
 _SOURCES = ("philox_dropout.cpp",)
 _NAME = "rslora_kernels_csrc"
 
@@ -41,8 +43,8 @@ def missing_tool() -> Optional[str]:
     """A plain-words reason why a build cannot even start, or None."""
     sources = [CSRC_DIR / s for s in _SOURCES]
     if not all(s.is_file() for s in sources):
-        return (f"the C++ sources {', '.join(map(str, sources))} are not there (csrc/ ships with a source "
-                "checkout; install with `pip install -e .` from one)")
+        return (f"the C++ sources {', '.join(map(str, sources))} are not there (they ship in the package as "
+                "rslora_kernels/csrc/: reinstall it)")
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         return f"no C++ compiler found (looked for {cxx!r} on PATH; set CXX or install g++/clang++)"
@@ -70,7 +72,7 @@ def _try_load() -> None:
             _build()
             return
         except Exception as exc:  # compiler errors arrive as RuntimeError/CalledProcessError/OSError
-            reason = f"building csrc/ failed: {type(exc).__name__}: {exc}"
+            reason = f"building {CSRC_DIR} failed: {type(exc).__name__}: {exc}"
     _state["error"] = reason
     if _require():
         raise RuntimeError(f"rslora_kernels: the C++ dropout extension is required "

@@ -1,7 +1,7 @@
 """The dropout stream on any device: whole masks and drop-and-scale, each dispatched to the fastest
 implementation that produces the stream's exact bits.
 
-    CPU tensors    the C++ extension (csrc/, multithreaded), or -- when it cannot be built, warned
+    CPU tensors    the C++ extension (rslora_kernels/csrc/, multithreaded), or -- when it cannot be built, warned
                    once by :func:`~rslora_kernels.dropout.csrc.csrc_ops` -- the PyTorch implementation
     CUDA tensors   the Triton kernels of :mod:`rslora_kernels.dropout.kernels`
 

@@ -2,8 +2,8 @@
 (the executable form of the definition).
 
 The normative text, with the reasons for each choice, is docs/design.md ("Dropout stream
-specification"); every implementation -- Triton (kernels.py), C++ (csrc/philox_dropout.cpp, loaded
-by csrc.py) and the PyTorch one below -- follows it bit for bit; the constants are defined here only:
+specification"); every implementation -- Triton (kernels.py), C++ (rslora_kernels/csrc/philox_dropout.cpp,
+loaded by csrc.py) and the PyTorch one below -- follows it bit for bit; the constants are defined here only:
 
 * x is viewed as ``[M, K]`` (``row`` runs over all leading dims in logical order).
 * key     = (seed mod 2^32, seed >> 32)                  with 0 <= seed < 2^63

@@ -10,7 +10,7 @@
 
 Saved for backward (by :class:`~rslora_kernels.ops.lora_linear.LoRALinearFunction`): x, T and the
 seed (this backend's mask state); the dropout mask is regenerated from the seed (the project's Philox stream,
-:mod:`rslora_kernels.dropout`): on the CPU by the C++ extension in ``csrc/``, on CUDA by a small
+:mod:`rslora_kernels.dropout`): on the CPU by the C++ extension in ``rslora_kernels/csrc/``, on CUDA by a small
 Triton kernel. The default backend on the CPU; on a GPU the baseline the Triton kernels must beat.
 
 Adapters may be wider than x (fp32 ``lora_A``/``lora_B`` with bf16 x): the adapter GEMMs run in x's
