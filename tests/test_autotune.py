@@ -155,6 +155,23 @@ def test_a_backend_that_raises_is_not_chosen(tuner, monkeypatch):
     assert d.choice == "composite" and "no kernel image" in d.failed["fake_fast"]
 
 
+def test_a_failure_of_the_measurement_itself_falls_back(tuner, monkeypatch):
+    tries = []
+
+    def broken(device, sig):
+        tries.append(sig)
+        raise OSError("disk on fire")
+
+    monkeypatch.setitem(autotune._MEASURERS, "lora", Measurer(broken, autotune_steps.make_step, autotune_steps.check))
+    with pytest.warns(RuntimeWarning, match="disk on fire"):
+        y = rk.lora_linear(*tensors(), 0.5)
+    assert y.shape == (5, 12)
+    (d,) = autotune.decisions()
+    assert d.choice is None and d.source == "failed" and "disk on fire" in d.why
+    assert resolve_backend("auto", CPU, F32, F32, Problem(6, 12, 16, 4)) == "composite"
+    assert len(tries) == 1  # not tried again in this process
+
+
 def test_report_lists_signature_times_choice_and_why(tuner):
     rk.lora_linear(*tensors(), 0.5)
     report = rk.autotune_report()
@@ -335,6 +352,18 @@ def test_the_cache_is_keyed_by_versions(tuner, monkeypatch):
     autotune.clear()
     rk.lora_linear(*tensors(), 0.5)
     assert len(tuner) == 2 * n and autotune.cache_path(CPU) != first and autotune.cache_path(CPU).exists()
+
+
+def test_an_unusable_cache_directory_keeps_decisions_in_the_process(tuner, tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv(autotune.CACHE_DIR_ENV, str(tmp_path / "a_file" / "cache"))  # cannot be a directory
+    autotune.clear()
+    with pytest.warns(RuntimeWarning, match="cannot use the autotune cache"):
+        rk.lora_linear(*tensors(), 0.5)
+    assert measured()[0].choice == "fake_fast"
+    n = len(tuner)
+    rk.lora_linear(*tensors(M=7), 0.5)
+    assert len(tuner) == n  # remembered in the process
 
 
 def test_an_unreadable_cache_file_is_measured_over(tuner):

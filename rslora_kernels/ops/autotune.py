@@ -149,7 +149,8 @@ class Decision:
     """What ``auto`` runs for one signature on one machine, and why.
 
     ``source``: "measured" (here, now), "cache" (read from the cache file), "table" (a committed
-    table answered), "fallback" (nothing measured and nothing may be: the caller's default).
+    table answered), "fallback" (not measured, e.g. while tracing: the caller's default, measured
+    later where safe), "failed" (measuring itself failed: the caller's default in this process).
     ``ms``: each timed candidate's median forward+backward ms; ``failed``: candidate -> why it was
     not timed (its self-check's worst error, an exception, an earlier failure on this GPU)."""
     signature: Signature
@@ -359,6 +360,7 @@ def _file_lock(path: Path) -> Iterator[bool]:
     """An exclusive lock on ``path`` + ".lock" across processes (yields False if it could not be
     taken in ``LOCK_TIMEOUT_S``). ``filelock`` is a dependency of torch; fcntl where it is missing."""
     lock_path = str(path) + ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         import filelock
     except ImportError:
@@ -411,7 +413,7 @@ def _read_file(path: Path) -> dict:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"not a format-{FORMAT} autotune cache")
         return data
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing cached (yet)
         return {}
     except (OSError, ValueError) as e:
         _warn_once(("read", str(path)), f"rslora_kernels: ignoring the autotune cache {path} ({e})")
@@ -578,8 +580,8 @@ def _choose(device: torch.device, dtype: torch.dtype, sig: Signature, problem: t
         store = _store(device)
         store.load()
         d = store.decisions.get(sig)
-        if d is not None and d.source in ("measured", "cache"):  # (table and fallback entries are for the report)
-            return d.backend  # None: nothing passed there, the fallback runs
+        if d is not None and d.source in ("measured", "cache", "failed"):  # (table, fallback: for the report)
+            return d.backend  # None: nothing passed there, or measuring failed: the fallback runs
         if not _measurable(device, sig.op) or problem[0] == 0:
             return None
         why_not = _unsafe(device)
@@ -590,36 +592,48 @@ def _choose(device: torch.device, dtype: torch.dtype, sig: Signature, problem: t
             store.decisions.setdefault(sig, Decision(sig, None, "fallback",
                                                      f"{MAX_SIGNATURES} signatures measured in this process already"))
             return None
-        d = _measure_locked(store, sig, problem, device)
+        try:
+            d = _measure_locked(store, sig, problem, device)
+        except Exception as e:  # noqa: BLE001  (measuring must never break the user's step: the fallback runs)
+            _warn_once(("measure", sig), f"rslora_kernels: measuring backend='auto' at {sig.describe()} failed "
+                       f"({type(e).__name__}: {e}); it runs composite there in this process")
+            store.decisions[sig] = Decision(sig, None, "failed", f"measuring failed: {type(e).__name__}: {e}")
+            return None
     return d.backend if d is not None else None
 
 
 def _measure_locked(store: _Store, sig: Signature, problem: tuple, device: torch.device) -> Optional[Decision]:
-    """Measure ``sig`` unless another process did while this one waited for the file lock."""
-    try:
-        with _file_lock(store.path) as locked:
-            if not locked:
-                _warn_once(("lock", str(store.path)), f"rslora_kernels: could not lock {store.path} in "
-                           f"{LOCK_TIMEOUT_S:.0f} s; 'auto' runs composite where nothing was measured")
-                return None
+    """Measure ``sig`` under the cache file's lock, unless another process did while this one waited."""
+    with contextlib.ExitStack() as stack:
+        try:
+            locked = stack.enter_context(_file_lock(store.path))
+        except OSError as e:  # an unwritable cache directory: decisions last for this process only
+            _warn_unwritable(store, e)
+            locked = None
+        if locked is False:
+            _warn_once(("lock", str(store.path)), f"rslora_kernels: could not lock {store.path} in "
+                       f"{LOCK_TIMEOUT_S:.0f} s; 'auto' runs composite where nothing was measured")
+            return None
+        if locked:
             store.merge(_read_file(store.path))
             d = store.decisions.get(sig)
             if d is not None and d.source in ("measured", "cache"):
                 return d
-            d = _measure(store, sig, Problem(*problem), device)
-            store.measured += 1
-            store.decisions[sig] = d
-            _write_file(store.path, store.content())
-    except OSError as e:  # an unwritable cache directory: keep the decision for this process only
-        _warn_once(("write", str(store.path)), f"rslora_kernels: cannot write the autotune cache {store.path} ({e}); "
-                   f"decisions last for this process only (set ${CACHE_DIR_ENV} to a writable directory)")
-        d = store.decisions.get(sig)
-        if d is None:
-            d = _measure(store, sig, Problem(*problem), device)
-            store.measured += 1
-            store.decisions[sig] = d
+        d = _measure(store, sig, Problem(*problem), device)
+        store.measured += 1
+        store.decisions[sig] = d
+        if locked:
+            try:
+                _write_file(store.path, store.content())
+            except OSError as e:
+                _warn_unwritable(store, e)
     clear_plans()  # launch plans cached before this decision may hold another plan or backend
     return d
+
+
+def _warn_unwritable(store: _Store, e: OSError) -> None:
+    _warn_once(("write", str(store.path)), f"rslora_kernels: cannot use the autotune cache {store.path} ({e}); "
+               f"decisions last for this process only (set ${CACHE_DIR_ENV} to a writable directory)")
 
 
 def _versions(store: _Store) -> str:
