@@ -53,7 +53,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -73,6 +73,7 @@ __all__ = ["patch", "unpatch", "is_patched", "enable", "disable", "report", "to_
 _FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ATTR = "_rslora_kernels_patch"  # the backend of a layer patched by patch()
 _SIBLINGS = "_rslora_kernels_siblings"  # the SiblingGroup of a layer patched with fuse_siblings=True
+_STATIC = "_rslora_kernels_base"  # the _Base of a layer (cached)
 _STATS = "_rslora_kernels_stats"  # {(kind, what): calls} on a layer that ran through this module
 _NAME = "_rslora_kernels_name"  # the layer's name in its model (for warnings), set where known
 _MODEL = "_rslora_kernels_model"  # (backend,) on a module passed to patch() and on the PEFT tuners inside it
@@ -132,105 +133,146 @@ def _layer_reason(layer) -> Optional[str]:
     return None
 
 
+class _Base(NamedTuple):
+    """What a layer's base gives the fused forward, cached on the layer while its base module, weight
+    tensor, weight dtype and fan_in_fan_out stay the same (so the per-call checks skip the type checks)."""
+    module: nn.Module
+    weight: Optional[torch.Tensor]
+    dtype: Optional[torch.dtype]
+    fan_in_fan_out: bool
+    quantized: bool
+    reason: Optional[str]  # why the layer can never run fused (type checks), or None
+
+
+def _base(layer) -> _Base:
+    base = layer._modules.get("base_layer")  # nn.Module's registry: no __getattr__ on the per-call path
+    weight = base._parameters.get("weight") if base is not None else None
+    fan_in_fan_out = bool(getattr(layer, "fan_in_fan_out", False))
+    cached = layer.__dict__.get(_STATIC)
+    if (cached is not None and cached.module is base and cached.weight is weight and weight is not None
+            and cached.dtype == weight.dtype and cached.fan_in_fan_out == fan_in_fan_out):
+        return cached
+    if base is None or layer.get_base_layer() is not base:
+        reason = "base layer wrapped by another adapter layer"
+    else:
+        reason = _layer_reason(layer)
+    info = _Base(base, weight, None if weight is None else weight.dtype, fan_in_fan_out,
+                 reason is None and is_quantized_weight(weight), reason)
+    if not torch.compiler.is_compiling():  # no module state written while torch.compile traces
+        layer.__dict__[_STATIC] = info
+    return info
+
+
+def _weight(adapters: nn.ModuleDict, adapter: str) -> torch.Tensor:
+    """``adapters[adapter].weight`` read from nn.Module's registries (the forward's host cost)."""
+    return adapters._modules[adapter]._parameters["weight"]
+
+
 def _is_dora(layer, adapter: str) -> bool:
     """A PEFT DoRA linear adapter (``use_dora=True``), which the fused forward runs as ``rk.dora_linear``."""
-    variant = getattr(layer, "lora_variant", {}).get(adapter)
-    return type(variant).__name__ == "DoraLinearVariant" and adapter in layer.lora_magnitude_vector
+    variant = layer.__dict__.get("lora_variant", {}).get(adapter)
+    return (variant is not None and type(variant).__name__ == "DoraLinearVariant"
+            and adapter in layer._modules["lora_magnitude_vector"]._modules)
 
 
 def _dropout_p(layer, adapter: str) -> float:
     """The adapter's own dropout probability for this call: its ``nn.Dropout``'s p in training mode, else 0."""
-    drop = layer.lora_dropout[adapter]
+    drop = layer._modules["lora_dropout"]._modules[adapter]
     return drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
 
 
-def _adapters_reason(layer, x: torch.Tensor, adapters: List[str]) -> Optional[str]:
+def _adapters_reason(layer, info: _Base, x: torch.Tensor, adapters: List[str]) -> Optional[str]:
     """Why the fused ops cannot run these active ``adapters`` of ``layer`` on x in this call; None if they can."""
-    reason = _layer_reason(layer)
-    if reason is not None:
-        return reason
-    base = layer.get_base_layer()
+    if info.reason is not None:
+        return info.reason
     dev = x.device.type
     autocast = torch.is_autocast_enabled(dev)
-    quantized = is_quantized_weight(base.weight)
+    quantized = info.quantized
     # a 4-bit base computes in its compute_dtype (x's dtype until bitsandbytes sets it)
-    base_dtype = (getattr(base, "compute_dtype", None) or x.dtype) if quantized else base.weight.dtype
+    base_dtype = (getattr(info.module, "compute_dtype", None) or x.dtype) if quantized else info.dtype
     if x.dtype != base_dtype and not autocast:
         return f"x dtype {x.dtype} differs from the base layer's {base_dtype} outside autocast"
     # bitsandbytes repacks a 4-bit weight for its CPU inference kernel (eval, no grad): not our format
-    if quantized and getattr(base.weight.quant_state, "packing_format_for_cpu", False):
+    if quantized and getattr(info.weight.quant_state, "packing_format_for_cpu", False):
         return "4-bit weight repacked for bitsandbytes' CPU inference kernel"
-    dtypes = set()
+    mods = layer._modules
+    lora_A, dropouts = mods["lora_A"], mods["lora_dropout"]._modules
+    variants = layer.__dict__.get("lora_variant", {})
+    dtype = None
     for adapter in adapters:
-        A = layer.lora_A[adapter].weight
+        A = _weight(lora_A, adapter)
         if A.dtype not in _FLOAT_WEIGHTS:
             return f"adapter dtype {A.dtype}"
         if not autocast and torch.finfo(A.dtype).bits < torch.finfo(x.dtype).bits:
             return f"adapter dtype {A.dtype} narrower than x's {x.dtype} outside autocast"
-        dtypes.add(A.dtype)
-        variant = getattr(layer, "lora_variant", {}).get(adapter)
-        dora = _is_dora(layer, adapter)
+        if dtype is not None and A.dtype != dtype:
+            return f"active adapters of different dtypes ({dtype}, {A.dtype})"
+        dtype = A.dtype
+        variant = variants.get(adapter)
+        dora = variant is not None and _is_dora(layer, adapter)
         if variant is not None and not dora:
             return f"LoRA variant {type(variant).__name__}"
         if layer.use_dora.get(adapter, False) and not dora:
             return "DoRA without PEFT's DoraLinearVariant (older PEFT)"
-        if not isinstance(layer.lora_dropout[adapter], (nn.Dropout, nn.Identity)):
-            return f"dropout module {type(layer.lora_dropout[adapter]).__name__}"
+        drop = dropouts[adapter]
+        if not isinstance(drop, (nn.Dropout, nn.Identity)):
+            return f"dropout module {type(drop).__name__}"
         if dora:  # dora_linear does no autocast casting; its magnitude must be as wide as x; no 4-bit bases
             if len(adapters) > 1:
                 return "DoRA among several active adapters"
             if quantized:
                 return "DoRA on a 4-bit base (QLoRA + DoRA is not fused)"
-            if getattr(layer, "lora_bias", {}).get(adapter, False):
+            if layer.lora_bias.get(adapter, False):
                 return "DoRA with lora_bias"
             if autocast:
                 return "DoRA under autocast"
-            m = layer.lora_magnitude_vector[adapter].weight
+            m = _weight(mods["lora_magnitude_vector"], adapter)
             if torch.finfo(m.dtype).bits < torch.finfo(x.dtype).bits:
                 return f"DoRA magnitude dtype {m.dtype} narrower than x's {x.dtype}"
-    if len(dtypes) > 1:
-        return "active adapters of different dtypes (" + ", ".join(sorted(str(d) for d in dtypes)) + ")"
     return None
 
 
-def _base_operands(layer, x: torch.Tensor):
-    """(weight as the op takes it, bias, quantized): W transposed as a view for fan_in_fan_out (the op
-    takes any strides); a 4-bit base's bias cast to x's dtype, as bitsandbytes' Linear4bit does."""
-    base = layer.get_base_layer()
-    quantized = is_quantized_weight(base.weight)
-    weight = base.weight.t() if layer.fan_in_fan_out else base.weight
-    bias = base.bias.to(x.dtype) if quantized and base.bias is not None else base.bias
-    return weight, bias, quantized
+def _base_operands(info: _Base, x: torch.Tensor):
+    """(weight as the op takes it, bias): W transposed as a view for fan_in_fan_out (the op takes any
+    strides); a 4-bit base's bias cast to x's dtype, as bitsandbytes' Linear4bit does."""
+    bias = info.module._parameters.get("bias")
+    if info.quantized and bias is not None:
+        bias = bias.to(x.dtype)
+    return (info.weight.t() if info.fan_in_fan_out else info.weight), bias
 
 
 def _with_lora_bias(bias, layer, adapter: str, x: torch.Tensor):
     """The base bias plus the adapter's own lora_B bias times its scaling (``lora_bias=True``):
     PEFT computes s * (T B^T + b_B), whose b_B part is a bias the op adds once."""
-    b_B = layer.lora_B[adapter].bias
-    if b_B is None or not getattr(layer, "lora_bias", {}).get(adapter, False):
+    if not layer.__dict__.get("lora_bias", {}).get(adapter, False):
+        return bias
+    b_B = layer._modules["lora_B"]._modules[adapter]._parameters.get("bias")
+    if b_B is None:
         return bias
     extra = (b_B * layer.scaling[adapter]).to(bias.dtype if bias is not None else x.dtype)  # the op's bias dtype
     return extra if bias is None else bias + extra
 
 
-def _single_member(layer, x: torch.Tensor, adapter: str):
+def _single_member(layer, info: _Base, x: torch.Tensor, adapter: str):
     """(weight, lora_A, lora_B, scaling, bias, p) of a plain (not DoRA) adapter for one fused LoRA call."""
-    weight, bias, _ = _base_operands(layer, x)
-    return (weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.scaling[adapter],
+    weight, bias = _base_operands(info, x)
+    mods = layer._modules
+    return (weight, _weight(mods["lora_A"], adapter), _weight(mods["lora_B"], adapter), layer.scaling[adapter],
             _with_lora_bias(bias, layer, adapter, x), _dropout_p(layer, adapter))
 
 
-def _run_one(layer, backend: str, x: torch.Tensor, adapter: str, siblings: bool):
+def _run_one(layer, info: _Base, backend: str, x: torch.Tensor, adapter: str, siblings: bool):
     """One active adapter on the fused op; returns (y, what ran)."""
     if _is_dora(layer, adapter):
-        weight, bias, _ = _base_operands(layer, x)
+        weight, bias = _base_operands(info, x)
         p = _dropout_p(layer, adapter)
-        return dora_linear(x, weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
-                           layer.lora_magnitude_vector[adapter].weight, layer.scaling[adapter], bias=bias,
+        mods = layer._modules
+        return dora_linear(x, weight, _weight(mods["lora_A"], adapter), _weight(mods["lora_B"], adapter),
+                           _weight(mods["lora_magnitude_vector"], adapter), layer.scaling[adapter], bias=bias,
                            dropout_p=p, training=p > 0.0, backend=backend), "one adapter (DoRA)"
-    member = _single_member(layer, x, adapter)
-    group = getattr(layer, _SIBLINGS, None) if siblings else None
-    if group is not None and not is_quantized_weight(member[0]):  # fuse_siblings: the group's output, when it has one
+    member = _single_member(layer, info, x, adapter)
+    group = layer.__dict__.get(_SIBLINGS) if siblings else None
+    if group is not None and not info.quantized:  # fuse_siblings: the group's output, when it has one
         y = group.output(layer, x, member)
         if y is not None:
             return y, "one adapter (sibling group)"
@@ -238,7 +280,7 @@ def _run_one(layer, backend: str, x: torch.Tensor, adapter: str, siblings: bool)
     return lora_linear(x, weight, A, B, s, bias=bias, dropout_p=p, training=p > 0.0, backend=backend), "one adapter"
 
 
-def _run_several(layer, backend: str, x: torch.Tensor, adapters: List[str]):
+def _run_several(layer, info: _Base, backend: str, x: torch.Tensor, adapters: List[str]):
     """Several active adapters (plain LoRA, one dtype) on x; returns (y, what ran).
 
     The adapters without dropout in this call share one rank term: ONE fused call with their A
@@ -248,7 +290,8 @@ def _run_several(layer, backend: str, x: torch.Tensor, adapters: List[str]):
     :func:`rslora_kernels.lora_linear_group` call (one member per adapter, each with its own mask
     and seed; a member's base is a zero [r_i, K] weight and its B the identity, so its output is
     its rank term T_i = drop_i(x) A_i^T exactly), then ONE expand T [B_i s_i ...]^T added to y."""
-    weight, bias, _ = _base_operands(layer, x)
+    weight, bias = _base_operands(info, x)
+    lora_A, lora_B = layer._modules["lora_A"], layer._modules["lora_B"]
     for a in adapters:
         bias = _with_lora_bias(bias, layer, a, x)
     ps = {a: _dropout_p(layer, a) for a in adapters}
@@ -257,20 +300,20 @@ def _run_several(layer, backend: str, x: torch.Tensor, adapters: List[str]):
     main, extras = (plain, dropped) if plain else (dropped[:1], dropped[1:])
     if len(main) == 1:
         a = main[0]
-        y = lora_linear(x, weight, layer.lora_A[a].weight, layer.lora_B[a].weight, layer.scaling[a], bias=bias,
+        y = lora_linear(x, weight, _weight(lora_A, a), _weight(lora_B, a), layer.scaling[a], bias=bias,
                         dropout_p=ps[a], training=ps[a] > 0.0, backend=backend)
     else:
-        A = torch.cat([layer.lora_A[a].weight for a in main], 0)
-        B = torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in main], 1)
+        A = torch.cat([_weight(lora_A, a) for a in main], 0)
+        B = torch.cat([_weight(lora_B, a) * layer.scaling[a] for a in main], 1)
         y = lora_linear(x, weight, A, B, 1.0, bias=bias, backend=backend)
     if extras:
-        As = [layer.lora_A[a].weight for a in extras]
+        As = [_weight(lora_A, a) for a in extras]
         K = x.shape[-1]
         zeros = [x.new_zeros((A.shape[0], K)) for A in As]
         eyes = [torch.eye(A.shape[0], dtype=A.dtype, device=A.device) for A in As]
         Ts = lora_linear_group(x, zeros, As, eyes, 1.0, dropout_ps=[ps[a] for a in extras], training=True,
                                backend=backend)
-        B = torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in extras], 1)
+        B = torch.cat([_weight(lora_B, a) * layer.scaling[a] for a in extras], 1)
         T = torch.cat(Ts, -1) if len(Ts) > 1 else Ts[0]
         delta = F.linear(T if torch.is_autocast_enabled(x.device.type) else T.to(B.dtype), B)
         y = y + delta.to(y.dtype)
@@ -318,15 +361,20 @@ def _forward(layer, backend: str, x: torch.Tensor, args: tuple, kwargs: dict) ->
         return _peft_forward(layer)(layer, x, *args, **kwargs)  # PEFT's: it unmerges a merged disabled layer
     if names is not None:
         return _mixed_batch(layer, backend, x, names, kwargs)
-    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    lora_A = layer._modules["lora_A"]._modules
+    active = [a for a in layer.active_adapters if a in lora_A]
     if not active:
         _count(layer, "base", "no active adapter on this layer")
         return _peft_forward(layer)(layer, x)
-    reason = _adapters_reason(layer, x, active)
+    info = _base(layer)
+    reason = _adapters_reason(layer, info, x, active)
     if reason is not None:
         _count(layer, "peft", reason)
         return _peft_forward(layer)(layer, x)
-    y, what = _run_one(layer, backend, x, active[0], True) if len(active) == 1 else _run_several(layer, backend, x, active)
+    if len(active) == 1:
+        y, what = _run_one(layer, info, backend, x, active[0], True)
+    else:
+        y, what = _run_several(layer, info, backend, x, active)
     _count(layer, "fused", what)
     return y
 
@@ -340,14 +388,15 @@ def _mixed_batch(layer, backend: str, x: torch.Tensor, names, kwargs: dict) -> t
     for i, name in enumerate(names):
         rows.setdefault(name, []).append(i)
     adapters = [a for a in rows if a != "__base__" and a in layer.lora_A]
-    reason = _adapters_reason(layer, x, adapters) if adapters else None
+    info = _base(layer)
+    reason = _adapters_reason(layer, info, x, adapters) if adapters else None
     if reason is not None:
         _count(layer, "peft", "mixed batch: " + reason)
         return _peft_forward(layer)(layer, x, **kwargs)
     parts, order = [], []
     for name, idx in rows.items():
         xi = x if len(rows) == 1 else x[torch.tensor(idx, device=x.device)]
-        parts.append(_run_one(layer, backend, xi, name, False)[0] if name in adapters else layer.base_layer(xi))
+        parts.append(_run_one(layer, info, backend, xi, name, False)[0] if name in adapters else layer.base_layer(xi))
         order += idx
     _count(layer, "fused", "mixed batch")
     if len(parts) == 1:
@@ -376,12 +425,13 @@ def _sibling_member(layer, x: torch.Tensor):
     active adapters, lora_bias): such a member is left out of its sibling group and runs alone."""
     if layer.disable_adapters or layer.merged:
         return None
-    active = [a for a in layer.active_adapters if a in layer.lora_A]
-    if len(active) != 1 or _is_dora(layer, active[0]) or getattr(layer, "lora_bias", {}).get(active[0], False):
+    active = [a for a in layer.active_adapters if a in layer._modules["lora_A"]._modules]
+    if len(active) != 1 or _is_dora(layer, active[0]) or layer.__dict__.get("lora_bias", {}).get(active[0], False):
         return None
-    if is_quantized_weight(layer.get_base_layer().weight) or _adapters_reason(layer, x, active) is not None:
+    info = _base(layer)
+    if info.quantized or _adapters_reason(layer, info, x, active) is not None:
         return None
-    return _single_member(layer, x, active[0])
+    return _single_member(layer, info, x, active[0])
 
 
 def _need_module(peft_model) -> None:
