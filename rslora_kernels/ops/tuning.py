@@ -64,9 +64,9 @@ BACKEND_CHOICES = ("triton", "composite")
 PLANS = ("fused", "rank_mm")
 # The sources whose code decides what a measurement measured (relative to the package): the
 # kernels and their launchers, the tile rules, the composite backend, the dropout stream's kernels,
-# and the group's and the 4-bit dequantization's kernels (auto measures those ops on first use)
+# and DoRA's, the group's and the 4-bit dequantization's kernels (auto measures those ops on first use)
 KERNEL_SOURCES = ("ops/triton_kernels.py", "ops/configs.py", "ops/composite.py", "dropout/kernels.py",
-                  "ops/group_kernels.py", "ops/dequant_kernel.py")
+                  "ops/dora_kernels.py", "ops/group_kernels.py", "ops/dequant_kernel.py")
 
 
 # ----------------------------------------------------------------------------------------------
