@@ -86,6 +86,7 @@ def _venv_seeing_this_environment(venv: Path) -> Path:
     return python
 
 
+@pytest.mark.slow  # about 70 s on 2 cores, most of it the C++ build; marked only: `python -m pytest -q` (CI) runs it
 def test_wheel_installed_elsewhere_builds_and_runs_the_cpu_dropout_stream(tmp_path):
     reason = csrc.missing_tool()
     if reason is not None:
