@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import rslora_kernels as rk
+from numerics import assert_close_to_oracle
 from test_lora_linear import check_against_oracle, make_inputs
 
 
@@ -49,8 +50,8 @@ def test_forward_keep_bits_are_the_streams_whoever_draws_them(r, draw_bits, pass
     assert len(passes) == passes_expected
     assert torch.equal(bits, keep_bits_triton(seed, 37, 100, p))
     mask = rk.dropout_mask(int(seed), (37, 100), p).to(device)
-    T64 = (inputs["x"].double() * mask / (1 - p)) @ inputs["lora_A"].double().t()
-    torch.testing.assert_close(T.double(), T64, rtol=1e-5, atol=1e-5)
+    T64, T32 = ((inputs["x"].to(dt) * mask / (1 - p)) @ inputs["lora_A"].to(dt).t() for dt in (torch.float64, torch.float32))
+    assert_close_to_oracle("T", T, T64, T32)
 
 
 def test_triton_saves_keep_bits_not_the_seed(device):
@@ -122,14 +123,16 @@ def test_strided_bias(dora, device):
     buffer = torch.randn(24, generator=torch.Generator().manual_seed(84)).to(device)
     bias = buffer[::2]
     x, W, A, B = inputs["x"], inputs["weight"], inputs["lora_A"], inputs["lora_B"]
-    if dora:
-        m = torch.linalg.norm(W, dim=1) * 1.1
-        run = lambda b, backend: rk.dora_linear(x, W, A, B, m, 0.5, bias=b, dropout_p=0.1, seed=3,  # noqa: E731
-                                                backend=backend)
-    else:
-        run = lambda b, backend: rk.lora_linear(x, W, A, B, 0.5, bias=b, dropout_p=0.1, seed=3,  # noqa: E731
-                                                backend=backend)
-    torch.testing.assert_close(run(bias, "triton"), run(bias.contiguous(), "reference"), rtol=1e-5, atol=1e-5)
+    m = torch.linalg.norm(W, dim=1) * 1.1
+
+    def run(b, backend, dtype=torch.float32):  # the reference backend draws the same mask from the seed
+        t = [v.to(dtype) for v in (x, W, A, B)]
+        if dora:
+            return rk.dora_linear(*t, m.to(dtype), 0.5, bias=b.to(dtype), dropout_p=0.1, seed=3, backend=backend)
+        return rk.lora_linear(*t, 0.5, bias=b.to(dtype), dropout_p=0.1, seed=3, backend=backend)
+
+    assert_close_to_oracle("y", run(bias, "triton"), run(bias.contiguous(), "reference", torch.float64),
+                           run(bias.contiguous(), "reference"))
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1])

@@ -19,6 +19,7 @@ from rslora_kernels.ops import triton_kernels as tk
 from rslora_kernels.ops import tuning
 
 from conftest import DEVICE
+from numerics import assert_close_to_oracle
 
 lora_linear_module = importlib.import_module("rslora_kernels.ops.lora_linear")  # the package re-exports the function
 
@@ -168,4 +169,6 @@ def test_a_validated_call_signature_still_checks_what_varies_per_call():
             with pytest.raises(exc, match=name):
                 rk.lora_linear(*args, **kwargs)
     y = rk.lora_linear(x, W, A, B, 1, **ok)
-    torch.testing.assert_close(y, rk.lora_linear(x, W, A, B, 1.0, **dict(ok, backend="reference")), rtol=1e-5, atol=1e-5)
+    want, same = (rk.lora_linear(*(t.to(dt) for t in (x, W, A, B)), 1.0, **dict(ok, bias=b.to(dt), backend="reference"))
+                  for dt in (torch.float64, x.dtype))
+    assert_close_to_oracle("y", y, want, same)
