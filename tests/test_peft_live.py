@@ -25,7 +25,7 @@ from peft import LoraConfig, get_peft_model, inject_adapter_in_model  # noqa: E4
 from peft.tuners.lora import layer as lora_layer  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = ["composite", "reference"]
+BACKENDS = ["composite", "reference", "triton"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -516,3 +516,29 @@ def test_enable_leaves_unsupported_layer_types_to_peft():
     rep = rk.peft.report(model, verbose=False)
     assert rep["base_model.model.1"]["fused"] == {"one adapter": 1}
     assert rep["base_model.model.0"] == {"fused": {}, "peft": {}, "base": {}}
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_several_adapters_and_mixed_batches_compile_fullgraph(mixed, fused_calls):
+    """torch.compile(fullgraph=True) through the several-adapter and mixed-batch paths (no graph break)."""
+    model = _mlp(targets=["up"])
+    _add(model, "b", targets=["up"], dropout=0.2)
+    _randomize(model)
+    ref = copy.deepcopy(model)
+    rk.peft.patch(model, backend="composite")
+    layer, ref_layer = model.base_model.model.up, ref.base_model.model.up
+    kwargs = {}
+    if mixed:
+        model.eval()
+        kwargs = {"adapter_names": ["b", "__base__", "default", "b"]}
+    else:
+        for m in (model, ref):
+            m.base_model.set_adapter(["default", "b"])
+        model.eval()  # no dropout: PEFT's layer is the oracle
+    ref.eval()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 3, 16)
+    got = compiled(x, **kwargs)
+    assert fused_calls == ["composite"] * (2 if mixed else 1)  # traced through the fused paths (b, default)
+    oracle = copy.deepcopy(ref_layer).double()(x.double(), **kwargs)
+    assert_close_to_oracle("y", got, oracle, ref_layer(x, **kwargs))
