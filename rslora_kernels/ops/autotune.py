@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
-import math
 import os
 import re
 import tempfile
@@ -49,7 +48,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -58,8 +57,8 @@ from .._launch import clear_plans
 from . import tuning
 
 __all__ = ["AUTOTUNE_ENV", "CACHE_DIR_ENV", "BUDGET_ENV", "MAX_SIGNATURES", "Problem", "Signature", "Candidate",
-           "Decision", "Measurer", "register_measurer", "choose", "signature", "enabled", "cache_dir", "cache_path",
-           "decisions", "autotune_report", "clear", "cuda_timer"]
+           "Decision", "CheckOutcome", "Measurer", "register_measurer", "choose", "signature", "enabled",
+           "cache_dir", "cache_path", "decisions", "autotune_report", "clear", "cuda_timer"]
 
 AUTOTUNE_ENV = "RSLORA_KERNELS_AUTOTUNE"        # "0": no first-use measuring (the table, else composite)
 CACHE_DIR_ENV = "RSLORA_KERNELS_CACHE_DIR"      # where the decisions file lives
@@ -196,8 +195,9 @@ class CheckOutcome(NamedTuple):
 class Measurer:
     """How one op is measured. ``candidates(device, sig)`` lists the eligible :class:`Candidate`\\ s;
     ``step(candidate, problem, sig, device)`` returns a callable running one forward+backward on
-    synthetic tensors it made (the plan forced inside it); ``check(candidate, problem, sig, device)``
-    returns a :class:`CheckOutcome` against the float64 oracle."""
+    synthetic tensors it made; ``check(candidate, problem, sig, device)`` returns a
+    :class:`CheckOutcome` against the float64 oracle. The engine runs both under the candidate's
+    plan (``_trial_plan``)."""
     candidates: Callable[[torch.device, Signature], List[Candidate]]
     step: Callable[[Candidate, Problem, Signature, torch.device], Callable[[], object]]
     check: Callable[[Candidate, Problem, Signature, torch.device], CheckOutcome]
