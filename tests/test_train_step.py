@@ -35,20 +35,41 @@ def _losses(provider, p=0.0, r=4, **opts):
     return run.losses
 
 
+def _quant_reference(quant, p=0.0, r=4, **opts):
+    """The float64 loss curve of a 4-bit base: PEFT's dense model in float64 holding the 4-bit
+    weights dequantized to fp32 (the values the 4-bit layers multiply by), the rest of the model and
+    the adapters the same values (one seed)."""
+    from rslora_kernels.quant import dequantize_4bit
+    ids = torch.randint(PRESET.vocab, (PRESET.batch, PRESET.seq), generator=torch.Generator().manual_seed(7))
+    cpu = torch.device("cpu")
+    quantized, _ = ts.build("peft", PRESET, r, p, cpu, torch.float32, quant=quant, **opts)
+    model, opt = ts.build("peft", PRESET, r, p, cpu, torch.float32, wide=torch.float64, **opts)
+    dense = dict(model.named_modules())
+    n = 0
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            weight = module._parameters.get("weight")  # the layer's own (PEFT's wrapper forwards its base's)
+            if weight is not None and getattr(weight, "quant_state", None) is not None:
+                dense[name].weight.copy_(dequantize_4bit(weight, torch.float32).double())
+                n += 1
+    assert n == len(ts.TARGETS) * PRESET.layers
+    run = ts.Run("peft", model, opt, ids)
+    for _ in range(STEPS):
+        run.step()
+    return run.losses
+
+
 def _check_curves(providers, **opts):
-    ref = _losses("peft", wide=torch.float64, **opts) if not opts.get("quant") else None
+    ref = _losses("peft", wide=torch.float64, **opts) if not opts.get("quant") else _quant_reference(**opts)
     peft = _losses("peft", **opts)
     for name in providers:
         got = _losses(name, **opts)
         assert all(math.isfinite(v) for v in got), (name, got)
-        # the first loss: B = 0, so only the base model's forward through each provider's path
-        assert abs(got[0] - peft[0]) <= 4 * torch.finfo(torch.float32).eps * abs(peft[0]), (name, got[0], peft[0])
         assert got[1:] != got[:-1], f"{name}: the loss did not move ({got}); the adapters are not training"
-        if ref is not None:
-            verdict = ts.loss_check_row(got, peft, ref, torch.float32)
-            assert verdict["loss_check"] == "PASS", (name, verdict, got, peft, ref)
-        else:  # 4-bit base: no float64 reference (bitsandbytes computes in 16/32-bit): PEFT's curve is the yardstick
-            assert max(abs(a - b) for a, b in zip(got, peft)) <= 1e-5 * abs(peft[0]), (name, got, peft)
+        # the whole curve, the first loss (B = 0: the base model's forward through each provider's path)
+        # included, by the numerics rule against the float64 run
+        verdict = ts.loss_check_row(got, peft, ref, torch.float32)
+        assert verdict["loss_check"] == "PASS", (name, verdict, got, peft, ref)
 
 
 def test_providers_follow_peft_loss_curve():
@@ -127,5 +148,14 @@ def test_finetune_example_trains_and_matches_peft():
     plain = example.main(["--steps", "6", "--no-patch"])
     assert len(patched) == len(plain) >= 2 and all(math.isfinite(v) for v in patched)
     assert patched[-1] < patched[0], patched
-    # the same seeded run through PEFT's forward and through the fused op (dropout 0): fp32 rounding apart
-    assert max(abs(a - b) for a, b in zip(patched, plain)) <= 1e-4 * abs(plain[0]), (patched, plain)
+    # the same seeded run through PEFT's forward and through the fused op (dropout 0), by the loss-curve
+    # rule against PEFT's run of the model in float64 (the Trainer sums its logged loss in fp32: the
+    # reference carries that one rounding, well inside the rule's floor)
+    tiny_llama = example.tiny_llama
+    example.tiny_llama = lambda seed=0: tiny_llama(seed).double()
+    try:
+        ref = example.main(["--steps", "6", "--no-patch"])
+    finally:
+        example.tiny_llama = tiny_llama
+    verdict = ts.loss_check_row(patched, plain, ref, torch.float32)
+    assert verdict["loss_check"] == "PASS", (verdict, patched, plain, ref)
