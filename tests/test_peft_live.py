@@ -301,13 +301,15 @@ def test_several_active_adapters_one_fused_call(backend, fused_calls):
     assert _fused_report(model)["base_model.model.up"] == {"3 adapters": 1}
 
 
-def _lora_formula(x, layer, adapters, masks, dtype):
+def _lora_formula(x, layer, adapters, masks, dtype, weight=None):
     """y of a PEFT LoRA layer with these active adapters and dropout masks (None: no dropout), in
-    ``dtype``, with autograd to x and the adapters (returned as leaves {(adapter, 'A'|'B'): tensor})."""
+    ``dtype``, with autograd to x and the adapters (returned as leaves {(adapter, 'A'|'B'): tensor});
+    ``weight``: the base weight when it is not ``base.weight`` (a dequantized 4-bit one)."""
     base = layer.get_base_layer()
     x = x.to(dtype).requires_grad_()
     leaves = {}
-    y = F.linear(x, base.weight.to(dtype), base.bias.to(dtype))
+    W = base.weight if weight is None else weight
+    y = F.linear(x, W.to(dtype), None if base.bias is None else base.bias.to(dtype))
     for a in adapters:
         A = leaves[a, "A"] = layer.lora_A[a].weight.detach().to(dtype).requires_grad_()
         B = leaves[a, "B"] = layer.lora_B[a].weight.detach().to(dtype).requires_grad_()
@@ -542,3 +544,96 @@ def test_several_adapters_and_mixed_batches_compile_fullgraph(mixed, fused_calls
     assert fused_calls == ["composite"] * (2 if mixed else 1)  # traced through the fused paths (b, default)
     oracle = copy.deepcopy(ref_layer).double()(x.double(), **kwargs)
     assert_close_to_oracle("y", got, oracle, ref_layer(x, **kwargs))
+
+
+# ----------------------------------------------------------------------------------------------
+# other layer kinds the patch runs: GPT-2 Conv1D (fan_in_fan_out), DoRA, a bitsandbytes 4-bit base
+# ----------------------------------------------------------------------------------------------
+def test_fan_in_fan_out_several_adapters_and_mixed_batch(fused_calls):
+    cfg = transformers.GPT2Config(vocab_size=53, n_embd=32, n_layer=1, n_head=4, n_positions=16)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(transformers.GPT2LMHeadModel(cfg),
+                               LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True))
+        model.add_adapter("b", LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    _randomize(model)
+    model.eval()
+    ref = copy.deepcopy(model)
+    rk.peft.patch(model, backend="composite")
+    ids = torch.randint(0, 53, (2, 6))
+    for m in (model, ref):
+        m.base_model.set_adapter(["default", "b"])
+    _check_layers_against_peft(model, ref, _record(model, lambda m: m(input_ids=ids)), [])
+    for m in (model, ref):
+        m.base_model.set_adapter("default")
+    _check_layers_against_peft(model, ref, _record(model, lambda m: m(input_ids=ids, adapter_names=["b", "default"])),
+                               [])
+    assert fused_calls == ["composite"] * 3
+
+
+def test_dora_adapter_added_after_patch_runs_dora_linear(fused_calls):
+    model = _mlp(targets=["up"])
+    rk.peft.patch(model, backend="composite")
+    _add(model, "dora", targets=["up"], use_dora=True)
+    _randomize(model)
+    ref = copy.deepcopy(model)
+    rk.peft.unpatch(ref)
+    for m in (model, ref):
+        m.set_adapter("dora")
+    x = torch.randn(4, 16)
+    records = _record(model, _forward_backward(x))
+    assert fused_calls == ["composite"]
+    _check_layers_against_peft(model, ref, records, ["dora"])
+    assert _fused_report(model)["base_model.model.up"] == {"one adapter (DoRA)": 1}
+    model.base_model.set_adapter(["default", "dora"])  # DoRA among several: PEFT's forward, warned
+    with pytest.warns(UserWarning, match="DoRA among several active adapters"):
+        model(x)
+
+
+def test_4bit_base_several_active_adapters():
+    bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes import functional as BF
+
+    class Holder(nn.Module):
+        is_loaded_in_4bit = True  # PEFT then builds lora.bnb.Linear4bit layers
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            w = torch.randn(32, 64) / 8
+            self.proj = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4")
+            self.proj.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+            self.proj.to(DEV)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    model = get_peft_model(Holder(), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
+    model.add_adapter("b", LoraConfig(r=2, lora_alpha=4, target_modules=["proj"]))
+    _randomize(model)
+    model.train()  # (in eval mode without grad, bitsandbytes repacks CPU weights for its inference kernel)
+    layer = model.base_model.model.proj
+    assert type(layer).__module__ == "peft.tuners.lora.bnb"
+    ref_layer = copy.deepcopy(layer)
+    rk.peft.patch(model, backend="composite")
+    model.base_model.set_adapter(["default", "b"])
+    ref_layer.set_adapter(["default", "b"])
+    x = torch.randn(5, 64, requires_grad=True)
+    dy = torch.randn(5, 32)
+    y = layer(x)
+    y.backward(dy)
+    assert rk.peft.report(model, verbose=False)["base_model.model.proj"]["fused"] == {"2 adapters": 1}
+    W = BF.dequantize_4bit(layer.get_base_layer().weight, layer.get_base_layer().weight.quant_state)
+    masks = {"default": None, "b": None}
+    want, xr, leaves = _lora_formula(x.detach(), layer, ["default", "b"], masks, torch.float64, weight=W)
+    want.backward(dy.double())
+    xs = x.detach().clone().requires_grad_()
+    same = ref_layer(xs)  # PEFT's own 4-bit layer in fp32
+    same.backward(dy)
+    assert_close_to_oracle("y", y, want, same)
+    assert_close_to_oracle("dx", x.grad, xr.grad, xs.grad)
+    for a in ("default", "b"):
+        for w in "AB":
+            assert_close_to_oracle(f"d{w}[{a}]", getattr(layer, f"lora_{w}")[a].weight.grad, leaves[a, w].grad,
+                                   getattr(ref_layer, f"lora_{w}")[a].weight.grad)
