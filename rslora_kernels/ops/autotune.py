@@ -697,7 +697,7 @@ def _measure_one(store: _Store, measurer: Measurer, c: Candidate, sig: Signature
         _warn_once(("check", store.machine, sig.op, c.label),
                    f"rslora_kernels: backend {c.label!r} failed its self-check against the float64 reference on "
                    f"{_versions(store)}, at {sig.describe()} (M={problem.M}): {outcome.what}. "
-                   f"backend='auto' will not choose it on this GPU.")
+                   f"backend='auto' will not choose it for the {sig.op} op on this GPU.")
         return
     try:
         step = measurer.step(c, problem, sig, device)
