@@ -89,7 +89,8 @@ def validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p) -> None
 
     Contract: x ``[..., K]``; weight ``[N, K]``; lora_A ``[r, K]`` with r >= 1; lora_B ``[N, r]``;
     bias ``[N]`` or None; all on x's device; weight and bias in x's dtype; lora_A and lora_B in one
-    dtype (x's, or a wider one such as PEFT's float32 adapters); finite scaling; 0 <= dropout_p < 1.
+    dtype (x's, or a wider one such as PEFT's float32 adapters); scaling a finite real number or a 0-d
+    floating tensor (:func:`check_scaling`); 0 <= dropout_p < 1.
     """
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         _need_tensor(name, t)
@@ -122,9 +123,26 @@ def validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p) -> None
     if torch.finfo(lora_A.dtype).bits < torch.finfo(x.dtype).bits:
         raise TypeError(f"lora_A/lora_B dtype {lora_A.dtype} is narrower than x's dtype {x.dtype}; "
                         "use x's dtype or a wider one (e.g. float32 adapters)")
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(float(scaling)):
-        raise ValueError(f"scaling must be a finite float, got {scaling!r}")
+    check_scaling(scaling, x.device)
     check_dropout_p(dropout_p)
+
+
+def check_scaling(scaling, device: torch.device) -> None:
+    """The op's ``scaling``: a finite real number, or a 0-d floating tensor on ``device`` or the
+    CPU. A tensor's value is not read (on a GPU that would synchronize, and under torch.compile it
+    would specialize the graph on it): a NaN or Inf in it propagates into the result, as it does in
+    the reference."""
+    if isinstance(scaling, torch.Tensor):
+        if scaling.dim() != 0:
+            raise ValueError(f"scaling must be a float or a 0-d tensor, got a tensor of shape {_shape(scaling)}")
+        if not scaling.is_floating_point():
+            raise TypeError(f"scaling tensor must be floating-point, got {scaling.dtype}")
+        if scaling.device != device and scaling.device.type != "cpu":
+            raise ValueError(f"scaling is on {scaling.device} but x is on {device}; a scaling tensor must be on "
+                             "x's device or the CPU")
+        return
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(float(scaling)):
+        raise ValueError(f"scaling must be a finite float or a 0-d tensor, got {scaling!r}")
 
 
 def validate_magnitude(magnitude, weight, x) -> None:

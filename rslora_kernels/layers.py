@@ -80,6 +80,11 @@ class LoRALinear(nn.Module):
     they read ``lora_A.<adapter>.weight``): :func:`rslora_kernels.peft.to_peft_state_dict` and
     :func:`~rslora_kernels.peft.from_peft_state_dict` map between the two.
 
+    ``scaling`` (``s``, a float) may be replaced by a 0-d floating tensor on the layer's device or
+    the CPU (``layer.scaling = torch.tensor(s)``, as PEFT's compiled hotswap does): forward then
+    folds it into B (:func:`rslora_kernels.scaling.fold_scaling`), so a new value written into it
+    needs no recompile under torch.compile and is never read on the host; merge and unmerge read it.
+
     :meth:`merge` folds ``s * B @ A`` into the base weight in place (forward is then the plain
     linear, ``merged`` is True); :meth:`unmerge` takes it out again. A state_dict saved while merged
     holds the merged weight, as in PEFT.
@@ -153,7 +158,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         if self.use_dora:
-            norms = dora_row_norms(self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scaling)
+            norms = dora_row_norms(self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, float(self.scaling))
             self.lora_magnitude_vector.weight.copy_(norms)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,9 +196,9 @@ class LoRALinear(nn.Module):
                             "re-quantize the weight (lossy, not reversible). Keep the adapter separate.")
         if self.use_dora:  # PEFT's DoRA merge; the norms of the unmerged weight are kept to unmerge with
             self._dora_merge_norms = dora_row_norms(self.base_layer.weight, self.lora_A.weight,
-                                                    self.lora_B.weight, self.scaling)
+                                                    self.lora_B.weight, float(self.scaling))
             dora_merge_(self.base_layer.weight, self.lora_A.weight, self.lora_B.weight,
-                        self.lora_magnitude_vector.weight, self.scaling, self._dora_merge_norms)
+                        self.lora_magnitude_vector.weight, float(self.scaling), self._dora_merge_norms)
         else:
             merge_lora_(self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, 1.0)
         self.merged = True
@@ -206,7 +211,7 @@ class LoRALinear(nn.Module):
             return
         if self.use_dora:
             dora_merge_(self.base_layer.weight, self.lora_A.weight, self.lora_B.weight,
-                        self.lora_magnitude_vector.weight, self.scaling, self._dora_merge_norms, unmerge=True)
+                        self.lora_magnitude_vector.weight, float(self.scaling), self._dora_merge_norms, unmerge=True)
             del self._dora_merge_norms
         else:
             merge_lora_(self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, -1.0)

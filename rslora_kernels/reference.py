@@ -62,7 +62,7 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
                 dropout_p: float = 0.0, dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reference DoRA linear, written the way PEFT 0.21 computes it (``peft/tuners/lora/dora.py``):
 
-        w = || W + s B A ||_row  (detached)        g = magnitude / w
+        w = || W + s B A ||_row  (detached; in the adapters' dtype)        g = magnitude / w
         dropout on   y = x W^T + b + (g - 1) * (drop(x) W^T) + g * s * (drop(x) A^T) B^T
         dropout off  y = r + (g - 1) * (r - b) + g * s * (x A^T) B^T,    r = x W^T + b
 
@@ -76,7 +76,8 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     validate_magnitude(magnitude, weight, x)
     dtype = x.dtype
     A, B = lora_A.to(dtype), lora_B.to(dtype)
-    weight_norm = torch.linalg.norm(weight + scaling * (B @ A), dim=1).detach()
+    # the norm in the adapters' dtype, as PEFT's forward takes it (it casts x, and W with it, to lora_A's dtype)
+    weight_norm = torch.linalg.norm(weight.to(lora_A.dtype) + scaling * (lora_B @ lora_A), dim=1).detach()
     g = (magnitude / weight_norm).view(1, -1)
     adapter = lambda inp: F.linear(F.linear(inp, A), B)  # noqa: E731
     result = F.linear(x, weight, bias)

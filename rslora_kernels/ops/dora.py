@@ -8,20 +8,22 @@ gradient flows through them, as in PEFT and section 4.3 of the DoRA paper) and `
 
 Row norms without the [N, K] matrix ``W + s B A`` (:func:`dora_row_norms`)::
 
-    w_n^2 = ||W_n||^2 + 2 s B_n . (W A^T)_n + s^2 B_n (A A^T) B_n^T
+    w_n = ||W_n|| sqrt(1 + t_n / ||W_n||^2),     t_n = 2 s B_n . (W A^T)_n + s^2 B_n (A A^T) B_n^T
 
-one [N, r] product ``W A^T``, one [r, r] product ``A A^T``, ``||W_n||^2`` cached per frozen weight,
-all in fp32 (fp64 for fp64 inputs). Cancellation: when ``W_n + s B_n A`` is much smaller than its
-parts (the update nearly cancels the row), the three terms cancel and the relative error of
-``w_n^2`` grows to about ``eps * (||W_n|| + ||s B_n A||)^2 / w_n^2``; a row that cancels exactly
-reads 0 (clamped, never negative), so ``g`` is inf there, as ``m / 0`` is in PEFT. When the update
-dominates ``W`` the terms do not cancel (the last one dominates) and the error stays at a few eps.
+one [N, r] product ``W A^T``, one [r, r] product ``A A^T``, in fp32 (fp64 for fp64 inputs);
+``||W_n||`` is taken as PEFT's forward takes it (``torch.linalg.norm`` of W's rows in the adapters'
+dtype) and cached per frozen weight. At B = 0, t = 0 and ``w`` is that norm bit for bit: where the
+magnitude was initialised with that call, ``g = m / w`` is exactly 1 and a fresh adapter is the
+base layer, as in PEFT (docs/dora.md, "Row norms").
+Cancellation: when ``W_n + s B_n A`` is much smaller than its parts, ``1 + t_n / ||W_n||^2``
+cancels and the relative error grows to about ``eps * ||W_n||^2 / w_n^2``; a row that cancels
+exactly reads 0 (clamped, never negative), so ``g`` is inf there, as ``m / 0`` is in PEFT.
 
 Forward, built on the LoRA op's own custom ops (``rslora_kernels::lora_linear_fwd/bwd``: whatever
 backend they dispatch to, with their dropout and their saved mask state), ``lora(x) = x W^T +
 s (drop(x) A^T) B^T``::
 
-    dropout off  z, T = lora(x) (no bias);   y = z * g + b           one base GEMM
+    dropout off  y, T = lora(x) + b;   z = y - b;   y += (g - 1) * z     one base GEMM (no bias: y = g * z)
     dropout on   y, T = lora(x) + b  (T = drop(x) A^T);   z = drop(x) W^T + s T B^T
                  y += (g - 1) * z                                    two base GEMMs (as PEFT)
 
@@ -48,11 +50,13 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
+import torch.nn.functional as F
 
 from .. import reference
 from .._validate import validate_inputs, validate_magnitude
 from ..dropout import dropout_scale, keep_mask_torch
-from .composite import addmm_scaled_
+from ..scaling import fold_scaling
+from .composite import addmm_scaled_, composite_forward_dropped
 from .autotune import Problem
 from .custom_op import custom_op
 from .first_order import first_order_only
@@ -70,41 +74,42 @@ def _acc_dtype(*ts: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
 
 
-# ||W_n||^2 of frozen weights: id(base tensor) -> (weakref to it, key, norms). The key holds the data
+# ||W_n|| of frozen weights: id(base tensor) -> (weakref to it, key, norms). The key holds the data
 # pointer, the version counter (bumped by in-place writes, shared by views), shape, strides, dtype.
-_SQ_NORMS: Dict[int, Tuple[weakref.ref, tuple, Tensor]] = {}
+_NORMS: Dict[int, Tuple[weakref.ref, tuple, Tensor]] = {}
 
 
 def clear_norm_cache() -> None:
-    """Forget every cached ``||W_n||^2`` (needed only after writing a weight through ``.data``,
+    """Forget every cached ``||W_n||`` (needed only after writing a weight through ``.data``,
     which PyTorch's version counter does not see)."""
-    _SQ_NORMS.clear()
+    _NORMS.clear()
 
 
-def _weight_sq_norms(weight: Tensor, acc: torch.dtype) -> Tensor:
-    """``||W_n||^2`` in ``acc``, computed in row chunks (no [N, K] upcast copy) and cached."""
+def _weight_norms(weight: Tensor, norm_dtype: torch.dtype, acc: torch.dtype) -> Tensor:
+    """``||W_n||`` as PEFT's DoRA forward takes it -- ``torch.linalg.norm`` of W's rows in the
+    adapters' dtype (PEFT casts x, and W with it, to lora_A's dtype), one call on the whole matrix --
+    then cast to ``acc``, and cached. When the magnitude was initialised in that dtype (an fp32
+    model; adapters in W's dtype; rk.LoRALinear) it is that very norm, so at B = 0 ``g = m / w`` is
+    exactly 1. W wider-cast once per weight: an [N, K] temporary at the first call, not per step."""
     base = weight._base if weight._base is not None else weight
     cacheable = not weight.is_inference()
     if cacheable:
-        key = (weight.data_ptr(), base._version, tuple(weight.shape), weight.stride(), weight.dtype, acc)
-        entry = _SQ_NORMS.get(id(base))
+        key = (weight.data_ptr(), base._version, tuple(weight.shape), weight.stride(), weight.dtype, norm_dtype, acc)
+        entry = _NORMS.get(id(base))
         if entry is not None and entry[0]() is base and entry[1] == key:
             return entry[2]
-    N, K = weight.shape
-    rows = max(1, _NORM_CHUNK // max(K, 1))
-    out = torch.empty(N, dtype=acc, device=weight.device)
-    for n0 in range(0, N, rows):
-        chunk = weight[n0:n0 + rows].to(acc)
-        out[n0:n0 + rows] = (chunk * chunk).sum(1)
+    out = torch.linalg.norm(weight.to(norm_dtype), dim=1).to(acc)  # PEFT's call, on the same values
     if cacheable:
         ident = id(base)
-        _SQ_NORMS[ident] = (weakref.ref(base, lambda _, k=ident: _SQ_NORMS.pop(k, None)), key, out)
+        _NORMS[ident] = (weakref.ref(base, lambda _, k=ident: _NORMS.pop(k, None)), key, out)
     return out
 
 
 def dora_row_norms(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
     """``|| W_n + s B_n A ||_2`` for every row n, in fp32 (fp64 for fp64 inputs), without forming
-    the [N, K] matrix: ``||W_n||^2 + 2 s B_n . (W A^T)_n + s^2 B_n (A A^T) B_n^T``. Detached."""
+    the [N, K] matrix: ``||W_n|| sqrt(1 + t_n / ||W_n||^2)`` with ``t_n = 2 s B_n . (W A^T)_n +
+    s^2 B_n (A A^T) B_n^T`` (``sqrt(t_n)`` for a zero row). ``||W_n||`` is PEFT's, in the
+    adapters' dtype (see :func:`_weight_norms`), so the result is exactly PEFT's at B = 0. Detached."""
     with torch.no_grad():
         acc = _acc_dtype(weight, lora_A)
         N, K = weight.shape
@@ -118,8 +123,11 @@ def dora_row_norms(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: floa
             cross = torch.addmm(WA, B, A @ A.t()).mul_(0.0)
         else:
             cross = torch.addmm(WA, B, A @ A.t(), beta=2.0 * scaling, alpha=scaling * scaling)
-        sq = torch.linalg.vecdot(B, cross, dim=1).add_(_weight_sq_norms(weight, acc))
-        return sq.clamp_min_(0.0).sqrt_()
+        t = torch.linalg.vecdot(B, cross, dim=1)
+        norm_w = _weight_norms(weight, lora_A.dtype, acc)
+        # t / ||W||^2 as two divisions: ||W||^2 itself may overflow or underflow where the ratio does not
+        rel = t.div(norm_w).div_(norm_w).add_(1.0).clamp_min_(0.0).sqrt_()
+        return torch.where(norm_w > 0, norm_w * rel, t.clamp_min(0.0).sqrt())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,13 +140,25 @@ def dora_forward(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, ma
     w = dora_row_norms(weight, lora_A, lora_B, scaling)
     g = magnitude.to(w.dtype) / w  # column scales are formed in fp32, then rounded once to x's dtype
     if p == 0.0:
-        z, T, state = lora_linear_fwd(x2d, weight, lora_A, lora_B, None, scaling, 0.0, seed, backend)
-        gx = g.to(x2d.dtype)
-        y = torch.addcmul(bias, z, gx) if bias is not None else z * gx
+        if bias is None:
+            z, T, state = lora_linear_fwd(x2d, weight, lora_A, lora_B, None, scaling, 0.0, seed, backend)
+            return z * g.to(x2d.dtype), z, T, w, state
+        # the bias in the LoRA op's GEMM, as PEFT's base layer adds it, then y += (g - 1) * (y - b) (PEFT's
+        # own form): at B = 0, g is exactly 1 and y is the LoRA op's (the base layer's) output bit for bit
+        y, T, state = lora_linear_fwd(x2d, weight, lora_A, lora_B, bias, scaling, 0.0, seed, backend)
+        z = y - bias
+        y.addcmul_(z, (g - 1).to(x2d.dtype))
         return y, z, T, w, state
     if backend == "triton":  # both base GEMMs in one launch, over the same W tiles
         from .dora_kernels import dora_forward_dropout
         y, z, T, state = dora_forward_dropout(x2d, weight, lora_A, lora_B, bias, g, scaling, p, seed)
+        return y, z, T, w, state
+    if backend == "composite":  # one drop(x) for T and z (the LoRA op's forward would make its own)
+        y, T, state, dropped, B = composite_forward_dropped(x2d, weight, lora_A, lora_B, bias, scaling, p, seed)
+        z = F.linear(dropped, weight)
+        del dropped
+        addmm_scaled_(z, T, B.t(), scaling)                                  # z = xd W^T + s T B^T
+        y.addcmul_(z, (g - 1).to(x2d.dtype))
         return y, z, T, w, state
     # the LoRA op on x itself (its dropout, its saved state), then the second base GEMM on drop(x)
     y, T, state = lora_linear_fwd(x2d, weight, lora_A, lora_B, bias, scaling, p, seed, backend)  # x W^T + b + s T B^T
@@ -263,27 +283,28 @@ def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magni
 
     Args:
         x, weight, lora_A, lora_B, scaling, bias, dropout_p, training, seed: as in
-            :func:`rslora_kernels.lora_linear`.
+            :func:`rslora_kernels.lora_linear` (scaling a float or a 0-d tensor).
         magnitude: ``[N]`` DoRA magnitude (PEFT's ``lora_magnitude_vector``), x's dtype or wider.
         backend: "auto" | "triton" | "composite" | "reference".
 
     Returns:
         ``[..., N]`` in x's dtype. No autocast casting is done here (pass tensors of one dtype).
     """
-    validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p)
+    validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p)  # scaling: a float or a 0-d tensor
     validate_magnitude(magnitude, weight, x)
-    scaling = float(scaling)
     p = float(dropout_p) if training else 0.0
     backend = resolve_backend_planned(backend, x.device, x.dtype, lora_A.dtype, Problem(  # "auto": docs/tuning.md
         math.prod(x.shape[:-1]), weight.shape[0], x.shape[-1], lora_A.shape[0], "dora", dropout_p, bias is not None))
     seed = seed_tensor(seed, p, x.device)  # checked even when p == 0
     if backend == "reference":
         mask = keep_mask_torch(seed, math.prod(x.shape[:-1]), x.shape[-1], p).reshape(x.shape) if p > 0.0 else None
-        return reference.dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias, p, mask)
+        return reference.dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias, p, mask)  # PyTorch math
     if registered_backends()[backend].backward is None:
         raise ValueError(f"backend={backend!r} is an autograd backend of the LoRA op; DoRA runs on its fused "
                          "backends (with a backward) or on 'reference'")
-    return DoRALinearFunction.apply(x, weight, lora_A, lora_B, magnitude, bias, scaling, p, seed, backend)
+    # the fused op takes a float: a 0-d tensor scaling is folded into B (||W + s B A|| is the same with s in B)
+    lora_A, lora_B, scaling = fold_scaling(scaling, x, lora_A, lora_B)
+    return DoRALinearFunction.apply(x, weight, lora_A, lora_B, magnitude, bias, float(scaling), p, seed, backend)
 
 
 # ----------------------------------------------------------------------------------------------

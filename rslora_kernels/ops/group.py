@@ -5,7 +5,7 @@
 Members may differ in N, r, scaling, dropout p, bias and adapter dtype; each has its own dropout
 mask (PEFT gives each projection its own dropout module), drawn from the package's stream with
 one seed per member (:func:`rslora_kernels.dropout_mask`). Contract and what is saved:
-docs/design.md ("Sibling projections").
+docs/group.md ("The op").
 
 What the "composite" backend shares across the members, with vendor GEMMs:
 
@@ -45,6 +45,7 @@ from torch import Tensor
 from .._validate import need_tensors, validate_inputs
 from ..dropout import dropout_scale, dropout_scale_, dropout_scale_pair_
 from ..quant import is_quantized_weight
+from ..scaling import fold_scaling
 from .composite import addmm_scaled_
 from .autotune import Problem
 from .custom_op import custom_op
@@ -297,7 +298,7 @@ def _per_member(name: str, value, n: int, default=None) -> list:
         if len(value) != n:
             raise ValueError(f"{name} must have one entry per member ({n}, the length of weights), got {len(value)}")
         return list(value)
-    if isinstance(value, Tensor) and name != "seeds":
+    if isinstance(value, Tensor) and name != "seeds" and not (name == "scalings" and value.dim() == 0):
         raise TypeError(f"{name} must be a list or tuple with one entry per member, got a tensor")
     if name in ("scalings", "dropout_ps"):
         return [value] * n
@@ -318,7 +319,8 @@ def lora_linear_group(x: Tensor, weights: Sequence[Tensor], lora_As: Sequence[Te
     Args:
         x: ``[..., K]``, read by every member.
         weights, lora_As, lora_Bs: sequences of n >= 1 tensors, ``[N_i, K]``, ``[r_i, K]``, ``[N_i, r_i]``.
-        scalings: one float per member (or one for all).
+        scalings: one float or 0-d tensor per member (or one for all); a tensor is folded into
+            its member's B as in :func:`rslora_kernels.lora_linear`.
         biases: None, or one ``[N_i]`` tensor or None per member.
         dropout_ps: one probability per member (or one for all); ignored when ``training=False``.
         seeds: None (each member with dropout draws its seed from torch's default generator, in
@@ -353,7 +355,9 @@ def lora_linear_group(x: Tensor, weights: Sequence[Tensor], lora_As: Sequence[Te
                             "(run a 4-bit member with rk.lora_linear)")
         try:
             need_tensors(("weight", weights[i]), ("lora_A", lora_As[i]), ("lora_B", lora_Bs[i]), ("bias", biases[i]))
-            xi, W, A, B, b = autocast_inputs(x, weights[i], lora_As[i], lora_Bs[i], biases[i])
+            # a 0-d tensor scaling is folded into this member's B (the kernels take floats)
+            A, B, scalings[i] = fold_scaling(scalings[i], x, lora_As[i], lora_Bs[i])
+            xi, W, A, B, b = autocast_inputs(x, weights[i], A, B, biases[i])
             validate_inputs(xi, W, A, B, b, scalings[i], dropout_ps[i])
         except (TypeError, ValueError) as e:
             raise _member_error(e, i) from None

@@ -32,6 +32,7 @@ from .custom_op import custom_op
 from .first_order import first_order_only
 from . import autotune
 from ..quant import is_quantized_weight
+from ..scaling import fold_scaling
 
 __all__ = ["lora_linear", "LoRALinearFunction", "Backend", "register_backend", "unregister_backend",
            "registered_backends", "check_backend_name", "choose_auto_backend", "resolve_backend",
@@ -442,7 +443,10 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
             or a 4-bit one (``rslora_kernels.quant.Weight4bit`` or a bitsandbytes ``Params4bit``),
             dequantized per call to x's dtype and never saved (see :mod:`rslora_kernels.ops.qlora`).
         lora_A: ``[r, K]``; lora_B: ``[N, r]`` (PEFT layouts), in x's dtype or wider (fp32).
-        scaling: ``rslora_scaling(alpha, r)`` (rsLoRA) or ``lora_scaling(alpha, r)``.
+        scaling: ``rslora_scaling(alpha, r)`` (rsLoRA) or ``lora_scaling(alpha, r)``; or a 0-d
+            floating tensor on x's device or the CPU (a value that changes without a recompile
+            under torch.compile and is never read on the host: see
+            :func:`rslora_kernels.scaling.fold_scaling`).
         bias: ``[N]`` or None.
         dropout_p: inverted dropout on the adapter branch only; ignored when ``training=False``.
         seed: dropout seed (int in [0, 2^63) or 0-dim int64 tensor); None draws one from torch's
@@ -456,6 +460,8 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
         ``[..., N]`` in x's dtype (the autocast dtype under ``torch.autocast``).
     """
     # a call whose signature was validated before (a plain weight, no autocast) skips to the op
+    if isinstance(scaling, Tensor):  # folded into B: the kernels take a float (a float costs only this check)
+        lora_A, lora_B, scaling = fold_scaling(scaling, x, lora_A, lora_B)
     key = _call_key(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend)
     call = recall(_call_plan, key) if key is not None else None
     if call is not None and not (call.autocast_available and torch.is_autocast_enabled(call.device_type)):

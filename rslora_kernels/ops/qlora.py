@@ -32,8 +32,10 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from .._launch import recall, remember
 from .._validate import check_backend_output, validate_inputs
 from ..quant import Weight4bit, as_weight4bit, dequantize_4bit
+from ..scaling import fold_scaling
 from .autotune import Problem
 from .custom_op import custom_op
 from .first_order import first_order_only
@@ -47,8 +49,15 @@ _COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _dense_weight(qtensors: List[Tensor], qmeta: List[int], quant_type: str, dtype: torch.dtype,
                   backend: str) -> Tensor:
-    """The 4-bit weight dequantized to ``dtype``: a scratch tensor owned by the caller's frame."""
-    w = Weight4bit.from_parts(qtensors, qmeta, quant_type)
+    """The 4-bit weight dequantized to ``dtype``: a scratch tensor owned by the caller's frame.
+    The parts' consistency checks run once per signature of the parts (a launch plan: every step
+    of a layer passes parts of the same dtypes, shapes, strides and devices); the values are read
+    afresh on every call."""
+    key = (quant_type, *qmeta, *[(t.dtype, t.shape, t.stride(), t.device) for t in qtensors])
+    checked = recall(_dense_weight, key) is not None
+    w = Weight4bit.from_parts(qtensors, qmeta, quant_type, check=not checked)
+    if not checked:
+        remember(_dense_weight, key, True)  # after the checks passed: a bad signature is never held
     return dequantize_4bit(w, dtype, impl="triton" if backend == "triton" else "auto")
 
 
@@ -138,8 +147,10 @@ def qlora_linear(x: Tensor, weight, lora_A: Tensor, lora_B: Tensor, scaling: flo
                  seed: Union[int, Tensor, None] = None, backend: str = "auto") -> Tensor:
     """:func:`rslora_kernels.lora_linear` with ``weight`` a :class:`~rslora_kernels.quant.Weight4bit`
     or a bitsandbytes ``Params4bit`` (``bnb.nn.Linear4bit.weight``), dequantized to x's dtype
-    (the autocast dtype under ``torch.autocast``), bit for bit as bitsandbytes does."""
+    (the autocast dtype under ``torch.autocast``), bit for bit as bitsandbytes does. A 0-d tensor
+    ``scaling`` is folded into B as there (:func:`rslora_kernels.scaling.fold_scaling`)."""
     w = as_weight4bit(weight)
+    lora_A, lora_B, scaling = fold_scaling(scaling, x, lora_A, lora_B)
     x, _, lora_A, lora_B, bias = autocast_inputs(x, None, lora_A, lora_B, bias)
     if isinstance(x, Tensor) and x.dtype not in _COMPUTE_DTYPES:
         raise TypeError(f"x must be float16, bfloat16 or float32 with a 4-bit weight (its compute dtype), got {x.dtype}")
