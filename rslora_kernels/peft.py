@@ -289,7 +289,8 @@ def _run_several(layer, info: _Base, backend: str, x: torch.Tensor, adapters: Li
     joins the fused call when no adapter is without dropout; the rest run their shrink through ONE
     :func:`rslora_kernels.lora_linear_group` call (one member per adapter, each with its own mask
     and seed; a member's base is a zero [r_i, K] weight and its B the identity, so its output is
-    its rank term T_i = drop_i(x) A_i^T exactly), then ONE expand T [B_i s_i ...]^T added to y."""
+    its rank term T_i = drop_i(x) A_i^T exactly, for one more shrink-sized GEMM forward and
+    backward), then ONE expand T [B_i s_i ...]^T added to y."""
     weight, bias = _base_operands(info, x)
     lora_A, lora_B = layer._modules["lora_A"], layer._modules["lora_B"]
     for a in adapters:
