@@ -30,6 +30,8 @@
 #   b-train-step  a training step of a Llama-3-8B-shaped     120   (benchmarks.train_step --preset gpu:
 #      model (4 layers, 8192 tokens, bf16): peft, peft-bf16,       r 16 and 256, p 0.1 then 0, loss curve
 #      auto/triton/composite/siblings patched                       vs fp32; no new case after 90 s)
+#      (`auto` from an empty decision cache: it measures on first use and the notes give its choice
+#      and first-use seconds)
 #   b-profile  step profile: step / CUDA-graph / host time   120   (benchmarks.profile_step,
 #      and kernels, r 16 and 2048, p=0.1; DoRA at r 16;           profile.md)
 #      then host us per step at the tiny shape, every row         (benchmarks.host, real launches;
@@ -102,6 +104,9 @@ elif [ -z "${TRITON_CACHE_DIR:-}" ]; then
   if [ -d .triton-cache-sm90 ]; then export TRITON_CACHE_DIR=$PWD/.triton-cache-sm90; else export TRITON_CACHE_DIR=$PWD/.triton-cache; fi
 fi
 mkdir -p "$TRITON_CACHE_DIR"
+# auto's first-use decisions (docs/tuning.md) start from an empty cache in the staging folder, so the
+# train-step's `auto` rows pay and report the first-use measurement; the cache file lands in logs.tar.gz
+export RSLORA_KERNELS_CACHE_DIR=$STAGE/autotune-cache
 CACHE_AT_START=$(ls "$TRITON_CACHE_DIR" | wc -l)
 # wheels carried along in .whl/ (benchmarks/gpu_wheels.sh: bitsandbytes for the QLoRA providers)
 WHEELS="none carried"
