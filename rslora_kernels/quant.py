@@ -19,6 +19,7 @@ bitsandbytes itself is only needed to build weights from its objects.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -83,10 +84,18 @@ class Weight4bit:
         return [self.shape[0], self.shape[1], self.blocksize, self.nested_blocksize]
 
     @classmethod
-    def from_parts(cls, tensors: List[Tensor], meta: List[int], quant_type: str) -> "Weight4bit":
+    def from_parts(cls, tensors: List[Tensor], meta: List[int], quant_type: str, check: bool = True) -> "Weight4bit":
+        """The inverse of :meth:`tensors` and :meth:`meta`. ``check=False`` skips the consistency
+        checks, for parts whose signature (dtypes, shapes, strides, devices, meta) passed them before."""
         N, K, blocksize, nested_blocksize = meta
         nested = tensors[2:] if len(tensors) == 5 else [None, None, None]
-        return cls(tensors[0], tensors[1], (N, K), blocksize, quant_type, *nested, nested_blocksize=nested_blocksize)
+        fields = (tensors[0], tensors[1], (N, K), blocksize, quant_type, *nested, nested_blocksize)
+        if check:
+            return cls(*fields)
+        w = object.__new__(cls)  # a frozen dataclass: its fields set as its __init__ sets them
+        for f, v in zip(_FIELDS, fields):
+            object.__setattr__(w, f, v)
+        return w
 
     @classmethod
     def from_bnb(cls, weight, quant_state=None) -> "Weight4bit":
@@ -111,6 +120,9 @@ class Weight4bit:
             return cls(packed, absmax, shape, int(qs.blocksize), qs.quant_type, s2.code.float(), s2.absmax.float(),
                        qs.offset.float().reshape(()), int(s2.blocksize))
         return cls(packed, absmax.float(), shape, int(qs.blocksize), qs.quant_type)
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(Weight4bit))
 
 
 def _check_weight4bit(w: Weight4bit) -> None:

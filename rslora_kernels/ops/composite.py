@@ -21,12 +21,14 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from .._runtime import shared_tensor
 from ..dropout import dropout_scale, dropout_scale_, dropout_scale_pair_
 from .lora_linear import FLOAT_DTYPES, register_backend
 
-__all__ = ["composite_forward", "composite_backward", "addmm_scaled_"]
+__all__ = ["composite_forward", "composite_forward_dropped", "composite_backward", "addmm_scaled_"]
 
 
 def addmm_scaled_(out: Tensor, a: Tensor, b: Tensor, alpha: float) -> Tensor:
@@ -37,20 +39,37 @@ def addmm_scaled_(out: Tensor, a: Tensor, b: Tensor, alpha: float) -> Tensor:
     return out.addmm_(a, b, alpha=alpha)
 
 
+def _no_mask_state(device: torch.device) -> Tensor:
+    """The mask state without dropout: a 0-dim int64 zero per device that nothing reads or writes
+    (backward needs no mask), shared instead of a copy of the seed per call."""
+    return shared_tensor(device, "composite no mask", lambda: torch.zeros((), dtype=torch.int64, device=device))
+
+
 def composite_forward(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
                       scaling: float, p: float, seed: Tensor):
     """x2d [M, K], weight [N, K], lora_A [r, K], lora_B [N, r], bias [N] | None, seed 0-dim int64.
-    Returns (y [M, N], T [M, r]) in x's dtype and the mask state: a copy of the seed (a custom op's
-    output may not alias its input), from which backward regenerates the mask."""
+    Returns (y [M, N], T [M, r]) in x's dtype and the mask state: with dropout a copy of the seed (a
+    custom op's output may not alias its input), from which backward regenerates the mask."""
+    return composite_forward_dropped(x2d, weight, lora_A, lora_B, bias, scaling, p, seed)[:3]
+
+
+def composite_forward_dropped(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
+                              scaling: float, p: float, seed: Tensor):
+    """:func:`composite_forward`, also returning drop(x) (x itself without dropout) and B in x's
+    dtype, for a caller with another product of them (DoRA's ``drop(x) W^T + s T B^T``)."""
     dtype = x2d.dtype
-    A, B = lora_A.to(dtype), lora_B.to(dtype)  # no copy when the adapters are in x's dtype
-    y = torch.addmm(bias, x2d, weight.t()) if bias is not None else torch.mm(x2d, weight.t())
+    A = lora_A if lora_A.dtype == dtype else lora_A.to(dtype)  # the cast only for wider adapters
+    B = lora_B if lora_B.dtype == dtype else lora_B.to(dtype)
+    y = F.linear(x2d, weight, bias)  # addmm with the bias fused in (mm without one)
     if p > 0.0:
-        T = torch.mm(dropout_scale(x2d, seed, p, 1.0 / (1.0 - p)), A.t())  # the dropped x dies here
+        dropped = dropout_scale(x2d, seed, p, 1.0 / (1.0 - p))
+        state = seed.clone()
     else:
-        T = torch.mm(x2d, A.t())
+        dropped = x2d
+        state = _no_mask_state(x2d.device)
+    T = F.linear(dropped, A)
     addmm_scaled_(y, T, B.t(), scaling)
-    return y, T, seed.clone()
+    return y, T, state, dropped, B
 
 
 def composite_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, T: Tensor,
@@ -59,8 +78,9 @@ def composite_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, 
     """dy [M, N]. Returns (dx [M, K] | None, dA [r, K] | None, dB [N, r] | None, db [N] (at least fp32) | None);
     dx in x's dtype, dA/dB in the adapters' dtype."""
     dtype = x2d.dtype
-    A, B = lora_A.to(dtype), lora_B.to(dtype)
-    U = torch.mm(dy, B) if (need_dx or need_dA) else None  # [M, r], computed once
+    same = lora_A.dtype == dtype  # adapters in x's dtype: no casts, and the scale rides on the GEMMs
+    A = lora_A if same else lora_A.to(dtype)
+    U = torch.mm(dy, lora_B if same else lora_B.to(dtype)) if (need_dx or need_dA) else None  # [M, r], once
     dx = dA = dB = db = None
     dropped = None
     if need_dx:
@@ -79,14 +99,37 @@ def composite_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, 
         if p > 0.0:  # s/(1-p) rides on the dropped x: no separate scaling pass
             if dropped is None:
                 dropped = dropout_scale(x2d, seed, p, scaling / (1.0 - p))
-            dA = torch.mm(U.t(), dropped).to(lora_A.dtype)
-        else:  # cast before scaling: with wider (fp32) adapters the scale costs no second low-precision rounding
-            dA = torch.mm(U.t(), x2d).to(lora_A.dtype).mul_(scaling)
+            dA = torch.mm(U.t(), dropped)
+            dA = dA if same else dA.to(lora_A.dtype)
+        else:
+            dA = _mm_scaled(U.t(), x2d, scaling, lora_A.dtype, same)
     if need_dB:
-        dB = torch.mm(dy.t(), T).to(lora_B.dtype).mul_(scaling)
+        dB = _mm_scaled(dy.t(), T, scaling, lora_B.dtype, same)
     if need_db:
         db = dy.sum(0, dtype=torch.promote_types(dy.dtype, torch.float32))
     return dx, dA, dB, db
+
+
+def _mm_scaled(a: Tensor, b: Tensor, scaling: float, out_dtype: torch.dtype, same: bool) -> Tensor:
+    """``scaling * (a @ b)`` in ``out_dtype``. In x's dtype: one GEMM with the scale as its alpha (no
+    separate scaling pass; at 0 the product is formed and scaled, keeping NaN/Inf as the reference
+    does). Wider adapters: cast before scaling, so the scale costs no second low-precision rounding."""
+    if same and scaling != 0.0:
+        return torch.addmm(_zero(a), a, b, beta=0.0, alpha=scaling)  # beta = 0: the zero is not read
+    return torch.mm(a, b).to(out_dtype).mul_(scaling)
+
+
+_ZEROS = {}  # (device, dtype) -> a 0-dim zero that nothing writes (the input a beta = 0 addmm ignores)
+
+
+def _zero(like: Tensor) -> Tensor:
+    key = (like.device, like.dtype)
+    zero = _ZEROS.get(key)
+    if zero is None:  # made once per device and dtype (fresh ones under tracing or graph capture)
+        zero = shared_tensor(like.device, f"zero {like.dtype}", lambda: torch.zeros((), dtype=like.dtype, device=like.device))
+        if not torch.compiler.is_compiling() and not (like.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _ZEROS[key] = zero
+    return zero
 
 
 register_backend("composite", composite_forward, composite_backward, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES)

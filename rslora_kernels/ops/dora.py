@@ -49,8 +49,8 @@ import weakref
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
-from torch import Tensor
 import torch.nn.functional as F
+from torch import Tensor
 
 from .. import reference
 from .._validate import validate_inputs, validate_magnitude
