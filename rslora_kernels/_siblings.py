@@ -85,8 +85,9 @@ class SiblingGroup:
         names = {id(m): n for n, m in parent.named_children()}
         self._names: Dict[nn.Module, str] = {layer: names[id(layer)] for layer in self.layers}
         self._by_name: Dict[str, nn.Module] = {n: layer for layer, n in self._names.items()}
-        kinds = _KINDS.setdefault(root, {})
-        self._kind = kinds.setdefault((type(parent), tuple(sorted(self._by_name))), _Kind(self))
+        self._kinds = _KINDS.setdefault(root, {})
+        self._kind_key = (type(parent), tuple(sorted(self._by_name)))
+        self._kind = self._kinds.setdefault(self._kind_key, _Kind(self))
         self._active = False
         self._seen: List[Tuple[nn.Module, torch.Tensor, int]] = []  # the learner's calls this span (x held until its end)
         self._held: Dict[nn.Module, tuple] = {}  # sibling -> (x, version, state key, output)
@@ -103,8 +104,10 @@ class SiblingGroup:
             h.remove()
         self._hooks = []
         self._seen, self._held = [], {}
-        if self.is_learner:
+        if self.is_learner:  # a later patch of the model makes a new learner
             self._kind.pattern = {}
+            if self._kinds.get(self._kind_key) is self._kind:
+                del self._kinds[self._kind_key]
 
     def _begin(self, module, args) -> None:
         self._seen, self._held = [], {}

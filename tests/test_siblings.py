@@ -291,6 +291,15 @@ def test_unpatch_restores_peft_exactly():
         assert torch.equal(got[1][name], want[1][name]), name
 
 
+def test_patched_again_after_unpatch_groups_again(group_calls):
+    model = _peft_model()
+    rk.peft.patch(model, backend=BACKEND, fuse_siblings=True)
+    rk.peft.unpatch(model)
+    rk.peft.patch(model, backend=BACKEND, fuse_siblings=True)
+    _step(model)
+    assert sorted(group_calls) == [2] * (N_LAYERS - 1) + [3] * (N_LAYERS - 1)
+
+
 def test_default_is_off(group_calls):
     model = _peft_model()
     rk.peft.patch(model, backend=BACKEND)
