@@ -127,7 +127,33 @@ def _install(mode: str) -> None:
     tuners_utils.BaseTuner.inject_adapter = inject_adapter
 
 
+class _AlwaysSeen(dict):
+    """PEFT's testing_utils._HUB_MODEL_ACCESSES stand-in: every model id counts as fetched before."""
+
+    def __contains__(self, key):
+        return True
+
+    def __missing__(self, key):
+        return 0
+
+
+def _hub_stays_offline() -> None:
+    """PEFT's ``hub_online_once`` lets a test's first access of a model id go online (switching
+    HF_HUB_OFFLINE off inside it), which offline means minutes of connection retries per test:
+    every id is made to count as fetched before, so the context stays offline and the test fails
+    at once with the hub's offline error (counted as "hub")."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        from tests import testing_utils  # PEFT's, imported under the name its tests import it by
+    except ImportError:
+        return
+    if hasattr(testing_utils, "_HUB_MODEL_ACCESSES"):
+        testing_utils._HUB_MODEL_ACCESSES = _AlwaysSeen()
+
+
 def pytest_configure(config):
+    _hub_stays_offline()
     mode = os.environ.get(_ENV_MODE, "off")
     if mode != "off":
         _install(mode)
@@ -229,6 +255,7 @@ def _run(peft_root: Path, args: List[str], mode: str, log: Path, backend: str, t
     log.unlink(missing_ok=True)
     env = dict(os.environ)
     env.update({_ENV_MODE: mode, _ENV_LOG: str(log), _ENV_BACKEND: backend, "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                 "PYTHONPATH": os.pathsep.join(p for p in (str(_repo_root()), env.get("PYTHONPATH", "")) if p)})
     cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-p", "no:cacheprovider", "-p", "benchmarks.peft_suite",
            "-q", "--no-header", "-rN", "--tb=short", *args]
@@ -286,7 +313,8 @@ def write_results(path: Path, res: dict, patched: Dict[str, dict], meta: dict) -
              f"transformers {meta['transformers']}; {meta['machine']}.",
              f"Made with `{meta['command']}` (benchmarks/peft_suite.py; mode `{meta['mode']}`, backend "
              f"`{meta['backend']}`, HF_HUB_OFFLINE=1). Selections: {', '.join(meta['select'])}"
-             + (f"; `-k {meta['keyword']}`" if meta.get("keyword") else "") + ".", ""]
+             + (f"; `-k {meta['keyword']}`" if meta.get("keyword") else "") + f". Unpatched outcomes: {meta['unpatched_from']}.",
+             ""]
     if meta.get("only_fused"):
         lines += [f"Patched run restricted to the tests that switched at least one layer in {meta['only_fused']} "
                   "(the others never left PEFT's forward); unpatched outcomes from " + meta["unpatched_from"] + ".", ""]
@@ -328,7 +356,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", choices=("patch", "enable"), default="patch")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--out", type=Path, default=Path("/tmp/peft_suite"))
-    ap.add_argument("--unpatched", type=Path, default=None, help="reuse this unpatched.jsonl instead of running it")
+    ap.add_argument("--unpatched", type=Path, nargs="+", default=None,
+                    help="reuse these unpatched jsonl files (merged) instead of running the unpatched tests")
     ap.add_argument("--only-fused", type=Path, default=None,
                     help="a patched.jsonl: re-run only its tests that switched at least one layer")
     ap.add_argument("--results", type=Path, default=None, help="write a markdown results file here")
@@ -365,7 +394,8 @@ def main(argv=None) -> int:
         un_log.write_text("".join((args.out / f"unpatched.{i}.jsonl").read_text() for i in range(len(runs))
                                   if (args.out / f"unpatched.{i}.jsonl").exists()))
     else:
-        un_log = args.unpatched
+        un_log = args.out / "unpatched.reused.jsonl"
+        un_log.write_text("".join(p.read_text() for p in args.unpatched))
     t_pa = 0.0
     for i, r in enumerate(runs):
         part = args.out / f"patched.{i}.jsonl"
@@ -400,7 +430,7 @@ def main(argv=None) -> int:
                 "command": "python -m benchmarks.peft_suite " + " ".join(argv if argv is not None else sys.argv[1:]),
                 "t_unpatched": _fmt_time(t_un), "t_patched": _fmt_time(t_pa),
                 "only_fused": str(args.only_fused) if args.only_fused else None,
-                "unpatched_from": str(args.unpatched) if args.unpatched else "this run"}
+                "unpatched_from": " ".join(map(str, args.unpatched)) if args.unpatched else "this run"}
         write_results(args.results, res, patched, meta)
         print(f"wrote {args.results}")
     return 1 if res["pass_fail"] else 0

@@ -372,3 +372,25 @@ def test_peft_compiled_dora_scaling_tensor(tmp_path):
             y = compiled(x)
         torch.testing.assert_close(y, theirs(x))
         assert not torch.allclose(y, _load(peft, path, x)(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a host synchronization exists only with a GPU")
+@pytest.mark.parametrize("where", ["cuda", "cpu"])
+def test_no_host_sync_on_cuda(where):
+    """A tensor scaling on x's GPU or on the CPU: forward and backward issue no synchronizing call
+    (torch's sync debug mode raises on one), and the result is the float's."""
+    t = _inputs(33, 40, 24, 4, torch.float32, torch.float32, seed=13)
+    s = torch.tensor(S, device=where)
+    want = rk.lora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], S, bias=t["bias"])
+    A = t["lora_A"].clone().requires_grad_()
+    rk.lora_linear(t["x"], t["weight"], A, t["lora_B"], s, bias=t["bias"]).sum().backward()  # plans made
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = rk.lora_linear(t["x"], t["weight"], A, t["lora_B"], s, bias=t["bias"])
+        y.sum().backward()
+        m = torch.linalg.norm(t["weight"], dim=1)
+        rk.dora_linear(t["x"], t["weight"], A, t["lora_B"], m, s, bias=t["bias"]).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(y, want)
