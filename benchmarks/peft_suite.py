@@ -57,7 +57,6 @@ import subprocess
 import sys
 import time
 import warnings
-import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -91,7 +90,7 @@ _HUB_MARKERS = ("OfflineModeIsEnabled", "LocalEntryNotFoundError", "offline mode
 # ----------------------------------------------------------------------------------------------
 class _State:
     fused = 0                 # layers switched by patch during the current test
-    models: List[weakref.ref] = []  # models patched during the current test (for rk.peft.report)
+    models: list = []         # models patched during the current test, held until its teardown (rk.peft.report)
     phases: Dict[str, dict] = {}
 
 
@@ -101,10 +100,8 @@ def _patch_model(model) -> None:
     with warnings.catch_warnings():  # patch's own "kept PEFT's forward" warnings: not the tests' business
         warnings.simplefilter("ignore")
         _State.fused += rk.peft.patch(model, backend=os.environ.get(_ENV_BACKEND, "auto"))
-    try:
-        _State.models.append(weakref.ref(model))
-    except TypeError:
-        pass
+    if not any(m is model for m in _State.models):
+        _State.models.append(model)
 
 
 def _install(mode: str) -> None:
@@ -164,42 +161,25 @@ def pytest_runtest_setup(item):
 
 
 def _report_counts() -> Optional[dict]:
-    """Fallback counts of the models patched in this test, when rk.peft.report exists."""
+    """``"<kind>: <what>" -> calls`` summed over the LoRA layers of the models patched in this test
+    (kind: fused, peft (a fallback to PEFT's forward) or base), when rk.peft.report exists."""
     import rslora_kernels as rk
 
     report = getattr(rk.peft, "report", None)
     if report is None:
         return None
     total: Counter = Counter()
-    for ref in _State.models:
-        model = ref()
-        if model is None:
-            continue
+    for model in _State.models:
         try:
-            rep = report(model)
+            rep = report(model, verbose=False)
         except Exception as e:  # noqa: BLE001 - the count is informative, never a test result
             total[f"report raised {type(e).__name__}"] += 1
             continue
-        for key, n in _flatten_counts(rep).items():
-            total[key] += n
+        for layer in rep.values():
+            for kind, counts in layer.items():
+                for what, n in counts.items():
+                    total[f"{kind}: {what}"] += n
     return dict(total)
-
-
-def _flatten_counts(rep) -> Dict[str, int]:
-    """Reason -> count from whatever structure rk.peft.report returns (nested dicts/lists of counts)."""
-    out: Counter = Counter()
-    if isinstance(rep, dict):
-        for k, v in rep.items():
-            if isinstance(v, int) and not isinstance(v, bool):
-                out[str(k)] += v
-            else:
-                out.update(_flatten_counts(v))
-    elif isinstance(rep, (list, tuple)):
-        for v in rep:
-            out.update(_flatten_counts(v))
-    elif hasattr(rep, "__dict__") and not isinstance(rep, str):
-        out.update(_flatten_counts(vars(rep)))
-    return dict(out)
 
 
 def _phase_outcome(report) -> Optional[str]:
@@ -231,6 +211,7 @@ def pytest_runtest_logreport(report):
         counts = _report_counts()
         if counts is not None:
             record["report"] = counts
+    _State.models = []
     path = os.environ.get(_ENV_LOG)
     if path:
         with open(path, "a") as f:
