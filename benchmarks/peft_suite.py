@@ -112,13 +112,15 @@ def _install(mode: str) -> None:
         if not hasattr(rk.peft, "enable"):
             raise SystemExit("rslora_kernels.peft.enable does not exist in this version; use --mode patch")
         rk.peft.enable(backend=os.environ.get(_ENV_BACKEND, "auto"))
-        return
     original = tuners_utils.BaseTuner.inject_adapter
 
     @functools.wraps(original)
     def inject_adapter(self, model, *args, **kwargs):
         out = original(self, model, *args, **kwargs)
-        _patch_model(model)
+        if mode == "patch":
+            _patch_model(model)
+        elif not any(m is model for m in _State.models):  # enable: only held for rk.peft.report
+            _State.models.append(model)
         return out
 
     tuners_utils.BaseTuner.inject_adapter = inject_adapter
