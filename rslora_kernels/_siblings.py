@@ -66,8 +66,9 @@ class _Kind:
         self.pattern: Dict[str, Tuple[str, ...]] = {}
 
 
-# root module -> {kind: _Kind}: read only while groups are made, so that the groups of one model share
-# their kinds (a deep copy or pickle of the model copies the _Kind objects with the groups that hold them)
+# root module -> {kind: _Kind}: consulted when groups are made (so that the groups of one model share
+# their kinds) and when a learner is removed; a deep copy or pickle of the model copies the _Kind
+# objects with the groups that hold them
 _KINDS: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, _Kind]]" = weakref.WeakKeyDictionary()
 
 
