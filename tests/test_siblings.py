@@ -110,7 +110,8 @@ def _checked_step(model, seed=None, what="model", run=None):
             x.register_hook(lambda g: dxs.__setitem__(id(x), g.detach()))
         calls.append(rec)
 
-    layers = [m for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    names = {m: n for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    layers = list(names)
     handles = [layer.register_forward_hook(hook) for layer in layers]
     lora_linear_mod.draw_seed = recording_draw
     try:
@@ -148,7 +149,7 @@ def _checked_step(model, seed=None, what="model", run=None):
             if id(x) in dxs:
                 sums = dx_runs.setdefault(id(x), {})
                 sums[dtype] = leaves[0].grad if dtype not in sums else sums[dtype] + leaves[0].grad
-        name = f"{what}: {type(layer).__name__} {id(layer) % 10**6}"
+        name = f"{what}: {names[layer]}"
         if not adapter:
             assert A.grad is None and B.grad is None
             runs = [run[:1] for run in runs]
