@@ -850,3 +850,11 @@ def test_section_references_in_the_code_name_existing_headings():
             if not ok:
                 broken.append(f"{path.relative_to(ROOT)}: {m.group()}{text[m.end():m.end() + 40]}...")
     assert not broken, broken
+
+
+def test_tuning_md_names_the_hashed_kernel_sources():
+    from rslora_kernels.ops import tuning
+
+    paragraph = _page("docs/tuning.md").split("**Only entries of the running kernels count.**", 1)[1].split("\n\n", 1)[0]
+    assert set(re.findall(r"`([\w/]+\.py)`", paragraph)) == set(tuning.KERNEL_SOURCES), \
+        f"docs/tuning.md lists the files kernel_hash() reads: {tuning.KERNEL_SOURCES}"
