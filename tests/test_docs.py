@@ -18,6 +18,11 @@ signatures, the set-up facts (extras, versions) against pyproject.toml, every re
 module and test named (and a row in docs/testing.md for every test file), every relative link and
 anchor, every ``python -m benchmarks.X`` command with its flags, every other ``--flag`` named, and
 the README's usage block, run on the CPU.
+
+Recorded figures: every figure quoted in the same sentence or table row as a link to a file under
+benchmarks/results/ appears in that file; the kernels docs/kernels.md lists as not yet run on a GPU
+are those whose source differs from benchmarks/results/gpu_kernels.json, the record of the last GPU
+run (``python tests/test_docs.py record benchmarks/results/<run>/summary.md`` writes it).
 """
 import argparse
 import importlib
