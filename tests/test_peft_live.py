@@ -484,7 +484,14 @@ def test_nothing_counted_while_compiling():
 # ----------------------------------------------------------------------------------------------
 def test_enable_disable_process_wide(fused_calls):
     peft_forward = lora_layer.Linear.forward
+    try:
+        from peft.tuners.lora.bnb import Linear4bit  # defined when bitsandbytes is installed
+    except ImportError:
+        Linear4bit = None
+    forward_4bit = Linear4bit.forward if Linear4bit is not None else None
     rk.peft.enable(backend="reference")
+    assert lora_layer.Linear.forward is not peft_forward
+    assert Linear4bit is None or Linear4bit.forward is lora_layer.Linear.forward  # the same switch
     model = _randomize(_mlp())  # built after enable(): fused without patch
     ref = copy.deepcopy(model)
     x = torch.randn(4, 16)
@@ -492,6 +499,7 @@ def test_enable_disable_process_wide(fused_calls):
     assert fused_calls == ["reference"] * 2
     rk.peft.disable()
     assert lora_layer.Linear.forward is peft_forward
+    assert Linear4bit is None or Linear4bit.forward is forward_4bit
     _check_layers_against_peft(model, ref, records, ["default"])
     fused_calls.clear()
     assert torch.equal(model(x), ref(x))  # PEFT's forward again
