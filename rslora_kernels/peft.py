@@ -76,7 +76,7 @@ _SIBLINGS = "_rslora_kernels_siblings"  # the SiblingGroup of a layer patched wi
 _STATIC = "_rslora_kernels_base"  # the _Base of a layer (cached)
 _STATS = "_rslora_kernels_stats"  # {(kind, what): calls} on a layer that ran through this module
 _NAME = "_rslora_kernels_name"  # the layer's name in its model (for warnings), set where known
-_MODEL = "_rslora_kernels_model"  # (backend,) on a module passed to patch() and on the PEFT tuners inside it
+_MODEL = "_rslora_kernels_model"  # (backend, fuse_siblings) on a module passed to patch() and the PEFT tuners in it
 
 _ENABLED: Optional[str] = None  # the backend of enable(), None when disabled
 _CLASS_FORWARDS: Dict[type, object] = {}  # PEFT's own forward of each class enable() replaced
