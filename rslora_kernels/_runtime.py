@@ -59,11 +59,13 @@ def shared_tensor(device: torch.device, kind: str, make: Callable[[], torch.Tens
     """A tensor that nothing writes (a zero seed, an empty mask state), made by ``make()`` once per
     (device, kind) and shared by every call instead of allocated per call. A fresh one under
     torch.compile's tracing and during CUDA-graph capture (whose memory pool must not hand out a
-    tensor that outlives the graph)."""
+    tensor that outlives the graph), and under inference mode (an inference tensor, once shared,
+    could not be saved for backward by a later call outside it)."""
     held = _SHARED.get((device, kind))
     if held is not None:
         return held
     made = make()
-    if not torch.compiler.is_compiling() and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if (not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
+            and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
         _SHARED[(device, kind)] = made
     return made

@@ -80,6 +80,21 @@ def test_seed_without_dropout_is_one_shared_zero():
     assert seed_tensor(None, 0.1, DEVICE) is not seed_tensor(None, 0.1, DEVICE)  # drawn per call
 
 
+@pytest.mark.parametrize("backend", ["composite", "triton", "reference"])
+def test_a_first_call_under_inference_mode_shares_nothing(backend):
+    """The shared zero seed and empty mask state made inside torch.inference_mode are not kept: a
+    later training call saves its state for backward (an inference tensor cannot be saved)."""
+    from rslora_kernels import _runtime
+
+    _runtime._SHARED.clear()
+    x, W, A, B = (torch.randn(*s, device=DEVICE) for s in ((3, 8), (5, 8), (2, 8), (5, 2)))
+    with torch.inference_mode():
+        rk.lora_linear(x, W, A, B, 0.5, backend=backend)
+    A.requires_grad_()
+    rk.lora_linear(x, W, A, B, 0.5, backend=backend).sum().backward()
+    assert A.grad is not None and not any(t.is_inference() for t in _runtime._SHARED.values())
+
+
 def test_backward_op_called_directly_leaves_unneeded_grads_none():
     """In eager the backward op runs its implementation directly and allocates nothing for a grad
     that is not needed; through the dispatcher (torch.compile, opcheck) the schema's empty tensors."""
