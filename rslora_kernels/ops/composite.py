@@ -28,7 +28,7 @@ from .._runtime import shared_tensor
 from ..dropout import dropout_scale, dropout_scale_, dropout_scale_pair_
 from .lora_linear import FLOAT_DTYPES, register_backend
 
-__all__ = ["composite_forward", "composite_forward_dropped", "composite_backward", "addmm_scaled_"]
+__all__ = ["composite_forward", "composite_forward_dropped", "composite_backward", "composite_dora_backward_dropout", "addmm_scaled_"]
 
 
 def addmm_scaled_(out: Tensor, a: Tensor, b: Tensor, alpha: float) -> Tensor:
@@ -108,6 +108,37 @@ def composite_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, 
     if need_db:
         db = dy.sum(0, dtype=torch.promote_types(dy.dtype, torch.float32))
     return dx, dA, dB, db
+
+
+def composite_dora_backward_dropout(dy: Tensor, g: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor,
+                                    lora_B: Tensor, T: Tensor, scaling: float, p: float, seed: Tensor,
+                                    need_dA: bool, need_dB: bool):
+    """DoRA's dx, dA, dB with dropout (``rslora_kernels.ops.dora``), composite: with U = (g dy) B,
+
+        dx = dy W + drop((g - 1) dy W + s U A),   dA = s U^T drop(x),   dB = s (g dy)^T T
+
+    drop(t) = t * mask / (1 - p): the two masked terms under one mask in one pass (x's with them),
+    the unmasked base GEMM added after. ``g`` [N] in fp32 (fp64). Returns (dx, dA | None, dB | None)."""
+    dtype = x2d.dtype
+    same = lora_A.dtype == dtype
+    A = lora_A if same else lora_A.to(dtype)
+    dy_g = dy * g.to(dtype)
+    U = torch.mm(dy_g, lora_B if same else lora_B.to(dtype))
+    inner = torch.mm(dy * (g - 1).to(dtype), weight)  # (g - 1) dy W, masked below
+    addmm_scaled_(inner, U, A, scaling)                # + s U A
+    dropped = None
+    if need_dA:
+        dropped = dropout_scale_pair_(inner, 1.0 / (1.0 - p), x2d, scaling / (1.0 - p), seed, p)
+    else:
+        dropout_scale_(inner, seed, p, 1.0 / (1.0 - p))
+    dx = inner.addmm_(dy, weight)
+    dA = dB = None
+    if need_dA:
+        dA = torch.mm(U.t(), dropped)
+        dA = dA if same else dA.to(lora_A.dtype)
+    if need_dB:
+        dB = _mm_scaled(dy_g.t(), T, scaling, lora_B.dtype, same)
+    return dx, dA, dB
 
 
 def _mm_scaled(a: Tensor, b: Tensor, scaling: float, out_dtype: torch.dtype, same: bool) -> Tensor:

@@ -56,7 +56,7 @@ from .. import reference
 from .._validate import validate_inputs, validate_magnitude
 from ..dropout import dropout_scale, keep_mask_torch
 from ..scaling import fold_scaling
-from .composite import addmm_scaled_, composite_forward_dropped
+from .composite import addmm_scaled_, composite_dora_backward_dropout, composite_forward_dropped
 from .autotune import Problem
 from .custom_op import custom_op
 from .first_order import first_order_only
@@ -180,6 +180,12 @@ def dora_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_
         from .dora_kernels import dora_backward_dropout
         dx, dA, dB, db = dora_backward_dropout(dy, x2d, weight, lora_A, lora_B, T, g, scaling, p, state,
                                                need_dx, need_dA, need_dB, need_db)
+        return dx, dA, dB, dm, db
+    if p > 0.0 and backend == "composite" and need_dx:  # the masked terms of dx under one mask, in one pass
+        dx, dA, dB = composite_dora_backward_dropout(dy, g, x2d, weight, lora_A, lora_B, T, scaling, p, seed,
+                                                     need_dA, need_dB)
+        if need_db:
+            db = dy.sum(0, dtype=torch.promote_types(dy.dtype, torch.float32))
         return dx, dA, dB, dm, db
     dy_g = dy * g.to(dy.dtype)
     if need_dx or need_dA or need_dB:
