@@ -112,6 +112,8 @@ def _install(mode: str) -> None:
         if not hasattr(rk.peft, "enable"):
             raise SystemExit("rslora_kernels.peft.enable does not exist in this version; use --mode patch")
         rk.peft.enable(backend=os.environ.get(_ENV_BACKEND, "auto"))
+    else:
+        _prime(rk)
     original = tuners_utils.BaseTuner.inject_adapter
 
     @functools.wraps(original)
@@ -149,6 +151,21 @@ def _hub_stays_offline() -> None:
         return
     if hasattr(testing_utils, "_HUB_MODEL_ACCESSES"):
         testing_utils._HUB_MODEL_ACCESSES = _AlwaysSeen()
+
+
+def _prime(rk) -> None:
+    """Patch (and unpatch) a throwaway model once, before our wrapper goes on: whatever rk.peft
+    installs on its first patch (its own ``inject_adapter`` wrapper, which patches adapters added to
+    a patched model) then sits under ours, so a model PEFT creates is patched by us after it, with
+    patch's warnings silenced, and never patched a second time outside the silence."""
+    import peft
+    from torch import nn
+
+    model = peft.get_peft_model(nn.Sequential(nn.Linear(2, 2)), peft.LoraConfig(r=1, target_modules=["0"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rk.peft.patch(model)
+        rk.peft.unpatch(model)
 
 
 def pytest_configure(config):
