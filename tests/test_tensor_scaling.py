@@ -285,6 +285,25 @@ def test_compiled_value_change_does_not_recompile(compile_backend, op):
     torch.testing.assert_close(y3, f(t["x"], torch.tensor(-1.0, device=DEV)))
 
 
+def test_compiled_layer_scaling_tensor():
+    """rk.LoRALinear with a tensor scaling, compiled: a value written into it changes the result
+    without a recompile."""
+    torch.manual_seed(0)
+    layer = rk.LoRALinear(12, 10, 4, 8.0, backend="composite").to(DEV)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    layer.scaling = torch.tensor(layer.scaling, device=DEV)
+    x = torch.randn(3, 12, device=DEV)
+    y1 = layer(x)  # eager first: the package's per-device shared tensors exist before tracing
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), y1)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        layer.scaling.fill_(-3.0)  # the scaling tensor does not require grad
+        y2 = compiled(x)
+    torch.testing.assert_close(y2, layer(x))
+    assert not torch.allclose(y1, y2)
+
+
 # ----------------------------------------------------------------------------------------------
 # PEFT's compiled hotswap flow on a patched model
 # ----------------------------------------------------------------------------------------------
