@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rslora_kernels as rk
-from rslora_kernels import _launch
+from rslora_kernels import _launch, _runtime
 from rslora_kernels.ops import composite, qlora
 from rslora_kernels.quant import Weight4bit
 
@@ -67,7 +67,7 @@ def _step(case):
 
 def _fresh(case):
     _launch.clear_launch_cache()  # every plan, the QLoRA parts' included
-    composite._ZEROS.clear()
+    _runtime._SHARED.clear()  # the shared never-written tensors (zeros, mask states, zero seeds)
     return _step(case)
 
 
@@ -118,3 +118,16 @@ def test_lora_composite_without_dropout_holds_no_seed_copy():
     assert s1 is s2 and s1 is not seed and s1.shape == () and s1.dtype == torch.int64
     s3 = composite.composite_forward(x, W, A, B, None, 0.5, 0.1, torch.tensor(7))[2]
     assert s3.item() == 7  # with dropout: the seed itself (a copy), which backward regenerates the mask from
+
+
+def test_a_first_call_under_inference_mode_does_not_break_training_calls():
+    """The shared tensors made by a first call inside torch.inference_mode are not kept (an inference
+    tensor cannot be saved for backward later)."""
+    _runtime._SHARED.clear()
+    case = CASES[0]
+    with torch.inference_mode():
+        _, M, K, N, r = case[:5]
+        rk.lora_linear(torch.randn(M, K), torch.randn(N, K), torch.randn(r, K), torch.randn(N, r), 0.7,
+                       backend="composite")
+    got = _step(case)
+    assert all(torch.equal(a, b) for a, b in zip(got, _fresh(case)))

@@ -150,17 +150,13 @@ def _mm_scaled(a: Tensor, b: Tensor, scaling: float, out_dtype: torch.dtype, sam
     return torch.mm(a, b).to(out_dtype).mul_(scaling)
 
 
-_ZEROS = {}  # (device, dtype) -> a 0-dim zero that nothing writes (the input a beta = 0 addmm ignores)
+_ZERO_KINDS = {dt: f"zero {dt}" for dt in FLOAT_DTYPES}  # shared_tensor's kind per dtype, formatted once
 
 
 def _zero(like: Tensor) -> Tensor:
-    key = (like.device, like.dtype)
-    zero = _ZEROS.get(key)
-    if zero is None:  # made once per device and dtype (fresh ones under tracing or graph capture)
-        zero = shared_tensor(like.device, f"zero {like.dtype}", lambda: torch.zeros((), dtype=like.dtype, device=like.device))
-        if not torch.compiler.is_compiling() and not (like.is_cuda and torch.cuda.is_current_stream_capturing()):
-            _ZEROS[key] = zero
-    return zero
+    """A 0-dim zero of ``like``'s dtype and device that nothing writes: the input a beta = 0 addmm ignores."""
+    return shared_tensor(like.device, _ZERO_KINDS[like.dtype],
+                         lambda: torch.zeros((), dtype=like.dtype, device=like.device))
 
 
 register_backend("composite", composite_forward, composite_backward, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES)
