@@ -38,7 +38,8 @@ def fold_scaling(scaling, x, lora_A, lora_B):
     adapters to x's dtype for its products anyway, but a bf16/fp16 ``B_s`` would round ``B * s`` to
     the adapter dtype once more before that, and DoRA's row norms and the adapters' gradients are
     taken in fp32 from the adapters as given. On a CUDA x a CPU ``s`` is read by the host when the
-    multiply is issued (a CPU scalar operand: no device synchronization). NaN or Inf in ``s`` is not
+    multiply is issued (a CPU scalar operand: no device synchronization; only its gradient, if it
+    requires one, comes back from the GPU in backward). NaN or Inf in ``s`` is not
     checked (that would read it) and propagates: NaN gives NaN wherever the reference's output is
     NaN, Inf gives non-finite values wherever the reference's are (±Inf and NaN may differ, the
     product being taken in another order). Arguments that do not fit together are returned
