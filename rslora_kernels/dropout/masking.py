@@ -14,7 +14,7 @@ gives NaN, as the reference's ``x * mask / (1 - p)`` does.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 from torch import Tensor
@@ -60,20 +60,31 @@ def dropout_mask(seed: Union[int, Tensor], shape: Sequence[int], p: float,
     return mask.reshape(shape).to(device)
 
 
-def _on_cpu(t: Tensor, seed: Tensor, p: float, with_ops: Callable, with_mask: Callable):
-    """Run ``with_ops(csrc_ops, seed_int)``, or ``with_mask(keep)`` when the extension is unavailable."""
-    ops = csrc_ops()
-    if ops is not None:
-        return with_ops(ops, int(seed.item()))
-    return with_mask(keep_mask_torch(int(seed.item()), t.shape[0], t.shape[1], p))
+_CPU_OPS = None  # the extension's drop-and-scale ops, resolved once: (scale, scale_, pair_)
+
+
+def _cpu_ops():
+    """The C++ drop-and-scale ops as resolved overloads, or None where the extension is unavailable.
+    Looked up once: a step calls them two or three times, and resolving ``torch.ops`` names plus
+    the overload per call cost about as much host time as the ops take at small shapes."""
+    global _CPU_OPS
+    ops = csrc_ops()  # asked every call: it warns or raises when unavailable (and tests stand it in)
+    if ops is None:
+        return None
+    if _CPU_OPS is None:
+        _CPU_OPS = (ops.philox_dropout_scale.default, ops.philox_dropout_scale_.default,
+                    ops.philox_dropout_scale_pair_.default)
+    return _CPU_OPS
 
 
 def dropout_scale(x2d: Tensor, seed: Tensor, p: float, scale: float) -> Tensor:
     """A new ``[M, K]`` tensor ``x2d * keep * scale`` (``x2d`` any strides; ``seed`` a 0-dim int64
     tensor on x's device)."""
-    if x2d.device.type == "cpu":
-        return _on_cpu(x2d, seed, p, lambda ops, s: ops.philox_dropout_scale(x2d, s, p, scale),
-                       lambda keep: x2d * keep * scale)
+    if x2d.is_cpu:
+        ops = _cpu_ops()
+        if ops is not None:
+            return ops[0](x2d, int(seed.item()), p, scale)
+        return x2d * keep_mask_torch(int(seed.item()), x2d.shape[0], x2d.shape[1], p) * scale
     from .kernels import dropout_scale_triton
 
     return dropout_scale_triton(x2d, seed, p, scale)
@@ -81,9 +92,12 @@ def dropout_scale(x2d: Tensor, seed: Tensor, p: float, scale: float) -> Tensor:
 
 def dropout_scale_(g: Tensor, seed: Tensor, p: float, scale: float) -> None:
     """``g *= keep * scale`` in place."""
-    if g.device.type == "cpu":
-        _on_cpu(g, seed, p, lambda ops, s: ops.philox_dropout_scale_(g, s, p, scale),
-                lambda keep: g.mul_(keep).mul_(scale))
+    if g.is_cpu:
+        ops = _cpu_ops()
+        if ops is not None:
+            ops[1](g, int(seed.item()), p, scale)
+        else:
+            g.mul_(keep_mask_torch(int(seed.item()), g.shape[0], g.shape[1], p)).mul_(scale)
         return
     from .kernels import dropout_scale_triton
 
@@ -93,13 +107,13 @@ def dropout_scale_(g: Tensor, seed: Tensor, p: float, scale: float) -> None:
 def dropout_scale_pair_(g: Tensor, g_scale: float, x2d: Tensor, x_scale: float, seed: Tensor, p: float) -> Tensor:
     """``g *= keep * g_scale`` in place and return ``x2d * keep * x_scale``: one mask for both
     (the composite backward's two uses, on the CPU one generation of the mask)."""
-    if x2d.device.type == "cpu":
-        def with_mask(keep):
-            g.mul_(keep).mul_(g_scale)
-            return x2d * keep * x_scale
-
-        return _on_cpu(x2d, seed, p, lambda ops, s: ops.philox_dropout_scale_pair_(g, x2d, s, p, g_scale, x_scale),
-                       with_mask)
+    if x2d.is_cpu:
+        ops = _cpu_ops()
+        if ops is not None:
+            return ops[2](g, x2d, int(seed.item()), p, g_scale, x_scale)
+        keep = keep_mask_torch(int(seed.item()), x2d.shape[0], x2d.shape[1], p)
+        g.mul_(keep).mul_(g_scale)
+        return x2d * keep * x_scale
     from .kernels import dropout_scale_pair_triton
 
     return dropout_scale_pair_triton(g, g_scale, x2d, x_scale, seed, p)
