@@ -131,3 +131,27 @@ def test_a_first_call_under_inference_mode_does_not_break_training_calls():
                        backend="composite")
     got = _step(case)
     assert all(torch.equal(a, b) for a, b in zip(got, _fresh(case)))
+
+
+def test_a_qlora_call_signature_that_passed_still_rejects_bad_values_on_every_call():
+    _launch.clear_launch_cache()
+    w = _weight4bit(24, 64, 3)
+    x, A, B = torch.randn(8, 64), torch.randn(4, 64), torch.randn(24, 4)
+    good = dict(scaling=0.5, dropout_p=0.1, seed=5)
+
+    def call(**kw):
+        args = {**good, **kw}
+        return rk.lora_linear(x, w, A, B, args["scaling"], dropout_p=args["dropout_p"], seed=args["seed"],
+                              backend="composite")
+
+    want = call()
+    assert torch.equal(call(), want)
+    assert len([k for k in _launch._PLANS if k[0] is qlora.qlora_linear]) == 1  # held once, reused
+    for bad, err in ((dict(scaling=float("nan")), ValueError), (dict(scaling=True), ValueError),
+                     (dict(dropout_p=1.0), ValueError), (dict(dropout_p=[0.1]), (TypeError, ValueError)),
+                     (dict(seed="7"), (TypeError, ValueError))):
+        with pytest.raises(err):
+            call(**bad)
+    with pytest.raises(ValueError, match="lora_A"):
+        rk.lora_linear(x, w, A[:, :63], B, 0.5, backend="composite")
+    assert torch.equal(call(), want)

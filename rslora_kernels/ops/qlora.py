@@ -142,6 +142,23 @@ class QLoRALinearFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # Functional API (reached through rslora_kernels.lora_linear when weight is 4-bit)
 # ----------------------------------------------------------------------------------------------
+def _call_key(x, w: Weight4bit, lora_A, lora_B, bias, scaling, dropout_p, backend):
+    """Everything :func:`qlora_linear`'s checks and backend choice read (types, shapes, dtypes and
+    devices; the 4-bit weight's shape and device; the scalars with their types), or None: not all
+    tensors, or under torch.compile's tracing (symbolic sizes)."""
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        key = (type(x), x.shape, x.dtype, x.device, w.shape, w.device,
+               type(lora_A), lora_A.shape, lora_A.dtype, lora_A.device, type(lora_B), lora_B.shape, lora_B.dtype,
+               lora_B.device, None if bias is None else (type(bias), bias.shape, bias.dtype, bias.device),
+               type(scaling), scaling, type(dropout_p), dropout_p, backend)
+        hash(key)
+        return key
+    except (AttributeError, TypeError):  # not a tensor, or an unhashable argument: the checks name it
+        return None
+
+
 def qlora_linear(x: Tensor, weight, lora_A: Tensor, lora_B: Tensor, scaling: float,
                  bias: Optional[Tensor] = None, dropout_p: float = 0.0, training: bool = True,
                  seed: Union[int, Tensor, None] = None, backend: str = "auto") -> Tensor:
@@ -152,15 +169,24 @@ def qlora_linear(x: Tensor, weight, lora_A: Tensor, lora_B: Tensor, scaling: flo
     w = as_weight4bit(weight)
     lora_A, lora_B, scaling = fold_scaling(scaling, x, lora_A, lora_B)
     x, _, lora_A, lora_B, bias = autocast_inputs(x, None, lora_A, lora_B, bias)
-    if isinstance(x, Tensor) and x.dtype not in _COMPUTE_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16 or float32 with a 4-bit weight (its compute dtype), got {x.dtype}")
-    if isinstance(x, Tensor) and w.device != x.device:
-        raise ValueError(f"weight (4-bit) is on {w.device} but x is on {x.device}; all tensors must share a device")
-    # every check of the dense op, against a zero-stride stand-in with W's shape and x's dtype/device
-    stand_in = x.new_zeros(()).expand(*w.shape) if isinstance(x, Tensor) else x
-    validate_inputs(x, stand_in, lora_A, lora_B, bias, scaling, dropout_p)
-    backend = resolve_backend_planned(backend, x.device, x.dtype, lora_A.dtype, Problem(  # "auto": docs/tuning.md
-        math.prod(x.shape[:-1]), w.shape[0], x.shape[-1], lora_A.shape[0], "qlora", dropout_p, bias is not None))
+    # a call whose signature passed the checks before skips them and the backend choice (a launch plan)
+    key = _call_key(x, w, lora_A, lora_B, bias, scaling, dropout_p, backend)
+    known = recall(qlora_linear, key) if key is not None else None
+    if known is not None:
+        backend = known
+    else:
+        if isinstance(x, Tensor) and x.dtype not in _COMPUTE_DTYPES:
+            raise TypeError(f"x must be float16, bfloat16 or float32 with a 4-bit weight (its compute dtype), "
+                            f"got {x.dtype}")
+        if isinstance(x, Tensor) and w.device != x.device:
+            raise ValueError(f"weight (4-bit) is on {w.device} but x is on {x.device}; all tensors must share a device")
+        # every check of the dense op, against a zero-stride stand-in with W's shape and x's dtype/device
+        stand_in = x.new_zeros(()).expand(*w.shape) if isinstance(x, Tensor) else x
+        validate_inputs(x, stand_in, lora_A, lora_B, bias, scaling, dropout_p)
+        backend = resolve_backend_planned(backend, x.device, x.dtype, lora_A.dtype, Problem(  # "auto": docs/tuning.md
+            math.prod(x.shape[:-1]), w.shape[0], x.shape[-1], lora_A.shape[0], "qlora", dropout_p, bias is not None))
+        if key is not None:
+            remember(qlora_linear, key, backend)
     scaling = float(scaling)
     p = float(dropout_p) if training else 0.0
     seed = seed_tensor(seed, p, x.device)
