@@ -27,7 +27,8 @@ import torch
 
 from ._runtime import interpreting
 
-__all__ = ["launch", "BoundLaunch", "direct_launch_enabled", "clear_launch_cache", "MAX_CACHED", "planned", "recall", "remember", "clear_plans", "MAX_PLANS"]
+__all__ = ["launch", "BoundLaunch", "direct_launch_enabled", "clear_launch_cache", "MAX_CACHED", "planned", "recall", "remember", "clear_plans", "MAX_PLANS",
+           "call_signature"]
 
 _COMPILED: Dict[tuple, tuple] = {}  # key -> (kernel, its compiled kernel)
 # Keys hold exact integer values (sizes, strides), so workloads whose sizes change every call (ragged
@@ -97,6 +98,21 @@ def remember(owner, key, plan):
         _PLANS.clear()
     _PLANS[(owner, key)] = plan
     return plan
+
+
+def call_signature(*args) -> Optional[tuple]:
+    """A hashable key of a call's arguments, for a per-signature plan of the checks a call passed:
+    a tensor by its type, shape, dtype and device, anything else by its type and value. None under
+    torch.compile's tracing (sizes may be symbolic) or when an argument is not hashable (the checks
+    then run and name it)."""
+    if torch.compiler.is_compiling():
+        return None
+    key = tuple((type(a), a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else (type(a), a) for a in args)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def planned(make: Callable[..., object], uncached_while: Optional[Callable[[], bool]] = None) -> Callable[..., object]:

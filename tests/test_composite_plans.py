@@ -155,3 +155,23 @@ def test_a_qlora_call_signature_that_passed_still_rejects_bad_values_on_every_ca
     with pytest.raises(ValueError, match="lora_A"):
         rk.lora_linear(x, w, A[:, :63], B, 0.5, backend="composite")
     assert torch.equal(call(), want)
+
+
+def test_a_dora_call_signature_that_passed_still_rejects_bad_values_on_every_call():
+    _launch.clear_launch_cache()
+    x, W, A, B = torch.randn(8, 64), torch.randn(24, 64) / 8, torch.randn(4, 64) / 8, torch.randn(24, 4)
+    m = torch.linalg.norm(W, dim=1)
+
+    def call(scaling=0.5, dropout_p=0.1, seed=5, magnitude=m):
+        return rk.dora_linear(x, W, A, B, magnitude, scaling, dropout_p=dropout_p, seed=seed, backend="composite")
+
+    want = call()
+    assert torch.equal(call(), want)
+    assert len([k for k in _launch._PLANS if k[0] is rk.ops.dora.dora_linear]) == 1  # held once, reused
+    for bad, err in ((dict(scaling=float("nan")), ValueError), (dict(scaling=True), ValueError),
+                     (dict(dropout_p=1.0), ValueError), (dict(dropout_p=[0.1]), (TypeError, ValueError)),
+                     (dict(seed="7"), (TypeError, ValueError)), (dict(magnitude=m[:-1]), ValueError),
+                     (dict(magnitude=m.half()), TypeError)):
+        with pytest.raises(err):
+            call(**bad)
+    assert torch.equal(call(), want)

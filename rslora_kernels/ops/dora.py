@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
+from .._launch import call_signature, recall, remember
 from .._validate import validate_inputs, validate_magnitude
 from ..dropout import dropout_scale, keep_mask_torch
 from ..scaling import fold_scaling
@@ -296,11 +297,19 @@ def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magni
     Returns:
         ``[..., N]`` in x's dtype. No autocast casting is done here (pass tensors of one dtype).
     """
-    validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p)  # scaling: a float or a 0-d tensor
-    validate_magnitude(magnitude, weight, x)
+    # a call whose signature passed the checks before skips them and the backend choice (a launch plan)
+    key = call_signature(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, backend)
+    known = recall(dora_linear, key) if key is not None else None
+    if known is not None:
+        backend = known
+    else:
+        validate_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p)  # scaling: a float or a 0-d tensor
+        validate_magnitude(magnitude, weight, x)
+        backend = resolve_backend_planned(backend, x.device, x.dtype, lora_A.dtype, Problem(  # "auto": tuning.md
+            math.prod(x.shape[:-1]), weight.shape[0], x.shape[-1], lora_A.shape[0], "dora", dropout_p, bias is not None))
+        if key is not None:
+            remember(dora_linear, key, backend)
     p = float(dropout_p) if training else 0.0
-    backend = resolve_backend_planned(backend, x.device, x.dtype, lora_A.dtype, Problem(  # "auto": docs/tuning.md
-        math.prod(x.shape[:-1]), weight.shape[0], x.shape[-1], lora_A.shape[0], "dora", dropout_p, bias is not None))
     seed = seed_tensor(seed, p, x.device)  # checked even when p == 0
     if backend == "reference":
         mask = keep_mask_torch(seed, math.prod(x.shape[:-1]), x.shape[-1], p).reshape(x.shape) if p > 0.0 else None

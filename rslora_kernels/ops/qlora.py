@@ -32,7 +32,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .._launch import recall, remember
+from .._launch import call_signature, recall, remember
 from .._validate import check_backend_output, validate_inputs
 from ..quant import Weight4bit, as_weight4bit, dequantize_4bit
 from ..scaling import fold_scaling
@@ -142,23 +142,6 @@ class QLoRALinearFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # Functional API (reached through rslora_kernels.lora_linear when weight is 4-bit)
 # ----------------------------------------------------------------------------------------------
-def _call_key(x, w: Weight4bit, lora_A, lora_B, bias, scaling, dropout_p, backend):
-    """Everything :func:`qlora_linear`'s checks and backend choice read (types, shapes, dtypes and
-    devices; the 4-bit weight's shape and device; the scalars with their types), or None: not all
-    tensors, or under torch.compile's tracing (symbolic sizes)."""
-    if torch.compiler.is_compiling():
-        return None
-    try:
-        key = (type(x), x.shape, x.dtype, x.device, w.shape, w.device,
-               type(lora_A), lora_A.shape, lora_A.dtype, lora_A.device, type(lora_B), lora_B.shape, lora_B.dtype,
-               lora_B.device, None if bias is None else (type(bias), bias.shape, bias.dtype, bias.device),
-               type(scaling), scaling, type(dropout_p), dropout_p, backend)
-        hash(key)
-        return key
-    except (AttributeError, TypeError):  # not a tensor, or an unhashable argument: the checks name it
-        return None
-
-
 def qlora_linear(x: Tensor, weight, lora_A: Tensor, lora_B: Tensor, scaling: float,
                  bias: Optional[Tensor] = None, dropout_p: float = 0.0, training: bool = True,
                  seed: Union[int, Tensor, None] = None, backend: str = "auto") -> Tensor:
@@ -170,7 +153,7 @@ def qlora_linear(x: Tensor, weight, lora_A: Tensor, lora_B: Tensor, scaling: flo
     lora_A, lora_B, scaling = fold_scaling(scaling, x, lora_A, lora_B)
     x, _, lora_A, lora_B, bias = autocast_inputs(x, None, lora_A, lora_B, bias)
     # a call whose signature passed the checks before skips them and the backend choice (a launch plan)
-    key = _call_key(x, w, lora_A, lora_B, bias, scaling, dropout_p, backend)
+    key = call_signature(x, w.shape, w.device, lora_A, lora_B, bias, scaling, dropout_p, backend)
     known = recall(qlora_linear, key) if key is not None else None
     if known is not None:
         backend = known
