@@ -863,3 +863,10 @@ def test_tuning_md_names_the_hashed_kernel_sources():
     paragraph = _page("docs/tuning.md").split("**Only entries of the running kernels count.**", 1)[1].split("\n\n", 1)[0]
     assert set(re.findall(r"`([\w/]+\.py)`", paragraph)) == set(tuning.KERNEL_SOURCES), \
         f"docs/tuning.md lists the files kernel_hash() reads: {tuning.KERNEL_SOURCES}"
+
+
+def test_readme_documentation_table_lists_every_page():
+    table = _page("README.md").split("## Documentation", 1)[1]
+    listed = set(re.findall(r"^\| \[docs/([\w-]+\.md)\]", table, flags=re.M)) | set(re.findall(r"\[docs/([\w-]+\.md)\]", table))
+    pages = {p.name for p in (ROOT / "docs").glob("*.md")}
+    assert listed == pages, f"README's Documentation table: missing {sorted(pages - listed)}, extra {sorted(listed - pages)}"
