@@ -27,14 +27,17 @@ The contract (also in docs/integrations.md, "Hugging Face PEFT"):
   :func:`rslora_kernels.dora_linear` for DoRA); several active adapters (one op call: A stacked along
   r, B concatenated along r with each adapter's scaling folded in; the adapters with dropout in
   training draw one mask each, their rank terms through :func:`rslora_kernels.lora_linear_group`);
-  ``adapter_names=`` mixed batches (each adapter's rows gathered and run through the fused op,
-  ``"__base__"`` rows through the base layer); ``lora_bias`` (the adapter's bias, scaled, added to
-  the base bias). Dropout masks come from the project's Philox stream
+  ``lora_bias`` (the adapter's bias, scaled, added to the base bias); with
+  ``fuse_mixed_batches=True``, ``adapter_names=`` mixed batches (each adapter's rows gathered and
+  run through the fused op, ``"__base__"`` rows through the base layer). Dropout masks come from the project's Philox stream
   (:func:`rslora_kernels.dropout_mask`) with seeds drawn from torch's default generator, one per
   adapter with dropout, in PEFT's active-adapter order.
 * PEFT's forward runs (counted under "base", no warning) when it computes the base layer alone:
   adapters disabled, merged, no active adapter on the layer. It runs as a fallback (counted, and the
-  first time for each reason on a layer a ``UserWarning`` names the layer and the reason) for: LoRA
+  first time for each reason on a layer a ``UserWarning`` names the layer and the reason) for:
+  ``adapter_names=`` mixed batches unless ``fuse_mixed_batches=True`` (PEFT computes the base term
+  on the whole batch and only the rank terms per row subset; a fused op per row subset rounds the
+  base term differently, and PEFT's own tests compare the two at rtol 1e-5), LoRA
   variants other than DoRA, DoRA among several active adapters, DoRA with ``lora_bias``, DoRA on a
   4-bit base or under autocast, dropout modules other than ``nn.Dropout`` / ``nn.Identity``,
   adapters of different dtypes active together, extra forward arguments, x's dtype differing from
@@ -71,14 +74,20 @@ __all__ = ["patch", "unpatch", "is_patched", "enable", "disable", "report", "to_
 # weights the op reads; whether the layer's backend computes in that dtype is checked per call by the
 # backend registry (float64 runs on "auto" -> composite/reference, and is a TypeError for "triton")
 _FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_ATTR = "_rslora_kernels_patch"  # the backend of a layer patched by patch()
+_ATTR = "_rslora_kernels_patch"  # the _Config of a layer patched by patch()
 _SIBLINGS = "_rslora_kernels_siblings"  # the SiblingGroup of a layer patched with fuse_siblings=True
 _STATIC = "_rslora_kernels_base"  # the _Base of a layer (cached)
 _STATS = "_rslora_kernels_stats"  # {(kind, what): calls} on a layer that ran through this module
 _NAME = "_rslora_kernels_name"  # the layer's name in its model (for warnings), set where known
-_MODEL = "_rslora_kernels_model"  # (backend, fuse_siblings) on a module passed to patch() and the PEFT tuners in it
+_MODEL = "_rslora_kernels_model"  # (_Config, fuse_siblings) on a module passed to patch() and the PEFT tuners in it
 
-_ENABLED: Optional[str] = None  # the backend of enable(), None when disabled
+class _Config(NamedTuple):
+    """How a layer runs: set per layer by patch(), process-wide by enable()."""
+    backend: str
+    fuse_mixed_batches: bool  # adapter_names= batches on the fused op (else PEFT's forward, counted and warned)
+
+
+_ENABLED: Optional[_Config] = None  # the _Config of enable(), None when disabled
 _CLASS_FORWARDS: Dict[type, object] = {}  # PEFT's own forward of each class enable() replaced
 
 
@@ -349,8 +358,9 @@ def _peft_forward(layer):
     raise AssertionError(f"{type(layer).__name__} has no forward")  # pragma: no cover - nn.Module has one
 
 
-def _forward(layer, backend: str, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+def _forward(layer, config: _Config, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
     """The fused forward of a PEFT LoRA layer, reading PEFT's state now (see the module docstring)."""
+    backend = config.backend
     names = None
     if args or kwargs:
         if args or any(k != "adapter_names" for k in kwargs):
@@ -361,6 +371,9 @@ def _forward(layer, backend: str, x: torch.Tensor, args: tuple, kwargs: dict) ->
         _count(layer, "base", "adapters disabled" if layer.disable_adapters else "merged")
         return _peft_forward(layer)(layer, x, *args, **kwargs)  # PEFT's: it unmerges a merged disabled layer
     if names is not None:
+        if not config.fuse_mixed_batches:
+            _count(layer, "peft", _MIXED_REASON)
+            return _peft_forward(layer)(layer, x, **kwargs)
         return _mixed_batch(layer, backend, x, names, kwargs)
     lora_A = layer._modules["lora_A"]._modules
     active = [a for a in layer.active_adapters if a in lora_A]
@@ -380,10 +393,18 @@ def _forward(layer, backend: str, x: torch.Tensor, args: tuple, kwargs: dict) ->
     return y
 
 
+# why adapter_names= batches run PEFT's forward unless fuse_mixed_batches=True
+_MIXED_REASON = ("adapter_names= mixed batch (PEFT computes the base term on the whole batch; the fused op per row "
+                 "subset rounds it differently, which PEFT's own tests compare at rtol 1e-5: opt in with "
+                 "fuse_mixed_batches=True)")
+
+
 def _mixed_batch(layer, backend: str, x: torch.Tensor, names, kwargs: dict) -> torch.Tensor:
-    """``adapter_names=``: the rows of each adapter gathered and run through the fused op (base and
-    adapter together, so every row's base is computed once), ``"__base__"`` rows and adapters this
-    layer does not hold through the base layer, as PEFT's ``_mixed_batch_forward`` computes them."""
+    """``adapter_names=`` with ``fuse_mixed_batches=True``: the rows of each adapter gathered and run
+    through the fused op (base and adapter together, so every row's base is computed once, on its
+    row subset: a GEMM's rows round differently with another number of rows, so these rows differ
+    from a whole-batch run in the last bits), ``"__base__"`` rows and adapters this layer does not
+    hold through the base layer, as PEFT's ``_mixed_batch_forward`` computes them."""
     layer._check_forward_args(x, **kwargs)  # PEFT's own errors: length, merged, DoRA
     rows: Dict[str, List[int]] = {}
     for i, name in enumerate(names):
@@ -409,15 +430,15 @@ def _mixed_batch(layer, backend: str, x: torch.Tensor, names, kwargs: dict) -> t
 
 def _patched_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Instance forward installed by :func:`patch` (``self`` is a peft LoRA layer)."""
-    return _forward(self, getattr(self, _ATTR), x, args, kwargs)
+    return _forward(self, self.__dict__[_ATTR], x, args, kwargs)
 
 
 def _enabled_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Class forward installed by :func:`enable` on PEFT's lora.Linear and lora.bnb.Linear4bit."""
-    backend = _ENABLED
-    if backend is None:  # pragma: no cover - disable() restores PEFT's class forward
+    config = _ENABLED
+    if config is None:  # pragma: no cover - disable() restores PEFT's class forward
         return _peft_forward(self)(self, x, *args, **kwargs)
-    return _forward(self, backend, x, args, kwargs)
+    return _forward(self, config, x, args, kwargs)
 
 
 def _sibling_member(layer, x: torch.Tensor):
@@ -445,7 +466,7 @@ def is_patched(layer: nn.Module) -> bool:
     return hasattr(layer, _ATTR) and "forward" in vars(layer)
 
 
-def _patch_layers(root: nn.Module, backend: str, fuse_siblings: bool, skipped: Dict[str, List[str]]):
+def _patch_layers(root: nn.Module, config: _Config, fuse_siblings: bool, skipped: Dict[str, List[str]]):
     """Patch the LoRA layers under ``root`` not patched yet; returns (switched, LoRA layers found)."""
     lora_layer = _lora_module()
     patched = found = 0
@@ -461,14 +482,14 @@ def _patch_layers(root: nn.Module, backend: str, fuse_siblings: bool, skipped: D
         if reason is not None:
             skipped[reason].append(name)
             continue
-        setattr(module, _ATTR, backend)
+        setattr(module, _ATTR, config)
         module.forward = functools.partial(_patched_forward, module)  # picklable, unlike a bound method
         patched += 1
         if fuse_siblings:
             by_parent[name.rpartition(".")[0]].append(module)
     for parent, layers in by_parent.items():
         if len(layers) > 1:
-            group = SiblingGroup(root.get_submodule(parent), layers, _sibling_member, backend, root)
+            group = SiblingGroup(root.get_submodule(parent), layers, _sibling_member, config.backend, root)
             for layer in layers:
                 setattr(layer, _SIBLINGS, group)
     return patched, found
@@ -506,7 +527,7 @@ def _watch_injections() -> None:
     def inject_adapter(self, model, *args, **kwargs):
         out = inject(self, model, *args, **kwargs)
         cfg = model.__dict__.get(_MODEL) or self.__dict__.get(_MODEL)
-        if cfg is None:  # a model patched without the marker (an older pickle): a patched layer's backend
+        if cfg is None:  # an injection below a patched module (the marker is on the root and the tuners)
             cfg = next(((getattr(m, _ATTR), False) for m in model.modules() if is_patched(m)), None)
         if cfg is not None:
             skipped: Dict[str, List[str]] = defaultdict(list)
@@ -518,7 +539,8 @@ def _watch_injections() -> None:
     BaseTuner.inject_adapter = inject_adapter
 
 
-def patch(peft_model: nn.Module, backend: str = "auto", fuse_siblings: bool = False) -> int:
+def patch(peft_model: nn.Module, backend: str = "auto", fuse_siblings: bool = False,
+          fuse_mixed_batches: bool = False) -> int:
     """Run this model's PEFT LoRA ``Linear`` layers on the fused ops, now and as PEFT's state changes.
 
     Args:
@@ -530,6 +552,9 @@ def patch(peft_model: nn.Module, backend: str = "auto", fuse_siblings: bool = Fa
             with the same input tensor (found at run time, no per-model code; see
             :mod:`rslora_kernels._siblings` and docs/group.md). Off by default; LoRA layers PEFT
             creates later run alone.
+        fuse_mixed_batches: ``adapter_names=`` batches run each adapter's rows through the fused
+            op. Off by default: they run PEFT's forward (counted and warned once per layer), since
+            a GEMM on a row subset rounds the base term differently from PEFT's whole-batch GEMM.
 
     Returns:
         The number of layers switched by this call (already patched layers are left as they are
@@ -541,9 +566,10 @@ def patch(peft_model: nn.Module, backend: str = "auto", fuse_siblings: bool = Fa
     check_backend_name(backend)
     _watch_injections()
     skipped: Dict[str, List[str]] = defaultdict(list)
-    patched, found = _patch_layers(peft_model, backend, fuse_siblings, skipped)
+    config = _Config(backend, bool(fuse_mixed_batches))
+    patched, found = _patch_layers(peft_model, config, fuse_siblings, skipped)
     for module in _tuners(peft_model):
-        module.__dict__[_MODEL] = (backend, fuse_siblings)
+        module.__dict__[_MODEL] = (config, fuse_siblings)
     _warn_skipped(skipped, "patch")
     if not found:
         warnings.warn(f"rslora_kernels.peft.patch: no PEFT LoRA layers found in the {type(peft_model).__name__} "
@@ -569,17 +595,18 @@ def unpatch(peft_model: nn.Module) -> int:
     return restored
 
 
-def enable(backend: str = "auto") -> None:
+def enable(backend: str = "auto", fuse_mixed_batches: bool = False) -> None:
     """Run every PEFT ``lora.Linear`` and ``lora.bnb.Linear4bit`` layer of the process on the fused
     ops (existing and future models alike), by replacing those classes' ``forward``; a layer
-    patched by :func:`patch` keeps its own backend. Calling it again changes the backend."""
+    patched by :func:`patch` keeps its own settings. Calling it again changes the settings;
+    ``fuse_mixed_batches`` as for :func:`patch`."""
     global _ENABLED
     check_backend_name(backend)
     for cls in _fused_classes():
         if cls not in _CLASS_FORWARDS:
             _CLASS_FORWARDS[cls] = vars(cls)["forward"]
             cls.forward = _enabled_forward
-    _ENABLED = backend
+    _ENABLED = _Config(backend, bool(fuse_mixed_batches))
 
 
 def disable() -> bool:

@@ -386,15 +386,33 @@ def test_adapters_of_different_dtypes_fall_back_with_the_reason():
 # ----------------------------------------------------------------------------------------------
 # adapter_names= mixed batches
 # ----------------------------------------------------------------------------------------------
+def test_mixed_batch_runs_peft_by_default_warned_and_counted(fused_calls):
+    """adapter_names= batches run PEFT's forward unless fuse_mixed_batches=True: PEFT computes the
+    base term on the whole batch, so its outputs are PEFT's bit for bit."""
+    model = _mlp()
+    _add(model, "b", r=3)
+    _randomize(model)
+    model.eval()
+    ref = copy.deepcopy(model)
+    rk.peft.patch(model, backend="composite")
+    names = ["b", "default", "__base__", "b"]
+    x = torch.randn(4, 16)
+    with pytest.warns(UserWarning, match=r"runs PEFT's forward: adapter_names= mixed batch .*fuse_mixed_batches=True"):
+        y = model(x, adapter_names=names)
+    assert torch.equal(y, ref(x, adapter_names=names)) and fused_calls == []
+    (reason, calls), = rk.peft.report(model, verbose=False)["base_model.model.up"]["peft"].items()
+    assert reason.startswith("adapter_names= mixed batch") and calls == 1
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_mixed_batch_fused_and_matches_peft(backend, fused_calls):
+def test_mixed_batch_fused_on_request_and_matches_peft(backend, fused_calls):
     model = _mlp()
     _add(model, "b", r=3)
     _add(model, "only_up", targets=["up"], r=2)  # not on "down": PEFT gives those rows the base there
     _randomize(model)
     model.eval()
     ref = copy.deepcopy(model)
-    rk.peft.patch(model, backend=backend)
+    rk.peft.patch(model, backend=backend, fuse_mixed_batches=True)
     names = ["b", "default", "__base__", "b", "only_up", "default"]
     x = torch.randn(6, 5, 16)
     records = _record(model, lambda m: m(x, adapter_names=names))
@@ -412,7 +430,7 @@ def test_mixed_batch_tiny_llama():
     _randomize(model)
     model.eval()
     ref = copy.deepcopy(model)
-    rk.peft.patch(model, backend="composite")
+    rk.peft.patch(model, backend="composite", fuse_mixed_batches=True)
     ids = torch.randint(0, 61, (3, 6))
     names = ["other", "default", "__base__"]
     records = _record(model, lambda m: m(input_ids=ids, adapter_names=names))
@@ -426,7 +444,7 @@ def test_mixed_batch_tiny_llama():
 def test_fallback_warns_once_per_layer_and_reason_and_report_counts(capsys):
     model = _randomize(_mlp())
     model.eval()
-    rk.peft.patch(model, backend="composite")
+    rk.peft.patch(model, backend="composite", fuse_mixed_batches=True)
     up = model.base_model.model.up
     up.lora_dropout["default"] = nn.AlphaDropout(0.1)  # a dropout module PEFT runs and the patch does not
     x = torch.randn(3, 16)
@@ -535,7 +553,7 @@ def test_several_adapters_and_mixed_batches_compile_fullgraph(mixed, fused_calls
     _add(model, "b", targets=["up"], dropout=0.2)
     _randomize(model)
     ref = copy.deepcopy(model)
-    rk.peft.patch(model, backend="composite")
+    rk.peft.patch(model, backend="composite", fuse_mixed_batches=mixed)
     layer, ref_layer = model.base_model.model.up, ref.base_model.model.up
     kwargs = {}
     if mixed:
@@ -568,7 +586,7 @@ def test_fan_in_fan_out_several_adapters_and_mixed_batch(fused_calls):
     _randomize(model)
     model.eval()
     ref = copy.deepcopy(model)
-    rk.peft.patch(model, backend="composite")
+    rk.peft.patch(model, backend="composite", fuse_mixed_batches=True)
     ids = torch.randint(0, 53, (2, 6))
     for m in (model, ref):
         m.base_model.set_adapter(["default", "b"])
@@ -645,3 +663,19 @@ def test_4bit_base_several_active_adapters():
         for w in "AB":
             assert_close_to_oracle(f"d{w}[{a}]", getattr(layer, f"lora_{w}")[a].weight.grad, leaves[a, w].grad,
                                    getattr(ref_layer, f"lora_{w}")[a].weight.grad)
+
+
+def test_enable_fuse_mixed_batches_switch(fused_calls):
+    model = _mlp(targets=["up"])
+    _add(model, "b", targets=["up"])
+    _randomize(model)
+    model.eval()
+    x, names = torch.randn(3, 16), ["b", "default", "b"]
+    rk.peft.enable(backend="composite")
+    with pytest.warns(UserWarning, match="adapter_names= mixed batch"):
+        model(x, adapter_names=names)
+    assert fused_calls == []
+    rk.peft.enable(backend="composite", fuse_mixed_batches=True)
+    model(x, adapter_names=names)
+    assert fused_calls == ["composite"] * 2
+    assert rk.peft.report(model, verbose=False)["base_model.model.up"]["fused"] == {"mixed batch": 1}

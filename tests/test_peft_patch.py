@@ -226,7 +226,13 @@ def test_disabled_and_mixed_batches_use_peft_semantics():
     assert torch.equal(q(x), q_ref(x))
     q.unmerge()
     q_ref.unmerge()
-    # adapter_names= mixed batches run fused: tests/test_peft_live.py
+    names = ["default", "other"]  # PEFT allows mixed batches in eval mode only
+    model.eval()
+    ref.eval()
+    with pytest.warns(UserWarning, match="adapter_names= mixed batch"):  # PEFT's forward unless opted in
+        assert torch.equal(model(input_ids=ids, adapter_names=names).logits,
+                           ref(input_ids=ids, adapter_names=names).logits)
+    # fused on request (fuse_mixed_batches=True): tests/test_peft_live.py
 
 
 @pytest.mark.parametrize("case", ["lora_bias", "two_active", "merged"])  # DoRA layers are fused: tests/test_dora.py
