@@ -29,9 +29,9 @@ The contract (also in docs/integrations.md, "Hugging Face PEFT"):
   training draw one mask each, their rank terms through :func:`rslora_kernels.lora_linear_group`);
   ``lora_bias`` (the adapter's bias, scaled, added to the base bias); with
   ``fuse_mixed_batches=True``, ``adapter_names=`` mixed batches (each adapter's rows gathered and
-  run through the fused op, ``"__base__"`` rows through the base layer). Dropout masks come from the project's Philox stream
-  (:func:`rslora_kernels.dropout_mask`) with seeds drawn from torch's default generator, one per
-  adapter with dropout, in PEFT's active-adapter order.
+  run through the fused op, ``"__base__"`` rows through the base layer). Dropout masks come from
+  the project's Philox stream (:func:`rslora_kernels.dropout_mask`) with seeds drawn from torch's
+  default generator, one per adapter with dropout, in PEFT's active-adapter order.
 * PEFT's forward runs (counted under "base", no warning) when it computes the base layer alone:
   adapters disabled, merged, no active adapter on the layer. It runs as a fallback (counted, and the
   first time for each reason on a layer a ``UserWarning`` names the layer and the reason) for:
