@@ -16,7 +16,9 @@ all call it.
 private ``torch.Generator`` -- the caller's RNG state is never read or advanced, and the dropout
 seed is explicit -- runs one backend's forward and backward on it, and compares y and every grad
 with the float64 oracle (:mod:`rslora_kernels.reference`), the same-dtype errors coming from the
-same reference run in the case's dtypes.
+same reference run in the case's dtypes; with adapters wider than x (PEFT's fp32 adapters on a 16-bit
+base) also from the reference run with every tensor in x's dtype, the larger of the two per result,
+since the kernels, like PyTorch under autocast, multiply with x-dtype operands.
 """
 from __future__ import annotations
 
@@ -330,6 +332,14 @@ def self_check(backend: str, case: Optional[Case] = None, **fields) -> CheckResu
         f64 = torch.float64
         oracle_ys, oracle_grads = _forward_backward(case, inp, None, f64, f64)
         same_ys, same_grads = _forward_backward(case, inp, None, case.dtype, case.adapter)
+        if case.adapter != case.dtype:
+            # wider adapters: the kernels (and PyTorch under autocast) multiply with x-dtype operands, so
+            # "the same math in the same dtype" is also the reference with every tensor in x's dtype;
+            # each result takes the larger of the two same-dtype errors
+            low_ys, low_grads = _forward_backward(case, inp, None, case.dtype, case.dtype)
+            same_ys, same_grads = ([max(pair, key=lambda t, o=o: max_abs_err(t, o)) for pair, o in zip(zip(a, b), oracle)]
+                                   for a, b, oracle in ((same_ys, low_ys, oracle_ys),
+                                                        (same_grads, low_grads, oracle_grads)))
         try:
             ys, grads = _forward_backward(case, inp, backend, case.dtype, case.adapter)
         except Exception as e:  # noqa: BLE001  (any failure of the backend is a failed check, reported)
