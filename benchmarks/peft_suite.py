@@ -336,6 +336,15 @@ def write_results(path: Path, res: dict, patched: Dict[str, dict], meta: dict) -
     path.write_text("\n".join(lines) + "\n")
 
 
+def _tree_state() -> str:
+    """HEAD's short hash, and whether rslora_kernels/ has uncommitted edits."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_repo_root(), capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "rslora_kernels"],
+                           cwd=_repo_root(), capture_output=True, text=True).stdout.strip()
+    return commit + (" (+ uncommitted edits)" if dirty else "")
+
+
 def _version(mod: str) -> str:
     try:
         return __import__(mod).__version__
@@ -364,6 +373,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per pytest run")
     ap.add_argument("--quiet", action="store_true", help="print only the changed tests, not every test")
     args = ap.parse_args(argv)
+    commit = _tree_state()  # the tree the runs import, read before they start
 
     tests_dir = args.peft_tests.resolve()
     if not (tests_dir / "test_custom_models.py").exists():
@@ -419,11 +429,7 @@ def main(argv=None) -> int:
         import torch
         import transformers
 
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_repo_root(), capture_output=True,
-                                text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "rslora_kernels"],
-                               cwd=_repo_root(), capture_output=True, text=True).stdout.strip()
-        meta = {"date": datetime.date.today().isoformat(), "commit": commit + (" (+ uncommitted edits)" if dirty else ""),
+        meta = {"date": datetime.date.today().isoformat(), "commit": commit,
                 "peft": peft.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
                 "machine": f"{platform.machine()} CPU", "mode": args.mode, "backend": args.backend,
                 "select": args.select, "keyword": args.keyword,
