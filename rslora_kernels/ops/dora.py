@@ -189,7 +189,7 @@ def dora_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_
         if need_db:
             db = dy.sum(0, dtype=torch.promote_types(dy.dtype, torch.float32))
         return dx, dA, dB, dm, db
-    dy_g = dy * g.to(dy.dtype)
+    dy_g = (dy * g).to(dy.dtype)  # the product in g's precision, rounded once (g rounded first doubled dB's error)
     if need_dx or need_dA or need_dB:
         dx, dA, dB, _ = lora_linear_bwd(
             dy_g, x2d, weight, lora_A, lora_B, T, scaling, p, state, [need_dx, need_dA, need_dB, False], backend)
