@@ -603,6 +603,14 @@ def test_dora_adapter_added_after_patch_runs_dora_linear(fused_calls):
     rk.peft.patch(model, backend="composite")
     _add(model, "dora", targets=["up"], use_dora=True)
     _randomize(model)
+    # DoRA's magnitude as training keeps it, near the row norms of W + s B A (g within 30 % of 1), not
+    # _randomize's N(0, 0.3): without dropout and with a bias the layer computes PEFT's bias form,
+    # y + (g - 1)(y - b), whose error grows with |g - 1| (docs/dora.md, "Forward and backward")
+    layer = model.base_model.model.up
+    with torch.no_grad():
+        W, s = layer.base_layer.weight, layer.scaling["dora"]
+        norms = torch.linalg.norm(W + s * layer.lora_B["dora"].weight @ layer.lora_A["dora"].weight, dim=1)
+        layer.lora_magnitude_vector["dora"].weight.copy_(norms * (1 + 0.3 * (2 * torch.rand(norms.shape) - 1)))
     ref = copy.deepcopy(model)
     rk.peft.unpatch(ref)
     for m in (model, ref):
