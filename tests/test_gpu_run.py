@@ -27,6 +27,9 @@ def _have_nvidia_toolchain():
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
+    # the run's train-step (and precompile's enumeration of it) builds PEFT models: the `peft` extra
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
     out = tmp_path_factory.mktemp("gpu_run") / "results"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RESULTS_ROOT")}
     env.update(RESULTS_ROOT=str(out), PYTHON=sys.executable, OMP_NUM_THREADS="1")
